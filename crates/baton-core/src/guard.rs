@@ -1,0 +1,124 @@
+//! Convenience built on [`Store`]: a request builder with Tokio-style names and a guard
+//! that releases its lease.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::{AcquireRequest, Holder, Key, Lease, Released, Result, Store, Wait};
+
+/// Convenience methods for any shared store.
+pub trait StoreExt {
+    /// Starts a request for `key` (a mutex, waiting forever, held by this process, until
+    /// changed with the builder's methods).
+    fn lock(&self, key: Key) -> LockRequest;
+}
+
+impl StoreExt for Arc<dyn Store> {
+    fn lock(&self, key: Key) -> LockRequest {
+        let holder = Holder::current(std::env::args().collect());
+        LockRequest {
+            store: Arc::clone(self),
+            req: AcquireRequest::new(key, holder),
+        }
+    }
+}
+
+/// A request being built; finish it with [`LockRequest::acquire`],
+/// [`LockRequest::try_acquire`] or [`LockRequest::acquire_timeout`].
+#[must_use = "a LockRequest does nothing until acquired"]
+pub struct LockRequest {
+    store: Arc<dyn Store>,
+    req: AcquireRequest,
+}
+
+impl LockRequest {
+    /// Makes the key a semaphore of `limit` slots.
+    pub fn limit(mut self, limit: u32) -> LockRequest {
+        self.req.limit = limit;
+        self
+    }
+
+    /// Sets the lease's time to live (lease stores).
+    pub fn ttl(mut self, ttl: Duration) -> LockRequest {
+        self.req.ttl = Some(ttl);
+        self
+    }
+
+    /// Sets who holds the lease (default: this process, with its argv as the command).
+    pub fn holder(mut self, holder: Holder) -> LockRequest {
+        self.req.holder = holder;
+        self
+    }
+
+    /// Waits as long as it takes for a slot.
+    pub async fn acquire(mut self) -> Result<LeaseGuard> {
+        self.req.wait = Wait::Forever;
+        self.run().await
+    }
+
+    /// Takes a slot only if one is free now; else fails with `Busy`.
+    pub async fn try_acquire(mut self) -> Result<LeaseGuard> {
+        self.req.wait = Wait::NoWait;
+        self.run().await
+    }
+
+    /// Waits at most `timeout` for a slot; else fails with `Timeout`.
+    pub async fn acquire_timeout(mut self, timeout: Duration) -> Result<LeaseGuard> {
+        self.req.wait = Wait::Timeout(timeout);
+        self.run().await
+    }
+
+    async fn run(self) -> Result<LeaseGuard> {
+        let lease = self.store.acquire(&self.req).await?;
+        Ok(LeaseGuard {
+            store: self.store,
+            lease: Some(lease),
+        })
+    }
+}
+
+/// A held lease that is released when the guard goes.
+///
+/// [`LeaseGuard::release`] is the reliable path: it reports what the store did. `Drop` is
+/// a best-effort fallback: stores that can release synchronously (the directory store)
+/// do so at once; others are released by a task spawned on the current Tokio runtime, if
+/// there is one, and otherwise only when the process exits or the lease expires.
+#[must_use = "the lease is released when the guard is dropped"]
+#[derive(Debug)]
+pub struct LeaseGuard {
+    store: Arc<dyn Store>,
+    lease: Option<Lease>,
+}
+
+impl LeaseGuard {
+    /// The lease this guard holds.
+    pub fn lease(&self) -> &Lease {
+        // The lease is only taken out by release() and drop(), which consume the guard.
+        self.lease.as_ref().expect("lease present until release")
+    }
+
+    /// Releases the lease and reports whether it was still held.
+    pub async fn release(mut self) -> Result<Released> {
+        match self.lease.take() {
+            Some(lease) => self.store.release(&lease).await,
+            None => Ok(Released::NotHeld),
+        }
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        if self.store.release_now(&lease) {
+            return;
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let store = Arc::clone(&self.store);
+            handle.spawn(async move {
+                let _ = store.release(&lease).await;
+            });
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The `Store` trait: the small set of operations every store implements.
+//!
+//! Convenience built on it (guards, `try_acquire`, `acquire_timeout`) lives in
+//! [`crate::StoreExt`]. Capabilities a store may lack (renew, break, resize) have default
+//! bodies that answer [`ErrorKind::Unsupported`].
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, ErrorKind, Holder, HolderId, Key, Lease, Op, Result, StoreUrl, Token, Wait};
+
+/// A request for one slot of a key.
+#[derive(Clone, Debug)]
+pub struct AcquireRequest {
+    /// The key.
+    pub key: Key,
+    /// How many slots the key has: 1 for a mutex, N for a semaphore. A key keeps the
+    /// limit it was created with; another limit gets [`ErrorKind::LimitMismatch`].
+    pub limit: u32,
+    /// How long to wait for a slot.
+    pub wait: Wait,
+    /// Time to live for lease stores; kernel-lock stores ignore it.
+    pub ttl: Option<Duration>,
+    /// Who asks.
+    pub holder: Holder,
+}
+
+impl AcquireRequest {
+    /// A request for a mutex on `key` by this process, waiting forever.
+    pub fn new(key: Key, holder: Holder) -> AcquireRequest {
+        AcquireRequest {
+            key,
+            limit: 1,
+            wait: Wait::Forever,
+            ttl: None,
+            holder,
+        }
+    }
+
+    /// Checks the parts every store checks the same way.
+    pub fn validate(&self) -> Result<()> {
+        if self.limit == 0 {
+            return Err(
+                Error::new(ErrorKind::InvalidInput, "the limit must be at least 1 slot")
+                    .with_op(Op::Acquire)
+                    .with_key(&self.key),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What `release` found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Released {
+    /// The lease was held and is now released.
+    Released,
+    /// The lease was not held: released before, or lost. Nothing was freed.
+    NotHeld,
+}
+
+/// What a store can do beyond acquire, release, inspect and list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Leases expire unless renewed (`renew` works).
+    pub renew: bool,
+    /// Another process can free a holder's slot (`break_lease` works).
+    pub break_lease: bool,
+    /// A key's limit can change (`resize` works).
+    pub resize: bool,
+    /// Waiters are served first come, first served.
+    pub fifo: bool,
+    /// How soon a dead holder's slot comes back, in words, for `status` and docs.
+    pub recovery: &'static str,
+}
+
+impl Capabilities {
+    /// Capabilities with everything off and `recovery` set.
+    pub fn new(recovery: &'static str) -> Capabilities {
+        Capabilities {
+            recovery,
+            ..Capabilities::default()
+        }
+    }
+}
+
+/// The state of one slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotState {
+    /// Nobody holds it.
+    Free,
+    /// Somebody holds it.
+    Held,
+}
+
+/// One slot of a key, as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotStatus {
+    /// The slot number.
+    pub slot: u32,
+    /// Free or held.
+    pub state: SlotState,
+    /// The holder's fencing token, when held and known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<Token>,
+    /// The holder, when held and known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<Holder>,
+    /// When it was granted, in ms since the Unix epoch, when held and known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_unix_ms: Option<u64>,
+    /// Anything odd about the slot, in words (unreadable holder info, a stale record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// A key's state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyStatus {
+    /// The key.
+    pub key: Key,
+    /// Its limit.
+    pub limit: u32,
+    /// Its slots, in order.
+    pub slots: Vec<SlotStatus>,
+    /// How many requests wait, when the store can tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiters: Option<u32>,
+    /// The last token granted, when the store can tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_token: Option<Token>,
+}
+
+impl KeyStatus {
+    /// How many slots are held.
+    pub fn held(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.state == SlotState::Held)
+            .count()
+    }
+}
+
+/// A store: where coordination state lives. Every store keeps the contract in DESIGN.md;
+/// `baton-conformance` checks it.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug {
+    /// The store's URL (its `Display` hides secrets).
+    fn url(&self) -> &StoreUrl;
+
+    /// What the store can do beyond the required operations.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Acquires one slot of `req.key`, waiting as `req.wait` says.
+    ///
+    /// Fails with `Busy` (no-wait), `Timeout`, `LimitMismatch`, `Unavailable` or `Corrupt`.
+    /// An acquire that fails or is cancelled (its future dropped) leaves nothing behind.
+    async fn acquire(&self, req: &AcquireRequest) -> Result<Lease>;
+
+    /// Releases a lease. Idempotent: a lease released before, or lost, answers
+    /// [`Released::NotHeld`] and frees nothing.
+    async fn release(&self, lease: &Lease) -> Result<Released>;
+
+    /// Synchronous best-effort release used by [`crate::LeaseGuard`]'s `Drop`; `false`
+    /// when this store cannot release without awaiting.
+    fn release_now(&self, lease: &Lease) -> bool {
+        let _ = lease;
+        false
+    }
+
+    /// A key's limit, slots and holders.
+    async fn inspect(&self, key: &Key) -> Result<KeyStatus>;
+
+    /// Every key the store knows, sorted.
+    async fn list(&self) -> Result<Vec<Key>>;
+
+    /// Renews a lease (lease stores). Kernel-lock stores answer `Unsupported`.
+    async fn renew(&self, lease: &Lease) -> Result<Lease> {
+        Err(unsupported(self.url(), Op::Renew, &lease.key))
+    }
+
+    /// Frees the slots of `key` held by `holder` (all holders when `None`), returning the
+    /// slots it freed.
+    async fn break_lease(&self, key: &Key, holder: Option<HolderId>) -> Result<Vec<SlotStatus>> {
+        let _ = holder;
+        Err(unsupported(self.url(), Op::Break, key))
+    }
+
+    /// Changes a key's limit. Lowering it never evicts holders; it stops new grants until
+    /// they drain.
+    async fn resize(&self, key: &Key, limit: u32) -> Result<KeyStatus> {
+        let _ = limit;
+        Err(unsupported(self.url(), Op::Resize, key))
+    }
+}
+
+fn unsupported(url: &StoreUrl, op: Op, key: &Key) -> Error {
+    Error::new(
+        ErrorKind::Unsupported,
+        format!("the {} store does not support this", url.scheme()),
+    )
+    .with_op(op)
+    .with_key(key)
+    .with_store(url)
+}

@@ -1,0 +1,227 @@
+//! Store URLs. `Display` and `Debug` never show a password or a secret query parameter,
+//! so a URL can be printed in errors, in `status` and in a child's `BATON_STORE`.
+
+use std::fmt;
+
+use crate::{Error, ErrorKind, Op};
+
+/// A parsed store URL: `scheme:rest`, e.g. `dir:/tmp/baton`, `sqlite:/var/lib/x.db`,
+/// `postgres://user:secret@host/db`, `etcd://h1:2379,h2:2379/prefix`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoreUrl {
+    raw: String,
+    scheme: String,
+    redacted: String,
+}
+
+/// Query parameters whose values are secrets.
+const SECRET_PARAMS: &[&str] = &["password", "pass", "secret", "token", "key", "auth"];
+
+impl StoreUrl {
+    /// Parses a store URL. A bare path (starting with `/`, `./` or `../`) means `dir:PATH`.
+    pub fn parse(text: &str) -> Result<StoreUrl, Error> {
+        let bad = |why: String| {
+            Error::new(ErrorKind::InvalidInput, format!("invalid store URL: {why}"))
+                .with_op(Op::Parse)
+        };
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(bad(
+                "empty (examples: dir:/tmp/locks, sqlite:/var/lib/baton.db, postgres://host/db)"
+                    .into(),
+            ));
+        }
+        if text.starts_with('/') || text.starts_with("./") || text.starts_with("../") {
+            return StoreUrl::parse(&format!("dir:{text}"));
+        }
+        let Some((scheme, rest)) = text.split_once(':') else {
+            return Err(bad(format!(
+                "'{}' has no scheme (examples: dir:/tmp/locks, sqlite:/var/lib/baton.db)",
+                redact_loose(text)
+            )));
+        };
+        if scheme.is_empty()
+            || !scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.')
+        {
+            return Err(bad(format!("'{}' has no valid scheme", redact_loose(text))));
+        }
+        if text.chars().any(|c| c.is_control()) {
+            return Err(bad("it contains control characters".into()));
+        }
+        let scheme = scheme.to_ascii_lowercase();
+        let redacted = format!("{scheme}:{}", redact(rest));
+        Ok(StoreUrl {
+            raw: format!("{scheme}:{rest}"),
+            scheme,
+            redacted,
+        })
+    }
+
+    /// The scheme, lowercase: `dir`, `sqlite`, `postgres`, ...
+    pub fn scheme(&self) -> &str {
+        &self.scheme
+    }
+
+    /// Everything after `scheme:`, secrets included. Only a store's own connect code
+    /// should read this.
+    pub fn rest(&self) -> &str {
+        &self.raw[self.scheme.len() + 1..]
+    }
+
+    /// The part after the scheme up to `?` (for `dir:PATH?mode=lease`: `PATH`).
+    pub fn path(&self) -> &str {
+        let rest = self.rest();
+        rest.split_once('?').map_or(rest, |(p, _)| p)
+    }
+
+    /// The query parameters, in order, undecoded.
+    pub fn query(&self) -> Vec<(&str, &str)> {
+        match self.rest().split_once('?') {
+            None => Vec::new(),
+            Some((_, q)) => q
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| p.split_once('=').unwrap_or((p, "")))
+                .collect(),
+        }
+    }
+
+    /// One query parameter's value.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query()
+            .into_iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v)
+    }
+
+    /// The full URL, secrets included. Never print this.
+    pub fn expose_secret(&self) -> &str {
+        &self.raw
+    }
+
+    /// The URL with secrets replaced by `***`; the same as `Display`.
+    pub fn redacted(&self) -> &str {
+        &self.redacted
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StoreUrl({:?})", self.redacted)
+    }
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<StoreUrl, Error> {
+        StoreUrl::parse(s)
+    }
+}
+
+/// Redacts `//user:password@` and secret query parameters in the part after the scheme.
+fn redact(rest: &str) -> String {
+    let (main, query) = match rest.split_once('?') {
+        Some((m, q)) => (m, Some(q)),
+        None => (rest, None),
+    };
+    let mut out = String::with_capacity(rest.len());
+    if let Some(after) = main.strip_prefix("//") {
+        let authority_end = after.find('/').unwrap_or(after.len());
+        let (authority, path) = after.split_at(authority_end);
+        out.push_str("//");
+        match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => {
+                match userinfo.split_once(':') {
+                    Some((user, _)) => {
+                        out.push_str(user);
+                        out.push_str(":***");
+                    }
+                    None => out.push_str(userinfo),
+                }
+                out.push('@');
+                out.push_str(hosts);
+            }
+            None => out.push_str(authority),
+        }
+        out.push_str(path);
+    } else {
+        out.push_str(main);
+    }
+    if let Some(q) = query {
+        out.push('?');
+        let parts: Vec<String> = q
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if SECRET_PARAMS.contains(&k.to_ascii_lowercase().as_str()) => {
+                    format!("{k}=***")
+                }
+                _ => p.to_owned(),
+            })
+            .collect();
+        out.push_str(&parts.join("&"));
+    }
+    out
+}
+
+/// Redaction for text that did not parse: hide anything between `:` and `@`.
+fn redact_loose(text: &str) -> String {
+    match (text.find("//"), text.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &text[..s + 2], &text[at..]),
+        _ => text.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_schemes_paths_and_params() {
+        let u = StoreUrl::parse("dir:/tmp/x?mode=lease").expect("parse");
+        assert_eq!(u.scheme(), "dir");
+        assert_eq!(u.path(), "/tmp/x");
+        assert_eq!(u.param("mode"), Some("lease"));
+        let bare = StoreUrl::parse("/var/lock/baton").expect("bare path");
+        assert_eq!(bare.scheme(), "dir");
+        assert_eq!(bare.path(), "/var/lock/baton");
+        assert_eq!(
+            StoreUrl::parse("SQLite:/a.db").expect("p").scheme(),
+            "sqlite"
+        );
+    }
+
+    #[test]
+    fn secrets_never_show() {
+        let u =
+            StoreUrl::parse("postgres://bob:hunter2@db1:5432/locks?sslmode=require&password=x2")
+                .expect("parse");
+        let shown = format!("{u} {u:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("x2"), "{shown}");
+        assert!(
+            shown.contains("postgres://bob:***@db1:5432/locks"),
+            "{shown}"
+        );
+        assert!(u.expose_secret().contains("hunter2"));
+        let amqp = StoreUrl::parse("amqp://guest:p%40ss@h:5672/vh").expect("parse");
+        assert_eq!(amqp.to_string(), "amqp://guest:***@h:5672/vh");
+        let err = StoreUrl::parse("nonsense//u:pw@h").expect_err("no scheme");
+        assert!(!err.to_string().contains("pw"), "{err}");
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        for bad in ["", "   ", "no-scheme", ":x", "a b:c", "dir:/tmp/\u{7}"] {
+            let err = StoreUrl::parse(bad).expect_err(bad);
+            assert_eq!(err.kind(), ErrorKind::InvalidInput, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! baton: mutexes, counting semaphores and leader leases, each grant carrying a fencing
+//! token, over a store chosen by URL.
+//!
+//! ```no_run
+//! # async fn demo() -> baton::Result<()> {
+//! use baton::StoreExt;
+//! let store = baton::open("dir:/tmp/baton-demo")?;
+//! let guard = store.lock(baton::Key::new("nightly-backup")?).try_acquire().await?;
+//! println!("token {}", guard.lease().token);
+//! guard.release().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Each store is a feature: `dir` (default). [`open`] picks the store from the URL's
+//! scheme and says clearly when a scheme is unknown or its feature is off.
+
+use std::sync::Arc;
+
+pub use baton_core::*;
+
+/// The schemes this build knows, for error messages.
+pub const SCHEMES: &[&str] = &[
+    #[cfg(feature = "dir")]
+    "dir",
+];
+
+/// Opens the store a URL names. A bare path means `dir:PATH`.
+///
+/// Errors: `InvalidInput` for a malformed URL or an unknown scheme, `Unavailable` when
+/// the store cannot be used (a directory that cannot be created, a foreign owner).
+pub fn open(url: &str) -> Result<Arc<dyn Store>> {
+    let url = StoreUrl::parse(url)?;
+    open_url(&url)
+}
+
+/// Opens the store a parsed URL names.
+pub fn open_url(url: &StoreUrl) -> Result<Arc<dyn Store>> {
+    match url.scheme() {
+        #[cfg(feature = "dir")]
+        "dir" => Ok(Arc::new(baton_store_dir::DirStore::open(url)?)),
+        other => Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "unknown store scheme '{other}' (this build knows: {})",
+                SCHEMES.join(", ")
+            ),
+        )
+        .with_op(Op::Open)
+        .with_store(url)),
+    }
+}
+
+/// The default store: `$BATON_STORE` if set, else the default directory store
+/// (`$XDG_RUNTIME_DIR/baton`, else `/tmp/baton-$UID`).
+pub fn default_url() -> Result<StoreUrl> {
+    match std::env::var("BATON_STORE") {
+        Ok(s) if !s.trim().is_empty() => StoreUrl::parse(&s),
+        _ => StoreUrl::parse(&format!("dir:{}", baton_store_dir::default_dir().display())),
+    }
+}
