@@ -1,42 +1,17 @@
-//! Skeleton: replaced by the real directory store.
-#![allow(missing_docs)]
-use async_trait::async_trait;
-use baton_core::*;
-use std::path::PathBuf;
+//! baton's directory store, `dir:PATH` — the default store, with no daemon.
+//!
+//! Each slot of a key is a file holding a Linux open-file-description lock (`F_OFD_SETLK`),
+//! so the kernel frees a dead holder's slot the moment its process exits. A semaphore of
+//! N slots is N files. Holder info sits beside each lock, written atomically, for
+//! `status`. Tokens come from a per-key counter updated under its own lock. Every file is
+//! opened relative to the store's directory with `O_NOFOLLOW | O_CLOEXEC`. See
+//! `README.md` for the layout, the bounds and what the store cannot do.
 
-pub fn default_dir() -> PathBuf {
-    PathBuf::from(format!("/tmp/baton-{}", rustix::process::geteuid().as_raw()))
-}
+mod config;
+mod fs;
+mod store;
+mod wait;
 
-#[derive(Debug)]
-pub struct DirStore {
-    url: StoreUrl,
-}
-
-impl DirStore {
-    pub fn open(url: &StoreUrl) -> Result<DirStore> {
-        Ok(DirStore { url: url.clone() })
-    }
-}
-
-#[async_trait]
-impl Store for DirStore {
-    fn url(&self) -> &StoreUrl {
-        &self.url
-    }
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::new("at once")
-    }
-    async fn acquire(&self, _req: &AcquireRequest) -> Result<Lease> {
-        Err(Error::new(ErrorKind::Unsupported, "skeleton"))
-    }
-    async fn release(&self, _lease: &Lease) -> Result<Released> {
-        Err(Error::new(ErrorKind::Unsupported, "skeleton"))
-    }
-    async fn inspect(&self, _key: &Key) -> Result<KeyStatus> {
-        Err(Error::new(ErrorKind::Unsupported, "skeleton"))
-    }
-    async fn list(&self) -> Result<Vec<Key>> {
-        Err(Error::new(ErrorKind::Unsupported, "skeleton"))
-    }
-}
+pub use config::{default_dir, DirConfig};
+pub use store::DirStore;
+pub use wait::wait_signal;

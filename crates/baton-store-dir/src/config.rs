@@ -1,0 +1,105 @@
+//! `dir:PATH[?mode=kernel]`, parsed from the store URL.
+
+use std::path::PathBuf;
+
+use baton_core::{Error, ErrorKind, Op, StoreUrl};
+
+/// The directory store's configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirConfig {
+    /// The store's root directory.
+    pub root: PathBuf,
+    /// True for the default directory, which must be a real directory (not a symlink)
+    /// owned by this user; it is created mode 0700.
+    pub is_default: bool,
+}
+
+/// The default directory: `$XDG_RUNTIME_DIR/baton` when that is set to an absolute path,
+/// else `/tmp/baton-$UID`.
+pub fn default_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if PathBuf::from(&d).is_absolute() => PathBuf::from(d).join("baton"),
+        _ => PathBuf::from(format!(
+            "/tmp/baton-{}",
+            rustix::process::geteuid().as_raw()
+        )),
+    }
+}
+
+impl DirConfig {
+    /// Parses `dir:PATH`. An empty path means the default directory. The only query
+    /// parameter is `mode`: `kernel` (the default); `lease` is not built yet.
+    pub fn from_url(url: &StoreUrl) -> Result<DirConfig, Error> {
+        let bad =
+            |kind: ErrorKind, why: String| Error::new(kind, why).with_op(Op::Open).with_store(url);
+        for (name, value) in url.query() {
+            match (name, value) {
+                ("mode", "kernel") => {}
+                ("mode", "lease") => {
+                    return Err(bad(
+                        ErrorKind::Unsupported,
+                        "mode=lease (lease files for shared filesystems) is not built yet; \
+                         use the default kernel-lock mode on a local filesystem"
+                            .into(),
+                    ))
+                }
+                ("mode", other) => {
+                    return Err(bad(
+                        ErrorKind::InvalidInput,
+                        format!("unknown mode '{other}' (known: kernel)"),
+                    ))
+                }
+                (other, _) => {
+                    return Err(bad(
+                        ErrorKind::InvalidInput,
+                        format!("unknown parameter '{other}' (known: mode)"),
+                    ))
+                }
+            }
+        }
+        let path = url.path();
+        let default = default_dir();
+        let root = if path.is_empty() {
+            default.clone()
+        } else {
+            PathBuf::from(path)
+        };
+        if !root.is_absolute() {
+            return Err(bad(
+                ErrorKind::InvalidInput,
+                format!(
+                    "the directory must be an absolute path, not '{}'",
+                    root.display()
+                ),
+            ));
+        }
+        Ok(DirConfig {
+            is_default: root == default,
+            root,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_paths_and_modes() {
+        let url = StoreUrl::parse("dir:/var/lock/x").expect("url");
+        let cfg = DirConfig::from_url(&url).expect("cfg");
+        assert_eq!(cfg.root, PathBuf::from("/var/lock/x"));
+        assert!(!cfg.is_default);
+        let url = StoreUrl::parse("dir:").expect("url");
+        assert!(DirConfig::from_url(&url).expect("cfg").is_default);
+        for (u, kind) in [
+            ("dir:/x?mode=lease", ErrorKind::Unsupported),
+            ("dir:/x?mode=zzz", ErrorKind::InvalidInput),
+            ("dir:/x?color=red", ErrorKind::InvalidInput),
+            ("dir:relative/path", ErrorKind::InvalidInput),
+        ] {
+            let url = StoreUrl::parse(u).expect("url");
+            assert_eq!(DirConfig::from_url(&url).expect_err(u).kind(), kind, "{u}");
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! File-level helpers: every path is opened relative to a directory descriptor with
+//! `O_NOFOLLOW | O_CLOEXEC`, so a symlink planted in the store is refused, never followed.
+//! Locks are Linux open-file-description (OFD) locks on the whole file: they belong to the
+//! open file, not to the process (so two opens in one process conflict, as two processes
+//! do), the kernel drops them when the last descriptor closes (process death included),
+//! and `F_OFD_GETLK` tests a lock without taking it.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+
+/// The largest file baton reads from the store (holder info, limit, counter).
+pub const MAX_SMALL_FILE: usize = 64 * 1024;
+
+/// The width of the token counter file: 20 decimal digits (any u64) and a newline.
+pub const COUNTER_LEN: usize = 21;
+
+fn errno(e: rustix::io::Errno) -> io::Error {
+    io::Error::from(e)
+}
+
+/// Maps an `openat` error, naming a symlink planted where a file belongs as corruption.
+fn open_errno(e: rustix::io::Errno, name: &str) -> io::Error {
+    if e == rustix::io::Errno::LOOP {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("'{name}' is a symlink (refusing to follow it)"),
+        )
+    } else {
+        errno(e)
+    }
+}
+
+/// Opens (creating if `create`) the regular file `name` in `dir`, read-write, without
+/// following symlinks. Anything but a regular file is refused with `InvalidData`.
+pub fn open_file(dir: BorrowedFd<'_>, name: &str, create: bool) -> io::Result<OwnedFd> {
+    let mut flags = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+    if create {
+        flags |= OFlags::CREATE;
+    }
+    let fd = rustix::fs::openat(dir, name, flags, Mode::from_raw_mode(0o666))
+        .map_err(|e| open_errno(e, name))?;
+    check_regular(&fd, name)?;
+    Ok(fd)
+}
+
+/// Opens `name` in `dir` read-only if it exists (`Ok(None)` if not), without following
+/// symlinks; anything but a regular file is refused.
+pub fn open_existing_ro(dir: BorrowedFd<'_>, name: &str) -> io::Result<Option<OwnedFd>> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+    match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => {
+            check_regular(&fd, name)?;
+            Ok(Some(fd))
+        }
+        Err(rustix::io::Errno::NOENT) => Ok(None),
+        Err(e) => Err(open_errno(e, name)),
+    }
+}
+
+fn check_regular(fd: &OwnedFd, name: &str) -> io::Result<()> {
+    let st = rustix::fs::fstat(fd).map_err(errno)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("'{name}' is not a regular file"),
+        ));
+    }
+    Ok(())
+}
+
+/// Opens the directory `name` in `dir`, creating it if `create`, without following a
+/// symlink. `Ok(None)` when it does not exist and `create` is false.
+pub fn open_dir(dir: BorrowedFd<'_>, name: &str, create: bool) -> io::Result<Option<OwnedFd>> {
+    if create {
+        match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o777)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(errno(e)),
+        }
+    }
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(rustix::io::Errno::NOENT) if !create => Ok(None),
+        Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
+            // O_NOFOLLOW | O_DIRECTORY answers ENOTDIR for a symlink: say which it is.
+            let is_link = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
+                .unwrap_or(false);
+            let what = if is_link {
+                "a symlink (refusing to follow it)"
+            } else {
+                "not a directory"
+            };
+            Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("'{name}' is {what}"),
+            ))
+        }
+        Err(e) => Err(errno(e)),
+    }
+}
+
+/// Reads a whole small file (at most [`MAX_SMALL_FILE`] bytes).
+pub fn read_small(fd: BorrowedFd<'_>, name: &str) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; MAX_SMALL_FILE + 1];
+    let mut len = 0;
+    loop {
+        let n = rustix::io::pread(fd, &mut buf[len..], len as u64).map_err(errno)?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+        if len > MAX_SMALL_FILE {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("'{name}' is larger than {MAX_SMALL_FILE} bytes"),
+            ));
+        }
+    }
+    buf.truncate(len);
+    Ok(buf)
+}
+
+/// Writes `contents` to `name` in `dir` atomically: a temporary file in the same
+/// directory, then `rename` over the target. Readers see the old or the new file whole.
+pub fn write_atomic(dir: BorrowedFd<'_>, name: &str, contents: &[u8]) -> io::Result<()> {
+    let tmp = temp_name(name);
+    let fd = rustix::fs::openat(
+        dir,
+        tmp.as_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )
+    .map_err(errno)?;
+    let result = write_all(fd.as_fd(), contents)
+        .and_then(|()| rustix::fs::renameat(dir, tmp.as_str(), dir, name).map_err(errno));
+    if result.is_err() {
+        let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
+    }
+    result
+}
+
+/// Creates `name` in `dir` with `contents` only if it does not exist yet, atomically
+/// (temporary file, then `link`, which fails if the target exists). Returns `false` when
+/// the file existed already; its contents are then someone else's.
+pub fn create_once(dir: BorrowedFd<'_>, name: &str, contents: &[u8]) -> io::Result<bool> {
+    let tmp = temp_name(name);
+    let fd = rustix::fs::openat(
+        dir,
+        tmp.as_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )
+    .map_err(errno)?;
+    let result = write_all(fd.as_fd(), contents).and_then(|()| {
+        match rustix::fs::linkat(dir, tmp.as_str(), dir, name, AtFlags::empty()) {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::EXIST) => Ok(false),
+            Err(e) => Err(errno(e)),
+        }
+    });
+    let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
+    result
+}
+
+fn write_all(fd: BorrowedFd<'_>, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        let n = rustix::io::write(fd, data).map_err(errno)?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        data = &data[n..];
+    }
+    Ok(())
+}
+
+/// A temporary name beside `name` that no other process or thread uses.
+fn temp_name(name: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    format!(
+        ".{name}.tmp.{}.{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Removes `name` from `dir`; a missing file is not an error.
+pub fn remove(dir: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(errno(e)),
+    }
+}
+
+/// The names of the subdirectories of `dir` (not following symlinks; others skipped).
+pub fn subdirs(dir: BorrowedFd<'_>) -> io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut entries = rustix::fs::Dir::read_from(dir).map_err(errno)?;
+    while let Some(entry) = entries.read() {
+        let entry = entry.map_err(errno)?;
+        let name: &CStr = entry.file_name();
+        let Ok(name) = name.to_str() else { continue };
+        if name.starts_with('.') {
+            continue;
+        }
+        let is_dir = match entry.file_type() {
+            FileType::Directory => true,
+            FileType::Unknown => rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
+                .unwrap_or(false),
+            _ => false,
+        };
+        if is_dir {
+            out.push(name.to_owned());
+        }
+    }
+    Ok(out)
+}
+
+fn whole_file_lock(kind: libc::c_short) -> libc::flock {
+    // SAFETY: flock is plain old data; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 0; // to the end of the file, however long
+    fl.l_pid = 0; // required for OFD locks
+    fl
+}
+
+fn fcntl_lock(fd: BorrowedFd<'_>, cmd: libc::c_int, fl: &mut libc::flock) -> io::Result<()> {
+    // SAFETY: fd is a valid open descriptor; fl points to a valid flock for the call.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), cmd, fl as *mut libc::flock) };
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Takes an exclusive OFD lock on the whole file if nobody holds one: `Ok(false)` when
+/// it is held by another open file description.
+pub fn try_lock(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut fl = whole_file_lock(libc::F_WRLCK as libc::c_short);
+    match fcntl_lock(fd, libc::F_OFD_SETLK, &mut fl) {
+        Ok(()) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes an exclusive OFD lock on the whole file, blocking until it is free. Returns
+/// `Interrupted` when a signal arrives first (the caller decides whether to go on).
+pub fn lock_wait(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut fl = whole_file_lock(libc::F_WRLCK as libc::c_short);
+    fcntl_lock(fd, libc::F_OFD_SETLKW, &mut fl)
+}
+
+/// Whether some open file description holds a lock on the file, tested without taking it.
+pub fn is_locked(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut fl = whole_file_lock(libc::F_WRLCK as libc::c_short);
+    fcntl_lock(fd, libc::F_OFD_GETLK, &mut fl)?;
+    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+/// Reads the token counter: `Ok(None)` for an empty (new) counter, `InvalidData` for
+/// anything that is not exactly [`COUNTER_LEN`] bytes of digits and a newline.
+pub fn read_counter(fd: BorrowedFd<'_>) -> io::Result<Option<u64>> {
+    let bytes = read_small(fd, "token")?;
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    let garbage = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the token counter holds {:?}, not a number baton wrote",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(40)])
+            ),
+        )
+    };
+    if bytes.len() != COUNTER_LEN || bytes[COUNTER_LEN - 1] != b'\n' {
+        return Err(garbage());
+    }
+    let text = std::str::from_utf8(&bytes[..COUNTER_LEN - 1]).map_err(|_| garbage())?;
+    if !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(garbage());
+    }
+    text.parse().map(Some).map_err(|_| garbage())
+}
+
+/// Writes the token counter in place: one `pwrite` of a fixed-width record, so a reader
+/// sees the old or the new value, and a writer killed before the write leaves the old.
+pub fn write_counter(fd: BorrowedFd<'_>, value: u64) -> io::Result<()> {
+    let record = format!("{value:020}\n");
+    let n = rustix::io::pwrite(fd, record.as_bytes(), 0).map_err(errno)?;
+    if n != record.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "short write to the token counter",
+        ));
+    }
+    Ok(())
+}
