@@ -19,6 +19,8 @@ pub enum ErrorKind {
     Lost,
     /// The lease is not held (released already, or lost and maybe re-granted).
     NotHeld,
+    /// The key does not exist in the store (status of a key never used).
+    NotFound,
     /// The key is not a valid key.
     InvalidKey,
     /// Some other argument is invalid: a URL, a limit, a duration.
@@ -43,6 +45,7 @@ impl ErrorKind {
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Lost => "lost",
             ErrorKind::NotHeld => "not_held",
+            ErrorKind::NotFound => "not_found",
             ErrorKind::InvalidKey => "invalid_key",
             ErrorKind::InvalidInput => "invalid_input",
             ErrorKind::LimitMismatch => "limit_mismatch",

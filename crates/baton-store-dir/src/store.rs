@@ -126,7 +126,12 @@ impl DirStore {
         op: Op,
     ) -> Result<Option<(std::sync::Arc<OwnedFd>, u32)>, Error> {
         if let Some(k) = lock(&self.keys).get(key) {
-            return Ok(Some((k.dir.clone(), k.limit)));
+            // A directory deleted under a long-lived process must not be used: others
+            // would lock files in its replacement. Deleting a key in use is unsupported,
+            // but this keeps one process from drifting onto a dead inode.
+            if rustix::fs::fstat(k.dir.as_fd()).is_ok_and(|st| st.st_nlink > 0) {
+                return Ok(Some((k.dir.clone(), k.limit)));
+            }
         }
         let name = dir_name(key);
         let dir = fs::open_dir(self.root.as_fd(), &name, create_limit.is_some())
@@ -516,7 +521,7 @@ impl Store for DirStore {
     async fn inspect(&self, key: &Key) -> Result<KeyStatus, Error> {
         let (dir, limit) = self
             .key_dir(key, None, Op::Inspect)?
-            .ok_or_else(|| self.err(ErrorKind::NotHeld, Op::Inspect, key, "no such key"))?;
+            .ok_or_else(|| self.err(ErrorKind::NotFound, Op::Inspect, key, "no such key"))?;
         let mut slots = Vec::with_capacity(limit as usize);
         for slot in 0..limit {
             let locked = match fs::open_existing_ro(dir.as_fd(), &Self::slot_name(slot)) {

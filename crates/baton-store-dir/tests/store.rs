@@ -275,3 +275,24 @@ async fn dropped_waits_leave_no_ghost_holder() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_deleted_key_directory_is_reopened_not_reused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let s = store(tmp.path());
+    let lease = s.acquire(&req("k", 1, Wait::NoWait)).await.expect("first");
+    s.release(&lease).await.expect("release");
+    std::fs::remove_dir_all(tmp.path().join("k")).expect("rm key dir");
+    let again = s.acquire(&req("k", 1, Wait::NoWait)).await.expect("again");
+    assert!(tmp.path().join("k/slot.0").exists(), "recreated on disk");
+    let err = store(tmp.path())
+        .acquire(&req("k", 1, Wait::NoWait))
+        .await
+        .expect_err("busy");
+    assert_eq!(
+        err.kind(),
+        ErrorKind::Busy,
+        "the other process sees the same lock"
+    );
+    s.release(&again).await.expect("release");
+}
