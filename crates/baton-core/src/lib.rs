@@ -9,12 +9,15 @@
 //! - [`Store`]: the small async trait every store implements, and [`StoreExt`] with the
 //!   convenience built on it ([`LeaseGuard`], `acquire`, `try_acquire`, `acquire_timeout`);
 //! - [`StoreUrl`]: a store URL whose `Debug`/`Display` never show secrets;
+//! - [`Keeper`]: renews a lease every TTL/3 and declares it lost before the store could
+//!   re-grant it;
 //! - [`parse_duration`]: `500ms`, `2s`, `1m30s`.
 
 mod duration;
 mod error;
 mod guard;
 mod holder;
+mod keeper;
 mod key;
 mod lease;
 mod store;
@@ -24,6 +27,7 @@ pub use duration::{format_duration, parse_duration};
 pub use error::{Error, ErrorKind, Op, Result};
 pub use guard::{LeaseGuard, LockRequest, StoreExt};
 pub use holder::{boot_id, hostname, pid_start_ticks, Holder, HolderId, Liveness};
+pub use keeper::{Keeper, KeeperConfig, LeaseState};
 pub use key::{derive_key, Key, MAX_KEY_LEN};
 pub use lease::{Lease, Token, Wait};
 pub use store::{AcquireRequest, Capabilities, KeyStatus, Released, SlotState, SlotStatus, Store};

@@ -1,0 +1,368 @@
+//! The keeper: renews a lease every TTL/3 and declares it lost, on the holder's monotonic
+//! clock, before the store could grant the slot to someone else (DESIGN, contract point 3).
+//!
+//! Guarantees:
+//! - It runs on its own OS thread with its own Tokio runtime, so user work (a busy or
+//!   blocked runtime of the caller) cannot starve renewals or the loss deadline.
+//! - The deadline is `send_time + TTL × (1 − drift) − margin`, where `send_time` is when
+//!   the last successful renewal (or the acquire) was *sent*. The store extends a lease
+//!   from a moment after it received the request, so the store's expiry is later than
+//!   `send_time + TTL`; with `drift` bounding how much faster the store's clock may run
+//!   than ours, the deadline falls before any re-grant.
+//! - Loss is declared at the deadline even if a renewal is still in flight (a hung
+//!   connection cannot postpone it), and at once when the store answers `Lost` or
+//!   `NotHeld`. Once lost, a lease never becomes held again.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::{Error, ErrorKind, Lease, Store};
+
+/// Timing of a keeper.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KeeperConfig {
+    /// The lease's time to live.
+    pub ttl: Duration,
+    /// How much faster the store's clock may run than the holder's, as a fraction
+    /// (0.01 = 1 %).
+    pub drift: f64,
+    /// Safety margin subtracted from every deadline (scheduling delay, signal delivery).
+    pub margin: Duration,
+}
+
+impl KeeperConfig {
+    /// Defaults for a TTL: 1 % drift and a margin of TTL/10 capped at 1 s.
+    pub fn for_ttl(ttl: Duration) -> KeeperConfig {
+        KeeperConfig {
+            ttl,
+            drift: 0.01,
+            margin: (ttl / 10).min(Duration::from_secs(1)),
+        }
+    }
+
+    /// How long after `send_time` the lease must be considered lost.
+    pub fn validity(&self) -> Duration {
+        self.ttl
+            .mul_f64((1.0 - self.drift).clamp(0.0, 1.0))
+            .saturating_sub(self.margin)
+    }
+}
+
+/// A lease's state as the keeper sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseState {
+    /// Held; the keeper will declare it lost at this instant unless renewed first.
+    Held {
+        /// The local deadline on the monotonic clock.
+        deadline: Instant,
+    },
+    /// Lost, with why. Final.
+    Lost {
+        /// When the keeper declared it (monotonic).
+        at: Instant,
+        /// Why, in words.
+        reason: String,
+    },
+    /// The keeper was stopped (before a release). Final.
+    Stopped,
+}
+
+/// A running keeper. Dropping it stops renewals (the lease then expires at its TTL unless
+/// released).
+#[derive(Debug)]
+pub struct Keeper {
+    state: watch::Receiver<LeaseState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Keeper {
+    /// Starts keeping `lease`, which was requested at `sent_at` (an instant taken just
+    /// before the acquire request was sent).
+    pub fn start(
+        store: Arc<dyn Store>,
+        lease: Lease,
+        config: KeeperConfig,
+        sent_at: Instant,
+    ) -> Result<Keeper, Error> {
+        let first_deadline = sent_at + config.validity();
+        let (tx, rx) = watch::channel(LeaseState::Held {
+            deadline: first_deadline,
+        });
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                Error::new(ErrorKind::Unavailable, "cannot start the lease keeper").with_source(e)
+            })?;
+        let thread = std::thread::Builder::new()
+            .name("baton-keeper".into())
+            .spawn(move || {
+                runtime.block_on(keep(store, lease, config, first_deadline, tx, stop_rx));
+            })
+            .map_err(|e| {
+                Error::new(ErrorKind::Unavailable, "cannot start the lease keeper").with_source(e)
+            })?;
+        Ok(Keeper {
+            state: rx,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// The current state.
+    pub fn state(&self) -> LeaseState {
+        self.state.borrow().clone()
+    }
+
+    /// A receiver that sees every state change; select on `changed()` to react to loss.
+    pub fn watch(&self) -> watch::Receiver<LeaseState> {
+        self.state.clone()
+    }
+
+    /// Resolves when the lease is lost (or the keeper stopped), with the final state.
+    pub async fn lost(&self) -> LeaseState {
+        let mut rx = self.state.clone();
+        loop {
+            let state = rx.borrow_and_update().clone();
+            if !matches!(state, LeaseState::Held { .. }) {
+                return state;
+            }
+            if rx.changed().await.is_err() {
+                return rx.borrow().clone();
+            }
+        }
+    }
+
+    /// Stops renewing and waits for the keeper's thread to end. Call it before releasing.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+async fn keep(
+    store: Arc<dyn Store>,
+    mut lease: Lease,
+    config: KeeperConfig,
+    mut deadline: Instant,
+    tx: watch::Sender<LeaseState>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let period = (config.ttl / 3).max(Duration::from_millis(1));
+    let retry = (config.ttl / 20).max(Duration::from_millis(1));
+    let mut next = Instant::now() + period;
+    let lost = |reason: String| LeaseState::Lost {
+        at: Instant::now(),
+        reason,
+    };
+    loop {
+        // Wait for the next renewal, the deadline, or a stop.
+        tokio::select! {
+            _ = &mut stop => { let _ = tx.send(LeaseState::Stopped); return; }
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                let _ = tx.send(lost("could not renew the lease before its deadline".into()));
+                return;
+            }
+            _ = tokio::time::sleep_until(next.into()) => {}
+        }
+        let sent_at = Instant::now();
+        let outcome = tokio::select! {
+            _ = &mut stop => { let _ = tx.send(LeaseState::Stopped); return; }
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                let _ = tx.send(lost("the store did not answer a renewal before the lease's deadline".into()));
+                return;
+            }
+            r = store.renew(&lease) => r,
+        };
+        match outcome {
+            Ok(renewed) => {
+                lease = renewed;
+                deadline = sent_at + config.validity();
+                next = sent_at + period;
+                let _ = tx.send(LeaseState::Held { deadline });
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::Lost | ErrorKind::NotHeld) => {
+                let _ = tx.send(lost(format!("{e:#}")));
+                return;
+            }
+            // Transient: try again soon; the deadline still stands.
+            Err(_) => next = Instant::now() + retry,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{AcquireRequest, Capabilities, Holder, Key, KeyStatus, Released, StoreUrl, Token};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Mutex;
+
+    /// What the scripted store's `renew` does; this tests the keeper's reactions, not a
+    /// store.
+    #[derive(Clone, Copy, Debug)]
+    enum Renew {
+        Ok,
+        Hang,
+        Lost,
+        Unavailable,
+    }
+
+    #[derive(Debug)]
+    struct Scripted {
+        url: StoreUrl,
+        renew: Mutex<Renew>,
+        renewals: AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Scripted {
+        fn url(&self) -> &StoreUrl {
+            &self.url
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::new("scripted")
+        }
+        async fn acquire(&self, _: &AcquireRequest) -> crate::Result<Lease> {
+            unreachable!("the keeper never acquires")
+        }
+        async fn release(&self, _: &Lease) -> crate::Result<Released> {
+            unreachable!("the keeper never releases")
+        }
+        async fn inspect(&self, _: &Key) -> crate::Result<KeyStatus> {
+            unreachable!("the keeper never inspects")
+        }
+        async fn list(&self) -> crate::Result<Vec<Key>> {
+            unreachable!("the keeper never lists")
+        }
+        async fn renew(&self, lease: &Lease) -> crate::Result<Lease> {
+            let mode = *self.renew.lock().expect("lock");
+            self.renewals.fetch_add(1, Ordering::SeqCst);
+            match mode {
+                Renew::Ok => Ok(lease.clone()),
+                Renew::Hang => std::future::pending().await,
+                Renew::Lost => Err(Error::new(ErrorKind::Lost, "taken over")),
+                Renew::Unavailable => Err(Error::new(ErrorKind::Unavailable, "conn refused")),
+            }
+        }
+    }
+
+    fn setup(mode: Renew) -> (Arc<Scripted>, Lease) {
+        let store = Arc::new(Scripted {
+            url: StoreUrl::parse("scripted:").expect("url"),
+            renew: Mutex::new(mode),
+            renewals: AtomicU32::new(0),
+        });
+        let lease = Lease {
+            key: Key::new("k").expect("key"),
+            slot: 0,
+            limit: 1,
+            token: Token(1),
+            holder: Holder::current(vec![]),
+            ttl: Some(Duration::from_millis(300)),
+            acquired_unix_ms: 0,
+        };
+        (store, lease)
+    }
+
+    #[test]
+    fn validity_is_ttl_less_drift_and_margin() {
+        let c = KeeperConfig::for_ttl(Duration::from_secs(30));
+        assert_eq!(c.margin, Duration::from_secs(1));
+        assert_eq!(c.validity(), Duration::from_millis(28_700));
+        let short = KeeperConfig::for_ttl(Duration::from_millis(300));
+        assert_eq!(short.validity(), Duration::from_millis(267));
+    }
+
+    #[tokio::test]
+    async fn renewals_keep_the_lease_held() {
+        let (store, lease) = setup(Renew::Ok);
+        // Renewals every 200 ms against a 534 ms deadline: a loaded machine has slack.
+        let cfg = KeeperConfig::for_ttl(Duration::from_millis(600));
+        let keeper = Keeper::start(store.clone(), lease, cfg, Instant::now()).expect("start");
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        assert!(
+            matches!(keeper.state(), LeaseState::Held { .. }),
+            "{:?}",
+            keeper.state()
+        );
+        assert!(
+            store.renewals.load(Ordering::SeqCst) >= 2,
+            "renewed every TTL/3"
+        );
+        keeper.stop();
+    }
+
+    #[tokio::test]
+    async fn a_hung_renewal_is_declared_lost_at_the_deadline() {
+        let (store, lease) = setup(Renew::Hang);
+        let cfg = KeeperConfig::for_ttl(Duration::from_millis(300));
+        let sent = Instant::now();
+        let keeper = Keeper::start(store, lease, cfg, sent).expect("start");
+        let LeaseState::Lost { at, reason } = keeper.lost().await else {
+            panic!("expected Lost, got {:?}", keeper.state())
+        };
+        assert!(at >= sent + cfg.validity(), "never before the deadline");
+        assert!(reason.contains("deadline"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn transient_errors_retry_until_the_deadline_then_lose() {
+        let (store, lease) = setup(Renew::Unavailable);
+        let cfg = KeeperConfig::for_ttl(Duration::from_millis(300));
+        let keeper = Keeper::start(store.clone(), lease, cfg, Instant::now()).expect("start");
+        assert!(matches!(keeper.lost().await, LeaseState::Lost { .. }));
+        assert!(
+            store.renewals.load(Ordering::SeqCst) >= 2,
+            "retried before giving up"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_store_that_says_lost_is_believed_at_once() {
+        let (store, lease) = setup(Renew::Ok);
+        let cfg = KeeperConfig::for_ttl(Duration::from_secs(3));
+        let keeper = Keeper::start(store.clone(), lease, cfg, Instant::now()).expect("start");
+        *store.renew.lock().expect("lock") = Renew::Lost;
+        let state = keeper.lost().await;
+        let LeaseState::Lost { reason, .. } = state else {
+            panic!("{state:?}")
+        };
+        assert!(reason.contains("taken over"), "{reason}");
+        // Once lost, it stays lost even if the store would renew again.
+        *store.renew.lock().expect("lock") = Renew::Ok;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(matches!(keeper.state(), LeaseState::Lost { .. }));
+    }
+
+    #[tokio::test]
+    async fn stop_ends_renewals() {
+        let (store, lease) = setup(Renew::Ok);
+        let cfg = KeeperConfig::for_ttl(Duration::from_millis(300));
+        let keeper = Keeper::start(store.clone(), lease, cfg, Instant::now()).expect("start");
+        let watch = keeper.watch();
+        keeper.stop();
+        assert_eq!(*watch.borrow(), LeaseState::Stopped);
+        let n = store.renewals.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(store.renewals.load(Ordering::SeqCst), n);
+    }
+}
