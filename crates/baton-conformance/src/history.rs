@@ -384,7 +384,7 @@ pub fn check_tokens(events: &[Event], key: &Key, limit: u32) -> Result<(), Strin
     for &i in &by_request {
         while next < by_grant.len() && ivs[by_grant[next]].t_grant_ns < ivs[i].t_request_ns {
             let g = by_grant[next];
-            if max.map_or(true, |m| ivs[g].token > ivs[m].token) {
+            if max.is_none_or(|m| ivs[g].token > ivs[m].token) {
                 max = Some(g);
             }
             next += 1;
@@ -437,6 +437,7 @@ mod tests {
                 holder: Holder::current(vec!["checker".into()]),
                 ttl: None,
                 acquired_unix_ms: 0,
+                sent_at: None,
             },
         }
     }

@@ -79,14 +79,16 @@ pub struct Keeper {
 }
 
 impl Keeper {
-    /// Starts keeping `lease`, which was requested at `sent_at` (an instant taken just
-    /// before the acquire request was sent).
+    /// Starts keeping `lease`. The first deadline counts from `lease.sent_at`, which every
+    /// lease store sets; for a lease without it, from `fallback_sent_at`, which must be an
+    /// instant taken before the acquire request was sent.
     pub fn start(
         store: Arc<dyn Store>,
         lease: Lease,
         config: KeeperConfig,
-        sent_at: Instant,
+        fallback_sent_at: Instant,
     ) -> Result<Keeper, Error> {
+        let sent_at = lease.sent_at.unwrap_or(fallback_sent_at);
         let first_deadline = sent_at + config.validity();
         let (tx, rx) = watch::channel(LeaseState::Held {
             deadline: first_deadline,
@@ -279,6 +281,7 @@ mod tests {
             holder: Holder::current(vec![]),
             ttl: Some(Duration::from_millis(300)),
             acquired_unix_ms: 0,
+            sent_at: None,
         };
         (store, lease)
     }

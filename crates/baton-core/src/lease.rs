@@ -66,6 +66,11 @@ pub struct Lease {
     pub ttl: Option<Duration>,
     /// When it was granted, in milliseconds since the Unix epoch (display only).
     pub acquired_unix_ms: u64,
+    /// For lease stores: the monotonic instant just before the request that created this
+    /// grant was sent. The store's expiry counts from a later moment, so the keeper's first
+    /// deadline counts from this one. Not serialized (an `Instant` means nothing elsewhere).
+    #[serde(skip)]
+    pub sent_at: Option<std::time::Instant>,
 }
 
 mod opt_ms {

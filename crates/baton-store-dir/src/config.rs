@@ -4,6 +4,25 @@ use std::path::PathBuf;
 
 use baton_core::{Error, ErrorKind, Op, StoreUrl};
 
+/// How the directory store holds slots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Kernel OFD locks (the default): for local filesystems.
+    Kernel,
+    /// Lease files with heartbeats: for shared filesystems without reliable kernel locks.
+    Lease,
+}
+
+impl Mode {
+    /// The name used in URLs and in the store's mode file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Kernel => "kernel",
+            Mode::Lease => "lease",
+        }
+    }
+}
+
 /// The directory store's configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirConfig {
@@ -12,6 +31,8 @@ pub struct DirConfig {
     /// True for the default directory, which must be a real directory (not a symlink)
     /// owned by this user; it is created mode 0700.
     pub is_default: bool,
+    /// Kernel locks or lease files.
+    pub mode: Mode,
 }
 
 /// The default directory: `$XDG_RUNTIME_DIR/baton` when that is set to an absolute path,
@@ -28,25 +49,19 @@ pub fn default_dir() -> PathBuf {
 
 impl DirConfig {
     /// Parses `dir:PATH`. An empty path means the default directory. The only query
-    /// parameter is `mode`: `kernel` (the default); `lease` is not built yet.
+    /// parameter is `mode`: `kernel` (the default) or `lease`.
     pub fn from_url(url: &StoreUrl) -> Result<DirConfig, Error> {
         let bad =
             |kind: ErrorKind, why: String| Error::new(kind, why).with_op(Op::Open).with_store(url);
+        let mut mode = Mode::Kernel;
         for (name, value) in url.query() {
             match (name, value) {
-                ("mode", "kernel") => {}
-                ("mode", "lease") => {
-                    return Err(bad(
-                        ErrorKind::Unsupported,
-                        "mode=lease (lease files for shared filesystems) is not built yet; \
-                         use the default kernel-lock mode on a local filesystem"
-                            .into(),
-                    ))
-                }
+                ("mode", "kernel") => mode = Mode::Kernel,
+                ("mode", "lease") => mode = Mode::Lease,
                 ("mode", other) => {
                     return Err(bad(
                         ErrorKind::InvalidInput,
-                        format!("unknown mode '{other}' (known: kernel)"),
+                        format!("unknown mode '{other}' (known: kernel, lease)"),
                     ))
                 }
                 (other, _) => {
@@ -76,6 +91,7 @@ impl DirConfig {
         Ok(DirConfig {
             is_default: root == default,
             root,
+            mode,
         })
     }
 }
@@ -92,8 +108,9 @@ mod tests {
         assert!(!cfg.is_default);
         let url = StoreUrl::parse("dir:").expect("url");
         assert!(DirConfig::from_url(&url).expect("cfg").is_default);
+        let url = StoreUrl::parse("dir:/x?mode=lease").expect("url");
+        assert_eq!(DirConfig::from_url(&url).expect("cfg").mode, Mode::Lease);
         for (u, kind) in [
-            ("dir:/x?mode=lease", ErrorKind::Unsupported),
             ("dir:/x?mode=zzz", ErrorKind::InvalidInput),
             ("dir:/x?color=red", ErrorKind::InvalidInput),
             ("dir:relative/path", ErrorKind::InvalidInput),

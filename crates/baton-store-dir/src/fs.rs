@@ -158,6 +158,12 @@ pub fn create_once(dir: BorrowedFd<'_>, name: &str, contents: &[u8]) -> io::Resu
     let result = write_all(fd.as_fd(), contents).and_then(|()| {
         match rustix::fs::linkat(dir, tmp.as_str(), dir, name, AtFlags::empty()) {
             Ok(()) => Ok(true),
+            // Over NFS a retransmitted LINK can fail although the first one worked: the
+            // temporary file's link count says what really happened.
+            Err(e) if rustix::fs::fstat(&fd).is_ok_and(|st| st.st_nlink >= 2) => {
+                let _ = e;
+                Ok(true)
+            }
             Err(rustix::io::Errno::EXIST) => Ok(false),
             Err(e) => Err(errno(e)),
         }
@@ -198,6 +204,27 @@ pub fn remove(dir: BorrowedFd<'_>, name: &str) -> io::Result<()> {
 
 /// The names of the subdirectories of `dir` (not following symlinks; others skipped).
 pub fn subdirs(dir: BorrowedFd<'_>) -> io::Result<Vec<String>> {
+    entries(dir, FileType::Directory)
+}
+
+/// Every name in `dir` that does not start with `.`, and whether it is a regular file
+/// (not following symlinks).
+pub fn names(dir: BorrowedFd<'_>) -> io::Result<Vec<(String, bool)>> {
+    let all = entries_of(dir, None)?;
+    Ok(all
+        .into_iter()
+        .map(|(n, t)| (n, t == FileType::RegularFile))
+        .collect())
+}
+
+fn entries(dir: BorrowedFd<'_>, want: FileType) -> io::Result<Vec<String>> {
+    Ok(entries_of(dir, Some(want))?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect())
+}
+
+fn entries_of(dir: BorrowedFd<'_>, want: Option<FileType>) -> io::Result<Vec<(String, FileType)>> {
     let mut out = Vec::new();
     let mut entries = rustix::fs::Dir::read_from(dir).map_err(errno)?;
     while let Some(entry) = entries.read() {
@@ -207,15 +234,14 @@ pub fn subdirs(dir: BorrowedFd<'_>) -> io::Result<Vec<String>> {
         if name.starts_with('.') {
             continue;
         }
-        let is_dir = match entry.file_type() {
-            FileType::Directory => true,
+        let kind = match entry.file_type() {
             FileType::Unknown => rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
-                .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
-                .unwrap_or(false),
-            _ => false,
+                .map(|st| FileType::from_raw_mode(st.st_mode))
+                .unwrap_or(FileType::Unknown),
+            t => t,
         };
-        if is_dir {
-            out.push(name.to_owned());
+        if want.is_none_or(|w| w == kind) {
+            out.push((name.to_owned(), kind));
         }
     }
     Ok(out)

@@ -36,26 +36,18 @@ use baton_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::config::DirConfig;
+use crate::config::Mode;
 use crate::fs;
+use crate::root::{lock, Root};
 use crate::wait::{WaitFor, Waiter};
 
-/// The directory store. See the crate docs for the mechanism and its bounds.
+/// The directory store in its default (kernel-lock) mode. See the crate docs for the
+/// mechanism and its bounds.
 #[derive(Debug)]
 pub struct DirStore {
-    url: StoreUrl,
-    config: DirConfig,
-    root: OwnedFd,
-    /// Open key directories, by key.
-    keys: Mutex<HashMap<Key, KeyDir>>,
+    root: Root,
     /// Held leases: the locked slot file of each, by (key, slot, token).
     held: Mutex<HashMap<(Key, u32, u64), HeldSlot>>,
-}
-
-#[derive(Debug)]
-struct KeyDir {
-    dir: std::sync::Arc<OwnedFd>,
-    limit: u32,
 }
 
 #[derive(Debug)]
@@ -76,137 +68,71 @@ struct HolderRecord {
 impl DirStore {
     /// Opens (creating if needed) the directory store the URL names: `dir:PATH`, or `dir:`
     /// for the default directory. The default directory is created mode 0700 and refused
-    /// if it is a symlink or another user owns it.
+    /// if it is a symlink or another user owns it. `mode=lease` is refused here: open it
+    /// with [`crate::open`] or [`crate::LeaseStore::open`].
     pub fn open(url: &StoreUrl) -> Result<DirStore, Error> {
-        let config = DirConfig::from_url(url)?;
-        let shown = StoreUrl::parse(&format!("dir:{}", config.root.display()))
-            .unwrap_or_else(|_| url.clone());
-        let fail = |kind: ErrorKind, msg: String| {
-            Error::new(kind, msg).with_op(Op::Open).with_store(&shown)
-        };
-        let root = open_root(&config).map_err(|(kind, msg, e)| match e {
-            Some(e) => fail(kind, msg).with_source(e),
-            None => fail(kind, msg),
-        })?;
+        let root = Root::open(url)?;
+        if root.config.mode != Mode::Kernel {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "this is a lease-mode URL; open it with baton_store_dir::open or LeaseStore::open",
+            )
+            .with_op(Op::Open)
+            .with_store(url));
+        }
         Ok(DirStore {
-            url: shown,
-            config,
             root,
-            keys: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
         })
     }
 
     /// The store's root directory.
     pub fn root(&self) -> &Path {
-        &self.config.root
-    }
-
-    fn err(&self, kind: ErrorKind, op: Op, key: &Key, msg: impl Into<String>) -> Error {
-        Error::new(kind, msg)
-            .with_op(op)
-            .with_key(key)
-            .with_store(&self.url)
-    }
-
-    fn io_err(&self, op: Op, key: &Key, what: &str, e: io::Error) -> Error {
-        let kind = if e.kind() == io::ErrorKind::InvalidData {
-            ErrorKind::Corrupt
-        } else {
-            ErrorKind::Unavailable
-        };
-        self.err(kind, op, key, what.to_owned()).with_source(e)
-    }
-
-    /// The key's directory and limit, creating the key with `limit` if it is new.
-    fn key_dir(
-        &self,
-        key: &Key,
-        create_limit: Option<u32>,
-        op: Op,
-    ) -> Result<Option<(std::sync::Arc<OwnedFd>, u32)>, Error> {
-        if let Some(k) = lock(&self.keys).get(key) {
-            // A directory deleted under a long-lived process must not be used: others
-            // would lock files in its replacement. Deleting a key in use is unsupported,
-            // but this keeps one process from drifting onto a dead inode.
-            if rustix::fs::fstat(k.dir.as_fd()).is_ok_and(|st| st.st_nlink > 0) {
-                return Ok(Some((k.dir.clone(), k.limit)));
-            }
-        }
-        let name = dir_name(key);
-        let dir = fs::open_dir(self.root.as_fd(), &name, create_limit.is_some())
-            .map_err(|e| self.io_err(op, key, "cannot open the key's directory", e))?;
-        let Some(dir) = dir else { return Ok(None) };
-        let limit = match create_limit {
-            Some(want) => {
-                let record = format!("{want}\n");
-                match fs::create_once(dir.as_fd(), "limit", record.as_bytes()) {
-                    Ok(true) => want,
-                    Ok(false) => self.read_limit(&dir, key, op)?,
-                    Err(e) => return Err(self.io_err(op, key, "cannot record the key's limit", e)),
-                }
-            }
-            None => self.read_limit(&dir, key, op)?,
-        };
-        let dir = std::sync::Arc::new(dir);
-        lock(&self.keys).insert(
-            key.clone(),
-            KeyDir {
-                dir: dir.clone(),
-                limit,
-            },
-        );
-        Ok(Some((dir, limit)))
-    }
-
-    fn read_limit(&self, dir: &OwnedFd, key: &Key, op: Op) -> Result<u32, Error> {
-        let corrupt = |why: String| self.err(ErrorKind::Corrupt, op, key, why);
-        let fd = fs::open_existing_ro(dir.as_fd(), "limit")
-            .map_err(|e| self.io_err(op, key, "cannot open the key's limit file", e))?
-            .ok_or_else(|| corrupt("the key's directory has no limit file".into()))?;
-        let bytes = fs::read_small(fd.as_fd(), "limit")
-            .map_err(|e| self.io_err(op, key, "cannot read the key's limit file", e))?;
-        let text = std::str::from_utf8(&bytes).unwrap_or("");
-        match text.strip_suffix('\n').and_then(|t| t.parse::<u32>().ok()) {
-            Some(n) if n >= 1 && text.len() <= 11 => Ok(n),
-            _ => Err(corrupt(format!(
-                "the key's limit file holds {:?}, not a limit baton wrote",
-                String::from_utf8_lossy(&bytes[..bytes.len().min(40)])
-            ))),
-        }
+        &self.root.config.root
     }
 
     /// Takes the next token: `max(counter + 1, now in µs)`, written before it is returned.
     fn next_token(&self, dir: &OwnedFd, key: &Key) -> Result<Token, Error> {
-        let fd = fs::open_file(dir.as_fd(), "token", true)
-            .map_err(|e| self.io_err(Op::Acquire, key, "cannot open the token counter", e))?;
+        let fd = fs::open_file(dir.as_fd(), "token", true).map_err(|e| {
+            self.root
+                .io_err(Op::Acquire, key, "cannot open the token counter", e)
+        })?;
         // Held for two syscalls; a blocking wait is shorter than any handoff.
         loop {
             match fs::lock_wait(fd.as_fd()) {
                 Ok(()) => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    return Err(self.io_err(Op::Acquire, key, "cannot lock the token counter", e))
+                    return Err(self.root.io_err(
+                        Op::Acquire,
+                        key,
+                        "cannot lock the token counter",
+                        e,
+                    ))
                 }
             }
         }
-        let last = fs::read_counter(fd.as_fd())
-            .map_err(|e| self.io_err(Op::Acquire, key, "cannot read the token counter", e))?;
+        let last = fs::read_counter(fd.as_fd()).map_err(|e| {
+            self.root
+                .io_err(Op::Acquire, key, "cannot read the token counter", e)
+        })?;
         let now_us = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
         let next = last.map_or(0, |t| t.saturating_add(1)).max(now_us);
         if last == Some(u64::MAX) {
-            return Err(self.err(
+            return Err(self.root.err(
                 ErrorKind::Corrupt,
                 Op::Acquire,
                 key,
                 "the token counter is exhausted",
             ));
         }
-        fs::write_counter(fd.as_fd(), next)
-            .map_err(|e| self.io_err(Op::Acquire, key, "cannot write the token counter", e))?;
+        fs::write_counter(fd.as_fd(), next).map_err(|e| {
+            self.root
+                .io_err(Op::Acquire, key, "cannot write the token counter", e)
+        })?;
         // The lock goes with `fd`.
         Ok(Token(next))
     }
@@ -228,8 +154,10 @@ impl DirStore {
     ) -> Result<Option<(u32, OwnedFd)>, Error> {
         for slot in 0..limit {
             let fd = self.open_slot(dir, key, slot)?;
-            let got = fs::try_lock(fd.as_fd())
-                .map_err(|e| self.io_err(Op::Acquire, key, "cannot lock a slot file", e))?;
+            let got = fs::try_lock(fd.as_fd()).map_err(|e| {
+                self.root
+                    .io_err(Op::Acquire, key, "cannot lock a slot file", e)
+            })?;
             if got {
                 return Ok(Some((slot, fd)));
             }
@@ -239,7 +167,7 @@ impl DirStore {
 
     fn open_slot(&self, dir: &OwnedFd, key: &Key, slot: u32) -> Result<OwnedFd, Error> {
         fs::open_file(dir.as_fd(), &Self::slot_name(slot), true).map_err(|e| {
-            self.io_err(
+            self.root.io_err(
                 Op::Acquire,
                 key,
                 &format!("cannot open slot file slot.{slot}"),
@@ -261,8 +189,10 @@ impl DirStore {
                 fd: self.open_slot(dir, key, 0)?,
             }
         } else {
-            let gate = fs::open_file(dir.as_fd(), "gate", true)
-                .map_err(|e| self.io_err(Op::Acquire, key, "cannot open the gate file", e))?;
+            let gate = fs::open_file(dir.as_fd(), "gate", true).map_err(|e| {
+                self.root
+                    .io_err(Op::Acquire, key, "cannot open the gate file", e)
+            })?;
             let slots = (0..limit)
                 .map(|s| self.open_slot(dir, key, s))
                 .collect::<Result<Vec<_>, _>>()?;
@@ -272,8 +202,10 @@ impl DirStore {
                 dir_path: format!("/proc/self/fd/{}", dir.as_raw_fd()),
             }
         };
-        let mut waiter = Waiter::start(what)
-            .map_err(|e| self.io_err(Op::Acquire, key, "cannot start waiting", e))?;
+        let mut waiter = Waiter::start(what).map_err(|e| {
+            self.root
+                .io_err(Op::Acquire, key, "cannot start waiting", e)
+        })?;
         let result = match wait {
             Wait::Timeout(d) => match tokio::time::timeout(d, waiter.wait()).await {
                 Ok(r) => r,
@@ -281,7 +213,7 @@ impl DirStore {
                     // Dropping the waiter interrupts and joins its thread: nothing is left
                     // queued in the kernel when this returns.
                     drop(waiter);
-                    return Err(self.err(
+                    return Err(self.root.err(
                         ErrorKind::Timeout,
                         Op::Acquire,
                         key,
@@ -294,7 +226,10 @@ impl DirStore {
             },
             _ => waiter.wait().await,
         };
-        result.map_err(|e| self.io_err(Op::Acquire, key, "waiting for a slot failed", e))
+        result.map_err(|e| {
+            self.root
+                .io_err(Op::Acquire, key, "waiting for a slot failed", e)
+        })
     }
 
     fn release_sync(&self, lease: &Lease) -> Result<Released, Error> {
@@ -311,7 +246,7 @@ impl DirStore {
         };
         // The holder file is ours while we hold the slot; remove it before unlocking so a
         // reader never sees our record beside someone else's lock.
-        if let Ok(Some((dir, _))) = self.key_dir(&lease.key, None, Op::Release) {
+        if let Ok(Some((dir, _))) = self.root.key_dir(&lease.key, None, Op::Release) {
             let _ = fs::remove(dir.as_fd(), &Self::holder_name(lease.slot));
         }
         drop(held.fd); // close: the kernel drops the lock and wakes a waiter
@@ -333,98 +268,10 @@ impl DirStore {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding these maps cannot leave them inconsistent (single inserts and
-    // removes), so a poisoned lock is still usable.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The directory name of a key: `/` becomes `%` (never valid in a key, so names are unique).
-fn dir_name(key: &Key) -> String {
-    key.as_str().replace('/', "%")
-}
-
-type RootError = (ErrorKind, String, Option<io::Error>);
-
-fn open_root(config: &DirConfig) -> Result<OwnedFd, RootError> {
-    use rustix::fs::{FileType, Mode, OFlags};
-    let root = &config.root;
-    if config.is_default {
-        // mkdir 0700 (not following a symlink someone planted), then check what is there.
-        match rustix::fs::mkdir(root, Mode::from_raw_mode(0o700)) {
-            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-            Err(e) => {
-                return Err((
-                    ErrorKind::Unavailable,
-                    format!("cannot create the default directory {}", root.display()),
-                    Some(e.into()),
-                ))
-            }
-        }
-        let st = rustix::fs::lstat(root).map_err(|e| {
-            (
-                ErrorKind::Unavailable,
-                format!("cannot stat {}", root.display()),
-                Some(e.into()),
-            )
-        })?;
-        let ft = FileType::from_raw_mode(st.st_mode);
-        if ft == FileType::Symlink {
-            return Err((
-                ErrorKind::Unavailable,
-                format!(
-                    "the default directory {} is a symlink; refusing to use it (remove it, or pass -s dir:PATH)",
-                    root.display()
-                ),
-                None,
-            ));
-        }
-        if ft != FileType::Directory {
-            return Err((
-                ErrorKind::Unavailable,
-                format!(
-                    "the default directory {} is not a directory",
-                    root.display()
-                ),
-                None,
-            ));
-        }
-        let me = rustix::process::geteuid().as_raw();
-        if st.st_uid != me {
-            return Err((
-                ErrorKind::Unavailable,
-                format!(
-                    "the default directory {} belongs to uid {}, not to you (uid {me}); refusing to use it",
-                    root.display(),
-                    st.st_uid
-                ),
-                None,
-            ));
-        }
-    } else if let Err(e) = std::fs::create_dir_all(root) {
-        return Err((
-            ErrorKind::Unavailable,
-            format!("cannot create the store directory {}", root.display()),
-            Some(e),
-        ));
-    }
-    let mut flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    if config.is_default {
-        flags |= OFlags::NOFOLLOW;
-    }
-    rustix::fs::open(root, flags, Mode::empty()).map_err(|e| {
-        (
-            ErrorKind::Unavailable,
-            format!("cannot open the store directory {}", root.display()),
-            Some(e.into()),
-        )
-    })
-}
-
 #[async_trait]
 impl Store for DirStore {
     fn url(&self) -> &StoreUrl {
-        &self.url
+        &self.root.url
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -432,37 +279,13 @@ impl Store for DirStore {
     }
 
     async fn acquire(&self, req: &AcquireRequest) -> Result<Lease, Error> {
-        req.validate()
-            .map_err(|e| e.context(Op::Acquire, Some(&req.key), &self.url))?;
         let key = &req.key;
-        let (dir, limit) = self
-            .key_dir(key, Some(req.limit), Op::Acquire)?
-            .ok_or_else(|| {
-                self.err(
-                    ErrorKind::Unavailable,
-                    Op::Acquire,
-                    key,
-                    "key directory vanished",
-                )
-            })?;
-        if limit != req.limit {
-            return Err(self
-                .err(
-                    ErrorKind::LimitMismatch,
-                    Op::Acquire,
-                    key,
-                    format!(
-                        "the key has a limit of {limit} slot(s), not {} (use -n {limit}, or another key)",
-                        req.limit
-                    ),
-                )
-                .with_current_limit(limit));
-        }
+        let (dir, limit) = self.root.key_for_acquire(req)?;
         let (slot, fd) = match self.try_slots(&dir, key, limit)? {
             Some(got) => got,
             None => match req.wait {
                 Wait::NoWait => {
-                    return Err(self.err(
+                    return Err(self.root.err(
                         ErrorKind::Busy,
                         Op::Acquire,
                         key,
@@ -482,15 +305,17 @@ impl Store for DirStore {
             holder: req.holder.clone(),
         };
         let json = serde_json::to_vec(&record).map_err(|e| {
-            self.err(
+            self.root.err(
                 ErrorKind::Unavailable,
                 Op::Acquire,
                 key,
                 format!("cannot encode holder info: {e}"),
             )
         })?;
-        fs::write_atomic(dir.as_fd(), &Self::holder_name(slot), &json)
-            .map_err(|e| self.io_err(Op::Acquire, key, "cannot write holder info", e))?;
+        fs::write_atomic(dir.as_fd(), &Self::holder_name(slot), &json).map_err(|e| {
+            self.root
+                .io_err(Op::Acquire, key, "cannot write holder info", e)
+        })?;
         lock(&self.held).insert(
             (key.clone(), slot, token.0),
             HeldSlot {
@@ -506,6 +331,7 @@ impl Store for DirStore {
             holder: req.holder.clone(),
             ttl: None,
             acquired_unix_ms,
+            sent_at: None,
         })
     }
 
@@ -519,17 +345,17 @@ impl Store for DirStore {
     }
 
     async fn inspect(&self, key: &Key) -> Result<KeyStatus, Error> {
-        let (dir, limit) = self
-            .key_dir(key, None, Op::Inspect)?
-            .ok_or_else(|| self.err(ErrorKind::NotFound, Op::Inspect, key, "no such key"))?;
+        let (dir, limit) = self.root.existing_key(key, Op::Inspect)?;
         let mut slots = Vec::with_capacity(limit as usize);
         for slot in 0..limit {
             let locked = match fs::open_existing_ro(dir.as_fd(), &Self::slot_name(slot)) {
-                Ok(Some(fd)) => fs::is_locked(fd.as_fd())
-                    .map_err(|e| self.io_err(Op::Inspect, key, "cannot test a slot's lock", e))?,
+                Ok(Some(fd)) => fs::is_locked(fd.as_fd()).map_err(|e| {
+                    self.root
+                        .io_err(Op::Inspect, key, "cannot test a slot's lock", e)
+                })?,
                 Ok(None) => false,
                 Err(e) => {
-                    return Err(self.io_err(
+                    return Err(self.root.io_err(
                         Op::Inspect,
                         key,
                         &format!("bad slot file slot.{slot}"),
@@ -585,17 +411,6 @@ impl Store for DirStore {
     }
 
     async fn list(&self) -> Result<Vec<Key>, Error> {
-        let names = fs::subdirs(self.root.as_fd()).map_err(|e| {
-            Error::new(ErrorKind::Unavailable, "cannot read the store directory")
-                .with_op(Op::List)
-                .with_store(&self.url)
-                .with_source(e)
-        })?;
-        let mut keys: Vec<Key> = names
-            .into_iter()
-            .filter_map(|n| Key::new(n.replace('%', "/")).ok())
-            .collect();
-        keys.sort();
-        Ok(keys)
+        self.root.list()
     }
 }

@@ -1,0 +1,330 @@
+//! What both modes of the directory store share: the root directory (checked and opened
+//! once), key directories (opened without following symlinks, cached per key), the limit
+//! file, the mode marker, listing keys, and how I/O errors become baton errors.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
+use baton_core::{AcquireRequest, Error, ErrorKind, Key, Op, StoreUrl};
+
+use crate::config::{DirConfig, Mode};
+use crate::fs;
+
+/// An open store directory.
+#[derive(Debug)]
+pub(crate) struct Root {
+    pub url: StoreUrl,
+    pub config: DirConfig,
+    fd: OwnedFd,
+    keys: Mutex<HashMap<Key, KeyDir>>,
+}
+
+#[derive(Debug)]
+struct KeyDir {
+    dir: Arc<OwnedFd>,
+    limit: u32,
+}
+
+/// The file in the root that records which mode the store is in, so that a kernel-mode
+/// and a lease-mode process never lock the same key by different means.
+const MODE_FILE: &str = ".baton-mode";
+
+impl Root {
+    /// Opens (creating if needed) the store directory of `url` for `mode`.
+    pub fn open(url: &StoreUrl) -> Result<Root, Error> {
+        let config = DirConfig::from_url(url)?;
+        let mut shown = format!("dir:{}", config.root.display());
+        if config.mode == Mode::Lease {
+            shown.push_str("?mode=lease");
+        }
+        let shown = StoreUrl::parse(&shown).unwrap_or_else(|_| url.clone());
+        let fail = |kind: ErrorKind, msg: String| {
+            Error::new(kind, msg).with_op(Op::Open).with_store(&shown)
+        };
+        let fd = open_root(&config).map_err(|(kind, msg, e)| match e {
+            Some(e) => fail(kind, msg).with_source(e),
+            None => fail(kind, msg),
+        })?;
+        check_mode(&fd, config.mode).map_err(|(kind, msg, e)| match e {
+            Some(e) => fail(kind, msg).with_source(e),
+            None => fail(kind, msg),
+        })?;
+        Ok(Root {
+            url: shown,
+            config,
+            fd,
+            keys: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// An error about `key` in this store.
+    pub fn err(&self, kind: ErrorKind, op: Op, key: &Key, msg: impl Into<String>) -> Error {
+        Error::new(kind, msg)
+            .with_op(op)
+            .with_key(key)
+            .with_store(&self.url)
+    }
+
+    /// An I/O error about `key`: `InvalidData` (something baton did not write, a symlink)
+    /// is `Corrupt`; anything else is `Unavailable`.
+    pub fn io_err(&self, op: Op, key: &Key, what: &str, e: io::Error) -> Error {
+        let kind = if e.kind() == io::ErrorKind::InvalidData {
+            ErrorKind::Corrupt
+        } else {
+            ErrorKind::Unavailable
+        };
+        self.err(kind, op, key, what.to_owned()).with_source(e)
+    }
+
+    /// The directory and limit for an acquire: creates the key with the request's limit
+    /// if it is new, and refuses a request whose limit differs from the key's.
+    pub fn key_for_acquire(&self, req: &AcquireRequest) -> Result<(Arc<OwnedFd>, u32), Error> {
+        req.validate()
+            .map_err(|e| e.context(Op::Acquire, Some(&req.key), &self.url))?;
+        let key = &req.key;
+        let (dir, limit) = self
+            .key_dir(key, Some(req.limit), Op::Acquire)?
+            .ok_or_else(|| {
+                self.err(
+                    ErrorKind::Unavailable,
+                    Op::Acquire,
+                    key,
+                    "the key's directory vanished",
+                )
+            })?;
+        if limit != req.limit {
+            return Err(self
+                .err(
+                    ErrorKind::LimitMismatch,
+                    Op::Acquire,
+                    key,
+                    format!(
+                        "the key has a limit of {limit} slot(s), not {} (use -n {limit}, or another key)",
+                        req.limit
+                    ),
+                )
+                .with_current_limit(limit));
+        }
+        Ok((dir, limit))
+    }
+
+    /// The key's directory and limit, creating the key with `create_limit` if it is new;
+    /// `Ok(None)` when the key does not exist and `create_limit` is `None`.
+    pub fn key_dir(
+        &self,
+        key: &Key,
+        create_limit: Option<u32>,
+        op: Op,
+    ) -> Result<Option<(Arc<OwnedFd>, u32)>, Error> {
+        if let Some(k) = lock(&self.keys).get(key) {
+            // A directory deleted under a long-lived process must not be used: others
+            // would lock files in its replacement. Deleting a key in use is unsupported,
+            // but this keeps one process from drifting onto a dead inode.
+            if rustix::fs::fstat(k.dir.as_fd()).is_ok_and(|st| st.st_nlink > 0) {
+                return Ok(Some((k.dir.clone(), k.limit)));
+            }
+        }
+        let name = dir_name(key);
+        let dir = fs::open_dir(self.fd.as_fd(), &name, create_limit.is_some())
+            .map_err(|e| self.io_err(op, key, "cannot open the key's directory", e))?;
+        let Some(dir) = dir else { return Ok(None) };
+        let limit = match create_limit {
+            Some(want) => {
+                let record = format!("{want}\n");
+                match fs::create_once(dir.as_fd(), "limit", record.as_bytes()) {
+                    Ok(true) => want,
+                    Ok(false) => self.read_limit(&dir, key, op)?,
+                    Err(e) => return Err(self.io_err(op, key, "cannot record the key's limit", e)),
+                }
+            }
+            None => self.read_limit(&dir, key, op)?,
+        };
+        let dir = Arc::new(dir);
+        lock(&self.keys).insert(
+            key.clone(),
+            KeyDir {
+                dir: dir.clone(),
+                limit,
+            },
+        );
+        Ok(Some((dir, limit)))
+    }
+
+    /// The key's directory and limit for `status`: `NotFound` if the key does not exist.
+    pub fn existing_key(&self, key: &Key, op: Op) -> Result<(Arc<OwnedFd>, u32), Error> {
+        self.key_dir(key, None, op)?
+            .ok_or_else(|| self.err(ErrorKind::NotFound, op, key, "no such key"))
+    }
+
+    fn read_limit(&self, dir: &OwnedFd, key: &Key, op: Op) -> Result<u32, Error> {
+        let corrupt = |why: String| self.err(ErrorKind::Corrupt, op, key, why);
+        let fd = fs::open_existing_ro(dir.as_fd(), "limit")
+            .map_err(|e| self.io_err(op, key, "cannot open the key's limit file", e))?
+            .ok_or_else(|| corrupt("the key's directory has no limit file".into()))?;
+        let bytes = fs::read_small(fd.as_fd(), "limit")
+            .map_err(|e| self.io_err(op, key, "cannot read the key's limit file", e))?;
+        let text = std::str::from_utf8(&bytes).unwrap_or("");
+        match text.strip_suffix('\n').and_then(|t| t.parse::<u32>().ok()) {
+            Some(n) if n >= 1 && text.len() <= 11 => Ok(n),
+            _ => Err(corrupt(format!(
+                "the key's limit file holds {:?}, not a limit baton wrote",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(40)])
+            ))),
+        }
+    }
+
+    /// Every key in the store, sorted.
+    pub fn list(&self) -> Result<Vec<Key>, Error> {
+        let names = fs::subdirs(self.fd.as_fd()).map_err(|e| {
+            Error::new(ErrorKind::Unavailable, "cannot read the store directory")
+                .with_op(Op::List)
+                .with_store(&self.url)
+                .with_source(e)
+        })?;
+        let mut keys: Vec<Key> = names
+            .into_iter()
+            .filter_map(|n| Key::new(n.replace('%', "/")).ok())
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
+}
+
+/// Locks a mutex; a panic while holding these maps cannot leave them inconsistent (single
+/// inserts and removes), so a poisoned lock is still usable.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The directory name of a key: `/` becomes `%` (never valid in a key, so names are unique).
+fn dir_name(key: &Key) -> String {
+    key.as_str().replace('/', "%")
+}
+
+type RootError = (ErrorKind, String, Option<io::Error>);
+
+/// Records the store's mode on first use and refuses a store used in the other mode.
+fn check_mode(root: &OwnedFd, mode: Mode) -> Result<(), RootError> {
+    let want = format!("{}\n", mode.as_str());
+    let read = |root: &OwnedFd| -> io::Result<Option<Vec<u8>>> {
+        match fs::open_existing_ro(root.as_fd(), MODE_FILE)? {
+            Some(fd) => Ok(Some(fs::read_small(fd.as_fd(), MODE_FILE)?)),
+            None => Ok(None),
+        }
+    };
+    let unreadable = |e: io::Error| {
+        (
+            ErrorKind::Corrupt,
+            format!("cannot read the store's mode file {MODE_FILE}"),
+            Some(e),
+        )
+    };
+    let found = match read(root).map_err(unreadable)? {
+        Some(found) => found,
+        None => match fs::create_once(root.as_fd(), MODE_FILE, want.as_bytes()) {
+            Ok(true) => return Ok(()),
+            Ok(false) => read(root).map_err(unreadable)?.unwrap_or_default(),
+            Err(e) => {
+                return Err((
+                    ErrorKind::Unavailable,
+                    format!("cannot record the store's mode in {MODE_FILE}"),
+                    Some(e),
+                ))
+            }
+        },
+    };
+    if found == want.as_bytes() {
+        return Ok(());
+    }
+    let other = String::from_utf8_lossy(&found).trim().to_owned();
+    let hint = match other.as_str() {
+        "lease" => " (use dir:PATH?mode=lease)",
+        "kernel" => " (use dir:PATH without mode=lease)",
+        _ => "",
+    };
+    Err((
+        ErrorKind::Corrupt,
+        format!(
+            "this directory is a store in mode '{other}', not '{}'{hint}; the two modes never share keys",
+            mode.as_str()
+        ),
+        None,
+    ))
+}
+
+fn open_root(config: &DirConfig) -> Result<OwnedFd, RootError> {
+    use rustix::fs::{FileType, Mode, OFlags};
+    let root = &config.root;
+    if config.is_default {
+        // mkdir 0700 (not following a symlink someone planted), then check what is there.
+        match rustix::fs::mkdir(root, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => {
+                return Err((
+                    ErrorKind::Unavailable,
+                    format!("cannot create the default directory {}", root.display()),
+                    Some(e.into()),
+                ))
+            }
+        }
+        let st = rustix::fs::lstat(root).map_err(|e| {
+            (
+                ErrorKind::Unavailable,
+                format!("cannot stat {}", root.display()),
+                Some(e.into()),
+            )
+        })?;
+        let ft = FileType::from_raw_mode(st.st_mode);
+        if ft == FileType::Symlink {
+            return Err((
+                ErrorKind::Unavailable,
+                format!(
+                    "the default directory {} is a symlink; refusing to use it (remove it, or pass -s dir:PATH)",
+                    root.display()
+                ),
+                None,
+            ));
+        }
+        if ft != FileType::Directory {
+            return Err((
+                ErrorKind::Unavailable,
+                format!(
+                    "the default directory {} is not a directory",
+                    root.display()
+                ),
+                None,
+            ));
+        }
+        let me = rustix::process::geteuid().as_raw();
+        if st.st_uid != me {
+            return Err((
+                ErrorKind::Unavailable,
+                format!(
+                    "the default directory {} belongs to uid {}, not to you (uid {me}); refusing to use it",
+                    root.display(),
+                    st.st_uid
+                ),
+                None,
+            ));
+        }
+    } else if let Err(e) = std::fs::create_dir_all(root) {
+        return Err((
+            ErrorKind::Unavailable,
+            format!("cannot create the store directory {}", root.display()),
+            Some(e),
+        ));
+    }
+    let mut flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    if config.is_default {
+        flags |= OFlags::NOFOLLOW;
+    }
+    rustix::fs::open(root, flags, Mode::empty()).map_err(|e| {
+        (
+            ErrorKind::Unavailable,
+            format!("cannot open the store directory {}", root.display()),
+            Some(e.into()),
+        )
+    })
+}

@@ -1,0 +1,307 @@
+//! Lease-file mode (`dir:PATH?mode=lease`): heartbeats, stale reclaim on the reader's
+//! monotonic clock, race-free reclaim, break, and hostile files.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use baton_core::{
+    AcquireRequest, ErrorKind, Holder, Keeper, KeeperConfig, Key, LeaseState, Released, SlotState,
+    Store, StoreUrl, Wait,
+};
+use baton_store_dir::{DirStore, LeaseStore};
+
+fn url(dir: &std::path::Path) -> StoreUrl {
+    StoreUrl::parse(&format!("dir:{}?mode=lease", dir.display())).expect("url")
+}
+
+fn store(dir: &std::path::Path) -> Arc<LeaseStore> {
+    Arc::new(LeaseStore::open(&url(dir)).expect("open"))
+}
+
+fn req(key: &str, ttl_ms: u64, wait: Wait) -> AcquireRequest {
+    let mut r = AcquireRequest::new(
+        Key::new(key).expect("key"),
+        Holder::current(vec!["test".into()]),
+    );
+    r.ttl = Some(Duration::from_millis(ttl_ms));
+    r.wait = wait;
+    r
+}
+
+#[tokio::test]
+async fn grant_release_and_status() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let s = store(tmp.path());
+    let lease = s
+        .acquire(&req("a/b", 5000, Wait::NoWait))
+        .await
+        .expect("acquire");
+    assert_eq!(lease.ttl, Some(Duration::from_secs(5)));
+    let st = s.inspect(&lease.key).await.expect("inspect");
+    assert_eq!(st.slots[0].state, SlotState::Held);
+    assert_eq!(st.slots[0].token, Some(lease.token));
+    assert_eq!(st.last_token, Some(lease.token));
+    let err = store(tmp.path())
+        .acquire(&req("a/b", 5000, Wait::NoWait))
+        .await
+        .expect_err("busy");
+    assert_eq!(err.kind(), ErrorKind::Busy);
+    s.renew(&lease).await.expect("renew");
+    assert_eq!(
+        s.release(&lease).await.expect("release"),
+        Released::Released
+    );
+    assert_eq!(s.release(&lease).await.expect("again"), Released::NotHeld);
+    let next = store(tmp.path())
+        .acquire(&req("a/b", 5000, Wait::NoWait))
+        .await
+        .expect("free");
+    assert!(next.token > lease.token);
+    assert_eq!(
+        s.list().await.expect("list"),
+        vec![Key::new("a/b").expect("key")]
+    );
+}
+
+#[tokio::test]
+async fn a_silent_holder_is_reclaimed_after_its_ttl_and_learns_it_lost() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (a, b) = (store(tmp.path()), store(tmp.path()));
+    let old = a.acquire(&req("k", 300, Wait::NoWait)).await.expect("a");
+    // b has never seen the lease: a no-wait request cannot judge it stale.
+    let err = b
+        .acquire(&req("k", 300, Wait::NoWait))
+        .await
+        .expect_err("busy");
+    assert_eq!(err.kind(), ErrorKind::Busy);
+    let t0 = Instant::now();
+    let new = b
+        .acquire(&req("k", 300, Wait::Timeout(Duration::from_secs(20))))
+        .await
+        .expect("reclaimed");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "only after a whole TTL of silence"
+    );
+    assert!(new.token > old.token);
+    assert_eq!(
+        a.renew(&old).await.expect_err("lost").kind(),
+        ErrorKind::Lost
+    );
+    assert_eq!(a.release(&old).await.expect("release"), Released::NotHeld);
+    let st = b.inspect(&new.key).await.expect("inspect");
+    assert_eq!(
+        st.slots[0].token,
+        Some(new.token),
+        "the stale release freed nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_renewed_lease_is_never_reclaimed() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let a: Arc<dyn Store> = store(tmp.path());
+    let sent = Instant::now();
+    let lease = a.acquire(&req("k", 300, Wait::NoWait)).await.expect("a");
+    let keeper = Keeper::start(
+        a.clone(),
+        lease,
+        KeeperConfig::for_ttl(Duration::from_millis(300)),
+        sent,
+    )
+    .expect("keeper");
+    let err = store(tmp.path())
+        .acquire(&req("k", 300, Wait::Timeout(Duration::from_millis(1500))))
+        .await
+        .expect_err("still held");
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+    assert!(
+        matches!(keeper.state(), LeaseState::Held { .. }),
+        "{:?}",
+        keeper.state()
+    );
+    keeper.stop();
+}
+
+#[tokio::test]
+async fn a_dead_holder_on_this_host_is_reclaimed_at_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut dead = req("k", 60_000, Wait::NoWait);
+    // Same host and boot, same pid, another start time: that process is gone.
+    dead.holder.pid_start = dead.holder.pid_start.map(|t| t + 1);
+    let old = store(tmp.path()).acquire(&dead).await.expect("dead holder");
+    let new = store(tmp.path())
+        .acquire(&req("k", 60_000, Wait::NoWait))
+        .await
+        .expect("at once");
+    assert!(new.token > old.token);
+}
+
+#[tokio::test]
+async fn of_32_contenders_for_a_stale_lease_exactly_one_wins_even_with_one_paused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let _stale = store(tmp.path())
+        .acquire(&req("k", 300, Wait::NoWait))
+        .await
+        .expect("holder");
+    let paused = store(tmp.path());
+    paused.set_reclaim_pause(Some(Duration::from_millis(1200)));
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let s = if i == 0 {
+            paused.clone()
+        } else {
+            store(tmp.path())
+        };
+        tasks.push(tokio::spawn(async move {
+            let s: Arc<dyn Store> = s;
+            let sent = Instant::now();
+            // Winners take a 1 s TTL so that a loaded machine cannot starve a live
+            // winner's keeper into losing (which would rightly let a second one win).
+            let got = s
+                .acquire(&req("k", 1000, Wait::Timeout(Duration::from_secs(4))))
+                .await;
+            match got {
+                Ok(lease) => {
+                    // The winner keeps its lease alive, so nobody may win after it.
+                    let keeper = Keeper::start(
+                        s.clone(),
+                        lease.clone(),
+                        KeeperConfig::for_ttl(Duration::from_secs(1)),
+                        sent,
+                    )
+                    .expect("keeper");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    let state = keeper.state();
+                    keeper.stop();
+                    Ok((lease, state))
+                }
+                Err(e) => Err(e.kind()),
+            }
+        }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        match t.await.expect("join") {
+            Ok(w) => winners.push(w),
+            Err(kind) => assert_eq!(kind, ErrorKind::Timeout),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one winner: {winners:?}");
+    assert!(
+        matches!(winners[0].1, LeaseState::Held { .. }),
+        "the winner kept it: {:?}",
+        winners[0].1
+    );
+    assert_eq!(
+        paused.reclaim_pauses(),
+        1,
+        "the paused contender judged the lease stale and paused"
+    );
+    let st = store(tmp.path())
+        .inspect(&Key::new("k").expect("key"))
+        .await
+        .expect("inspect");
+    assert_eq!(st.slots[0].token, Some(winners[0].0.token));
+}
+
+#[tokio::test]
+async fn wall_clock_fields_never_decide() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let s = store(tmp.path());
+    let lease = s
+        .acquire(&req("k", 5000, Wait::NoWait))
+        .await
+        .expect("acquire");
+    // Make the lease look ancient by its wall-clock fields (as after a clock jump).
+    let file = tmp.path().join("k").join("slot.0.1");
+    let text = std::fs::read_to_string(&file).expect("lease file");
+    let mut v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    v["renewed_unix_ms"] = 0.into();
+    v["acquired_unix_ms"] = 0.into();
+    std::fs::write(&file, v.to_string()).expect("rewrite");
+    let err = store(tmp.path())
+        .acquire(&req("k", 5000, Wait::Timeout(Duration::from_millis(400))))
+        .await
+        .expect_err("still held");
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+    s.renew(&lease).await.expect("still ours");
+}
+
+#[tokio::test]
+async fn break_frees_the_slot_and_the_holder_learns_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let a = store(tmp.path());
+    let lease = a.acquire(&req("k", 60_000, Wait::NoWait)).await.expect("a");
+    let b = store(tmp.path());
+    let broken = b
+        .break_lease(&lease.key, Some(baton_core::HolderId::random()))
+        .await
+        .expect("break other");
+    assert!(
+        broken.is_empty(),
+        "a holder id that holds nothing breaks nothing"
+    );
+    let broken = b
+        .break_lease(&lease.key, Some(lease.holder.id))
+        .await
+        .expect("break");
+    assert_eq!(broken.len(), 1);
+    assert_eq!(broken[0].token, Some(lease.token));
+    assert_eq!(
+        a.renew(&lease).await.expect_err("lost").kind(),
+        ErrorKind::Lost
+    );
+    let next = b
+        .acquire(&req("k", 60_000, Wait::NoWait))
+        .await
+        .expect("free");
+    assert!(next.token > lease.token);
+}
+
+#[tokio::test]
+async fn hostile_lease_files_get_a_clear_error() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let s = store(tmp.path());
+    let lease = s
+        .acquire(&req("g", 60_000, Wait::NoWait))
+        .await
+        .expect("acquire");
+    std::fs::write(tmp.path().join("g/slot.0.1"), b"\x00garbage").expect("junk");
+    let err = store(tmp.path())
+        .acquire(&req("g", 60_000, Wait::NoWait))
+        .await
+        .expect_err("corrupt");
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err:#}");
+    let st = s.inspect(&lease.key).await.expect("status still works");
+    assert!(
+        st.slots[0]
+            .note
+            .as_deref()
+            .unwrap_or("")
+            .contains("unreadable"),
+        "{st:?}"
+    );
+
+    std::fs::create_dir(tmp.path().join("l")).expect("mkdir");
+    std::fs::write(tmp.path().join("l/limit"), "1\n").expect("limit");
+    let outside = tempfile::tempdir().expect("outside");
+    std::fs::write(outside.path().join("x"), "{}").expect("x");
+    std::os::unix::fs::symlink(outside.path().join("x"), tmp.path().join("l/slot.0.1"))
+        .expect("symlink");
+    let err = s
+        .acquire(&req("l", 60_000, Wait::NoWait))
+        .await
+        .expect_err("symlink");
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err:#}");
+}
+
+#[tokio::test]
+async fn the_two_modes_never_share_a_store() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let _lease_mode = store(tmp.path());
+    let kernel = StoreUrl::parse(&format!("dir:{}", tmp.path().display())).expect("url");
+    let err = DirStore::open(&kernel).expect_err("mode mismatch");
+    assert_eq!(err.kind(), ErrorKind::Corrupt);
+    assert!(err.to_string().contains("mode=lease"), "{err}");
+}
