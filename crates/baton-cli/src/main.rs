@@ -1,1 +1,125 @@
-fn main() {}
+//! The `baton` command: run a command while holding a lock, and inspect and manage locks.
+//!
+//! This file only parses arguments and hands each subcommand to its module; exit codes
+//! live in `exit_code.rs`. Every failure prints exactly one line, `baton: <what>: <why>`,
+//! to stderr; a closed stdout ends baton quietly.
+
+mod brk;
+mod child;
+mod common;
+mod exit_code;
+mod list;
+mod run;
+mod signals;
+mod status;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::common::{eprint_line, Failure};
+
+/// baton: mutexes and counting semaphores with fencing tokens, over a store chosen by URL.
+#[derive(Debug, Parser)]
+#[command(
+    name = "baton",
+    version,
+    subcommand_required = true,
+    after_help = exit_code::HELP_TABLE
+)]
+struct Cli {
+    /// The store: dir:PATH (a directory of lock files). Default: $BATON_STORE, else
+    /// $XDG_RUNTIME_DIR/baton, else /tmp/baton-$UID.
+    #[arg(
+        short = 's',
+        long,
+        global = true,
+        env = "BATON_STORE",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    store: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a command while holding a slot of a key: baton run -k KEY -- COMMAND [ARGS...]
+    ///
+    /// The command gets BATON_KEY, BATON_TOKEN (the fencing token), BATON_SLOT,
+    /// BATON_HOLDER and BATON_STORE in its environment. It runs in its own process
+    /// group; SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to baton are
+    /// passed on to it, and it is killed if baton is killed. The slot is released when
+    /// the command exits.
+    #[command(
+        after_help = exit_code::HELP_TABLE,
+        override_usage = "baton run [OPTIONS] [--] COMMAND [ARGS...]"
+    )]
+    Run(run::Args),
+
+    /// Show each key's limit, slots, holders (token, pid, host, user, age) and notes.
+    #[command(after_help = exit_code::HELP_TABLE)]
+    Status(status::Args),
+
+    /// List every key in the store.
+    #[command(after_help = exit_code::HELP_TABLE)]
+    List(list::Args),
+
+    /// Free a dead or stuck holder's slot (lease stores); --kill stops live holders.
+    ///
+    /// The directory store cannot break a lock and does not need to: the kernel frees a
+    /// slot the moment its holder exits. There, `break` shows the holders and exits 1,
+    /// and `break --kill` sends SIGTERM to each holder that is alive on this host.
+    #[command(name = "break", after_help = exit_code::HELP_TABLE)]
+    Break(brk::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return clap_exit(&err),
+    };
+    let store = cli.store.as_deref();
+    let result = match cli.command {
+        Command::Run(args) => run::run(store, args),
+        Command::Status(args) => status::run(store, args),
+        Command::List(args) => list::run(store, args),
+        Command::Break(args) => brk::run(store, args),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(Failure { code, message }) => {
+            if !message.is_empty() {
+                eprint_line(&message);
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// `--help` and `--version` print as clap formats them and exit 0; any other clap error
+/// becomes one `baton: ` line (its first paragraph) and exit 2.
+fn clap_exit(err: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match err.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            // A closed stdout while printing help is not worth a message.
+            let _ = err.print();
+            ExitCode::from(exit_code::SUCCESS)
+        }
+        _ => {
+            let text = err.render().to_string();
+            let first: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|line| !line.is_empty())
+                .collect();
+            let joined = first.join(" ");
+            let message = joined.strip_prefix("error: ").unwrap_or(&joined);
+            eprint_line(&format!("{message} (see baton --help)"));
+            ExitCode::from(exit_code::USAGE)
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! Every exit code `baton` uses, in one place.
+//!
+//! `baton run` passes its command's own exit status through, so baton's own codes are
+//! chosen where commands rarely go: the `sysexits.h` values for "temporarily unavailable"
+//! (75) and "service unavailable" (69), the shell's 126/127 for a command that cannot run,
+//! and the shell's 128+N for death by signal N. `--help` prints the same table
+//! ([`HELP_TABLE`]); keep the two in step.
+
+use baton::ErrorKind;
+
+/// The command ran and exited 0, or a `status`/`list`/`break` did what was asked.
+pub const SUCCESS: u8 = 0;
+
+/// The operation was refused or found nothing to do: `status KEY` for a key the store
+/// does not have, `break` on a store that cannot break a lease (the directory store:
+/// the kernel frees a slot when its holder exits) or that found nothing to break.
+pub const FAILURE: u8 = 1;
+
+/// A usage error: bad arguments, a bad key, duration or store URL, an unknown store
+/// scheme, no command to run, `-n 0`, or `-n` different from the key's existing limit.
+pub const USAGE: u8 = 2;
+
+/// The store cannot be used: unreachable, a permission problem, a directory owned by
+/// someone else, state baton did not write (a symlink or garbage where its files belong),
+/// or an operation the store does not support (`sysexits.h` `EX_UNAVAILABLE`).
+pub const UNAVAILABLE: u8 = 69;
+
+/// The lock was not acquired: every slot was busy with `--no-wait`, or stayed busy until
+/// `-w` ran out (`sysexits.h` `EX_TEMPFAIL`, as `flock` uses 1 and lockrun 75).
+/// `-E/--conflict-exit-code` replaces it.
+pub const NOT_ACQUIRED: u8 = 75;
+
+/// The command was found but cannot be executed (no permission, not an executable), as
+/// a POSIX shell reports it.
+pub const CANNOT_EXECUTE: u8 = 126;
+
+/// The command was not found, as a POSIX shell reports it.
+pub const NOT_FOUND: u8 = 127;
+
+/// Added to a signal's number: the command died of signal N (exit 128+N), or baton was
+/// stopped by signal N while still waiting for the lock.
+pub const SIGNAL_BASE: u8 = 128;
+
+/// The exit code for death by signal `signal` (128+N, capped at 255).
+pub fn for_signal(signal: i32) -> u8 {
+    u8::try_from(i32::from(SIGNAL_BASE) + signal).unwrap_or(u8::MAX)
+}
+
+/// The exit code for a baton error of `kind`.
+///
+/// `Busy` and `Timeout` give [`NOT_ACQUIRED`] here; `run` substitutes `-E` itself.
+pub fn for_error(kind: ErrorKind) -> u8 {
+    match kind {
+        ErrorKind::Busy | ErrorKind::Timeout => NOT_ACQUIRED,
+        ErrorKind::InvalidKey | ErrorKind::InvalidInput | ErrorKind::LimitMismatch => USAGE,
+        ErrorKind::Unavailable | ErrorKind::Corrupt | ErrorKind::Unsupported => UNAVAILABLE,
+        // NotFound: `status`/`break` of a key the store does not have.
+        ErrorKind::NotFound => FAILURE,
+        // Cancelled, Lost, NotHeld and kinds added later: the operation did not happen.
+        _ => FAILURE,
+    }
+}
+
+/// The exit-code table shown at the end of `baton --help` and `baton run --help`.
+pub const HELP_TABLE: &str = "\
+Exit status:
+  N      baton run: the command's own exit status
+  128+N  baton run: the command died of signal N (or baton got signal N while waiting)
+  0      status, list, break: done
+  1      status KEY: no such key; break: the store cannot break leases, or nothing to break
+  2      usage error: bad option, key, duration or store URL, no command, -n 0,
+         or -n differs from the key's existing limit
+  69     the store cannot be used (unreachable, permissions, foreign owner, corrupt state)
+  75     run: not acquired (busy with --no-wait, or -w ran out); -E CODE changes it
+  126    run: the command cannot be executed
+  127    run: the command was not found";

@@ -1,0 +1,269 @@
+//! `baton run`: run a command while holding a slot of a key.
+//!
+//! Guarantees:
+//! - The command starts only after the slot is granted, and the slot is released only
+//!   after the command has exited (the directory store's locks are `O_CLOEXEC`, so the
+//!   command never holds them itself; if baton is killed, the kernel frees them).
+//! - A signal while waiting cancels the wait by dropping the acquire, which every store
+//!   guarantees leaves nothing behind, and baton exits 128+N.
+//! - Once the command runs, the [`FORWARDED`](crate::signals::FORWARDED) signals go to its
+//!   process group, and baton's exit status is the command's (128+N for signal N).
+
+use std::ffi::OsString;
+use std::sync::Arc;
+
+use baton::{
+    derive_key, format_duration, parse_duration, ErrorKind, Holder, Key, LeaseGuard, Store,
+    StoreExt, Wait,
+};
+use clap::Args as ClapArgs;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::child::{Child, Exit, Tty};
+use crate::common::{eprint_line, open_store, runtime, Failure};
+use crate::exit_code;
+use crate::signals::{self, Signals};
+
+/// Options of `baton run`.
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    /// The key to lock; derived from the command line when not given (see --verbose).
+    #[arg(short = 'k', long, value_name = "KEY")]
+    pub key: Option<String>,
+
+    /// How many may hold the key at once (a semaphore); a new key keeps this limit,
+    /// and an existing key must be asked for with the limit it has.
+    #[arg(short = 'n', long, value_name = "SLOTS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub slots: u32,
+
+    /// Do not wait: fail at once (exit 75, or -E) when every slot is held.
+    #[arg(long, visible_alias = "nonblock", conflicts_with = "wait")]
+    pub no_wait: bool,
+
+    /// Wait at most this long for a slot (500ms, 2s, 1m30s, or seconds as in 2.5);
+    /// 0 means do not wait. Default: wait as long as it takes.
+    #[arg(short = 'w', long, visible_alias = "timeout", value_name = "DURATION")]
+    pub wait: Option<String>,
+
+    /// The exit code when the slot is not acquired (default 75).
+    #[arg(short = 'E', long, value_name = "CODE")]
+    pub conflict_exit_code: Option<u8>,
+
+    /// Print the key, and the slot and token when granted, to stderr.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+
+    /// Print a JSON line {"type":"grant",...} to stderr when the slot is granted.
+    #[arg(long)]
+    pub json: bool,
+
+    /// The command to run and its arguments (after `--`).
+    #[arg(trailing_var_arg = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+/// Runs `baton run`; returns the exit code.
+pub fn run(store: Option<&str>, args: Args) -> Result<u8, Failure> {
+    if args.command.is_empty() {
+        return Err(Failure::usage(
+            "no command to run (usage: baton run [OPTIONS] -- COMMAND [ARGS...])",
+        ));
+    }
+    let key = match &args.key {
+        Some(text) => Key::new(text.as_str())?,
+        None => derive_key(&args.command),
+    };
+    let wait = match (&args.no_wait, &args.wait) {
+        (true, _) => Wait::NoWait,
+        (false, Some(text)) => match parse_duration(text).map_err(Failure::usage)? {
+            d if d.is_zero() => Wait::NoWait,
+            d => Wait::Timeout(d),
+        },
+        (false, None) => Wait::Forever,
+    };
+    let store = open_store(store)?;
+    if args.verbose {
+        eprint_line(&format!("key {key}"));
+    }
+    runtime()?.block_on(hold_and_run(store, key, wait, &args))
+}
+
+async fn hold_and_run(
+    store: Arc<dyn Store>,
+    key: Key,
+    wait: Wait,
+    args: &Args,
+) -> Result<u8, Failure> {
+    let mut signals = Signals::install()
+        .map_err(|e| Failure::new(exit_code::FAILURE, format!("cannot catch signals: {e}")))?;
+    let command: Vec<String> = args
+        .command
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let request = store
+        .lock(key.clone())
+        .limit(args.slots)
+        .holder(Holder::current(command));
+    if args.verbose {
+        let how = match wait {
+            Wait::Forever => "as long as it takes".to_owned(),
+            Wait::Timeout(d) => format!("at most {}", format_duration(d)),
+            Wait::NoWait => "not waiting".to_owned(),
+        };
+        eprint_line(&format!(
+            "acquiring '{key}' on {} ({} slot(s), {how})",
+            store.url(),
+            args.slots
+        ));
+    }
+    let acquire = async {
+        match wait {
+            Wait::Forever => request.acquire().await,
+            Wait::Timeout(d) => request.acquire_timeout(d).await,
+            Wait::NoWait => request.try_acquire().await,
+        }
+    };
+    // A signal drops the acquire future: the store cancels the wait and keeps nothing.
+    let outcome = tokio::select! {
+        outcome = acquire => outcome,
+        sig = signals.recv() => {
+            if args.verbose {
+                eprint_line(&format!("{} while waiting for '{key}': gave up", signals::name(sig)));
+            }
+            return Ok(exit_code::for_signal(sig));
+        }
+    };
+    let guard = match outcome {
+        Ok(guard) => guard,
+        Err(err) if matches!(err.kind(), ErrorKind::Busy | ErrorKind::Timeout) => {
+            eprint_line(&format!("{err:#}"));
+            return Ok(args.conflict_exit_code.unwrap_or(exit_code::NOT_ACQUIRED));
+        }
+        Err(err) => return Err(err.into()),
+    };
+    // A signal that came while the grant was being made: do not start the command.
+    if let Some(sig) = signals.pending().await {
+        release(guard).await;
+        return Ok(exit_code::for_signal(sig));
+    }
+    announce(&guard, &store, args);
+    let code = supervise(&guard, &store, args, &mut signals).await;
+    release(guard).await;
+    code
+}
+
+/// Prints the grant as `--verbose` and `--json` ask.
+fn announce(guard: &LeaseGuard, store: &Arc<dyn Store>, args: &Args) {
+    let lease = guard.lease();
+    if args.verbose {
+        eprint_line(&format!(
+            "granted '{}' slot {} of {}, token {}, holder {}",
+            lease.key, lease.slot, lease.limit, lease.token, lease.holder.id
+        ));
+    }
+    if args.json {
+        let line = serde_json::json!({
+            "type": "grant",
+            "key": lease.key.as_str(),
+            "slot": lease.slot,
+            "limit": lease.limit,
+            "token": lease.token.0,
+            "holder": lease.holder.id.to_string(),
+            "pid": lease.holder.pid,
+            "store": store.url().to_string(),
+        });
+        eprintln!("{line}");
+    }
+}
+
+/// Starts the command, forwards signals to it until it exits, and returns its status.
+async fn supervise(
+    guard: &LeaseGuard,
+    store: &Arc<dyn Store>,
+    args: &Args,
+    signals: &mut Signals,
+) -> Result<u8, Failure> {
+    let lease = guard.lease();
+    let env = [
+        ("BATON_KEY", lease.key.to_string()),
+        ("BATON_TOKEN", lease.token.to_string()),
+        ("BATON_SLOT", lease.slot.to_string()),
+        ("BATON_HOLDER", lease.holder.id.to_string()),
+        // Display redacts secrets; the child never sees a password.
+        ("BATON_STORE", store.url().to_string()),
+    ];
+    // Catch SIGCHLD before the child exists, so its exit cannot go unnoticed.
+    let mut sigchld = signal(SignalKind::child())
+        .map_err(|e| Failure::new(exit_code::FAILURE, format!("cannot catch SIGCHLD: {e}")))?;
+    let tty = Tty::foreground();
+    // This runs on the main thread (current-thread runtime): see child.rs on PDEATHSIG.
+    let mut child = match Child::spawn(&args.command, &env, tty) {
+        Ok(child) => child,
+        Err(err) => {
+            if let Some(tty) = tty {
+                tty.take_back();
+            }
+            return Err(exec_failure(&args.command[0], &err));
+        }
+    };
+    let exit = loop {
+        match child.try_wait() {
+            Ok(Some(exit)) => break exit,
+            Ok(None) => {}
+            Err(err) => {
+                return Err(Failure::new(
+                    exit_code::FAILURE,
+                    format!("cannot wait for the command (pid {}): {err}", child.pid()),
+                ))
+            }
+        }
+        tokio::select! {
+            _ = sigchld.recv() => {}
+            sig = signals.recv() => {
+                if args.verbose {
+                    eprint_line(&format!(
+                        "forwarding {} to the command's process group {}",
+                        signals::name(sig),
+                        child.pid()
+                    ));
+                }
+                child.forward(sig);
+            }
+        }
+    };
+    Ok(match exit {
+        Exit::Code(code) => code,
+        Exit::Signal(sig) => exit_code::for_signal(sig),
+    })
+}
+
+/// Why the command could not start, with a shell's exit code: 127 when it was not
+/// found, 126 when it cannot be executed.
+fn exec_failure(program: &OsString, err: &std::io::Error) -> Failure {
+    let name = program.to_string_lossy();
+    if err.kind() == std::io::ErrorKind::NotFound {
+        Failure::new(
+            exit_code::NOT_FOUND,
+            format!("cannot run '{name}': command not found"),
+        )
+    } else {
+        Failure::new(
+            exit_code::CANNOT_EXECUTE,
+            format!("cannot run '{name}': {err}"),
+        )
+    }
+}
+
+/// Releases the slot; says so only when something went wrong.
+async fn release(guard: LeaseGuard) {
+    let key = guard.lease().key.clone();
+    match guard.release().await {
+        Ok(baton::Released::Released) => {}
+        Ok(baton::Released::NotHeld) => eprint_line(&format!(
+            "release '{key}': the lease was no longer held when the command ended"
+        )),
+        Err(err) => eprint_line(&format!("{err:#}")),
+    }
+}

@@ -1,0 +1,7 @@
+//! The `baton` command, tested through the real binary.
+
+mod hostile;
+mod manage;
+mod run;
+mod usage;
+mod util;
