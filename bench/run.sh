@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Side-by-side benchmarks of baton. See bench/README.md.
+#
+#   bash bench/run.sh           the full run (~5 minutes): Markdown report on stdout
+#   bash bench/run.sh --quick   a few seconds, every code path; fails on a violation
+#
+# Raw results go to bench/results/*.jsonl, the report also to bench/results/*.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+quick=()
+case "${1:-}" in
+  --quick) quick=(--quick) ;;
+  "") ;;
+  *) echo "usage: bash bench/run.sh [--quick]" >&2; exit 2 ;;
+esac
+
+log() { echo "run.sh: $*" >&2; }
+
+# Python peers: fasteners and filelock in a venv at bench/.venv (else the user site).
+py=bench/.venv/bin/python
+if ! "$py" -c 'import fasteners, filelock' 2>/dev/null; then
+  if python3 -m venv bench/.venv >/dev/null 2>&1; then
+    log "installing fasteners and filelock into bench/.venv"
+    bench/.venv/bin/pip install -q fasteners filelock >&2
+  else
+    log "no venv support; installing fasteners and filelock into the user site"
+    python3 -m pip install -q --user fasteners filelock >&2
+    py=$(command -v python3)
+  fi
+fi
+
+# flock(1) is util-linux; strace is optional (the syscall table is skipped without it).
+apt_updated=
+apt_install() {
+  command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] || return 1
+  [ -n "$apt_updated" ] || { apt-get update -qq >&2; apt_updated=1; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
+}
+command -v flock >/dev/null || apt_install util-linux || { log "flock(1) is missing"; exit 1; }
+command -v strace >/dev/null || apt_install strace || log "strace missing: no syscall table"
+
+cargo build --release -q -p baton-cli -p baton-bench >&2
+
+mkdir -p bench/results
+mode=full
+[ ${#quick[@]} -eq 0 ] || mode=quick
+report="bench/results/$(date -u +%Y%m%dT%H%M%SZ)-$mode-report.md"
+start=$(date +%s)
+target/release/baton-bench run "${quick[@]}" \
+  --baton target/release/baton \
+  --python "$py" \
+  --peers bench/peers \
+  --results bench/results | tee "$report"
+log "done in $(( $(date +%s) - start )) s; report saved to $report"

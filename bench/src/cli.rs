@@ -1,0 +1,124 @@
+//! Benchmark 2: one `baton run -s dir:X -k K -- true` per call against util-linux
+//! `flock FILE true`, the whole process life of each (spawn, lock, run `true`, unlock,
+//! exit), alternating in rounds.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::inproc::verdict;
+use crate::record::Recorder;
+use crate::util::{fmt_ns, median, Result};
+
+/// Settings for benchmark 2.
+pub struct Config {
+    /// Rounds of both.
+    pub rounds: usize,
+    /// Calls per round of each.
+    pub calls: usize,
+    /// The `baton` binary.
+    pub baton: PathBuf,
+    /// The lock directory.
+    pub dir: PathBuf,
+}
+
+fn call(mut cmd: Command, what: &str) -> Result<f64> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let t = Instant::now();
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {what}: {e}"))?;
+    let ns = t.elapsed().as_nanos() as f64;
+    if !out.status.success() {
+        return Err(format!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into());
+    }
+    Ok(ns)
+}
+
+fn baton_cmd(baton: &Path, store: &Path) -> Command {
+    let mut c = Command::new(baton);
+    c.arg("run")
+        .arg("-s")
+        .arg(format!("dir:{}", store.display()))
+        .args(["-k", "bench-cli", "--", "true"]);
+    c
+}
+
+fn flock_cmd(file: &Path) -> Command {
+    let mut c = Command::new("flock");
+    c.arg(file).arg("true");
+    c
+}
+
+/// Runs benchmark 2 and returns its report section.
+pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<String> {
+    let store = cfg.dir.join("cli-store");
+    let file = cfg.dir.join("cli.lock");
+    let mut times: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let names = ["baton run", "flock(1)"];
+    // Warm the page cache and create the key once.
+    call(baton_cmd(&cfg.baton, &store), "baton run")?;
+    call(flock_cmd(&file), "flock")?;
+    for round in 0..cfg.rounds {
+        for j in 0..2 {
+            let which = (j + round) % 2;
+            for i in 0..cfg.calls {
+                let cmd = if which == 0 {
+                    baton_cmd(&cfg.baton, &store)
+                } else {
+                    flock_cmd(&file)
+                };
+                let ns = call(cmd, names[which])?;
+                rec.write(
+                    "cli",
+                    json!({"impl": names[which], "round": round, "call": i, "ns": ns}),
+                )?;
+                times[which].push(ns);
+            }
+        }
+        eprintln!("  cli: round {}/{} done", round + 1, cfg.rounds);
+    }
+    let b = median(&times[0]);
+    let f = median(&times[1]);
+    let ratio = b / f;
+    rec.write(
+        "cli_summary",
+        json!({"baton_ns": b, "flock_ns": f, "ratio": ratio}),
+    )?;
+    let mut md = format!(
+        "### 2. One locked command per process: `baton run` vs `flock(1)`\n\n\
+         {} rounds × {} calls of each, alternating; each call is a whole process life \
+         (spawn, lock, run `true`, unlock, exit) timed by the parent.\n\n\
+         | command | median / call | p90 / call |\n|---|---:|---:|\n",
+        cfg.rounds, cfg.calls
+    );
+    for (i, name) in names.iter().enumerate() {
+        let mut v: Vec<u64> = times[i].iter().map(|&x| x as u64).collect();
+        v.sort_unstable();
+        md.push_str(&format!(
+            "| `{}` | {} | {} |\n",
+            if i == 0 {
+                "baton run -s dir:X -k K -- true"
+            } else {
+                "flock FILE true"
+            },
+            fmt_ns(median(&times[i])),
+            fmt_ns(crate::util::percentile_sorted(&v, 90.0) as f64)
+        ));
+        let _ = name;
+    }
+    md.push_str(&format!(
+        "\n- baton run / flock = **{ratio:.2}×** (target ≤ 1.1×: **{}**)\n",
+        verdict(ratio <= 1.1)
+    ));
+    Ok(md)
+}
