@@ -126,15 +126,23 @@ impl Holder {
     }
 
     /// Whether this holder's process is still alive, as far as this host can tell.
+    ///
+    /// `Dead` is only ever a positive finding: same host and boot, and `/proc/PID` is gone
+    /// or shows another start time. Any failure to look (a full file table, memory
+    /// pressure, a hidden /proc) is `Unknown`, never `Dead`: a slot is never freed on a
+    /// guess.
     pub fn liveness(&self) -> Liveness {
         if self.host != hostname() || self.boot_id.is_none() || self.boot_id != boot_id() {
             return Liveness::Unknown;
         }
-        match (self.pid_start, pid_start_ticks(self.pid)) {
-            (Some(want), Some(have)) if want == have => Liveness::Alive,
-            (Some(_), _) => Liveness::Dead,
-            (None, Some(_)) => Liveness::Unknown,
-            (None, None) => Liveness::Dead,
+        let Some(want) = self.pid_start else {
+            return Liveness::Unknown;
+        };
+        match read_pid_start(self.pid) {
+            Ok(have) if have == want => Liveness::Alive,
+            Ok(_) => Liveness::Dead,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Liveness::Dead,
+            Err(_) => Liveness::Unknown,
         }
     }
 
@@ -160,13 +168,24 @@ pub fn hostname() -> String {
     "localhost".into()
 }
 
-/// The start time of process `pid` in clock ticks after boot, or `None` if it is gone.
+/// The start time of process `pid` in clock ticks after boot, or `None` if it is gone or
+/// cannot be read.
 pub fn pid_start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    read_pid_start(pid).ok()
+}
+
+/// The start time of process `pid`; `NotFound` only when the process does not exist.
+fn read_pid_start(pid: u32) -> std::io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let unparsable = || std::io::Error::new(std::io::ErrorKind::InvalidData, "unparsable stat");
     // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    let after = &stat[stat.rfind(')')? + 1..];
+    let after = &stat[stat.rfind(')').ok_or_else(unparsable)? + 1..];
     // Fields after ')' start at field 3 (state); starttime is field 22.
-    after.split_whitespace().nth(19)?.parse().ok()
+    after
+        .split_whitespace()
+        .nth(19)
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(unparsable)
 }
 
 /// The kernel's boot id, or `None` when /proc does not give it.
@@ -222,6 +241,16 @@ mod tests {
         let mut remote = me.clone();
         remote.host = "elsewhere.invalid".into();
         assert_eq!(remote.liveness(), Liveness::Unknown);
+        let mut no_start = me.clone();
+        no_start.pid_start = None;
+        assert_eq!(
+            no_start.liveness(),
+            Liveness::Unknown,
+            "a PID alone decides nothing"
+        );
+        let mut gone = me.clone();
+        gone.pid = u32::MAX - 1; // above any pid_max: no such process
+        assert_eq!(gone.liveness(), Liveness::Dead);
     }
 
     #[test]
