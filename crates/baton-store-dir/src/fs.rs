@@ -286,6 +286,12 @@ pub fn lock_wait(fd: BorrowedFd<'_>) -> io::Result<()> {
     fcntl_lock(fd, libc::F_OFD_SETLKW, &mut fl)
 }
 
+/// Drops this open file description's lock (the lock also goes when the fd closes).
+pub fn unlock(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let mut fl = whole_file_lock(libc::F_UNLCK as libc::c_short);
+    fcntl_lock(fd, libc::F_OFD_SETLK, &mut fl)
+}
+
 /// Whether some open file description holds a lock on the file, tested without taking it.
 pub fn is_locked(fd: BorrowedFd<'_>) -> io::Result<bool> {
     let mut fl = whole_file_lock(libc::F_WRLCK as libc::c_short);
@@ -296,7 +302,11 @@ pub fn is_locked(fd: BorrowedFd<'_>) -> io::Result<bool> {
 /// Reads the token counter: `Ok(None)` for an empty (new) counter, `InvalidData` for
 /// anything that is not exactly [`COUNTER_LEN`] bytes of digits and a newline.
 pub fn read_counter(fd: BorrowedFd<'_>) -> io::Result<Option<u64>> {
-    let bytes = read_small(fd, "token")?;
+    // One read: a regular file's read is short only at its end, and one byte more than a
+    // record tells a longer (foreign) file from a record.
+    let mut buf = [0u8; COUNTER_LEN + 1];
+    let len = rustix::io::pread(fd, &mut buf, 0).map_err(errno)?;
+    let bytes = &buf[..len];
     if bytes.is_empty() {
         return Ok(None);
     }
@@ -305,7 +315,7 @@ pub fn read_counter(fd: BorrowedFd<'_>) -> io::Result<Option<u64>> {
             io::ErrorKind::InvalidData,
             format!(
                 "the token counter holds {:?}, not a number baton wrote",
-                String::from_utf8_lossy(&bytes[..bytes.len().min(40)])
+                String::from_utf8_lossy(bytes)
             ),
         )
     };

@@ -1,38 +1,47 @@
-//! The directory store: kernel OFD locks, one file per slot.
+//! The directory store in its default mode: kernel OFD locks, one file per slot.
 //!
 //! Layout under the root (one directory per key, `/` in the key written as `%`):
 //!
 //! ```text
-//! ROOT/jobs%nightly/limit           the key's limit, created once (temp file + link)
-//! ROOT/jobs%nightly/token           the token counter: 20 digits and a newline
-//! ROOT/jobs%nightly/gate            semaphore waiters queue on this lock
-//! ROOT/jobs%nightly/slot.0 ...      one lock file per slot
-//! ROOT/jobs%nightly/slot.0.holder   JSON: holder, token, slot; written atomically
+//! ROOT/jobs%nightly/limit    the key's limit, created once (temp file + link)
+//! ROOT/jobs%nightly/token    the token counter: 20 digits and a newline
+//! ROOT/jobs%nightly/gate     semaphore waiters queue on its lock; releases poke it
+//! ROOT/jobs%nightly/slot.0   the lock of slot 0; its contents: the holder's record
+//! ROOT/jobs%nightly/slot.1   ... one file per slot
 //! ```
 //!
 //! Guarantees:
 //! - Limit: a slot is an exclusive OFD lock on `slot.N`; there are `limit` slot files.
-//! - Tokens: the counter is read and written while holding an OFD lock on `token`, after
-//!   the slot is taken and before the lease is returned. A holder killed before writing it
-//!   returned no token to anyone; one killed after leaves the new value. The next token is
-//!   `max(counter + 1, now in µs since the epoch)`, so tokens keep increasing even if the
-//!   store is wiped (a tmpfs after reboot), as long as the wall clock does not go back
-//!   across the wipe.
+//! - Tokens: the counter is read and written while holding an OFD lock on `token` (and,
+//!   inside this process, a mutex), after the slot is taken and before the lease is
+//!   returned. A holder killed before writing it returned no token to anyone; one killed
+//!   after leaves the new value. The next token is `max(counter + 1, now in µs since the
+//!   epoch)`, so tokens keep increasing even if the store is wiped (a tmpfs after reboot),
+//!   as long as the wall clock does not go back across the wipe.
+//! - Holder info: the holder writes its record into its locked slot file with one
+//!   `pwrite`, behind a header with the record's length and checksum, so a reader never
+//!   mistakes a torn write for a record (it retries, then reports it unreadable). The
+//!   record describes exactly the lock file it is in. Release overwrites the header before
+//!   unlocking; a killed holder leaves its record, which `status` reports beside a free lock.
 //! - Recovery: the kernel drops a dead holder's locks when its process exits.
 //! - No residue: a cancelled wait's thread is interrupted and joined before the acquire
-//!   returns (see `wait.rs`); holder info of a dead holder is overwritten by the next one.
+//!   returns (see `wait.rs`).
+//!
+//! Descriptors are cached per key: the counter's (used under a mutex) and each free slot's
+//! (taken out while held, so two holders in one process never share an open file
+//! description, and therefore conflict exactly as two processes do).
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 use baton_core::{
-    unix_ms, AcquireRequest, Capabilities, Error, ErrorKind, Holder, Key, KeyStatus, Lease,
-    Liveness, Op, Released, SlotState, SlotStatus, Store, StoreUrl, Token, Wait,
+    unix_ms, AcquireRequest, Capabilities, Error, ErrorKind, Holder, HolderId, Key, KeyStatus,
+    Lease, Liveness, Op, Released, SlotState, SlotStatus, Store, StoreUrl, Token, Wait,
 };
 use serde::{Deserialize, Serialize};
 
@@ -41,28 +50,104 @@ use crate::fs;
 use crate::root::{lock, Root};
 use crate::wait::{WaitFor, Waiter};
 
-/// The directory store in its default (kernel-lock) mode. See the crate docs for the
+/// The directory store in its default (kernel-lock) mode. See the module docs for the
 /// mechanism and its bounds.
 #[derive(Debug)]
 pub struct DirStore {
     root: Root,
+    /// Cached descriptors, per key.
+    files: Mutex<HashMap<Key, Arc<KeyFiles>>>,
     /// Held leases: the locked slot file of each, by (key, slot, token).
     held: Mutex<HashMap<(Key, u32, u64), HeldSlot>>,
+}
+
+/// A key's open files, valid for one key directory (see `files_for`).
+#[derive(Debug)]
+struct KeyFiles {
+    dir: Arc<OwnedFd>,
+    limit: u32,
+    /// The token counter. The mutex serializes this process's increments (an OFD lock
+    /// does not conflict with itself); the OFD lock serializes processes.
+    token: Mutex<Option<OwnedFd>>,
+    /// The gate, poked after a semaphore release so the front waiter looks again.
+    gate: Mutex<Option<OwnedFd>>,
+    /// Free slot descriptors, by slot; `None` while held or not opened yet.
+    free: Mutex<Vec<Option<OwnedFd>>>,
 }
 
 #[derive(Debug)]
 struct HeldSlot {
     fd: OwnedFd,
-    holder: baton_core::HolderId,
+    holder: HolderId,
+    files: Arc<KeyFiles>,
 }
 
-/// What `slot.N.holder` holds.
+/// The holder's record inside `slot.N`.
 #[derive(Serialize, Deserialize)]
 struct HolderRecord {
     slot: u32,
     token: Token,
     acquired_unix_ms: u64,
     holder: Holder,
+}
+
+/// `baton1 <length, 8 hex> <FNV-1a 64 of the body, 16 hex>\n`, then the body.
+const HEADER_LEN: usize = 33;
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn encode_record(body: &[u8]) -> Vec<u8> {
+    let mut out = format!("baton1 {:08x} {:016x}\n", body.len(), fnv1a(body)).into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// What a slot file says: nothing (never held, or released), a record, or garbage.
+enum Contents {
+    Empty,
+    Record(HolderRecord),
+    Unreadable(String),
+}
+
+fn decode_record(bytes: &[u8]) -> Contents {
+    if bytes.is_empty() {
+        return Contents::Empty;
+    }
+    let bad = |why: &str| Contents::Unreadable(format!("holder info unreadable: {why}"));
+    if bytes.len() < HEADER_LEN || !bytes.starts_with(b"baton1 ") || bytes[HEADER_LEN - 1] != b'\n'
+    {
+        return bad("not a record baton wrote");
+    }
+    let header = std::str::from_utf8(&bytes[7..HEADER_LEN - 1]).unwrap_or("");
+    let mut parts = header.split(' ');
+    let (Some(len), Some(sum), None) = (parts.next(), parts.next(), parts.next()) else {
+        return bad("bad header");
+    };
+    let (Ok(len), Ok(sum)) = (usize::from_str_radix(len, 16), u64::from_str_radix(sum, 16)) else {
+        return bad("bad header");
+    };
+    if len == 0 {
+        return Contents::Empty;
+    }
+    let Some(body) = bytes.get(HEADER_LEN..HEADER_LEN + len) else {
+        return bad("shorter than its header says");
+    };
+    if fnv1a(body) != sum {
+        return bad("checksum mismatch");
+    }
+    match serde_json::from_slice(body) {
+        Ok(r) => Contents::Record(r),
+        Err(e) => bad(&format!("not baton's JSON: {e}")),
+    }
+}
+
+/// The header of an empty record: written over the old one at release.
+fn empty_record() -> Vec<u8> {
+    encode_record(b"")
 }
 
 impl DirStore {
@@ -82,6 +167,7 @@ impl DirStore {
         }
         Ok(DirStore {
             root,
+            files: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
         })
     }
@@ -91,78 +177,29 @@ impl DirStore {
         &self.root.config.root
     }
 
-    /// Takes the next token: `max(counter + 1, now in µs)`, written before it is returned.
-    fn next_token(&self, dir: &OwnedFd, key: &Key) -> Result<Token, Error> {
-        let fd = fs::open_file(dir.as_fd(), "token", true).map_err(|e| {
-            self.root
-                .io_err(Op::Acquire, key, "cannot open the token counter", e)
-        })?;
-        // Held for two syscalls; a blocking wait is shorter than any handoff.
-        loop {
-            match fs::lock_wait(fd.as_fd()) {
-                Ok(()) => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    return Err(self.root.io_err(
-                        Op::Acquire,
-                        key,
-                        "cannot lock the token counter",
-                        e,
-                    ))
-                }
+    /// The cached files of the key an acquire asks for (creating the key if new).
+    fn files_for(&self, req: &AcquireRequest) -> Result<Arc<KeyFiles>, Error> {
+        let (dir, limit) = self.root.key_for_acquire(req)?;
+        let mut files = lock(&self.files);
+        if let Some(f) = files.get(&req.key) {
+            if Arc::ptr_eq(&f.dir, &dir) {
+                return Ok(f.clone());
             }
         }
-        let last = fs::read_counter(fd.as_fd()).map_err(|e| {
-            self.root
-                .io_err(Op::Acquire, key, "cannot read the token counter", e)
-        })?;
-        let now_us = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
-        let next = last.map_or(0, |t| t.saturating_add(1)).max(now_us);
-        if last == Some(u64::MAX) {
-            return Err(self.root.err(
-                ErrorKind::Corrupt,
-                Op::Acquire,
-                key,
-                "the token counter is exhausted",
-            ));
-        }
-        fs::write_counter(fd.as_fd(), next).map_err(|e| {
-            self.root
-                .io_err(Op::Acquire, key, "cannot write the token counter", e)
-        })?;
-        // The lock goes with `fd`.
-        Ok(Token(next))
+        // New, or the key's directory was replaced: start over with the new one.
+        let f = Arc::new(KeyFiles {
+            dir,
+            limit,
+            token: Mutex::new(None),
+            gate: Mutex::new(None),
+            free: Mutex::new((0..limit).map(|_| None).collect()),
+        });
+        files.insert(req.key.clone(), f.clone());
+        Ok(f)
     }
 
     fn slot_name(slot: u32) -> String {
         format!("slot.{slot}")
-    }
-
-    fn holder_name(slot: u32) -> String {
-        format!("slot.{slot}.holder")
-    }
-
-    /// Tries each slot once without waiting.
-    fn try_slots(
-        &self,
-        dir: &OwnedFd,
-        key: &Key,
-        limit: u32,
-    ) -> Result<Option<(u32, OwnedFd)>, Error> {
-        for slot in 0..limit {
-            let fd = self.open_slot(dir, key, slot)?;
-            let got = fs::try_lock(fd.as_fd()).map_err(|e| {
-                self.root
-                    .io_err(Op::Acquire, key, "cannot lock a slot file", e)
-            })?;
-            if got {
-                return Ok(Some((slot, fd)));
-            }
-        }
-        Ok(None)
     }
 
     fn open_slot(&self, dir: &OwnedFd, key: &Key, slot: u32) -> Result<OwnedFd, Error> {
@@ -176,13 +213,94 @@ impl DirStore {
         })
     }
 
+    /// Takes the next token: `max(counter + 1, now in µs)`, written before it is returned.
+    fn next_token(&self, files: &KeyFiles, key: &Key) -> Result<Token, Error> {
+        let io_err = |what: &str, e| self.root.io_err(Op::Acquire, key, what, e);
+        let mut cached = lock(&files.token);
+        if cached.is_none() {
+            let fd = fs::open_file(files.dir.as_fd(), "token", true)
+                .map_err(|e| io_err("cannot open the token counter", e))?;
+            *cached = Some(fd);
+        }
+        let fd = cached
+            .as_ref()
+            .ok_or_else(|| {
+                self.root
+                    .err(ErrorKind::Unavailable, Op::Acquire, key, "no token counter")
+            })?
+            .as_fd();
+        // Held for two syscalls; a blocking wait is shorter than any handoff.
+        loop {
+            match fs::lock_wait(fd) {
+                Ok(()) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err("cannot lock the token counter", e)),
+            }
+        }
+        let result = fs::read_counter(fd)
+            .map_err(|e| io_err("cannot read the token counter", e))
+            .and_then(|last| {
+                if last == Some(u64::MAX) {
+                    return Err(self.root.err(
+                        ErrorKind::Corrupt,
+                        Op::Acquire,
+                        key,
+                        "the token counter is exhausted",
+                    ));
+                }
+                let now_us = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_micros() as u64)
+                    .unwrap_or(0);
+                let next = last.map_or(0, |t| t + 1).max(now_us);
+                fs::write_counter(fd, next)
+                    .map_err(|e| io_err("cannot write the token counter", e))?;
+                Ok(Token(next))
+            });
+        if fs::unlock(fd).is_err() {
+            // The lock state is unknown: close the descriptor, which surely drops it.
+            *cached = None;
+        }
+        result
+    }
+
+    /// Tries each slot once without waiting.
+    fn try_slots(&self, files: &KeyFiles, key: &Key) -> Result<Option<(u32, OwnedFd)>, Error> {
+        for slot in 0..files.limit {
+            let cached = lock(&files.free)
+                .get_mut(slot as usize)
+                .and_then(Option::take);
+            let fd = match cached {
+                Some(fd) => fd,
+                None => self.open_slot(&files.dir, key, slot)?,
+            };
+            let got = fs::try_lock(fd.as_fd()).map_err(|e| {
+                self.root
+                    .io_err(Op::Acquire, key, "cannot lock a slot file", e)
+            })?;
+            if got {
+                return Ok(Some((slot, fd)));
+            }
+            self.put_back(files, slot, fd);
+        }
+        Ok(None)
+    }
+
+    /// Returns an unlocked slot descriptor to the cache.
+    fn put_back(&self, files: &KeyFiles, slot: u32, fd: OwnedFd) {
+        if let Some(entry) = lock(&files.free).get_mut(slot as usize) {
+            *entry = Some(fd);
+        }
+    }
+
     async fn wait_for_slot(
         &self,
-        dir: &OwnedFd,
+        files: &KeyFiles,
         key: &Key,
-        limit: u32,
         wait: Wait,
     ) -> Result<(u32, OwnedFd), Error> {
+        let dir = &files.dir;
+        let limit = files.limit;
         let what = if limit == 1 {
             WaitFor::Slot {
                 slot: 0,
@@ -244,27 +362,45 @@ impl DirStore {
         let Some(held) = held else {
             return Ok(Released::NotHeld);
         };
-        // The holder file is ours while we hold the slot; remove it before unlocking so a
-        // reader never sees our record beside someone else's lock.
-        if let Ok(Some((dir, _))) = self.root.key_dir(&lease.key, None, Op::Release) {
-            let _ = fs::remove(dir.as_fd(), &Self::holder_name(lease.slot));
+        // Clear our record while we still hold the lock, so a reader never sees it beside
+        // someone else's lock; then unlock.
+        let _ = rustix::io::pwrite(&held.fd, &empty_record(), 0);
+        if fs::unlock(held.fd.as_fd()).is_ok() {
+            self.put_back(&held.files, lease.slot, held.fd);
+        } else {
+            drop(held.fd); // closing surely drops the lock
         }
-        drop(held.fd); // close: the kernel drops the lock and wakes a waiter
+        if held.files.limit > 1 {
+            self.poke_gate(&held.files);
+        }
         Ok(Released::Released)
     }
 
-    fn read_holder(&self, dir: &OwnedFd, slot: u32) -> Result<Option<HolderRecord>, String> {
-        let name = Self::holder_name(slot);
-        let fd = match fs::open_existing_ro(dir.as_fd(), &name) {
-            Ok(Some(fd)) => fd,
-            Ok(None) => return Ok(None),
-            Err(e) => return Err(format!("holder info unreadable: {e}")),
-        };
-        let bytes = fs::read_small(fd.as_fd(), &name)
-            .map_err(|e| format!("holder info unreadable: {e}"))?;
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| format!("holder info unreadable (not baton's JSON): {e}"))
+    /// Wakes a semaphore's front waiter (it watches the directory with inotify).
+    fn poke_gate(&self, files: &KeyFiles) {
+        let mut gate = lock(&files.gate);
+        if gate.is_none() {
+            *gate = fs::open_file(files.dir.as_fd(), "gate", true).ok();
+        }
+        if let Some(fd) = gate.as_ref() {
+            let _ = rustix::io::pwrite(fd, b"\n", 0);
+        }
+    }
+
+    /// Reads a slot file's record, retrying a few times if a write was caught half done.
+    fn read_contents(fd: BorrowedFd<'_>) -> Contents {
+        let mut last = Contents::Unreadable("holder info unreadable".into());
+        for _ in 0..3 {
+            match fs::read_small(fd, "slot") {
+                Ok(bytes) => match decode_record(&bytes) {
+                    Contents::Unreadable(why) => last = Contents::Unreadable(why),
+                    good => return good,
+                },
+                Err(e) => return Contents::Unreadable(format!("holder info unreadable: {e}")),
+            }
+            std::thread::yield_now();
+        }
+        last
     }
 }
 
@@ -280,8 +416,9 @@ impl Store for DirStore {
 
     async fn acquire(&self, req: &AcquireRequest) -> Result<Lease, Error> {
         let key = &req.key;
-        let (dir, limit) = self.root.key_for_acquire(req)?;
-        let (slot, fd) = match self.try_slots(&dir, key, limit)? {
+        let files = self.files_for(req)?;
+        let limit = files.limit;
+        let (slot, fd) = match self.try_slots(&files, key)? {
             Some(got) => got,
             None => match req.wait {
                 Wait::NoWait => {
@@ -292,11 +429,11 @@ impl Store for DirStore {
                         format!("all {limit} slot(s) are held"),
                     ))
                 }
-                wait => self.wait_for_slot(&dir, key, limit, wait).await?,
+                wait => self.wait_for_slot(&files, key, wait).await?,
             },
         };
         // From here on, an error drops `fd`, which releases the slot.
-        let token = self.next_token(&dir, key)?;
+        let token = self.next_token(&files, key)?;
         let acquired_unix_ms = unix_ms(SystemTime::now());
         let record = HolderRecord {
             slot,
@@ -304,7 +441,7 @@ impl Store for DirStore {
             acquired_unix_ms,
             holder: req.holder.clone(),
         };
-        let json = serde_json::to_vec(&record).map_err(|e| {
+        let body = serde_json::to_vec(&record).map_err(|e| {
             self.root.err(
                 ErrorKind::Unavailable,
                 Op::Acquire,
@@ -312,15 +449,32 @@ impl Store for DirStore {
                 format!("cannot encode holder info: {e}"),
             )
         })?;
-        fs::write_atomic(dir.as_fd(), &Self::holder_name(slot), &json).map_err(|e| {
-            self.root
-                .io_err(Op::Acquire, key, "cannot write holder info", e)
-        })?;
+        let bytes = encode_record(&body);
+        match rustix::io::pwrite(&fd, &bytes, 0) {
+            Ok(n) if n == bytes.len() => {}
+            Ok(_) => {
+                return Err(self.root.err(
+                    ErrorKind::Unavailable,
+                    Op::Acquire,
+                    key,
+                    "cannot write holder info: short write (disk full?)",
+                ))
+            }
+            Err(e) => {
+                return Err(self.root.io_err(
+                    Op::Acquire,
+                    key,
+                    "cannot write holder info",
+                    e.into(),
+                ))
+            }
+        }
         lock(&self.held).insert(
             (key.clone(), slot, token.0),
             HeldSlot {
                 fd,
                 holder: req.holder.id,
+                files,
             },
         );
         Ok(Lease {
@@ -348,12 +502,20 @@ impl Store for DirStore {
         let (dir, limit) = self.root.existing_key(key, Op::Inspect)?;
         let mut slots = Vec::with_capacity(limit as usize);
         for slot in 0..limit {
-            let locked = match fs::open_existing_ro(dir.as_fd(), &Self::slot_name(slot)) {
-                Ok(Some(fd)) => fs::is_locked(fd.as_fd()).map_err(|e| {
-                    self.root
-                        .io_err(Op::Inspect, key, "cannot test a slot's lock", e)
-                })?,
-                Ok(None) => false,
+            let mut status = SlotStatus {
+                slot,
+                state: SlotState::Free,
+                token: None,
+                holder: None,
+                since_unix_ms: None,
+                note: None,
+            };
+            let fd = match fs::open_existing_ro(dir.as_fd(), &Self::slot_name(slot)) {
+                Ok(Some(fd)) => fd,
+                Ok(None) => {
+                    slots.push(status);
+                    continue;
+                }
                 Err(e) => {
                     return Err(self.root.io_err(
                         Op::Inspect,
@@ -363,36 +525,31 @@ impl Store for DirStore {
                     ))
                 }
             };
-            let record = self.read_holder(&dir, slot);
-            let mut status = SlotStatus {
-                slot,
-                state: if locked {
-                    SlotState::Held
-                } else {
-                    SlotState::Free
-                },
-                token: None,
-                holder: None,
-                since_unix_ms: None,
-                note: None,
-            };
-            match (locked, record) {
-                (true, Ok(Some(r))) if r.holder.liveness() != Liveness::Dead => {
+            let locked = fs::is_locked(fd.as_fd()).map_err(|e| {
+                self.root
+                    .io_err(Op::Inspect, key, "cannot test a slot's lock", e)
+            })?;
+            let contents = Self::read_contents(fd.as_fd());
+            if locked {
+                status.state = SlotState::Held;
+            }
+            match (locked, contents) {
+                (true, Contents::Record(r)) if r.holder.liveness() != Liveness::Dead => {
                     status.token = Some(r.token);
                     status.since_unix_ms = Some(r.acquired_unix_ms);
                     status.holder = Some(r.holder);
                 }
-                (true, Ok(_)) => {
+                (true, Contents::Record(_) | Contents::Empty) => {
                     status.note = Some("held; the holder has not written its info yet".into())
                 }
-                (_, Err(why)) => status.note = Some(why),
-                (false, Ok(Some(r))) => {
+                (_, Contents::Unreadable(why)) => status.note = Some(why),
+                (false, Contents::Record(r)) => {
                     status.note = Some(format!(
                         "free; the last holder (pid {}, token {}) exited without releasing",
                         r.holder.pid, r.token
                     ))
                 }
-                (false, Ok(None)) => {}
+                (false, Contents::Empty) => {}
             }
             slots.push(status);
         }
@@ -412,5 +569,42 @@ impl Store for DirStore {
 
     async fn list(&self) -> Result<Vec<Key>, Error> {
         self.root.list()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_torn_ones_are_refused() {
+        let holder = Holder::current(vec!["x".into()]);
+        let body = serde_json::to_vec(&HolderRecord {
+            slot: 0,
+            token: Token(7),
+            acquired_unix_ms: 1,
+            holder,
+        })
+        .expect("json");
+        let bytes = encode_record(&body);
+        assert!(matches!(decode_record(&bytes), Contents::Record(r) if r.token == Token(7)));
+        assert!(matches!(decode_record(&empty_record()), Contents::Empty));
+        // An empty header over a longer old record: the old bytes are ignored.
+        let mut over = bytes.clone();
+        over[..HEADER_LEN].copy_from_slice(&empty_record());
+        assert!(matches!(decode_record(&over), Contents::Empty));
+        // Torn: a new header over an old body.
+        let mut torn = bytes.clone();
+        torn[HEADER_LEN + 3] ^= 1;
+        assert!(matches!(decode_record(&torn), Contents::Unreadable(_)));
+        assert!(matches!(
+            decode_record(&bytes[..bytes.len() - 1]),
+            Contents::Unreadable(_)
+        ));
+        assert!(matches!(
+            decode_record(b"\x00\xffgarbage"),
+            Contents::Unreadable(_)
+        ));
+        assert!(matches!(decode_record(b""), Contents::Empty));
     }
 }

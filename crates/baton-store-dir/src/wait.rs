@@ -4,8 +4,10 @@
 //! - A mutex's waiters block in the kernel on the slot's lock (`F_OFD_SETLKW`). The kernel
 //!   queues them and wakes one per release (Linux ≥ 4.19 wakes only waiters that can win).
 //! - A semaphore's waiters block in the kernel on the key's `gate` lock, so only one of
-//!   them, the front waiter, looks at the slots. It retries them each time a slot file is
-//!   closed (release or holder death), as inotify reports, and once a second as a backstop.
+//!   them, the front waiter, looks at the slots. It retries them when inotify reports a
+//!   release (a holder writes to `gate` after unlocking) or a slot file closed after
+//!   writing (a holder's death closes its files), and every 250 ms as a backstop (the
+//!   kernel reports the close of a dying process just before it drops its locks).
 //!
 //! A blocked `fcntl` cannot be cancelled from outside, so the wait runs on its own thread
 //! and is cancelled as `flock -w` times out: a signal without `SA_RESTART` makes the call
@@ -199,13 +201,14 @@ fn run(shared: &Shared, what: WaitFor) -> io::Result<(u32, OwnedFd)> {
                         return Ok((i as u32, taken));
                     }
                 }
-                notify.wait(shared.wake.as_fd(), Duration::from_secs(1))?;
+                notify.wait(shared.wake.as_fd(), Duration::from_millis(250))?;
             }
         }
     }
 }
 
-/// An inotify watch for closes of files opened for writing in one directory.
+/// An inotify watch for releases in one key directory: writes to `gate`, and closes of
+/// slot files opened for writing.
 struct Inotify {
     fd: OwnedFd,
 }
@@ -230,35 +233,70 @@ impl Inotify {
         Ok(Inotify { fd })
     }
 
-    /// Waits until a file in the directory is closed after writing, the wake fd is
-    /// signalled, a signal arrives, or `backstop` passes; then drains the events.
+    /// Waits until a release is reported, the wake fd is signalled, a signal arrives, or
+    /// `backstop` passes. Events about other files (the token counter, holder records)
+    /// are read and ignored without returning.
     fn wait(&self, wake: BorrowedFd<'_>, backstop: Duration) -> io::Result<()> {
-        let mut fds = [
-            libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: fds is a valid array of two pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, backstop.as_millis() as libc::c_int) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
+        let deadline = std::time::Instant::now() + backstop;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: wake.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: fds is a valid array of two pollfd for the duration of the call.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, left.as_millis() as libc::c_int) };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                return if e.kind() == io::ErrorKind::Interrupted {
+                    Ok(())
+                } else {
+                    Err(e)
+                };
+            }
+            if rc == 0 || fds[1].revents != 0 || self.drain()? {
+                return Ok(());
             }
         }
+    }
+
+    /// Reads every queued event; true if one of them is a release.
+    fn drain(&self) -> io::Result<bool> {
+        let mut relevant = false;
         let mut buf = [0u8; 4096];
-        while let Ok(n) = rustix::io::read(&self.fd, &mut buf) {
-            if n == 0 {
-                break;
+        loop {
+            let n = match rustix::io::read(&self.fd, &mut buf) {
+                Ok(0) | Err(rustix::io::Errno::AGAIN) => return Ok(relevant),
+                Ok(n) => n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let mut at = 0;
+            // struct inotify_event { int wd; u32 mask; u32 cookie; u32 len; char name[len]; }
+            while at + 16 <= n {
+                let word =
+                    |i: usize| u32::from_ne_bytes([buf[i], buf[i + 1], buf[i + 2], buf[i + 3]]);
+                let mask = word(at + 4);
+                let len = word(at + 12) as usize;
+                let name = buf.get(at + 16..at + 16 + len).unwrap_or(&[]);
+                let name = name.split(|b| *b == 0).next().unwrap_or(&[]);
+                let is_slot = name.starts_with(b"slot.");
+                if (mask & libc::IN_MODIFY != 0 && name == b"gate")
+                    || (mask & libc::IN_CLOSE_WRITE != 0 && is_slot)
+                    || mask & libc::IN_Q_OVERFLOW != 0
+                {
+                    relevant = true;
+                }
+                at += 16 + len;
             }
         }
-        Ok(())
     }
 }

@@ -35,7 +35,9 @@ async fn grants_write_holder_info_and_release_removes_it() {
         .expect("acquire");
     let dir = tmp.path().join("a%b");
     assert!(dir.join("slot.0").is_file());
-    let info = std::fs::read_to_string(dir.join("slot.0.holder")).expect("holder file");
+    let info = std::fs::read(dir.join("slot.0")).expect("slot file");
+    let info = String::from_utf8_lossy(&info);
+    assert!(info.starts_with("baton1 "), "{info}");
     assert!(info.contains(&lease.holder.id.to_string()), "{info}");
     let st = s.inspect(&lease.key).await.expect("inspect");
     assert_eq!(st.slots[0].state, SlotState::Held);
@@ -45,7 +47,12 @@ async fn grants_write_holder_info_and_release_removes_it() {
         s.release(&lease).await.expect("release"),
         Released::Released
     );
-    assert!(!dir.join("slot.0.holder").exists());
+    let after = std::fs::read(dir.join("slot.0")).expect("slot file");
+    assert!(
+        !String::from_utf8_lossy(&after[..33]).contains(&lease.holder.id.to_string())
+            && after.starts_with(b"baton1 00000000 "),
+        "release clears the record's header"
+    );
     assert_eq!(
         s.inspect(&lease.key).await.expect("inspect").slots[0].state,
         SlotState::Free
@@ -186,7 +193,7 @@ async fn hostile_state_gets_a_clear_error_and_frees_nothing() {
         .acquire(&req("g", 1, Wait::NoWait))
         .await
         .expect("acquire");
-    std::fs::write(tmp.path().join("g/slot.0.holder"), b"\x00\xffgarbage").expect("junk");
+    std::fs::write(tmp.path().join("g/slot.0"), b"\x00\xffgarbage").expect("junk");
     let st = s.inspect(&lease.key).await.expect("inspect");
     assert_eq!(st.slots[0].state, SlotState::Held);
     assert!(

@@ -67,7 +67,7 @@ fn garbage_holder_info_shows_as_a_note() {
     let dir = Dir::new();
     let _holder = dir.cmd(&["run", "-k", "g", "--", "sleep", "30"]).spawn();
     dir.wait_held("g", 1);
-    let info = dir.store_dir().join("g").join("slot.0.holder");
+    let info = dir.store_dir().join("g").join("slot.0");
     fs::write(&info, b"\x00\xffnot json{{{").expect("write");
 
     let out = dir.cmd(&["status", "g"]).output();
@@ -88,7 +88,7 @@ fn garbage_holder_info_shows_as_a_note() {
 fn garbage_holder_info_beside_a_free_slot_does_not_block() {
     let dir = Dir::new();
     dir.cmd(&["run", "-k", "f", "--", "true"]).output().code(0);
-    let info = dir.store_dir().join("f").join("slot.0.holder");
+    let info = dir.store_dir().join("f").join("slot.0");
     fs::write(&info, "garbage").expect("write");
     let out = dir.cmd(&["status", "f"]).output();
     out.code(0).stdout_has("free").stdout_has("note: ");
