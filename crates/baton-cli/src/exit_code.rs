@@ -30,6 +30,11 @@ pub const UNAVAILABLE: u8 = 69;
 /// `-E/--conflict-exit-code` replaces it.
 pub const NOT_ACQUIRED: u8 = 75;
 
+/// The lease was lost while the command ran (a lease store could not be renewed in
+/// time, or the lease was broken or taken over): baton stopped the command (SIGTERM,
+/// then SIGKILL after `--kill-grace`).
+pub const LEASE_LOST: u8 = 76;
+
 /// The command was found but cannot be executed (no permission, not an executable), as
 /// a POSIX shell reports it.
 pub const CANNOT_EXECUTE: u8 = 126;
@@ -72,5 +77,6 @@ Exit status:
          or -n differs from the key's existing limit
   69     the store cannot be used (unreachable, permissions, foreign owner, corrupt state)
   75     run: not acquired (busy with --no-wait, or -w ran out); -E CODE changes it
+  76     run: the lease was lost while the command ran; baton stopped the command
   126    run: the command cannot be executed
   127    run: the command was not found";

@@ -28,7 +28,8 @@ use crate::common::{eprint_line, Failure};
     after_help = exit_code::HELP_TABLE
 )]
 struct Cli {
-    /// The store: dir:PATH (a directory of lock files). Default: $BATON_STORE, else
+    /// The store: dir:PATH (kernel locks in a directory), or dir:PATH?mode=lease (lease
+    /// files with heartbeats, for NFS/Lustre). Default: $BATON_STORE, else
     /// $XDG_RUNTIME_DIR/baton, else /tmp/baton-$UID.
     #[arg(
         short = 's',

@@ -8,13 +8,19 @@
 //!   guarantees leaves nothing behind, and baton exits 128+N.
 //! - Once the command runs, the [`FORWARDED`](crate::signals::FORWARDED) signals go to its
 //!   process group, and baton's exit status is the command's (128+N for signal N).
+//! - On a lease store, a keeper on its own thread renews the lease every TTL/3. When it
+//!   declares the lease lost (before the store could grant it again), baton sends the
+//!   command's process group SIGTERM, then SIGKILL after `--kill-grace`, and exits
+//!   [`LEASE_LOST`](crate::exit_code::LEASE_LOST). What the command did meanwhile is only
+//!   safe if the resource it writes checks `BATON_TOKEN`.
 
 use std::ffi::OsString;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use baton::{
-    derive_key, format_duration, parse_duration, ErrorKind, Holder, Key, LeaseGuard, Store,
-    StoreExt, Wait,
+    derive_key, format_duration, parse_duration, ErrorKind, Holder, Keeper, KeeperConfig, Key,
+    LeaseGuard, LeaseState, Store, StoreExt, Wait,
 };
 use clap::Args as ClapArgs;
 use tokio::signal::unix::{signal, SignalKind};
@@ -50,6 +56,17 @@ pub struct Args {
     #[arg(short = 'E', long, value_name = "CODE")]
     pub conflict_exit_code: Option<u8>,
 
+    /// Lease stores: the lease's time to live. baton renews it every TTL/3 while the
+    /// command runs; if it cannot, it stops the command before the lease could be granted
+    /// to anyone else. Default: the store's (30s for dir:PATH?mode=lease). Kernel-lock
+    /// stores (dir:PATH) ignore it: their locks last exactly as long as baton.
+    #[arg(long, value_name = "DURATION")]
+    pub ttl: Option<String>,
+
+    /// When the lease is lost: how long the command has between SIGTERM and SIGKILL.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    pub kill_grace: String,
+
     /// Print the key, and the slot and token when granted, to stderr.
     #[arg(short = 'v', long)]
     pub verbose: bool,
@@ -82,19 +99,46 @@ pub fn run(store: Option<&str>, args: Args) -> Result<u8, Failure> {
         },
         (false, None) => Wait::Forever,
     };
+    let ttl = match &args.ttl {
+        Some(text) => match parse_duration(text).map_err(Failure::usage)? {
+            d if d < Duration::from_millis(100) => {
+                return Err(Failure::usage(format!(
+                    "--ttl {text} is too short: at least 100ms (renewals happen every TTL/3)"
+                )))
+            }
+            d => Some(d),
+        },
+        None => None,
+    };
+    let grace = parse_duration(&args.kill_grace).map_err(Failure::usage)?;
     let store = open_store(store)?;
     if args.verbose {
         eprint_line(&format!("key {key}"));
+        if ttl.is_some() && !store.capabilities().renew {
+            eprint_line(&format!(
+                "--ttl has no effect on {}: its locks last exactly as long as baton",
+                store.url()
+            ));
+        }
     }
-    runtime()?.block_on(hold_and_run(store, key, wait, &args))
+    let opts = Options { wait, ttl, grace };
+    runtime()?.block_on(hold_and_run(store, key, opts, &args))
+}
+
+/// What `run` parsed from its duration options.
+struct Options {
+    wait: Wait,
+    ttl: Option<Duration>,
+    grace: Duration,
 }
 
 async fn hold_and_run(
     store: Arc<dyn Store>,
     key: Key,
-    wait: Wait,
+    opts: Options,
     args: &Args,
 ) -> Result<u8, Failure> {
+    let wait = opts.wait;
     let mut signals = Signals::install()
         .map_err(|e| Failure::new(exit_code::FAILURE, format!("cannot catch signals: {e}")))?;
     let command: Vec<String> = args
@@ -102,10 +146,14 @@ async fn hold_and_run(
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    let request = store
+    let mut request = store
         .lock(key.clone())
         .limit(args.slots)
         .holder(Holder::current(command));
+    if let Some(ttl) = opts.ttl {
+        request = request.ttl(ttl);
+    }
+    let sent_at = Instant::now();
     if args.verbose {
         let how = match wait {
             Wait::Forever => "as long as it takes".to_owned(),
@@ -149,9 +197,49 @@ async fn hold_and_run(
         return Ok(exit_code::for_signal(sig));
     }
     announce(&guard, &store, args);
-    let code = supervise(&guard, &store, args, &mut signals).await;
-    release(guard).await;
+    let keeper = keep(&guard, &store, sent_at)?;
+    let code = supervise(
+        &guard,
+        &store,
+        args,
+        &mut signals,
+        keeper.as_ref(),
+        opts.grace,
+    )
+    .await;
+    let lost = keeper
+        .as_ref()
+        .is_some_and(|k| matches!(k.state(), LeaseState::Lost { .. }));
+    if let Some(keeper) = keeper {
+        keeper.stop();
+    }
+    if lost {
+        // Releasing a lost lease frees nothing (it answers not-held); no need to say so.
+        let _ = guard.release().await;
+    } else {
+        release(guard).await;
+    }
     code
+}
+
+/// Starts a keeper for a lease store's lease; kernel-lock stores need none.
+fn keep(
+    guard: &LeaseGuard,
+    store: &Arc<dyn Store>,
+    sent_at: Instant,
+) -> Result<Option<Keeper>, Failure> {
+    let lease = guard.lease();
+    let (true, Some(ttl)) = (store.capabilities().renew, lease.ttl) else {
+        return Ok(None);
+    };
+    Keeper::start(
+        store.clone(),
+        lease.clone(),
+        KeeperConfig::for_ttl(ttl),
+        sent_at,
+    )
+    .map(Some)
+    .map_err(Failure::from)
 }
 
 /// Prints the grant as `--verbose` and `--json` ask.
@@ -184,6 +272,8 @@ async fn supervise(
     store: &Arc<dyn Store>,
     args: &Args,
     signals: &mut Signals,
+    keeper: Option<&Keeper>,
+    grace: Duration,
 ) -> Result<u8, Failure> {
     let lease = guard.lease();
     let env = [
@@ -231,12 +321,65 @@ async fn supervise(
                 }
                 child.forward(sig);
             }
+            state = lost(keeper) => {
+                let reason = match state {
+                    LeaseState::Lost { reason, .. } => reason,
+                    other => format!("{other:?}"),
+                };
+                eprint_line(&format!(
+                    "lease on '{}' lost ({reason}); stopping the command: SIGTERM now, SIGKILL after {}",
+                    lease.key,
+                    format_duration(grace)
+                ));
+                stop_child(&mut child, &mut sigchld, signals, grace).await?;
+                return Ok(exit_code::LEASE_LOST);
+            }
         }
     };
     Ok(match exit {
         Exit::Code(code) => code,
         Exit::Signal(sig) => exit_code::for_signal(sig),
     })
+}
+
+/// Resolves when the keeper declares the lease lost; never without a keeper.
+async fn lost(keeper: Option<&Keeper>) -> LeaseState {
+    match keeper {
+        Some(k) => k.lost().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// SIGTERM to the command's group, SIGKILL after `grace`, and wait until it has exited.
+async fn stop_child(
+    child: &mut Child,
+    sigchld: &mut tokio::signal::unix::Signal,
+    signals: &mut Signals,
+    grace: Duration,
+) -> Result<(), Failure> {
+    child.forward(libc::SIGTERM);
+    let kill_at = tokio::time::Instant::now() + grace;
+    let mut killed = false;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return Ok(()),
+            Ok(None) => {}
+            Err(err) => {
+                return Err(Failure::new(
+                    exit_code::FAILURE,
+                    format!("cannot wait for the command (pid {}): {err}", child.pid()),
+                ))
+            }
+        }
+        tokio::select! {
+            _ = sigchld.recv() => {}
+            sig = signals.recv() => child.forward(sig),
+            _ = tokio::time::sleep_until(kill_at), if !killed => {
+                child.forward(libc::SIGKILL);
+                killed = true;
+            }
+        }
+    }
 }
 
 /// Why the command could not start, with a shell's exit code: 127 when it was not

@@ -171,6 +171,8 @@ async fn keep(
     let period = (config.ttl / 3).max(Duration::from_millis(1));
     let retry = (config.ttl / 20).max(Duration::from_millis(1));
     let mut next = Instant::now() + period;
+    // The last transient renewal error, so that a loss says why renewals failed.
+    let mut last_error: Option<String> = None;
     let lost = |reason: String| LeaseState::Lost {
         at: Instant::now(),
         reason,
@@ -180,7 +182,11 @@ async fn keep(
         tokio::select! {
             _ = &mut stop => { let _ = tx.send(LeaseState::Stopped); return; }
             _ = tokio::time::sleep_until(deadline.into()) => {
-                let _ = tx.send(lost("could not renew the lease before its deadline".into()));
+                let why = match &last_error {
+                    Some(e) => format!("could not renew the lease before its deadline: {e}"),
+                    None => "could not renew the lease before its deadline".into(),
+                };
+                let _ = tx.send(lost(why));
                 return;
             }
             _ = tokio::time::sleep_until(next.into()) => {}
@@ -196,6 +202,7 @@ async fn keep(
         };
         match outcome {
             Ok(renewed) => {
+                last_error = None;
                 lease = renewed;
                 deadline = sent_at + config.validity();
                 next = sent_at + period;
@@ -206,7 +213,10 @@ async fn keep(
                 return;
             }
             // Transient: try again soon; the deadline still stands.
-            Err(_) => next = Instant::now() + retry,
+            Err(e) => {
+                last_error = Some(format!("{e:#}"));
+                next = Instant::now() + retry;
+            }
         }
     }
 }

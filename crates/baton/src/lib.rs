@@ -48,7 +48,7 @@ pub fn open(url: &str) -> Result<Arc<dyn Store>> {
 pub fn open_url(url: &StoreUrl) -> Result<Arc<dyn Store>> {
     match url.scheme() {
         #[cfg(feature = "dir")]
-        "dir" => Ok(Arc::new(baton_store_dir::DirStore::open(url)?)),
+        "dir" => baton_store_dir::open(url),
         planned if PLANNED.contains(&planned) => Err(Error::new(
             ErrorKind::Unsupported,
             format!(

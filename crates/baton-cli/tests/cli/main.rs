@@ -1,6 +1,7 @@
 //! The `baton` command, tested through the real binary.
 
 mod hostile;
+mod lease;
 mod manage;
 mod run;
 mod usage;

@@ -1,0 +1,141 @@
+//! `baton run` on a lease store (`dir:PATH?mode=lease`): the keeper renews the lease while
+//! the command runs, and a lost lease stops the command and exits 76.
+
+use crate::util::{process_alive, read_pid, wait_until, Dir, TestCommand};
+
+fn lease_cmd(dir: &Dir, args: &[&str]) -> TestCommand {
+    let url = format!("{}?mode=lease", dir.store());
+    let mut cmd = dir.bare(&["-s", &url]);
+    cmd.args(args);
+    cmd
+}
+
+fn lease_held(dir: &Dir, key: &str) -> bool {
+    let out = lease_cmd(dir, &["status", "--json", key]).output();
+    out.code == Some(0)
+        && serde_json::from_str::<serde_json::Value>(out.stdout.trim())
+            .is_ok_and(|v| v["held"].as_u64() == Some(1))
+}
+
+#[test]
+fn renewals_keep_a_short_lease_for_a_long_command() {
+    let dir = Dir::new();
+    // A 1 s TTL and a command that runs 4 s: only renewals keep the lease. (A shorter
+    // TTL would rightly be lost on a machine loaded enough to delay renewals.)
+    let holder = lease_cmd(&dir, &["run", "--ttl", "1s", "-k", "k", "--", "sleep", "4"]).spawn();
+    wait_until("the lease is held", || lease_held(&dir, "k"));
+    // A waiter that watches for twice the TTL never sees the lease go stale.
+    lease_cmd(&dir, &["run", "-w", "2s", "-k", "k", "--", "true"])
+        .output()
+        .code(75);
+    holder.finish().code(0);
+    lease_cmd(&dir, &["run", "--no-wait", "-k", "k", "--", "true"])
+        .output()
+        .code(0);
+}
+
+#[test]
+fn a_broken_lease_stops_the_command_and_exits_76() {
+    let dir = Dir::new();
+    let pidfile = dir.file("child.pid");
+    let script = format!("echo $$ > {}; exec sleep 30", pidfile.display());
+    let holder = lease_cmd(
+        &dir,
+        &[
+            "run",
+            "--ttl",
+            "600ms",
+            "--kill-grace",
+            "2s",
+            "-k",
+            "k",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    )
+    .spawn();
+    wait_until("the child has started", || {
+        pidfile.exists() && lease_held(&dir, "k")
+    });
+    let child = read_pid(&pidfile);
+    lease_cmd(&dir, &["break", "k"]).output().code(0);
+    let out = holder.finish();
+    out.code(76).stderr_has("lost");
+    assert!(!process_alive(child), "the command was stopped");
+}
+
+#[test]
+fn a_paused_holder_is_taken_over_and_stops_when_resumed() {
+    let dir = Dir::new();
+    let pidfile = dir.file("child.pid");
+    let script = format!("echo $$ > {}; exec sleep 30", pidfile.display());
+    let holder = lease_cmd(
+        &dir,
+        &[
+            "run", "--ttl", "500ms", "-k", "k", "--", "sh", "-c", &script,
+        ],
+    )
+    .spawn();
+    wait_until("the child has started", || {
+        pidfile.exists() && lease_held(&dir, "k")
+    });
+    let before = lease_cmd(&dir, &["status", "--json", "k"]).output();
+    let v: serde_json::Value = serde_json::from_str(before.stdout.trim()).expect("json");
+    let old_token = v["slots"][0]["token"].as_u64().expect("token");
+
+    holder.signal(libc::SIGSTOP);
+    // A waiter sees no heartbeat for a whole TTL and takes the slot with a higher token.
+    let out = lease_cmd(
+        &dir,
+        &[
+            "run",
+            "-w",
+            "20s",
+            "-k",
+            "k",
+            "--",
+            "sh",
+            "-c",
+            "echo $BATON_TOKEN",
+        ],
+    )
+    .output();
+    out.code(0);
+    let new_token: u64 = out
+        .stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("a token: {out:?}"));
+    assert!(new_token > old_token, "{new_token} > {old_token}");
+
+    holder.signal(libc::SIGCONT);
+    let out = holder.finish();
+    out.code(76).stderr_has("lost");
+    assert!(
+        !process_alive(read_pid(&pidfile)),
+        "the command was stopped"
+    );
+}
+
+#[test]
+fn ttl_is_checked() {
+    let dir = Dir::new();
+    lease_cmd(&dir, &["run", "--ttl", "5ms", "-k", "k", "--", "true"])
+        .output()
+        .code(2)
+        .one_error_line()
+        .stderr_has("too short");
+    lease_cmd(&dir, &["run", "--ttl", "x", "-k", "k", "--", "true"])
+        .output()
+        .code(2)
+        .one_error_line();
+    lease_cmd(
+        &dir,
+        &["run", "--kill-grace", "soon", "-k", "k", "--", "true"],
+    )
+    .output()
+    .code(2)
+    .one_error_line();
+}
