@@ -103,25 +103,24 @@ pub fn open_dir(dir: BorrowedFd<'_>, name: &str, create: bool) -> io::Result<Opt
     }
 }
 
-/// Reads a whole small file (at most [`MAX_SMALL_FILE`] bytes).
+/// Reads a whole small file (at most [`MAX_SMALL_FILE`] bytes), in 4 KiB chunks, so that
+/// the usual few-byte file costs no large zeroed buffer.
 pub fn read_small(fd: BorrowedFd<'_>, name: &str) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; MAX_SMALL_FILE + 1];
-    let mut len = 0;
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 4096];
     loop {
-        let n = rustix::io::pread(fd, &mut buf[len..], len as u64).map_err(errno)?;
+        let n = rustix::io::pread(fd, &mut chunk, out.len() as u64).map_err(errno)?;
         if n == 0 {
-            break;
+            return Ok(out);
         }
-        len += n;
-        if len > MAX_SMALL_FILE {
+        out.extend_from_slice(&chunk[..n]);
+        if out.len() > MAX_SMALL_FILE {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("'{name}' is larger than {MAX_SMALL_FILE} bytes"),
             ));
         }
     }
-    buf.truncate(len);
-    Ok(buf)
 }
 
 /// Writes `contents` to `name` in `dir` atomically: a temporary file in the same
