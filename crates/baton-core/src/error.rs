@@ -34,6 +34,9 @@ pub enum ErrorKind {
     Corrupt,
     /// The store does not support this operation.
     Unsupported,
+    /// A fenced write carried a token older than one the resource has already seen: its
+    /// holder lost the lock. The write was not made.
+    Fenced,
 }
 
 impl ErrorKind {
@@ -52,6 +55,7 @@ impl ErrorKind {
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Corrupt => "corrupt",
             ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Fenced => "fenced",
         }
     }
 }

@@ -11,10 +11,14 @@
 //! - [`StoreUrl`]: a store URL whose `Debug`/`Display` never show secrets;
 //! - [`Keeper`]: renews a lease every TTL/3 and declares it lost before the store could
 //!   re-grant it;
+//! - `fence` (feature `fence-sqlite`): the fence helper that makes a SQLite resource
+//!   reject writes from holders that lost the lock;
 //! - [`parse_duration`]: `500ms`, `2s`, `1m30s`.
 
 mod duration;
 mod error;
+#[cfg(feature = "fence-sqlite")]
+pub mod fence;
 mod guard;
 mod holder;
 mod keeper;

@@ -478,6 +478,7 @@ impl Store for LeaseStore {
         );
         c.renew = true;
         c.break_lease = true;
+        c.resize = true;
         c
     }
 
@@ -615,6 +616,13 @@ impl Store for LeaseStore {
             }
         }
         Ok(broken)
+    }
+
+    async fn resize(&self, key: &Key, limit: u32) -> Result<KeyStatus, Error> {
+        // Lowering never evicts: acquires count holders in every slot, also those at or
+        // above the new limit, and grant only below it, so grants stop until they drain.
+        self.root.set_limit(key, limit)?;
+        self.inspect(key).await
     }
 
     async fn inspect(&self, key: &Key) -> Result<KeyStatus, Error> {

@@ -118,12 +118,18 @@ impl Root {
         create_limit: Option<u32>,
         op: Op,
     ) -> Result<Option<(Arc<OwnedFd>, u32)>, Error> {
-        if let Some(k) = lock(&self.keys).get(key) {
+        let cached = lock(&self.keys).get(key).map(|k| (k.dir.clone(), k.limit));
+        if let Some((dir, limit)) = cached {
             // A directory deleted under a long-lived process must not be used: others
             // would lock files in its replacement. Deleting a key in use is unsupported,
             // but this keeps one process from drifting onto a dead inode.
-            if rustix::fs::fstat(k.dir.as_fd()).is_ok_and(|st| st.st_nlink > 0) {
-                return Ok(Some((k.dir.clone(), k.limit)));
+            if rustix::fs::fstat(dir.as_fd()).is_ok_and(|st| st.st_nlink > 0) {
+                // Lease mode supports resize: its limit is read afresh every time.
+                if self.config.mode == Mode::Lease {
+                    let limit = self.read_limit(&dir, key, op)?;
+                    return Ok(Some((dir, limit)));
+                }
+                return Ok(Some((dir, limit)));
             }
         }
         let name = dir_name(key);
@@ -173,6 +179,21 @@ impl Root {
                 String::from_utf8_lossy(&bytes[..bytes.len().min(40)])
             ))),
         }
+    }
+
+    /// Sets a key's limit (lease mode): the limit file is replaced atomically.
+    pub fn set_limit(&self, key: &Key, limit: u32) -> Result<(), Error> {
+        if limit == 0 {
+            return Err(self.err(
+                ErrorKind::InvalidInput,
+                Op::Resize,
+                key,
+                "the limit must be at least 1 slot",
+            ));
+        }
+        let (dir, _) = self.existing_key(key, Op::Resize)?;
+        fs::write_atomic(dir.as_fd(), "limit", format!("{limit}\n").as_bytes())
+            .map_err(|e| self.io_err(Op::Resize, key, "cannot write the key's limit", e))
     }
 
     /// Every key in the store, sorted.

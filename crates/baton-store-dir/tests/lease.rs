@@ -305,3 +305,60 @@ async fn the_two_modes_never_share_a_store() {
     assert_eq!(err.kind(), ErrorKind::Corrupt);
     assert!(err.to_string().contains("mode=lease"), "{err}");
 }
+
+#[tokio::test]
+async fn resize_lowers_without_evicting_and_raises_at_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let s = store(tmp.path());
+    let mut r = req("sem", 60_000, Wait::NoWait);
+    r.limit = 3;
+    let held: Vec<_> = fill(&s, &r, 3).await;
+    let key = Key::new("sem").expect("key");
+    // Lower to 1: all three keep their slots; no new grant until they drain below 1.
+    let st = store(tmp.path()).resize(&key, 1).await.expect("resize");
+    assert_eq!(st.limit, 1);
+    assert_eq!(st.held(), 3, "nobody evicted");
+    let mut one = r.clone();
+    one.limit = 1;
+    for lease in &held[..2] {
+        s.release(lease).await.expect("release");
+        let err = store(tmp.path())
+            .acquire(&one)
+            .await
+            .expect_err("still full");
+        assert_eq!(err.kind(), ErrorKind::Busy);
+    }
+    s.release(&held[2]).await.expect("release");
+    let got = store(tmp.path())
+        .acquire(&one)
+        .await
+        .expect("drained: one grant");
+    assert_eq!(got.slot, 0);
+    // The old limit is refused now, naming the new one.
+    let err = store(tmp.path()).acquire(&r).await.expect_err("mismatch");
+    assert_eq!(err.current_limit(), Some(1));
+    // Raise to 2: a second grant at once.
+    store(tmp.path()).resize(&key, 2).await.expect("raise");
+    let mut two = r.clone();
+    two.limit = 2;
+    let second = store(tmp.path()).acquire(&two).await.expect("raised");
+    assert_eq!(second.slot, 1);
+    assert_eq!(
+        store(tmp.path())
+            .resize(&key, 0)
+            .await
+            .expect_err("zero")
+            .kind(),
+        ErrorKind::InvalidInput
+    );
+}
+
+async fn fill(s: &Arc<LeaseStore>, r: &AcquireRequest, n: usize) -> Vec<baton_core::Lease> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let mut r = r.clone();
+        r.holder = Holder::current(vec!["test".into()]);
+        out.push(s.acquire(&r).await.expect("fill"));
+    }
+    out
+}
