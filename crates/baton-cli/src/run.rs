@@ -299,15 +299,8 @@ async fn supervise(
         }
     };
     let exit = loop {
-        match child.try_wait() {
-            Ok(Some(exit)) => break exit,
-            Ok(None) => {}
-            Err(err) => {
-                return Err(Failure::new(
-                    exit_code::FAILURE,
-                    format!("cannot wait for the command (pid {}): {err}", child.pid()),
-                ))
-            }
+        if let Some(exit) = reap(&mut child)? {
+            break exit;
         }
         tokio::select! {
             _ = sigchld.recv() => {}
@@ -342,6 +335,16 @@ async fn supervise(
     })
 }
 
+/// The command's exit, once it has exited; a failure to wait is baton's failure.
+fn reap(child: &mut Child) -> Result<Option<Exit>, Failure> {
+    child.try_wait().map_err(|err| {
+        Failure::new(
+            exit_code::FAILURE,
+            format!("cannot wait for the command (pid {}): {err}", child.pid()),
+        )
+    })
+}
+
 /// Resolves when the keeper declares the lease lost; never without a keeper.
 async fn lost(keeper: Option<&Keeper>) -> LeaseState {
     match keeper {
@@ -361,15 +364,8 @@ async fn stop_child(
     let kill_at = tokio::time::Instant::now() + grace;
     let mut killed = false;
     loop {
-        match child.try_wait() {
-            Ok(Some(_)) => return Ok(()),
-            Ok(None) => {}
-            Err(err) => {
-                return Err(Failure::new(
-                    exit_code::FAILURE,
-                    format!("cannot wait for the command (pid {}): {err}", child.pid()),
-                ))
-            }
+        if reap(child)?.is_some() {
+            return Ok(());
         }
         tokio::select! {
             _ = sigchld.recv() => {}

@@ -165,15 +165,11 @@ fn now_ms() -> u64 {
 impl LeaseStore {
     /// Opens the store a `dir:PATH?mode=lease` URL names.
     pub fn open(url: &StoreUrl) -> Result<LeaseStore, Error> {
-        let root = Root::open(url)?;
-        if root.config.mode != Mode::Lease {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                "not a lease-mode URL (add ?mode=lease), or open it with baton_store_dir::open",
-            )
-            .with_op(Op::Open)
-            .with_store(url));
-        }
+        let root = Root::open_in(
+            url,
+            Mode::Lease,
+            "not a lease-mode URL (add ?mode=lease), or open it with baton_store_dir::open",
+        )?;
         Ok(LeaseStore {
             root,
             held: Mutex::new(HashMap::new()),

@@ -32,7 +32,19 @@ struct KeyDir {
 const MODE_FILE: &str = ".baton-mode";
 
 impl Root {
-    /// Opens (creating if needed) the store directory of `url` for `mode`.
+    /// Opens the store directory of `url`, which must ask for `mode` (`hint` says how to
+    /// open a URL of the other mode).
+    pub fn open_in(url: &StoreUrl, mode: Mode, hint: &str) -> Result<Root, Error> {
+        let root = Root::open(url)?;
+        if root.config.mode != mode {
+            return Err(Error::new(ErrorKind::InvalidInput, hint.to_owned())
+                .with_op(Op::Open)
+                .with_store(url));
+        }
+        Ok(root)
+    }
+
+    /// Opens (creating if needed) the store directory of `url`, in the mode it asks for.
     pub fn open(url: &StoreUrl) -> Result<Root, Error> {
         let config = DirConfig::from_url(url)?;
         let mut shown = format!("dir:{}", config.root.display());

@@ -156,15 +156,11 @@ impl DirStore {
     /// if it is a symlink or another user owns it. `mode=lease` is refused here: open it
     /// with [`crate::open`] or [`crate::LeaseStore::open`].
     pub fn open(url: &StoreUrl) -> Result<DirStore, Error> {
-        let root = Root::open(url)?;
-        if root.config.mode != Mode::Kernel {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                "this is a lease-mode URL; open it with baton_store_dir::open or LeaseStore::open",
-            )
-            .with_op(Op::Open)
-            .with_store(url));
-        }
+        let root = Root::open_in(
+            url,
+            Mode::Kernel,
+            "this is a lease-mode URL; open it with baton_store_dir::open or LeaseStore::open",
+        )?;
         Ok(DirStore {
             root,
             files: Mutex::new(HashMap::new()),
