@@ -8,16 +8,19 @@
 
 use baton::ErrorKind;
 
-/// The command ran and exited 0, or a `status`/`list`/`break` did what was asked.
+/// The command ran and exited 0, or a `status`/`list`/`break` did what was asked, or
+/// `leader KEY` found a leader.
 pub const SUCCESS: u8 = 0;
 
 /// The operation was refused or found nothing to do: `status KEY` for a key the store
 /// does not have, `break` on a store that cannot break a lease (the directory store:
-/// the kernel frees a slot when its holder exits) or that found nothing to break.
+/// the kernel frees a slot when its holder exits) or that found nothing to break, and
+/// `leader KEY` when the key has no leader (or does not exist).
 pub const FAILURE: u8 = 1;
 
 /// A usage error: bad arguments, a bad key, duration or store URL, an unknown store
-/// scheme, no command to run, `-n 0`, or `-n` different from the key's existing limit.
+/// scheme, no command to run, `-n 0`, or `-n` different from the key's existing limit
+/// (`leader KEY` for a key that is a semaphore of several slots).
 pub const USAGE: u8 = 2;
 
 /// The store cannot be used: unreachable, a permission problem, a directory owned by
@@ -71,10 +74,11 @@ pub const HELP_TABLE: &str = "\
 Exit status:
   N      baton run: the command's own exit status
   128+N  baton run: the command died of signal N (or baton got signal N while waiting)
-  0      status, list, break: done
-  1      status KEY: no such key; break: the store cannot break leases, or nothing to break
+  0      status, list, break: done; leader: there is a leader
+  1      status KEY: no such key; break: the store cannot break leases, or nothing to break;
+         leader: no leader
   2      usage error: bad option, key, duration or store URL, no command, -n 0,
-         or -n differs from the key's existing limit
+         or -n differs from the key's existing limit; leader: the key is a semaphore
   69     the store cannot be used (unreachable, permissions, foreign owner, corrupt state)
   75     run: not acquired (busy with --no-wait, or -w ran out); -E CODE changes it
   76     run: the lease was lost while the command ran; baton stopped the command

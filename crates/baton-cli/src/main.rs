@@ -8,6 +8,7 @@ mod brk;
 mod child;
 mod common;
 mod exit_code;
+mod leader;
 mod list;
 mod run;
 mod signals;
@@ -75,6 +76,15 @@ enum Command {
     /// and `break --kill` sends SIGTERM to each holder that is alive on this host.
     #[command(name = "break", after_help = exit_code::HELP_TABLE)]
     Break(brk::Args),
+
+    /// Show who leads a key: the holder of its one slot (pid, host, user, token, age).
+    ///
+    /// Candidates campaign with `baton run -k KEY -- COMMAND`: the one that holds the key
+    /// leads, the others wait as standbys and the next takes over when it exits. Exits 0
+    /// when there is a leader, 1 when there is none (also for a key the store does not
+    /// have), 2 for a bad key or a key that is a semaphore of several slots.
+    #[command(after_help = exit_code::HELP_TABLE)]
+    Leader(leader::Args),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +98,7 @@ fn main() -> ExitCode {
         Command::Status(args) => status::run(store, args),
         Command::List(args) => list::run(store, args),
         Command::Break(args) => brk::run(store, args),
+        Command::Leader(args) => leader::run(store, args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -11,6 +11,8 @@
 //! - [`StoreUrl`]: a store URL whose `Debug`/`Display` never show secrets;
 //! - [`Keeper`]: renews a lease every TTL/3 and declares it lost before the store could
 //!   re-grant it;
+//! - [`leader`](mod@leader): leader election on any store ([`campaign`], [`Leadership`],
+//!   [`leader()`], [`observe`]);
 //! - `fence` (feature `fence-sqlite`): the fence helper that makes a SQLite resource
 //!   reject writes from holders that lost the lock;
 //! - [`parse_duration`]: `500ms`, `2s`, `1m30s`.
@@ -23,6 +25,7 @@ mod guard;
 mod holder;
 mod keeper;
 mod key;
+pub mod leader;
 mod lease;
 mod store;
 mod url;
@@ -33,6 +36,7 @@ pub use guard::{LeaseGuard, LockRequest, StoreExt};
 pub use holder::{boot_id, hostname, pid_start_ticks, Holder, HolderId, Liveness};
 pub use keeper::{Keeper, KeeperConfig, LeaseState};
 pub use key::{derive_key, Key, MAX_KEY_LEN};
+pub use leader::{campaign, leader, observe, Leader, Leadership};
 pub use lease::{Lease, Token, Wait};
 pub use store::{AcquireRequest, Capabilities, KeyStatus, Released, SlotState, SlotStatus, Store};
 pub use url::StoreUrl;

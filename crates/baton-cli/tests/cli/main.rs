@@ -1,6 +1,7 @@
 //! The `baton` command, tested through the real binary.
 
 mod hostile;
+mod leader;
 mod lease;
 mod manage;
 mod run;
