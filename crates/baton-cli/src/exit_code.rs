@@ -38,6 +38,10 @@ pub const NOT_ACQUIRED: u8 = 75;
 /// then SIGKILL after `--kill-grace`).
 pub const LEASE_LOST: u8 = 76;
 
+/// `fence`: the write was refused because a newer token was seen already (the writer
+/// lost the lock); nothing was written.
+pub const FENCED: u8 = 77;
+
 /// The command was found but cannot be executed (no permission, not an executable), as
 /// a POSIX shell reports it.
 pub const CANNOT_EXECUTE: u8 = 126;
@@ -79,8 +83,10 @@ Exit status:
          leader: no leader
   2      usage error: bad option, key, duration or store URL, no command, -n 0,
          or -n differs from the key's existing limit; leader: the key is a semaphore
-  69     the store cannot be used (unreachable, permissions, foreign owner, corrupt state)
+  69     the store cannot be used (unreachable, permissions, foreign owner, corrupt state);
+         fence: the database cannot be used or the SQL failed (nothing written)
   75     run: not acquired (busy with --no-wait, or -w ran out); -E CODE changes it
   76     run: the lease was lost while the command ran; baton stopped the command
+  77     fence: the write was refused, a newer token was seen (this holder lost the lock)
   126    run: the command cannot be executed
   127    run: the command was not found";

@@ -8,6 +8,7 @@ mod brk;
 mod child;
 mod common;
 mod exit_code;
+mod fence;
 mod leader;
 mod list;
 mod run;
@@ -85,6 +86,15 @@ enum Command {
     /// have), 2 for a bad key or a key that is a semaphore of several slots.
     #[command(after_help = exit_code::HELP_TABLE)]
     Leader(leader::Args),
+
+    /// Write to a SQLite database only if this holder's fencing token is still current.
+    ///
+    /// Inside `baton run`: `baton fence --db results.db "INSERT ..."` takes the key and
+    /// token from BATON_KEY and BATON_TOKEN and runs the SQL in the same transaction as
+    /// the check. A holder that lost the lock (paused past its lease, and someone else
+    /// wrote since with a newer token) has its write refused: exit 77, nothing written.
+    #[command(after_help = exit_code::HELP_TABLE)]
+    Fence(fence::Args),
 }
 
 fn main() -> ExitCode {
@@ -99,6 +109,7 @@ fn main() -> ExitCode {
         Command::List(args) => list::run(store, args),
         Command::Break(args) => brk::run(store, args),
         Command::Leader(args) => leader::run(store, args),
+        Command::Fence(args) => fence::run(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -1,5 +1,6 @@
 //! The `baton` command, tested through the real binary.
 
+mod fence;
 mod hostile;
 mod leader;
 mod lease;
