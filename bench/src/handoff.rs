@@ -128,7 +128,7 @@ fn pair(imp: Impl, work: &Path, cfg: &Config) -> Result<Vec<u64>> {
         mkfifo(&p)?;
     }
     let target = match imp {
-        Impl::Baton => work.join("store"),
+        Impl::Baton | Impl::BatonLease => work.join("store"),
         Impl::Flock => work.join("lock"),
     };
     let exe = std::env::current_exe()?;

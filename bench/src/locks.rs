@@ -1,5 +1,6 @@
-//! The two locks every multi-process benchmark runs: baton's directory store through the
-//! library, and a raw `flock(2)` on one open file. Both block until granted.
+//! The locks the benchmarks run: baton's directory store through the library (kernel mode,
+//! and lease-file mode for benchmark 1 and the syscall count), and a raw `flock(2)` on one
+//! open file. All block until granted unless asked not to wait.
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -19,6 +20,9 @@ pub enum Impl {
     Baton,
     /// `flock(LOCK_EX)` / `flock(LOCK_UN)` on a file opened once.
     Flock,
+    /// baton's directory store in lease-file mode (`dir:PATH?mode=lease`). Benchmark 1
+    /// and the syscall count only: the multi-process benchmarks compare kernel locks.
+    BatonLease,
 }
 
 impl Impl {
@@ -27,6 +31,7 @@ impl Impl {
         match self {
             Impl::Baton => "baton",
             Impl::Flock => "flock",
+            Impl::BatonLease => "baton-lease",
         }
     }
 }
@@ -45,7 +50,13 @@ pub fn open(imp: Impl, target: &Path, wait: Wait) -> Result<Box<dyn BenchLock>> 
     Ok(match imp {
         Impl::Baton => Box::new(BatonLock::open(target, "bench", wait)?),
         Impl::Flock => Box::new(RawFlock::open(target)?),
+        Impl::BatonLease => Box::new(BatonLock::open_url(&lease_url(target), "bench", wait)?),
     })
+}
+
+/// The lease-file mode URL of the store directory `dir`.
+pub fn lease_url(dir: &Path) -> String {
+    format!("dir:{}?mode=lease", dir.display())
 }
 
 /// `flock(2)` on one open file description.
@@ -92,7 +103,8 @@ impl BenchLock for RawFlock {
     }
 }
 
-/// baton's directory store, driven through the `Store` trait on a current-thread runtime.
+/// baton's directory store (either mode), driven through the `Store` trait on a
+/// current-thread runtime.
 pub struct BatonLock {
     rt: tokio::runtime::Runtime,
     store: Arc<dyn Store>,
@@ -103,10 +115,16 @@ pub struct BatonLock {
 impl BatonLock {
     /// Opens the directory store at `dir` and prepares a mutex request for `key`.
     pub fn open(dir: &Path, key: &str, wait: Wait) -> Result<BatonLock> {
+        BatonLock::open_url(&format!("dir:{}", dir.display()), key, wait)
+    }
+
+    /// Opens the store `url` names (`baton::open` picks the mode) and prepares a mutex
+    /// request for `key`.
+    pub fn open_url(url: &str, key: &str, wait: Wait) -> Result<BatonLock> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let store = baton::open(&format!("dir:{}", dir.display()))?;
+        let store = baton::open(url)?;
         let mut req =
             AcquireRequest::new(Key::new(key)?, Holder::current(vec!["baton-bench".into()]));
         req.wait = wait;

@@ -205,8 +205,9 @@ fn run(args: RunArgs) -> Result<()> {
         eprintln!("benchmark 1: in-process acquire + release");
         let cfg = inproc::Config {
             rounds: if args.quick { 2 } else { 7 },
-            ops: if args.quick { 200 } else { 4000 },
-            raw_ops: if args.quick { 2000 } else { 100_000 },
+            ops: if args.quick { 300 } else { 20_000 },
+            peer_ops: if args.quick { 100 } else { 3000 },
+            raw_ops: if args.quick { 3000 } else { 200_000 },
             dir: dir.join("inproc"),
             other_dir: other_dir.as_ref().map(|d| d.join("inproc")),
             python: args.python.clone(),

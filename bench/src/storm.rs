@@ -150,7 +150,7 @@ fn round(imp: Impl, n: usize, cfg: &Config, work: &Path) -> Result<RoundResult> 
     let map = Map::open(&shm_path, true)?;
     let sh = map.shared();
     let target = match imp {
-        Impl::Baton => work.join("store"),
+        Impl::Baton | Impl::BatonLease => work.join("store"),
         Impl::Flock => work.join("lock"),
     };
     let exe = std::env::current_exe()?;
