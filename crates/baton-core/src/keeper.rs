@@ -2,8 +2,11 @@
 //! clock, before the store could grant the slot to someone else (DESIGN, contract point 3).
 //!
 //! Guarantees:
-//! - It runs on its own OS thread with its own Tokio runtime, so user work (a busy or
-//!   blocked runtime of the caller) cannot starve renewals or the loss deadline.
+//! - It runs on its own threads with its own Tokio runtime, so user work (a busy or
+//!   blocked runtime of the caller) cannot starve renewals or the loss deadline. Each
+//!   renewal is its own task on a two-worker runtime, so a store that blocks inside
+//!   `renew` (file I/O on a hung NFS server) cannot hold up the deadline, which fires on
+//!   the other worker; a renewal stuck in the kernel never delays `stop()` either.
 //! - The deadline is `send_time + TTL × (1 − drift) − margin`, where `send_time` is when
 //!   the last successful renewal (or the acquire) was *sent*. The store extends a lease
 //!   from a moment after it received the request, so the store's expiry is later than
@@ -94,7 +97,9 @@ impl Keeper {
             deadline: first_deadline,
         });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("baton-keeper-rt")
             .enable_all()
             .build()
             .map_err(|e| {
@@ -104,6 +109,8 @@ impl Keeper {
             .name("baton-keeper".into())
             .spawn(move || {
                 runtime.block_on(keep(store, lease, config, first_deadline, tx, stop_rx));
+                // Do not wait for a renewal still blocked in the store.
+                runtime.shutdown_background();
             })
             .map_err(|e| {
                 Error::new(ErrorKind::Unavailable, "cannot start the lease keeper").with_source(e)
@@ -192,13 +199,22 @@ async fn keep(
             _ = tokio::time::sleep_until(next.into()) => {}
         }
         let sent_at = Instant::now();
+        let mut renewal = tokio::spawn({
+            let store = Arc::clone(&store);
+            let lease = lease.clone();
+            async move { store.renew(&lease).await }
+        });
         let outcome = tokio::select! {
             _ = &mut stop => { let _ = tx.send(LeaseState::Stopped); return; }
             _ = tokio::time::sleep_until(deadline.into()) => {
+                renewal.abort();
                 let _ = tx.send(lost("the store did not answer a renewal before the lease's deadline".into()));
                 return;
             }
-            r = store.renew(&lease) => r,
+            r = &mut renewal => match r {
+                Ok(r) => r,
+                Err(e) => Err(Error::new(ErrorKind::Unavailable, format!("the renewal task failed: {e}"))),
+            },
         };
         match outcome {
             Ok(renewed) => {
@@ -234,6 +250,8 @@ mod tests {
     enum Renew {
         Ok,
         Hang,
+        /// Blocks its thread, as a store doing file I/O on a hung NFS server would.
+        Block,
         Lost,
         Unavailable,
     }
@@ -271,6 +289,10 @@ mod tests {
             match mode {
                 Renew::Ok => Ok(lease.clone()),
                 Renew::Hang => std::future::pending().await,
+                Renew::Block => {
+                    std::thread::sleep(Duration::from_secs(3));
+                    Ok(lease.clone())
+                }
                 Renew::Lost => Err(Error::new(ErrorKind::Lost, "taken over")),
                 Renew::Unavailable => Err(Error::new(ErrorKind::Unavailable, "conn refused")),
             }
@@ -335,6 +357,29 @@ mod tests {
         };
         assert!(at >= sent + cfg.validity(), "never before the deadline");
         assert!(reason.contains("deadline"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn a_renewal_blocking_its_thread_cannot_postpone_loss() {
+        let (store, lease) = setup(Renew::Block);
+        let cfg = KeeperConfig::for_ttl(Duration::from_millis(300));
+        let sent = Instant::now();
+        let keeper = Keeper::start(store, lease, cfg, sent).expect("start");
+        let LeaseState::Lost { at, reason } = keeper.lost().await else {
+            panic!("expected Lost, got {:?}", keeper.state())
+        };
+        assert!(reason.contains("did not answer"), "{reason}");
+        // Declared while the renewal still blocks (it sleeps 3 s); a liveness bound.
+        assert!(
+            at < sent + Duration::from_millis(2500),
+            "loss waited for the blocked renewal"
+        );
+        let t = Instant::now();
+        keeper.stop();
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "stop() does not wait for the blocked renewal"
+        );
     }
 
     #[tokio::test]
