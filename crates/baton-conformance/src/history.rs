@@ -108,10 +108,106 @@ pub enum Event {
         /// Why.
         message: String,
     },
+    /// A process read its wall clock (`SystemTime::now()`), to show that a faked clock
+    /// took effect.
+    Clock {
+        /// The process.
+        pid: u32,
+        /// When, on the monotonic clock.
+        t_ns: u64,
+        /// What the wall clock said, in ms since the Unix epoch (negative before it).
+        unix_ms: i64,
+    },
+    /// The holder's keeper published a deadline: it will declare the lease lost then
+    /// unless a renewal succeeds first.
+    Held {
+        /// The holder.
+        pid: u32,
+        /// When the holder saw the new deadline.
+        t_ns: u64,
+        /// The lease's key.
+        key: Key,
+        /// The lease's token.
+        token: Token,
+        /// The deadline, on the monotonic clock.
+        deadline_ns: u64,
+    },
+    /// A renewal (by the holder's keeper) returned.
+    Renewed {
+        /// The holder.
+        pid: u32,
+        /// When it returned.
+        t_ns: u64,
+        /// When it was called, no earlier than the keeper's send time (its deadline counts
+        /// from the send time, so `t_sent_ns + validity` bounds that deadline from above).
+        t_sent_ns: u64,
+        /// The lease's key.
+        key: Key,
+        /// The lease's token.
+        token: Token,
+        /// Whether the store renewed the lease.
+        ok: bool,
+        /// When it did not: the error's kind.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kind: Option<String>,
+        /// When it did not: the error, displayed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// The holder's keeper declared the lease lost.
+    Lost {
+        /// The holder.
+        pid: u32,
+        /// When the holder saw it.
+        t_ns: u64,
+        /// The lease's key.
+        key: Key,
+        /// The lease's token.
+        token: Token,
+        /// When the keeper declared it, on the monotonic clock.
+        at_ns: u64,
+        /// Why, in the keeper's words.
+        reason: String,
+    },
+    /// A write to the fenced resource (a SQLite database behind `baton_core::fence`)
+    /// returned.
+    FenceWrite {
+        /// The writer.
+        pid: u32,
+        /// When the write returned.
+        t_ns: u64,
+        /// The key the fence tracks.
+        key: Key,
+        /// The token the write carried.
+        token: Token,
+        /// Whether the resource accepted it.
+        accepted: bool,
+        /// When it did not: the error's kind (`fenced` for a refused token).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kind: Option<String>,
+        /// When it did not: the error, displayed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// The test is about to SIGSTOP a worker.
+    Paused {
+        /// The process paused (not the one recording).
+        pid: u32,
+        /// When, just before the signal was sent.
+        t_ns: u64,
+    },
+    /// The test is about to SIGCONT a worker.
+    Resumed {
+        /// The process resumed (not the one recording).
+        pid: u32,
+        /// When, just before the signal was sent.
+        t_ns: u64,
+    },
 }
 
 impl Event {
-    /// The process that recorded the event.
+    /// The process that recorded the event; for `killed`, `paused` and `resumed`, the
+    /// process the test signalled.
     pub fn pid(&self) -> u32 {
         match self {
             Event::Ready { pid, .. }
@@ -121,7 +217,14 @@ impl Event {
             | Event::Release { pid, .. }
             | Event::Released { pid, .. }
             | Event::Killed { pid, .. }
-            | Event::Failed { pid, .. } => *pid,
+            | Event::Failed { pid, .. }
+            | Event::Clock { pid, .. }
+            | Event::Held { pid, .. }
+            | Event::Renewed { pid, .. }
+            | Event::Lost { pid, .. }
+            | Event::FenceWrite { pid, .. }
+            | Event::Paused { pid, .. }
+            | Event::Resumed { pid, .. } => *pid,
         }
     }
 
@@ -135,7 +238,14 @@ impl Event {
             | Event::Release { t_ns, .. }
             | Event::Released { t_ns, .. }
             | Event::Killed { t_ns, .. }
-            | Event::Failed { t_ns, .. } => *t_ns,
+            | Event::Failed { t_ns, .. }
+            | Event::Clock { t_ns, .. }
+            | Event::Held { t_ns, .. }
+            | Event::Renewed { t_ns, .. }
+            | Event::Lost { t_ns, .. }
+            | Event::FenceWrite { t_ns, .. }
+            | Event::Paused { t_ns, .. }
+            | Event::Resumed { t_ns, .. } => *t_ns,
         }
     }
 }

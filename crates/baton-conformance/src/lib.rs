@@ -28,25 +28,50 @@
 //! baton_conformance::suite!(open, harness);
 //! ```
 //!
+//! A lease store (one whose leases expire unless renewed) runs [`lease_suite!`] instead:
+//! the same properties plus those of leases (a paused holder superseded and fenced, loss
+//! declared before a re-grant, wall-clock jumps, break, resize, damaged state). Its
+//! harness says which TTL those use and how to damage the store:
+//!
+//! ```ignore
+//! fn harness() -> Harness {
+//!     let dir = tempfile::tempdir().expect("temp dir");
+//!     Harness::new(format!("dir:{}?mode=lease", dir.path().display()), open)
+//!         .ttl(Duration::from_secs(30))
+//!         .recovery(Recovery::Within(Duration::from_secs(30)))
+//!         .lease(LeaseTiming { ttl: Duration::from_secs(1), detection: Duration::from_secs(1) })
+//!         .corrupt("garbage-lease-file", garbage_lease_file)
+//!         .keep(dir)
+//! }
+//!
+//! baton_conformance::lease_suite!(open, harness);
+//! ```
+//!
 //! No property asserts on speed. The only times checked are liveness bounds (generous:
-//! something that must happen does happen) and that a timed wait waited at least its
-//! timeout. Measurements (how long a killed holder's slot took to come back) are returned
-//! and printed.
+//! something that must happen does happen), that a timed wait waited at least its
+//! timeout, and one ordering that is a correctness property, not a speed: a paused
+//! holder's last deadline falls before the store grants its slot again. Measurements (how
+//! long a killed holder's slot took to come back, by how much loss preceded the re-grant)
+//! are returned and printed.
 
 mod clock;
+mod fence;
 pub mod history;
+mod lease;
 mod properties;
 mod support;
 pub mod worker;
 
 use std::any::Any;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_core::{Result, Store, StoreUrl};
+use baton_core::{Key, Result, Store, StoreUrl};
 
-pub use clock::monotonic_ns;
+pub use clock::{instant_ns, monotonic_ns};
+pub use lease::*;
 pub use properties::*;
 
 /// Opens a store from its URL. The suite calls it in the test process and in every worker.
@@ -77,6 +102,36 @@ impl Recovery {
     }
 }
 
+/// The timing of the lease properties ([`lease_suite!`]).
+///
+/// The lease properties ask for their own TTL, short so that expiry happens within a test
+/// (a paused holder must be superseded in seconds); the rest of the suite keeps
+/// [`Harness::ttl`], which must outlast every hold of a worker that does not renew.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseTiming {
+    /// The TTL the lease properties ask for. About a second: long enough that a loaded
+    /// machine renews in time (every TTL/3), short enough that each property stays within
+    /// seconds.
+    pub ttl: Duration,
+    /// How long after a TTL of silence the store may take to notice and grant the slot
+    /// again (a waiter's polling, a loaded machine's scheduling).
+    pub detection: Duration,
+}
+
+impl LeaseTiming {
+    /// The store's recovery bound at this TTL: `ttl + detection`.
+    pub fn recovery(&self) -> Duration {
+        self.ttl + self.detection
+    }
+}
+
+/// Damages a store for [`garbage_is_a_clear_error`]: given the store's URL and a key that
+/// exists in it (with a released lease), it damages the store the way a stray program,
+/// a bad disk or a hostile user could, and returns the files it damaged, which the store
+/// must leave exactly as they are. It is store-specific (lease files, a database), so each
+/// store's `tests/conformance.rs` provides its own.
+pub type CorruptFn = fn(url: &str, key: &Key) -> std::io::Result<Vec<PathBuf>>;
+
 /// How to reach the store under test.
 ///
 /// Build one with [`Harness::new`] in the store's `tests/conformance.rs`; [`suite!`] calls
@@ -86,6 +141,8 @@ pub struct Harness {
     open: OpenFn,
     recovery: Recovery,
     ttl: Option<Duration>,
+    lease: Option<LeaseTiming>,
+    corruptions: Vec<(&'static str, CorruptFn)>,
     worker_test: String,
     keep: Option<Box<dyn Any + Send + Sync>>,
 }
@@ -100,6 +157,11 @@ impl fmt::Debug for Harness {
             .field("url", &url)
             .field("recovery", &self.recovery)
             .field("ttl", &self.ttl)
+            .field("lease", &self.lease)
+            .field(
+                "corruptions",
+                &self.corruptions.iter().map(|c| c.0).collect::<Vec<_>>(),
+            )
             .field("worker_test", &self.worker_test)
             .finish_non_exhaustive()
     }
@@ -114,6 +176,8 @@ impl Harness {
             open,
             recovery: Recovery::AtOnce,
             ttl: None,
+            lease: None,
+            corruptions: Vec::new(),
             worker_test: worker::WORKER_TEST.into(),
             keep: None,
         }
@@ -128,6 +192,19 @@ impl Harness {
     /// Sets the TTL every request asks for (lease stores).
     pub fn ttl(mut self, ttl: Duration) -> Harness {
         self.ttl = Some(ttl);
+        self
+    }
+
+    /// Sets the timing of the lease properties; [`lease_suite!`] needs it.
+    pub fn lease(mut self, timing: LeaseTiming) -> Harness {
+        self.lease = Some(timing);
+        self
+    }
+
+    /// Adds a way to damage the store, named `name` (letters, digits, `-`, `_`), for
+    /// [`garbage_is_a_clear_error`]; call it once per kind of damage.
+    pub fn corrupt(mut self, name: &'static str, damage: CorruptFn) -> Harness {
+        self.corruptions.push((name, damage));
         self
     }
 
@@ -150,6 +227,22 @@ impl Harness {
     /// The TTL requests ask for.
     pub fn request_ttl(&self) -> Option<Duration> {
         self.ttl
+    }
+
+    /// The timing of the lease properties, if the harness has one.
+    pub fn lease_timing(&self) -> Option<LeaseTiming> {
+        self.lease
+    }
+
+    /// The ways to damage the store, by name.
+    pub fn corruptions(&self) -> &[(&'static str, CorruptFn)] {
+        &self.corruptions
+    }
+
+    /// Opens a new handle on the store, or says why it cannot.
+    pub fn try_open(&self) -> Result<Arc<dyn Store>> {
+        let url = StoreUrl::parse(&self.url)?;
+        (self.open)(&url)
     }
 
     /// Opens a new handle on the store; panics (failing the test) if it cannot.
@@ -181,9 +274,16 @@ impl Harness {
 ///
 /// `$open` is an [`OpenFn`]; `$harness` is a `fn() -> Harness`, called once per test.
 /// Each test runs its property on a fresh multi-threaded Tokio runtime.
+///
+/// A lease store invokes [`lease_suite!`] instead, which adds the lease properties; a
+/// module invokes one of the two.
 #[macro_export]
 macro_rules! suite {
     ($open:path, $harness:path) => {
+        $crate::suite!(@with $open, $harness;);
+    };
+    // The properties every store runs, then `$extra` (the lease properties).
+    (@with $open:path, $harness:path; $($extra:ident,)*) => {
         $crate::suite!(@tests $open, $harness;
             limit_never_exceeded,
             tokens_strictly_increase,
@@ -195,6 +295,7 @@ macro_rules! suite {
             bad_keys_rejected,
             semaphore_slots_distinct,
             list_names_keys,
+            $($extra,)*
         );
     };
     (@tests $open:path, $harness:path; $($property:ident,)*) => {
@@ -212,6 +313,24 @@ macro_rules! suite {
                 let _ = $crate::__private::runtime().block_on($crate::$property(&harness));
             }
         )*
+    };
+}
+
+/// [`suite!`] plus the lease properties, for stores whose leases expire unless renewed.
+/// The harness must set [`Harness::lease`] and at least one [`Harness::corrupt`].
+///
+/// Invoke it instead of [`suite!`] (it generates the same tests and the worker entry).
+#[macro_export]
+macro_rules! lease_suite {
+    ($open:path, $harness:path) => {
+        $crate::suite!(@with $open, $harness;
+            paused_holder_is_superseded,
+            killed_lease_holder_recovers,
+            wall_clock_jump_keeps_lease,
+            break_frees_and_holder_learns,
+            resize_never_evicts,
+            garbage_is_a_clear_error,
+        );
     };
 }
 

@@ -3,8 +3,8 @@
 //! in parallel against one store, and panics with the offending history when the store
 //! breaks the contract.
 //!
-//! Lease-specific properties (TTL, renew, a paused holder, lock-delay) will join these as
-//! lease stores arrive; they will take the same [`Harness`].
+//! The lease properties (a paused holder, loss before re-grant, clocks, break, resize,
+//! damaged state) live in the `lease` module and take the same [`Harness`].
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -14,7 +14,7 @@ use tempfile::TempDir;
 
 use crate::history::{read_history, Event, Recorder};
 use crate::worker::{Job, Task, Worker};
-use crate::{monotonic_ns, Harness, LIVENESS_BOUND};
+use crate::{monotonic_ns, Harness, LeaseTiming, LIVENESS_BOUND};
 
 /// One property's run: the store, a scratch directory with the history, and its workers.
 pub(crate) struct Lab<'h> {
@@ -74,7 +74,27 @@ impl<'h> Lab<'h> {
         }
     }
 
-    fn record(&self, event: Event) {
+    /// The timing of the lease properties; panics, naming the fix, if the harness has none.
+    pub fn lease_timing(&self) -> LeaseTiming {
+        self.h.lease_timing().unwrap_or_else(|| {
+            panic!(
+                "{}: the lease properties need the harness to say which TTL to use: \
+                 Harness::lease(LeaseTiming {{ ttl, detection }})",
+                self.property
+            )
+        })
+    }
+
+    /// A request by a fresh holder with the lease properties' TTL.
+    pub fn lease_request(&self, key: &Key, limit: u32, wait: Wait) -> AcquireRequest {
+        AcquireRequest {
+            ttl: Some(self.lease_timing().ttl),
+            ..self.request(key, limit, wait)
+        }
+    }
+
+    /// Appends an event to the history; panics if it cannot.
+    pub fn record(&self, event: Event) {
         self.recorder.record(&event).expect("record to the history");
     }
 
@@ -147,6 +167,11 @@ impl<'h> Lab<'h> {
 
     /// Releases, recording it; panics if the call fails or does not return in time.
     pub async fn release(&self, lease: &Lease) -> Released {
+        self.release_on(self.store.as_ref(), lease).await
+    }
+
+    /// [`Lab::release`] through `store` (the handle that acquired the lease).
+    pub async fn release_on(&self, store: &dyn Store, lease: &Lease) -> Released {
         let pid = std::process::id();
         self.record(Event::Release {
             pid,
@@ -156,7 +181,7 @@ impl<'h> Lab<'h> {
             token: lease.token,
         });
         let what = format!("release '{}' token {}", lease.key, lease.token);
-        let result = bounded(&what, LIVENESS_BOUND, self.store.release(lease)).await;
+        let result = bounded(&what, LIVENESS_BOUND, store.release(lease)).await;
         self.record(Event::Released {
             pid,
             t_ns: monotonic_ns(),
@@ -180,6 +205,18 @@ impl<'h> Lab<'h> {
 
     /// Starts a worker process on `key`.
     pub fn spawn(&mut self, key: &Key, limit: u32, task: Task) -> Worker {
+        self.spawn_with(key, limit, self.h.request_ttl(), task, &[])
+    }
+
+    /// Starts a worker process on `key` asking for `ttl`, with extra environment variables.
+    pub fn spawn_with(
+        &mut self,
+        key: &Key,
+        limit: u32,
+        ttl: Option<Duration>,
+        task: Task,
+        env: &[(String, String)],
+    ) -> Worker {
         self.workers += 1;
         let name = format!("worker-{}", self.workers);
         let job = Job {
@@ -187,10 +224,42 @@ impl<'h> Lab<'h> {
             history: self.history.clone(),
             key: key.clone(),
             limit,
-            ttl_ms: self.h.request_ttl().map(|d| d.as_millis() as u64),
+            ttl_ms: ttl.map(|d| d.as_millis() as u64),
             task,
         };
-        Worker::spawn(self.h.worker_test(), self.dir.path(), &name, &job)
+        Worker::spawn_with_env(self.h.worker_test(), self.dir.path(), &name, &job, env)
+    }
+
+    /// Starts a [`Task::Keep`] worker on `key` with the lease properties' TTL: it acquires,
+    /// keeps the lease with a keeper, and records what the keeper does.
+    pub fn spawn_keeper(&mut self, key: &Key, limit: u32, keep: Keep) -> Worker {
+        let release = self.path(&format!("release-{}", self.workers + 1));
+        let task = Task::Keep {
+            release,
+            fence: keep.fence,
+            after_loss: keep.after_loss,
+            marks: keep.marks,
+        };
+        let ttl = Some(self.lease_timing().ttl);
+        self.spawn_with(key, limit, ttl, task, &keep.env)
+    }
+
+    /// SIGSTOPs a worker, recording it just before.
+    pub fn pause(&self, worker: &mut Worker) {
+        self.record(Event::Paused {
+            pid: worker.pid(),
+            t_ns: monotonic_ns(),
+        });
+        worker.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONTs a worker, recording it just before.
+    pub fn resume(&self, worker: &mut Worker) {
+        self.record(Event::Resumed {
+            pid: worker.pid(),
+            t_ns: monotonic_ns(),
+        });
+        worker.signal(libc::SIGCONT);
     }
 
     /// Starts a worker that acquires `key` (waiting forever) and holds it until told to
@@ -311,6 +380,19 @@ impl<'h> Lab<'h> {
             .map(Event::t_ns)
             .expect("a release event before the released event")
     }
+}
+
+/// What a [`Task::Keep`] worker does besides keeping its lease (see [`Lab::spawn_keeper`]).
+#[derive(Default)]
+pub(crate) struct Keep {
+    /// Write through the fence of this database after the grant (and after a loss).
+    pub fence: Option<PathBuf>,
+    /// After a loss, wait for this file before releasing and writing again.
+    pub after_loss: Option<PathBuf>,
+    /// Record the wall clock each time the next of these files appears.
+    pub marks: Vec<PathBuf>,
+    /// Extra environment for the worker process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Drop for Lab<'_> {

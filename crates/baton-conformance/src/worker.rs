@@ -8,13 +8,18 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
-use baton_core::{AcquireRequest, Holder, Key, Released, StoreUrl, Wait};
+use async_trait::async_trait;
+use baton_core::{
+    AcquireRequest, Capabilities, Holder, HolderId, Keeper, KeeperConfig, Key, KeyStatus, Lease,
+    LeaseState, Released, SlotStatus, Store, StoreUrl, Wait,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::history::{Event, Recorder};
-use crate::{monotonic_ns, OpenFn, LIVENESS_BOUND};
+use crate::{instant_ns, monotonic_ns, OpenFn, LIVENESS_BOUND};
 
 /// The environment variable that carries a worker's job.
 pub const WORKER_ENV: &str = "BATON_CONFORMANCE_WORKER";
@@ -59,6 +64,26 @@ pub enum Task {
     Hold {
         /// The release signal: a file the test creates.
         release: PathBuf,
+    },
+    /// Acquire the key (waiting forever, with the job's TTL) and keep the lease with a
+    /// [`Keeper`], recording every deadline it sets (`held`), every renewal (`renewed`)
+    /// and a loss (`lost`). With `fence`, write once through the fence with the lease's
+    /// token right after the grant. Then:
+    /// - each time the next file of `marks` appears, record the wall clock (`clock`);
+    /// - when `release` appears, stop the keeper, release and exit;
+    /// - when the keeper declares the lease lost: with `after_loss`, wait for that file,
+    ///   then renew once more, release, and (with `fence`) write through the fence again
+    ///   with the old token; without it, release at once. Then exit. What the store and the fence answered is
+    ///   in the history; the test judges it.
+    Keep {
+        /// The release signal.
+        release: PathBuf,
+        /// The fenced database, if any.
+        fence: Option<PathBuf>,
+        /// What to wait for after a loss before acting on it.
+        after_loss: Option<PathBuf>,
+        /// Files the test creates one after another to ask for a wall-clock reading.
+        marks: Vec<PathBuf>,
     },
 }
 
@@ -126,6 +151,21 @@ async fn run(open: OpenFn, job: &Job) -> Result<(), String> {
         pid,
         t_ns: monotonic_ns(),
     })?;
+    if let Task::Keep {
+        release,
+        fence,
+        after_loss,
+        marks,
+    } = &job.task
+    {
+        let signals = KeepSignals {
+            release,
+            fence: fence.as_deref(),
+            after_loss: after_loss.as_deref(),
+            marks,
+        };
+        return keep(store, job, &rec, holder, signals).await;
+    }
     let (wait, rounds, max_hold_us, signal) = match &job.task {
         Task::Storm {
             start,
@@ -136,6 +176,7 @@ async fn run(open: OpenFn, job: &Job) -> Result<(), String> {
             (Wait::Timeout(LIVENESS_BOUND), *rounds, *max_hold_us, None)
         }
         Task::Hold { release } => (Wait::Forever, 1, 0, Some(release)),
+        Task::Keep { .. } => unreachable!("handled above"),
     };
     let req = AcquireRequest {
         key: job.key.clone(),
@@ -212,6 +253,255 @@ async fn run(open: OpenFn, job: &Job) -> Result<(), String> {
     Ok(())
 }
 
+/// The files a [`Task::Keep`] worker watches.
+struct KeepSignals<'a> {
+    release: &'a Path,
+    fence: Option<&'a Path>,
+    after_loss: Option<&'a Path>,
+    marks: &'a [PathBuf],
+}
+
+fn clock_event(pid: u32) -> Event {
+    let unix_ms = match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
+    };
+    Event::Clock {
+        pid,
+        t_ns: monotonic_ns(),
+        unix_ms,
+    }
+}
+
+/// [`Task::Keep`].
+async fn keep(
+    store: Arc<dyn Store>,
+    job: &Job,
+    rec: &Recorder,
+    holder: Holder,
+    signals: KeepSignals<'_>,
+) -> Result<(), String> {
+    let record = |event: Event| {
+        rec.record(&event)
+            .map_err(|e| format!("cannot record to the history: {e}"))
+    };
+    let pid = std::process::id();
+    record(clock_event(pid))?;
+    let ttl = Duration::from_millis(job.ttl_ms.ok_or("a keep task needs a TTL")?);
+    let req = AcquireRequest {
+        key: job.key.clone(),
+        limit: job.limit,
+        wait: Wait::Forever,
+        ttl: Some(ttl),
+        holder,
+    };
+    let sent = Instant::now();
+    let t_request_ns = monotonic_ns();
+    record(Event::Request {
+        pid,
+        t_ns: t_request_ns,
+        key: job.key.clone(),
+    })?;
+    let lease = store
+        .acquire(&req)
+        .await
+        .map_err(|e| format!("acquire failed: {e:#}"))?;
+    record(Event::Grant {
+        pid,
+        t_ns: monotonic_ns(),
+        t_request_ns,
+        lease: lease.clone(),
+    })?;
+
+    let recording: Arc<dyn Store> =
+        Arc::new(RecordingStore::new(Arc::clone(&store), &job.history)?);
+    let keeper = Keeper::start(
+        Arc::clone(&recording),
+        lease.clone(),
+        KeeperConfig::for_ttl(ttl),
+        sent,
+    )
+    .map_err(|e| format!("cannot start a keeper: {e:#}"))?;
+    let watcher = {
+        let mut rx = keeper.watch();
+        let rec = Recorder::open(&job.history).map_err(|e| format!("cannot open history: {e}"))?;
+        let (key, token) = (lease.key.clone(), lease.token);
+        tokio::spawn(async move {
+            loop {
+                let state = rx.borrow_and_update().clone();
+                let event = match &state {
+                    LeaseState::Held { deadline } => Event::Held {
+                        pid,
+                        t_ns: monotonic_ns(),
+                        key: key.clone(),
+                        token,
+                        deadline_ns: instant_ns(*deadline),
+                    },
+                    LeaseState::Lost { at, reason } => Event::Lost {
+                        pid,
+                        t_ns: monotonic_ns(),
+                        key: key.clone(),
+                        token,
+                        at_ns: instant_ns(*at),
+                        reason: reason.clone(),
+                    },
+                    LeaseState::Stopped => return,
+                };
+                if let Err(e) = rec.record(&event) {
+                    eprintln!("baton-conformance worker: cannot record {event:?}: {e}");
+                }
+                if !matches!(state, LeaseState::Held { .. }) || rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    if let Some(db) = signals.fence {
+        let write = crate::fence::write(db, &lease.key, lease.token);
+        let accepted = matches!(write, Event::FenceWrite { accepted: true, .. });
+        record(write)?;
+        if !accepted {
+            return Err(format!(
+                "the first write through the fence, with token {}, was refused",
+                lease.token
+            ));
+        }
+    }
+
+    let mut marks = signals.marks.iter();
+    let mut mark = marks.next();
+    let lost = loop {
+        if mark.is_some_and(|p| p.exists()) {
+            record(clock_event(pid))?;
+            mark = marks.next();
+            continue;
+        }
+        if matches!(keeper.state(), LeaseState::Lost { .. }) {
+            break true;
+        }
+        if signals.release.exists() {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    if lost {
+        // The watcher records the loss and ends; wait for it so the history has it first.
+        let _ = watcher.await;
+        if let Some(path) = signals.after_loss {
+            wait_for_file(path, LIVENESS_BOUND).await?;
+            // Ask the store too, as a holder that missed its keeper's news would: the
+            // answer is recorded (`renewed`) for the test to judge.
+            let _ = recording.renew(&lease).await;
+        }
+    } else {
+        keeper.stop();
+        let _ = watcher.await;
+    }
+    record(Event::Release {
+        pid,
+        t_ns: monotonic_ns(),
+        key: lease.key.clone(),
+        slot: lease.slot,
+        token: lease.token,
+    })?;
+    let result = store.release(&lease).await;
+    record(Event::Released {
+        pid,
+        t_ns: monotonic_ns(),
+        key: lease.key.clone(),
+        token: lease.token,
+        outcome: result.as_ref().ok().copied(),
+        error: result.as_ref().err().map(|e| format!("{e:#}")),
+    })?;
+    if let (true, Some(db)) = (lost, signals.fence) {
+        record(crate::fence::write(db, &lease.key, lease.token))?;
+    }
+    Ok(())
+}
+
+/// The store as the keeper of a [`Task::Keep`] worker sees it: every renewal is recorded
+/// (`renewed`) before its answer reaches the keeper, so the history holds every renewal
+/// the keeper acted on, even if the process is stopped right after.
+#[derive(Debug)]
+pub(crate) struct RecordingStore {
+    inner: Arc<dyn Store>,
+    rec: Recorder,
+}
+
+impl RecordingStore {
+    /// `inner`, recording its renewals to the history at `history`.
+    pub(crate) fn new(inner: Arc<dyn Store>, history: &Path) -> Result<RecordingStore, String> {
+        Ok(RecordingStore {
+            inner,
+            rec: Recorder::open(history).map_err(|e| format!("cannot open history: {e}"))?,
+        })
+    }
+}
+
+#[async_trait]
+impl Store for RecordingStore {
+    fn url(&self) -> &StoreUrl {
+        self.inner.url()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn acquire(&self, req: &AcquireRequest) -> baton_core::Result<Lease> {
+        self.inner.acquire(req).await
+    }
+
+    async fn release(&self, lease: &Lease) -> baton_core::Result<Released> {
+        self.inner.release(lease).await
+    }
+
+    async fn inspect(&self, key: &Key) -> baton_core::Result<KeyStatus> {
+        self.inner.inspect(key).await
+    }
+
+    async fn list(&self) -> baton_core::Result<Vec<Key>> {
+        self.inner.list().await
+    }
+
+    async fn renew(&self, lease: &Lease) -> baton_core::Result<Lease> {
+        let t_sent_ns = monotonic_ns();
+        let result = self.inner.renew(lease).await;
+        let event = Event::Renewed {
+            pid: std::process::id(),
+            t_ns: monotonic_ns(),
+            t_sent_ns,
+            key: lease.key.clone(),
+            token: lease.token,
+            ok: result.is_ok(),
+            kind: result.as_ref().err().map(|e| e.kind().as_str().into()),
+            error: result.as_ref().err().map(|e| format!("{e:#}")),
+        };
+        // A renewal the history does not show must not count: the test bounds the keeper's
+        // deadline by the renewals it sees.
+        self.rec.record(&event).map_err(|e| {
+            baton_core::Error::new(
+                baton_core::ErrorKind::Unavailable,
+                "cannot record a renewal to the conformance history",
+            )
+            .with_source(e)
+        })?;
+        result
+    }
+
+    async fn break_lease(
+        &self,
+        key: &Key,
+        holder: Option<HolderId>,
+    ) -> baton_core::Result<Vec<SlotStatus>> {
+        self.inner.break_lease(key, holder).await
+    }
+
+    async fn resize(&self, key: &Key, limit: u32) -> baton_core::Result<KeyStatus> {
+        self.inner.resize(key, limit).await
+    }
+}
+
 async fn wait_for_file(path: &Path, bound: Duration) -> Result<(), String> {
     let start = std::time::Instant::now();
     while !path.exists() {
@@ -238,6 +528,17 @@ impl Worker {
     /// Starts a worker running `job`, as the test `entry` of this very test binary.
     /// Its stderr goes to `<scratch>/<name>.stderr`.
     pub fn spawn(entry: &str, scratch: &Path, name: &str, job: &Job) -> Worker {
+        Worker::spawn_with_env(entry, scratch, name, job, &[])
+    }
+
+    /// [`Worker::spawn`] with extra environment variables (`LD_PRELOAD` of libfaketime).
+    pub fn spawn_with_env(
+        entry: &str,
+        scratch: &Path,
+        name: &str,
+        job: &Job,
+        env: &[(String, String)],
+    ) -> Worker {
         let exe = std::env::current_exe().expect("the test binary's path");
         let stderr = scratch.join(format!("{name}.stderr"));
         let err_file = std::fs::File::create(&stderr).expect("worker stderr file");
@@ -251,13 +552,14 @@ impl Worker {
                 "--quiet",
             ])
             .env(WORKER_ENV, json)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err_file)
             .spawn()
             .expect("start a worker process");
         let release = match &job.task {
-            Task::Hold { release } => Some(release.clone()),
+            Task::Hold { release } | Task::Keep { release, .. } => Some(release.clone()),
             Task::Storm { .. } => None,
         };
         Worker {
@@ -280,7 +582,7 @@ impl Worker {
         &self.name
     }
 
-    /// Tells a [`Task::Hold`] worker to release its lease and exit.
+    /// Tells a [`Task::Hold`] or [`Task::Keep`] worker to release its lease and exit.
     pub fn let_go(&self) {
         let path = self
             .release
@@ -296,6 +598,27 @@ impl Worker {
             let _ = self.child.kill();
             self.status = self.child.wait().ok();
         }
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT) to the worker; panics if it is gone.
+    pub fn signal(&mut self, signal: libc::c_int) {
+        assert!(
+            self.exited().is_none(),
+            "worker {} (pid {}) exited before it could be signalled: {}",
+            self.name,
+            self.pid,
+            self.stderr_text()
+        );
+        // SAFETY: kill has no memory effects; the pid is our unreaped child, so it cannot
+        // have been reused.
+        let rc = unsafe { libc::kill(self.pid as libc::pid_t, signal) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({}, {signal}): {}",
+            self.pid,
+            std::io::Error::last_os_error()
+        );
     }
 
     /// Whether the process has exited, without waiting.
