@@ -78,7 +78,7 @@ pub const HELP_TABLE: &str = "\
 Exit status:
   N      baton run: the command's own exit status
   128+N  baton run: the command died of signal N (or baton got signal N while waiting)
-  0      status, list, break: done; leader: there is a leader
+  0      status, list, break, resize, fence: done; leader: there is a leader
   1      status KEY: no such key; break: the store cannot break leases, or nothing to break;
          leader: no leader
   2      usage error: bad option, key, duration or store URL, no command, -n 0,

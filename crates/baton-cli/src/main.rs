@@ -11,6 +11,7 @@ mod exit_code;
 mod fence;
 mod leader;
 mod list;
+mod resize;
 mod run;
 mod signals;
 mod status;
@@ -87,6 +88,13 @@ enum Command {
     #[command(after_help = exit_code::HELP_TABLE)]
     Leader(leader::Args),
 
+    /// Change a semaphore's limit (lease stores: sqlite:, dir:PATH?mode=lease).
+    ///
+    /// Lowering it never evicts a holder: new grants wait until fewer than the new limit
+    /// hold the key. Requests must then ask for the new limit (-n).
+    #[command(after_help = exit_code::HELP_TABLE)]
+    Resize(resize::Args),
+
     /// Write to a SQLite database only if this holder's fencing token is still current.
     ///
     /// Inside `baton run`: `baton fence --db results.db "INSERT ..."` takes the key and
@@ -109,6 +117,7 @@ fn main() -> ExitCode {
         Command::List(args) => list::run(store, args),
         Command::Break(args) => brk::run(store, args),
         Command::Leader(args) => leader::run(store, args),
+        Command::Resize(args) => resize::run(store, args),
         Command::Fence(args) => fence::run(args),
     };
     match result {

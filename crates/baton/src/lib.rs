@@ -11,8 +11,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Each store is a feature: `dir` (default). [`open`] picks the store from the URL's
-//! scheme and says clearly when a scheme is unknown or its feature is off.
+//! Each store is a feature: `dir` and `sqlite` (both default). [`open`] picks the store
+//! from the URL's scheme and says clearly when a scheme is unknown or its feature is off.
 
 use std::sync::Arc;
 
@@ -22,10 +22,13 @@ pub use baton_core::*;
 pub const SCHEMES: &[&str] = &[
     #[cfg(feature = "dir")]
     "dir",
+    #[cfg(feature = "sqlite")]
+    "sqlite",
 ];
 
 /// Stores in the design that this build does not have yet.
 const PLANNED: &[&str] = &[
+    #[cfg(not(feature = "sqlite"))]
     "sqlite",
     "postgres",
     "postgresql",
@@ -49,6 +52,8 @@ pub fn open_url(url: &StoreUrl) -> Result<Arc<dyn Store>> {
     match url.scheme() {
         #[cfg(feature = "dir")]
         "dir" => baton_store_dir::open(url),
+        #[cfg(feature = "sqlite")]
+        "sqlite" => Ok(Arc::new(baton_store_sqlite::SqliteStore::open(url)?)),
         planned if PLANNED.contains(&planned) => Err(Error::new(
             ErrorKind::Unsupported,
             format!(

@@ -139,3 +139,57 @@ fn ttl_is_checked() {
     .code(2)
     .one_error_line();
 }
+
+#[test]
+fn resize_changes_the_limit_and_never_evicts() {
+    let dir = Dir::new();
+    let a = lease_cmd(&dir, &["run", "-n", "2", "-k", "sem", "--", "sleep", "30"]).spawn();
+    let b = lease_cmd(&dir, &["run", "-n", "2", "-k", "sem", "--", "sleep", "30"]).spawn();
+    wait_until("two holders", || {
+        let out = lease_cmd(&dir, &["status", "--json", "sem"]).output();
+        serde_json::from_str::<serde_json::Value>(out.stdout.trim())
+            .is_ok_and(|v| v["held"].as_u64() == Some(2))
+    });
+    let out = lease_cmd(&dir, &["resize", "sem", "1"]).output();
+    out.code(0).stdout_has("2 hold it now");
+    // Both still hold; the new limit is what requests must ask for now.
+    lease_cmd(
+        &dir,
+        &["run", "--no-wait", "-n", "1", "-k", "sem", "--", "true"],
+    )
+    .output()
+    .code(75);
+    lease_cmd(
+        &dir,
+        &["run", "--no-wait", "-n", "2", "-k", "sem", "--", "true"],
+    )
+    .output()
+    .code(2)
+    .stderr_has("limit of 1");
+    drop(a);
+    drop(b);
+    let out = lease_cmd(&dir, &["resize", "--json", "sem", "3"]).output();
+    out.code(0);
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("json");
+    assert_eq!(v["type"], "resized");
+    assert_eq!(v["limit"], 3);
+    lease_cmd(&dir, &["resize", "sem", "0"])
+        .output()
+        .code(2)
+        .one_error_line();
+    lease_cmd(&dir, &["resize", "nosuch", "2"])
+        .output()
+        .code(1)
+        .one_error_line();
+    // The kernel-lock store cannot resize, and says so.
+    let kernel = Dir::new();
+    kernel
+        .cmd(&["run", "-k", "kk", "--", "true"])
+        .output()
+        .code(0);
+    kernel
+        .cmd(&["resize", "kk", "2"])
+        .output()
+        .code(69)
+        .one_error_line();
+}

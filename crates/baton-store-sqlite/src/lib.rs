@@ -1,0 +1,20 @@
+//! baton's SQLite store, `sqlite:/abs/path/to/file.db`: leases as rows in one SQLite file
+//! shared by the processes of one host.
+//!
+//! Each granted slot is a row with a TTL on the host's boot-time clock; a holder renews
+//! it, and a dead holder's slot comes back when the TTL runs out. Every grant is one
+//! `BEGIN IMMEDIATE` transaction in WAL mode, so there is one writer at a time and the
+//! limit holds; a busy database is retried with jittered backoff and never reaches the
+//! caller as "database is locked". Waiters queue first come, first served by ticket.
+//! Fencing tokens come from a per-key sequence in the file. See `README.md` for the
+//! schema, the bounds and what the store cannot do.
+
+mod config;
+mod db;
+mod store;
+mod sys;
+
+pub use config::SqliteConfig;
+pub use db::{APPLICATION_ID, SCHEMA_VERSION};
+pub use store::{SqliteStore, DEFAULT_TTL, TICKET_TTL};
+pub use sys::{network_filesystem, NETWORK_FILESYSTEMS};
