@@ -136,6 +136,12 @@ impl BatonLock {
         })
     }
 
+    /// Sets the lease time to live (lease stores such as SQLite require one).
+    pub fn with_ttl(mut self, ttl: std::time::Duration) -> BatonLock {
+        self.req.ttl = Some(ttl);
+        self
+    }
+
     /// `ops` uncontended acquire + release pairs inside one `block_on`, so the runtime's
     /// entry cost is not counted per operation. Returns the elapsed nanoseconds.
     pub fn uncontended(&mut self, ops: u64) -> Result<u64> {

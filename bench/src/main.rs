@@ -10,6 +10,7 @@ mod handoff;
 mod inproc;
 mod locks;
 mod record;
+mod sqlite;
 mod storm;
 mod syscalls;
 mod util;
@@ -76,6 +77,20 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// One process of the SQLite burst benchmark.
+    #[command(hide = true)]
+    SqliteBurstWorker {
+        #[arg(long = "impl", value_enum)]
+        imp: sqlite::BurstImpl,
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        shm: PathBuf,
+        #[arg(long)]
+        n: usize,
+        #[arg(long)]
+        slot: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -98,7 +113,7 @@ struct RunArgs {
     /// Where lock files go (default: /dev/shm if it is tmpfs, else /tmp).
     #[arg(long)]
     lock_dir: Option<PathBuf>,
-    /// Run only these benchmarks (comma-separated: inproc,cli,handoff,storm).
+    /// Run only these benchmarks (comma-separated: inproc,cli,handoff,storm,sqlite,sqlite-burst).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -123,6 +138,13 @@ fn main() {
             hold_ns,
             out,
         } => storm::worker(imp, &target, &shm, hold_ns, &out),
+        Cmd::SqliteBurstWorker {
+            imp,
+            db,
+            shm,
+            n,
+            slot,
+        } => sqlite::burst_worker(imp, &db, &shm, n, slot),
     };
     if let Err(e) = result {
         eprintln!("baton-bench: {e}");
@@ -271,11 +293,35 @@ fn run(args: RunArgs) -> Result<()> {
         md.push_str(&out.markdown);
         md.push('\n');
     }
+    if wants("sqlite") {
+        eprintln!("benchmark 5: SQLite store, in-process");
+        let cfg = sqlite::InprocConfig {
+            rounds: if args.quick { 2 } else { 7 },
+            ops: if args.quick { 100 } else { 2000 },
+            dir: dir.join("sqlite"),
+        };
+        md.push_str(&sqlite::run_inproc(&cfg, &mut rec)?);
+    }
+    let mut burst_errors = 0;
+    if wants("sqlite-burst") {
+        eprintln!("benchmark 6: SQLite store, burst of processes");
+        let cfg = sqlite::BurstConfig {
+            n: if args.quick { 50 } else { 1000 },
+            rounds: 1,
+            per_process_timeout: Duration::from_secs(if args.quick { 30 } else { 120 }),
+            spawn_timeout: Duration::from_secs(if args.quick { 30 } else { 60 }),
+            dir: dir.clone(),
+        };
+        let out = sqlite::run_burst(&cfg, &mut rec)?;
+        burst_errors = out.errors;
+        md.push_str(&out.markdown);
+    }
     let load1 = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let secs = started.elapsed().as_secs_f64();
     rec.write(
         "done",
-        json!({"seconds": secs, "violations": violations, "loadavg_end": load1.trim()}),
+        json!({"seconds": secs, "violations": violations, "sqlite_burst_errors": burst_errors,
+               "loadavg_end": load1.trim()}),
     )?;
     md.push_str(&format!(
         "Benchmarks took {secs:.0} s; load average at the end {}. Raw results: `{}`.\n",
@@ -289,6 +335,9 @@ fn run(args: RunArgs) -> Result<()> {
     println!("{md}");
     if violations > 0 {
         return Err(format!("{violations} violation(s) of mutual exclusion or token order").into());
+    }
+    if burst_errors > 0 {
+        return Err(format!("{burst_errors} SQLite burst process(es) failed or timed out").into());
     }
     Ok(())
 }
