@@ -116,7 +116,7 @@ fn baton_entry(name: &str, url: &str, ops: u64) -> Result<Entry> {
 
 fn python_entry(cfg: &Config, peer: &'static str, ops: u64) -> Entry {
     let python = cfg.python.clone();
-    let script = cfg.peers.join(format!("{peer}_peer.py"));
+    let script = cfg.peers.join("peer.py");
     let lock = cfg.dir.join(format!("{peer}.lock"));
     Entry {
         name: peer.into(),
@@ -124,6 +124,7 @@ fn python_entry(cfg: &Config, peer: &'static str, ops: u64) -> Entry {
         run: Box::new(move || {
             let out = Command::new(&python)
                 .arg(&script)
+                .arg(peer)
                 .arg(&lock)
                 .arg(ops.to_string())
                 .output()

@@ -223,22 +223,7 @@ async fn run(open: OpenFn, job: &Job) -> Result<(), String> {
             }
             None => {}
         }
-        record(Event::Release {
-            pid,
-            t_ns: monotonic_ns(),
-            key: lease.key.clone(),
-            slot: lease.slot,
-            token: lease.token,
-        })?;
-        let result = store.release(&lease).await;
-        record(Event::Released {
-            pid,
-            t_ns: monotonic_ns(),
-            key: lease.key.clone(),
-            token: lease.token,
-            outcome: result.as_ref().ok().copied(),
-            error: result.as_ref().err().map(|e| format!("{e:#}")),
-        })?;
+        let result = release_recorded(&*store, &rec, pid, &lease).await?;
         match result {
             Ok(Released::Released) => {}
             Ok(Released::NotHeld) => {
@@ -259,6 +244,37 @@ struct KeepSignals<'a> {
     fence: Option<&'a Path>,
     after_loss: Option<&'a Path>,
     marks: &'a [PathBuf],
+}
+
+/// Releases `lease`, recording `release` just before the call (so an overlap the checker
+/// reports is real) and `released` with the store's answer, which it returns.
+async fn release_recorded(
+    store: &dyn Store,
+    rec: &Recorder,
+    pid: u32,
+    lease: &Lease,
+) -> Result<baton_core::Result<Released>, String> {
+    let record = |event: Event| {
+        rec.record(&event)
+            .map_err(|e| format!("cannot record to the history: {e}"))
+    };
+    record(Event::Release {
+        pid,
+        t_ns: monotonic_ns(),
+        key: lease.key.clone(),
+        slot: lease.slot,
+        token: lease.token,
+    })?;
+    let result = store.release(lease).await;
+    record(Event::Released {
+        pid,
+        t_ns: monotonic_ns(),
+        key: lease.key.clone(),
+        token: lease.token,
+        outcome: result.as_ref().ok().copied(),
+        error: result.as_ref().err().map(|e| format!("{e:#}")),
+    })?;
+    Ok(result)
 }
 
 fn clock_event(pid: u32) -> Event {
@@ -397,22 +413,8 @@ async fn keep(
         keeper.stop();
         let _ = watcher.await;
     }
-    record(Event::Release {
-        pid,
-        t_ns: monotonic_ns(),
-        key: lease.key.clone(),
-        slot: lease.slot,
-        token: lease.token,
-    })?;
-    let result = store.release(&lease).await;
-    record(Event::Released {
-        pid,
-        t_ns: monotonic_ns(),
-        key: lease.key.clone(),
-        token: lease.token,
-        outcome: result.as_ref().ok().copied(),
-        error: result.as_ref().err().map(|e| format!("{e:#}")),
-    })?;
+    // The answer is in the history; the checker judges it.
+    let _ = release_recorded(&*store, rec, pid, &lease).await?;
     if let (true, Some(db)) = (lost, signals.fence) {
         record(crate::fence::write(db, &lease.key, lease.token))?;
     }
