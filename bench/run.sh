@@ -30,6 +30,27 @@ if ! "$py" -c 'import fasteners, filelock' 2>/dev/null; then
   fi
 fi
 
+# The PostgreSQL peer needs psycopg (3) beside them.
+if ! "$py" -c 'import psycopg' 2>/dev/null; then
+  log "installing psycopg for the PostgreSQL peer"
+  if [ "$py" = bench/.venv/bin/python ]; then
+    bench/.venv/bin/pip install -q "psycopg[binary]" >&2
+  else
+    python3 -m pip install -q --user "psycopg[binary]" >&2
+  fi
+fi
+
+# The etcd peer: python-etcd3, whose generated code needs protobuf 3 (read by the
+# pure-Python runtime).
+if ! PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python "$py" -c 'import etcd3' 2>/dev/null; then
+  log "installing etcd3 (with protobuf<4) for the etcd peer"
+  if [ "$py" = bench/.venv/bin/python ]; then
+    bench/.venv/bin/pip install -q etcd3 'protobuf<4' >&2 || log "cannot install etcd3: the etcd peer is skipped"
+  else
+    python3 -m pip install -q --user etcd3 'protobuf<4' >&2 || log "cannot install etcd3: the etcd peer is skipped"
+  fi
+fi
+
 # flock(1) is util-linux; strace is optional (the syscall table is skipped without it).
 apt_updated=
 apt_install() {

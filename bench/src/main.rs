@@ -6,9 +6,11 @@
 //! worker processes the benchmarks start from this same binary.
 
 mod cli;
+mod etcd;
 mod handoff;
 mod inproc;
 mod locks;
+mod postgres;
 mod record;
 mod sqlite;
 mod storm;
@@ -113,7 +115,7 @@ struct RunArgs {
     /// Where lock files go (default: /dev/shm if it is tmpfs, else /tmp).
     #[arg(long)]
     lock_dir: Option<PathBuf>,
-    /// Run only these benchmarks (comma-separated: inproc,cli,handoff,storm,sqlite,sqlite-burst).
+    /// Run only these benchmarks (comma-separated: inproc,cli,handoff,storm,sqlite,sqlite-burst,postgres,etcd).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -314,6 +316,43 @@ fn run(args: RunArgs) -> Result<()> {
         };
         let out = sqlite::run_burst(&cfg, &mut rec)?;
         burst_errors = out.errors;
+        md.push_str(&out.markdown);
+    }
+    if wants("postgres") {
+        eprintln!("benchmarks 7 and 8: PostgreSQL store");
+        let cfg = postgres::Config {
+            rounds: if args.quick { 2 } else { 7 },
+            ops: if args.quick { 100 } else { 2000 },
+            peer_ops: if args.quick { 100 } else { 2000 },
+            clients: vec![8, 32],
+            duration: Duration::from_millis(if args.quick { 300 } else { 3000 }),
+            contended_rounds: if args.quick { 1 } else { 2 },
+            python: args.python.clone(),
+            peers: args.peers.clone(),
+            server_script: PathBuf::from("scripts/server-postgres"),
+            dir: std::env::temp_dir(),
+        };
+        let out = postgres::run(&cfg, &mut rec)?;
+        violations += out.violations as u64;
+        md.push_str(&out.markdown);
+    }
+    if wants("etcd") {
+        eprintln!("benchmarks 9 to 11: etcd store");
+        let cfg = etcd::Config {
+            rounds: if args.quick { 2 } else { 7 },
+            ops: if args.quick { 30 } else { 500 },
+            peer_ops: if args.quick { 30 } else { 500 },
+            calls: if args.quick { 3 } else { 30 },
+            clients: vec![8, 32],
+            duration: Duration::from_millis(if args.quick { 300 } else { 3000 }),
+            baton: args.baton.clone(),
+            python: Some(args.python.clone()),
+            peers: args.peers.clone(),
+            server_script: PathBuf::from("scripts/server-etcd"),
+            dir: dir.join("etcd"),
+        };
+        let out = etcd::run(&cfg, &mut rec)?;
+        violations += out.violations as u64;
         md.push_str(&out.markdown);
     }
     let load1 = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();

@@ -4,6 +4,7 @@
 //! live in `exit_code.rs`. Every failure prints exactly one line, `baton: <what>: <why>`,
 //! to stderr; a closed stdout ends baton quietly.
 
+mod barrier;
 mod brk;
 mod child;
 mod common;
@@ -15,6 +16,7 @@ mod resize;
 mod run;
 mod signals;
 mod status;
+mod stress;
 
 use std::process::ExitCode;
 
@@ -103,6 +105,16 @@ enum Command {
     /// wrote since with a newer token) has its write refused: exit 77, nothing written.
     #[command(after_help = exit_code::HELP_TABLE)]
     Fence(fence::Args),
+
+    /// Wait until N parties have arrived at a barrier (reusable: the next N form the next
+    /// generation); -w gives up, withdraws the arrival and exits 75.
+    #[command(after_help = exit_code::HELP_TABLE)]
+    Barrier(barrier::Args),
+
+    /// Prove the contract on a store with real processes: storm, crash, pause, partition,
+    /// workflow, single. Exits 0 when every property held, 1 listing the violations.
+    #[command(after_help = exit_code::HELP_TABLE)]
+    Stress(stress::Args),
 }
 
 fn main() -> ExitCode {
@@ -119,6 +131,8 @@ fn main() -> ExitCode {
         Command::Leader(args) => leader::run(store, args),
         Command::Resize(args) => resize::run(store, args),
         Command::Fence(args) => fence::run(args),
+        Command::Barrier(args) => barrier::run(store, args),
+        Command::Stress(args) => stress::run(store, args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -9,7 +9,6 @@ use baton_core::fence::{Fence, FenceRule};
 use baton_core::{Error, ErrorKind, Key, Token};
 
 use crate::history::Event;
-use crate::monotonic_ns;
 
 /// Writes one row `(pid, token)` to `db` through the fence for `key`, and returns the
 /// `fence_write` event that records how it went.
@@ -36,15 +35,7 @@ pub(crate) fn write(db: &Path, key: &Key, token: Token) -> Event {
                 )
             })
         });
-    Event::FenceWrite {
-        pid,
-        t_ns: monotonic_ns(),
-        key: key.clone(),
-        token,
-        accepted: result.is_ok(),
-        kind: result.as_ref().err().map(|e| e.kind().as_str().into()),
-        error: result.as_ref().err().map(|e| format!("{e:#}")),
-    }
+    Event::fence_write(pid, key, token, &result)
 }
 
 /// The rows the fence let through, as `(pid, token)` in the order they were written.

@@ -58,7 +58,11 @@ mod clock;
 mod fence;
 pub mod history;
 mod lease;
+mod network;
 mod properties;
+/// The fault proxy (it lives in `baton-stress`, whose `partition` scenario uses it too).
+pub use baton_stress::proxy;
+pub mod servers;
 mod support;
 pub mod worker;
 
@@ -72,6 +76,7 @@ use baton_core::{Key, Result, Store, StoreUrl};
 
 pub use clock::{instant_ns, monotonic_ns};
 pub use lease::*;
+pub use network::*;
 pub use properties::*;
 
 /// Opens a store from its URL. The suite calls it in the test process and in every worker.
@@ -145,6 +150,7 @@ pub struct Harness {
     corruptions: Vec<(&'static str, CorruptFn)>,
     worker_test: String,
     keep: Option<Box<dyn Any + Send + Sync>>,
+    skip: Option<String>,
 }
 
 impl fmt::Debug for Harness {
@@ -180,7 +186,21 @@ impl Harness {
             corruptions: Vec::new(),
             worker_test: worker::WORKER_TEST.into(),
             keep: None,
+            skip: None,
         }
+    }
+
+    /// A harness whose tests are skipped, saying why on stderr: for a networked store
+    /// whose test server is not there outside CI (see [`servers::url_from_env`]).
+    pub fn skipped(why: impl Into<String>, open: OpenFn) -> Harness {
+        let mut h = Harness::new("skipped:", open);
+        h.skip = Some(why.into());
+        h
+    }
+
+    /// Why this harness's tests are skipped, if they are.
+    pub fn skip_reason(&self) -> Option<&str> {
+        self.skip.as_deref()
     }
 
     /// Sets how soon a dead holder's slot comes back.
@@ -310,6 +330,10 @@ macro_rules! suite {
             #[test]
             fn $property() {
                 let harness = $crate::Harness::__in_module($harness(), module_path!());
+                if let Some(why) = harness.skip_reason() {
+                    eprintln!("SKIPPED {}: {why}", stringify!($property));
+                    return;
+                }
                 let _ = $crate::__private::runtime().block_on($crate::$property(&harness));
             }
         )*
@@ -330,6 +354,26 @@ macro_rules! lease_suite {
             break_frees_and_holder_learns,
             resize_never_evicts,
             garbage_is_a_clear_error,
+        );
+    };
+}
+
+/// [`lease_suite!`] plus the networked-store properties that need only the harness's
+/// server ([`partition_loses_before_regrant`], through a fault proxy), for stores that
+/// talk to a server over TCP. The properties that restart or kill a server
+/// ([`restart_keeps_tokens_rising`], [`leader_kill_keeps_limit`]) take a private
+/// [`servers::Server`], so a store's tests call them by hand.
+#[macro_export]
+macro_rules! network_suite {
+    ($open:path, $harness:path) => {
+        $crate::suite!(@with $open, $harness;
+            paused_holder_is_superseded,
+            killed_lease_holder_recovers,
+            wall_clock_jump_keeps_lease,
+            break_frees_and_holder_learns,
+            resize_never_evicts,
+            garbage_is_a_clear_error,
+            partition_loses_before_regrant,
         );
     };
 }

@@ -217,10 +217,24 @@ impl<'h> Lab<'h> {
         task: Task,
         env: &[(String, String)],
     ) -> Worker {
+        let url = self.h.url().to_owned();
+        self.spawn_at(url, key, limit, ttl, task, env)
+    }
+
+    /// [`Lab::spawn_with`], the worker opening the store at `url`.
+    pub fn spawn_at(
+        &mut self,
+        url: String,
+        key: &Key,
+        limit: u32,
+        ttl: Option<Duration>,
+        task: Task,
+        env: &[(String, String)],
+    ) -> Worker {
         self.workers += 1;
         let name = format!("worker-{}", self.workers);
         let job = Job {
-            url: self.h.url().into(),
+            url,
             history: self.history.clone(),
             key: key.clone(),
             limit,
@@ -239,9 +253,11 @@ impl<'h> Lab<'h> {
             fence: keep.fence,
             after_loss: keep.after_loss,
             marks: keep.marks,
+            child: keep.child,
         };
         let ttl = Some(self.lease_timing().ttl);
-        self.spawn_with(key, limit, ttl, task, &keep.env)
+        let url = keep.url.unwrap_or_else(|| self.h.url().to_owned());
+        self.spawn_at(url, key, limit, ttl, task, &keep.env)
     }
 
     /// SIGSTOPs a worker, recording it just before.
@@ -393,6 +409,10 @@ pub(crate) struct Keep {
     pub marks: Vec<PathBuf>,
     /// Extra environment for the worker process.
     pub env: Vec<(String, String)>,
+    /// Run a child while holding and kill it on a loss (see [`Task::Keep`]).
+    pub child: bool,
+    /// Open the store at this URL instead of the harness's (through a fault proxy).
+    pub url: Option<String>,
 }
 
 impl Drop for Lab<'_> {

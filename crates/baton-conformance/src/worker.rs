@@ -19,7 +19,7 @@ use baton_core::{
 use serde::{Deserialize, Serialize};
 
 use crate::history::{Event, Recorder};
-use crate::{instant_ns, monotonic_ns, OpenFn, LIVENESS_BOUND};
+use crate::{monotonic_ns, OpenFn, LIVENESS_BOUND};
 
 /// The environment variable that carries a worker's job.
 pub const WORKER_ENV: &str = "BATON_CONFORMANCE_WORKER";
@@ -84,6 +84,24 @@ pub enum Task {
         after_loss: Option<PathBuf>,
         /// Files the test creates one after another to ask for a wall-clock reading.
         marks: Vec<PathBuf>,
+        /// Run a child process (`sleep`) while holding, as `baton run` does, and kill it
+        /// when the lease is lost; the child's death (after it is reaped) is recorded as
+        /// `killed` with the child's pid.
+        #[serde(default)]
+        child: bool,
+    },
+    /// Wait until `start` exists, then acquire (waiting up to 5 s) and release the key
+    /// over and over, holding each lease up to `max_hold_us` microseconds, until `stop`
+    /// exists. Unlike [`Task::Storm`], a failed acquire or release is recorded and the
+    /// loop goes on: for properties that break the store under the workers (a killed
+    /// server), where an operation's outcome may be unknown.
+    Churn {
+        /// The start signal.
+        start: PathBuf,
+        /// The stop signal.
+        stop: PathBuf,
+        /// The longest hold, in microseconds.
+        max_hold_us: u64,
     },
 }
 
@@ -156,6 +174,7 @@ async fn run(open: OpenFn, job: &Job) -> Result<(), String> {
         fence,
         after_loss,
         marks,
+        child,
     } = &job.task
     {
         let signals = KeepSignals {
@@ -163,19 +182,35 @@ async fn run(open: OpenFn, job: &Job) -> Result<(), String> {
             fence: fence.as_deref(),
             after_loss: after_loss.as_deref(),
             marks,
+            child: *child,
         };
         return keep(store, job, &rec, holder, signals).await;
     }
-    let (wait, rounds, max_hold_us, signal) = match &job.task {
+    let (wait, rounds, max_hold_us, signal, stop) = match &job.task {
         Task::Storm {
             start,
             rounds,
             max_hold_us,
         } => {
             wait_for_file(start, LIVENESS_BOUND).await?;
-            (Wait::Timeout(LIVENESS_BOUND), *rounds, *max_hold_us, None)
+            (
+                Wait::Timeout(LIVENESS_BOUND),
+                *rounds,
+                *max_hold_us,
+                None,
+                None,
+            )
         }
-        Task::Hold { release } => (Wait::Forever, 1, 0, Some(release)),
+        Task::Churn {
+            start,
+            stop,
+            max_hold_us,
+        } => {
+            wait_for_file(start, LIVENESS_BOUND).await?;
+            let wait = Wait::Timeout(Duration::from_secs(5));
+            (wait, u32::MAX, *max_hold_us, None, Some(stop))
+        }
+        Task::Hold { release } => (Wait::Forever, 1, 0, Some(release), None),
         Task::Keep { .. } => unreachable!("handled above"),
     };
     let req = AcquireRequest {
@@ -187,6 +222,9 @@ async fn run(open: OpenFn, job: &Job) -> Result<(), String> {
     };
     let mut rng = u64::from(pid) ^ monotonic_ns() | 1;
     for round in 0..rounds {
+        if stop.is_some_and(|p| p.exists()) {
+            break;
+        }
         let t_request_ns = monotonic_ns();
         record(Event::Request {
             pid,
@@ -203,6 +241,10 @@ async fn run(open: OpenFn, job: &Job) -> Result<(), String> {
                     kind: e.kind().as_str().into(),
                     message: format!("{e:#}"),
                 })?;
+                if stop.is_some() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
                 return Err(format!("acquire {} of {rounds} failed: {e:#}", round + 1));
             }
         };
@@ -226,6 +268,8 @@ async fn run(open: OpenFn, job: &Job) -> Result<(), String> {
         let result = release_recorded(&*store, &rec, pid, &lease).await?;
         match result {
             Ok(Released::Released) => {}
+            // Churn: the store broke under the worker; the answer is in the history.
+            _ if stop.is_some() => {}
             Ok(Released::NotHeld) => {
                 return Err(format!(
                     "release of a held lease (token {}) answered not-held",
@@ -244,6 +288,7 @@ struct KeepSignals<'a> {
     fence: Option<&'a Path>,
     after_loss: Option<&'a Path>,
     marks: &'a [PathBuf],
+    child: bool,
 }
 
 /// Releases `lease`, recording `release` just before the call (so an overlap the checker
@@ -339,38 +384,14 @@ async fn keep(
     )
     .map_err(|e| format!("cannot start a keeper: {e:#}"))?;
     let watcher = {
-        let mut rx = keeper.watch();
         let rec = Recorder::open(&job.history).map_err(|e| format!("cannot open history: {e}"))?;
-        let (key, token) = (lease.key.clone(), lease.token);
-        tokio::spawn(async move {
-            loop {
-                let state = rx.borrow_and_update().clone();
-                let event = match &state {
-                    LeaseState::Held { deadline } => Event::Held {
-                        pid,
-                        t_ns: monotonic_ns(),
-                        key: key.clone(),
-                        token,
-                        deadline_ns: instant_ns(*deadline),
-                    },
-                    LeaseState::Lost { at, reason } => Event::Lost {
-                        pid,
-                        t_ns: monotonic_ns(),
-                        key: key.clone(),
-                        token,
-                        at_ns: instant_ns(*at),
-                        reason: reason.clone(),
-                    },
-                    LeaseState::Stopped => return,
-                };
-                if let Err(e) = rec.record(&event) {
-                    eprintln!("baton-conformance worker: cannot record {event:?}: {e}");
-                }
-                if !matches!(state, LeaseState::Held { .. }) || rx.changed().await.is_err() {
-                    return;
-                }
-            }
-        })
+        tokio::spawn(crate::history::record_keeper(
+            rec,
+            keeper.watch(),
+            pid,
+            lease.key.clone(),
+            lease.token,
+        ))
     };
     if let Some(db) = signals.fence {
         let write = crate::fence::write(db, &lease.key, lease.token);
@@ -384,6 +405,15 @@ async fn keep(
         }
     }
 
+    let mut child = match signals.child {
+        true => Some(
+            std::process::Command::new("sleep")
+                .arg("3600")
+                .spawn()
+                .map_err(|e| format!("cannot start the child: {e}"))?,
+        ),
+        false => None,
+    };
     let mut marks = signals.marks.iter();
     let mut mark = marks.next();
     let lost = loop {
@@ -400,6 +430,15 @@ async fn keep(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
+    if let Some(mut c) = child.take() {
+        // As `baton run` does on a loss (with no grace): kill, reap, then it is dead.
+        let _ = c.kill();
+        let _ = c.wait();
+        record(Event::Killed {
+            pid: c.id(),
+            t_ns: monotonic_ns(),
+        })?;
+    }
     if lost {
         // The watcher records the loss and ends; wait for it so the history has it first.
         let _ = watcher.await;
@@ -562,6 +601,7 @@ impl Worker {
             .expect("start a worker process");
         let release = match &job.task {
             Task::Hold { release } | Task::Keep { release, .. } => Some(release.clone()),
+            Task::Churn { stop, .. } => Some(stop.clone()),
             Task::Storm { .. } => None,
         };
         Worker {

@@ -82,6 +82,8 @@ pub enum Op {
     Resize,
     /// Parsing user input (key, URL, duration).
     Parse,
+    /// Arriving at a barrier.
+    Barrier,
 }
 
 impl fmt::Display for Op {
@@ -96,6 +98,7 @@ impl fmt::Display for Op {
             Op::Break => "break",
             Op::Resize => "resize",
             Op::Parse => "parse",
+            Op::Barrier => "barrier",
         })
     }
 }

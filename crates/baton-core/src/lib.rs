@@ -15,8 +15,10 @@
 //!   [`leader()`], [`observe`]);
 //! - `fence` (feature `fence-sqlite`): the fence helper that makes a SQLite resource
 //!   reject writes from holders that lost the lock;
+//! - [`barrier`](mod@barrier): a reusable barrier of N parties over any store that has one;
 //! - [`parse_duration`]: `500ms`, `2s`, `1m30s`.
 
+pub mod barrier;
 mod duration;
 mod error;
 #[cfg(feature = "fence-sqlite")]
@@ -38,7 +40,10 @@ pub use keeper::{Keeper, KeeperConfig, LeaseState};
 pub use key::{derive_key, Key, MAX_KEY_LEN};
 pub use leader::{campaign, leader, observe, Leader, Leadership};
 pub use lease::{Lease, Token, Wait};
-pub use store::{AcquireRequest, Capabilities, KeyStatus, Released, SlotState, SlotStatus, Store};
+pub use store::{
+    AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, KeyStatus, Released, SlotState,
+    SlotStatus, Store,
+};
 pub use url::StoreUrl;
 
 /// Milliseconds since the Unix epoch for a wall-clock time (0 before the epoch).

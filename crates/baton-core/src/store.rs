@@ -198,6 +198,40 @@ pub trait Store: Send + Sync + fmt::Debug {
         let _ = limit;
         Err(unsupported(self.url(), Op::Resize, key))
     }
+
+    /// Arrives at the barrier `req.key` and waits until `req.parties` parties (this one
+    /// included) have arrived; see [`crate::barrier`] for the semantics every store keeps.
+    /// Fails with `Timeout` (or `Busy` for [`Wait::NoWait`]) when the others do not come in
+    /// time, and then this arrival is withdrawn.
+    async fn barrier(&self, req: &BarrierRequest) -> Result<BarrierPassed> {
+        Err(unsupported(self.url(), Op::Barrier, &req.key))
+    }
+}
+
+/// An arrival at a barrier: see [`crate::barrier`].
+#[derive(Clone, Debug)]
+pub struct BarrierRequest {
+    /// The barrier's name (a key; barriers and locks of one name do not interfere).
+    pub key: Key,
+    /// How many parties make a generation pass (at least 1). Every party of a generation
+    /// must ask for the same number.
+    pub parties: u32,
+    /// How long to wait for the others.
+    pub wait: Wait,
+    /// Who arrives.
+    pub holder: Holder,
+}
+
+/// A barrier generation that passed: `parties` parties had arrived.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BarrierPassed {
+    /// The barrier's name.
+    pub key: Key,
+    /// The generation that passed: 0 for the first group of `parties` arrivals at this
+    /// key, then 1, and so on.
+    pub generation: u64,
+    /// How many parties it had.
+    pub parties: u32,
 }
 
 fn unsupported(url: &StoreUrl, op: Op, key: &Key) -> Error {

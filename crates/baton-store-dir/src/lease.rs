@@ -683,4 +683,11 @@ impl Store for LeaseStore {
     async fn list(&self) -> Result<Vec<Key>, Error> {
         self.root.list()
     }
+
+    async fn barrier(
+        &self,
+        req: &baton_core::BarrierRequest,
+    ) -> Result<baton_core::BarrierPassed, Error> {
+        crate::barrier::barrier(&self.root, crate::barrier::Liveness::Heartbeat, req).await
+    }
 }

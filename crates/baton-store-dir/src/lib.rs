@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use baton_core::{Error, Store, StoreUrl};
 
+mod barrier;
 mod config;
 mod fs;
 mod lease;
@@ -23,6 +24,7 @@ mod root;
 mod store;
 mod wait;
 
+pub use barrier::ARRIVAL_TTL;
 pub use config::{default_dir, DirConfig, Mode};
 pub use lease::LeaseStore;
 pub use store::DirStore;

@@ -208,6 +208,31 @@ impl Root {
             .map_err(|e| self.io_err(Op::Resize, key, "cannot write the key's limit", e))
     }
 
+    /// The directory of barrier `key` (`+barriers/<key>`: `+` is never in a key, so
+    /// `list` never mistakes it for one), created if needed.
+    pub fn barrier_dir(&self, key: &Key) -> Result<OwnedFd, Error> {
+        let top = fs::open_dir(self.fd.as_fd(), "+barriers", true)
+            .map_err(|e| self.io_err(Op::Barrier, key, "cannot open the barriers directory", e))?
+            .ok_or_else(|| {
+                self.err(
+                    ErrorKind::Unavailable,
+                    Op::Barrier,
+                    key,
+                    "the barriers directory vanished",
+                )
+            })?;
+        fs::open_dir(top.as_fd(), &dir_name(key), true)
+            .map_err(|e| self.io_err(Op::Barrier, key, "cannot open the barrier's directory", e))?
+            .ok_or_else(|| {
+                self.err(
+                    ErrorKind::Unavailable,
+                    Op::Barrier,
+                    key,
+                    "the barrier's directory vanished",
+                )
+            })
+    }
+
     /// Every key in the store, sorted.
     pub fn list(&self) -> Result<Vec<Key>, Error> {
         let names = fs::subdirs(self.fd.as_fd()).map_err(|e| {

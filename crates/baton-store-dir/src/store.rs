@@ -566,6 +566,13 @@ impl Store for DirStore {
     async fn list(&self) -> Result<Vec<Key>, Error> {
         self.root.list()
     }
+
+    async fn barrier(
+        &self,
+        req: &baton_core::BarrierRequest,
+    ) -> Result<baton_core::BarrierPassed, Error> {
+        crate::barrier::barrier(&self.root, crate::barrier::Liveness::Kernel, req).await
+    }
 }
 
 #[cfg(test)]

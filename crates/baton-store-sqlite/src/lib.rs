@@ -16,5 +16,5 @@ mod sys;
 
 pub use config::SqliteConfig;
 pub use db::{APPLICATION_ID, SCHEMA_VERSION};
-pub use store::{SqliteStore, DEFAULT_TTL, TICKET_TTL};
+pub use store::{SqliteStore, ARRIVAL_TTL, DEFAULT_TTL, TICKET_TTL};
 pub use sys::{network_filesystem, NETWORK_FILESYSTEMS};

@@ -27,12 +27,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use baton_core::{
-    format_duration, unix_ms, AcquireRequest, Capabilities, Error, ErrorKind, Holder, HolderId,
-    Key, KeyStatus, Lease, Op, Released, SlotState, SlotStatus, Store, StoreUrl, Token, Wait,
+    format_duration, unix_ms, AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error,
+    ErrorKind, Holder, HolderId, Key, KeyStatus, Lease, Op, Released, SlotState, SlotStatus, Store,
+    StoreUrl, Token, Wait,
 };
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 use tokio::sync::oneshot;
+
+#[path = "barrier.rs"]
+mod barrier;
+
+pub use barrier::ARRIVAL_TTL;
 
 use crate::config::SqliteConfig;
 use crate::db::{self, corrupt, int, int_in, int_value, retry, text, Fail, Stop};
@@ -145,6 +151,9 @@ enum Attempt {
     /// No slot for this request; it is queued under this ticket (none for no-wait).
     Queued {
         queued_ahead: usize,
+        /// How long until the first live lease of the key expires: a lease that runs out
+        /// writes nothing, so a waiter must look again then by itself.
+        next_expiry: Option<Duration>,
     },
     Busy {
         lim: u32,
@@ -502,6 +511,12 @@ impl Inner {
                 held,
             });
         }
+        let next_expiry = view
+            .leases
+            .iter()
+            .filter(|l| view.lease_live(l, &self.boot_id, now))
+            .map(|l| Duration::from_nanos(u64::try_from(l.expires_boot_ns - now).unwrap_or(0)))
+            .min();
         let ticket_ttl = i64::try_from(TICKET_TTL.as_nanos()).unwrap_or(i64::MAX);
         let expires = now.saturating_add(ticket_ttl);
         match ticket.filter(|_| standing.mine_present) {
@@ -513,6 +528,7 @@ impl Inner {
                 tx.commit()?;
                 Ok(Attempt::Queued {
                     queued_ahead: standing.queued_ahead,
+                    next_expiry,
                 })
             }
             None => {
@@ -543,6 +559,7 @@ impl Inner {
                 *lock = Some(l);
                 Ok(Attempt::Queued {
                     queued_ahead: standing.queued_ahead,
+                    next_expiry,
                 })
             }
         }
@@ -685,7 +702,7 @@ impl Inner {
                 }
             };
             first = false;
-            let queued_ahead = match outcome {
+            let (queued_ahead, next_expiry) = match outcome {
                 Attempt::Granted(lease) => return Ok(*lease),
                 Attempt::Busy { lim, held } => {
                     return Err(self.err(
@@ -701,9 +718,14 @@ impl Inner {
                         },
                     ))
                 }
-                Attempt::Queued { queued_ahead, .. } => queued_ahead,
+                Attempt::Queued {
+                    queued_ahead,
+                    next_expiry,
+                } => (queued_ahead, next_expiry),
             };
             let refreshed = Instant::now();
+            // A holder that dies (or stops renewing) leaves its row to expire silently.
+            let look_at = next_expiry.map(|d| refreshed + d + Duration::from_millis(1));
             let mut interval = Duration::from_millis(1);
             // Wait for a change worth a write attempt, or for the ticket to need a refresh.
             loop {
@@ -719,7 +741,9 @@ impl Inner {
                 if deadline.is_some_and(|d| now >= d) {
                     return Err(timed_out("every slot stayed held"));
                 }
-                if now.duration_since(refreshed) >= refresh_every {
+                if now.duration_since(refreshed) >= refresh_every
+                    || look_at.is_some_and(|t| now >= t)
+                {
                     break;
                 }
                 // The head of the queue looks often; waiters far behind, who cannot be
@@ -729,6 +753,9 @@ impl Inner {
                 let mut pause = interval.min(cap);
                 if let Some(d) = deadline {
                     pause = pause.min(d - now);
+                }
+                if let Some(t) = look_at {
+                    pause = pause.min(t.saturating_duration_since(now));
                 }
                 std::thread::sleep(pause);
                 interval = (interval * 2).min(cap);
@@ -1312,6 +1339,26 @@ impl Store for SqliteStore {
         let k = key.clone();
         self.blocking(Op::Break, Some(key), move |inner| {
             inner.break_blocking(&k, holder)
+        })
+        .await
+    }
+
+    async fn barrier(&self, req: &BarrierRequest) -> Result<BarrierPassed, Error> {
+        baton_core::barrier::validate(req)
+            .map_err(|e| self.inner.ctx(e, Op::Barrier, Some(&req.key)))?;
+        // The wait runs on a blocking thread; dropping this future sets `cancel`, and the
+        // thread withdraws the arrival before it ends.
+        let cancel = Arc::new(AtomicBool::new(false));
+        struct SetOnDrop(Arc<AtomicBool>);
+        impl Drop for SetOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _guard = SetOnDrop(Arc::clone(&cancel));
+        let req2 = req.clone();
+        self.blocking(Op::Barrier, Some(&req.key), move |inner| {
+            inner.barrier_blocking(&req2, &cancel)
         })
         .await
     }

@@ -11,12 +11,16 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Each store is a feature: `dir` and `sqlite` (both default). [`open`] picks the store
+//! Each store is a feature: `dir` and `sqlite` (both default), `postgres`, `etcd`. [`open`] picks the store
 //! from the URL's scheme and says clearly when a scheme is unknown or its feature is off.
+//! `noop:` is always there and is for testing the stress checkers only: it grants every
+//! request, so it breaks the contract on purpose ([`noop`]).
 
 use std::sync::Arc;
 
 pub use baton_core::*;
+
+pub mod noop;
 
 /// The schemes this build knows, for error messages.
 pub const SCHEMES: &[&str] = &[
@@ -24,14 +28,24 @@ pub const SCHEMES: &[&str] = &[
     "dir",
     #[cfg(feature = "sqlite")]
     "sqlite",
+    #[cfg(feature = "postgres")]
+    "postgres",
+    #[cfg(feature = "postgres")]
+    "postgresql",
+    #[cfg(feature = "etcd")]
+    "etcd",
+    "noop",
 ];
 
 /// Stores in the design that this build does not have yet.
 const PLANNED: &[&str] = &[
     #[cfg(not(feature = "sqlite"))]
     "sqlite",
+    #[cfg(not(feature = "postgres"))]
     "postgres",
+    #[cfg(not(feature = "postgres"))]
     "postgresql",
+    #[cfg(not(feature = "etcd"))]
     "etcd",
     "zk",
     "redis",
@@ -54,6 +68,11 @@ pub fn open_url(url: &StoreUrl) -> Result<Arc<dyn Store>> {
         "dir" => baton_store_dir::open(url),
         #[cfg(feature = "sqlite")]
         "sqlite" => Ok(Arc::new(baton_store_sqlite::SqliteStore::open(url)?)),
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => baton_store_postgres::open(url),
+        #[cfg(feature = "etcd")]
+        "etcd" => baton_store_etcd::open(url),
+        "noop" => noop::open(url),
         planned if PLANNED.contains(&planned) => Err(Error::new(
             ErrorKind::Unsupported,
             format!(
@@ -96,7 +115,7 @@ mod tests {
             err.to_string().contains("unknown store scheme 'nosuch'"),
             "{err}"
         );
-        let err = open("postgres://u:secret@h/db").expect_err("unbuilt");
+        let err = open("zk://u:secret@h/db").expect_err("unbuilt");
         assert_eq!(err.kind(), ErrorKind::Unsupported);
         assert!(err.to_string().contains("not built yet"), "{err}");
         assert!(!format!("{err:#} {err:?}").contains("secret"), "{err:?}");

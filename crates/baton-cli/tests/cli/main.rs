@@ -1,10 +1,12 @@
 //! The `baton` command, tested through the real binary.
 
+mod barrier;
 mod fence;
 mod hostile;
 mod leader;
 mod lease;
 mod manage;
 mod run;
+mod stress;
 mod usage;
 mod util;

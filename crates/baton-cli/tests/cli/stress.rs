@@ -1,0 +1,254 @@
+//! `baton stress`: small versions of every scenario the local stores support, and the
+//! proof that the checkers can fail (`noop:`).
+
+use crate::util::Dir;
+
+/// The local stores: kernel locks, lease files, SQLite.
+pub fn stores(dir: &Dir) -> Vec<String> {
+    vec![
+        dir.store(),
+        format!("dir:{}?mode=lease", dir.path().join("lease").display()),
+        format!("sqlite:{}", dir.path().join("s.db").display()),
+    ]
+}
+
+fn summary(out: &crate::util::Outcome) -> serde_json::Value {
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON line on stdout; outcome: {out:#?}");
+    let v: serde_json::Value = serde_json::from_str(lines[0]).expect("the summary is JSON");
+    assert_eq!(v["type"], "summary");
+    v
+}
+
+#[test]
+fn storm_on_noop_fails_naming_the_overlaps() {
+    let dir = Dir::new();
+    let out = dir
+        .bare(&[
+            "stress", "storm", "-s", "noop:", "--events", "6", "--stddev", "0.05", "--hold",
+            "0.05", "--seed", "7", "-q",
+        ])
+        .output();
+    out.code(1)
+        .stdout_has("limit: slot 0 of 'stress/storm' held twice")
+        .stdout_has("tokens: token 1 of 'stress/storm' granted twice")
+        .stdout_has("replay: baton stress storm -s 'noop:' -k stress/storm --seed 7")
+        .one_error_line()
+        .stderr_has("violation(s)");
+    // The JSON summary lists the same violations, with the processes involved.
+    let out = dir
+        .bare(&[
+            "stress", "storm", "-s", "noop:", "--events", "4", "--stddev", "0", "--hold", "0.05",
+            "--json",
+        ])
+        .output();
+    out.code(1);
+    let v = summary(&out);
+    assert!(v["violation_count"].as_u64().expect("count") > 0, "{v}");
+    let first = &v["violations"][0];
+    assert_eq!(first["property"], "limit", "{v}");
+    assert_eq!(first["pids"].as_array().expect("pids").len(), 2, "{v}");
+}
+
+#[test]
+fn storm_passes_on_every_local_store() {
+    let dir = Dir::new();
+    for store in stores(&dir) {
+        let out = dir
+            .bare(&[
+                "stress", "storm", "-s", &store, "--events", "12", "--stddev", "0.2", "--hold",
+                "0.01", "--seed", "1", "--json",
+            ])
+            .output();
+        out.code(0);
+        let v = summary(&out);
+        assert_eq!(v["violation_count"], 0, "{store}: {v}");
+        assert_eq!(v["grants"], 12, "{store}: {v}");
+        assert_eq!(v["outcomes"]["ok"], 12, "{store}: {v}");
+        assert_eq!(v["seed"], 1);
+    }
+}
+
+#[test]
+fn a_semaphore_storm_passes() {
+    let dir = Dir::new();
+    for store in stores(&dir) {
+        dir.bare(&[
+            "stress", "storm", "-s", &store, "-k", "sem", "-n", "3", "--events", "12", "--stddev",
+            "0.1", "--hold", "0.05", "-q",
+        ])
+        .output()
+        .code(0)
+        .stdout_has("violations            0");
+    }
+}
+
+#[test]
+fn crash_kills_holders_and_every_property_holds() {
+    let dir = Dir::new();
+    for store in stores(&dir) {
+        // Recovery speed is measured, not judged here (timing belongs in benchmarks): the
+        // generous bound only catches a slot that never comes back.
+        let out = dir
+            .bare(&[
+                "stress",
+                "crash",
+                "-s",
+                &store,
+                "--events",
+                "6",
+                "--stddev",
+                "0.1",
+                "--hold",
+                "0.1",
+                "--ttl",
+                "500ms",
+                "--kill-fraction",
+                "0.5",
+                "--seed",
+                "3",
+                "--recovery-bound",
+                "60s",
+                "--json",
+            ])
+            .output();
+        out.code(0);
+        let v = summary(&out);
+        assert_eq!(v["violation_count"], 0, "{store}: {v}");
+        assert!(v["killed"].as_u64().expect("killed") >= 1, "{store}: {v}");
+        assert_eq!(v["grants"], 6, "{store}: {v}");
+    }
+}
+
+#[test]
+fn pause_supersedes_paused_holders_and_the_fence_refuses_them() {
+    let dir = Dir::new();
+    let lease_stores = &stores(&dir)[1..];
+    for store in lease_stores {
+        let out = dir
+            .bare(&[
+                "stress",
+                "pause",
+                "-s",
+                store,
+                "--events",
+                "3",
+                "--stddev",
+                "0",
+                "--hold",
+                "0.2",
+                "--ttl",
+                "300ms",
+                "--pause-fraction",
+                "0.5",
+                "--pause-for",
+                "4s",
+                "--seed",
+                "5",
+                "--json",
+            ])
+            .output();
+        out.code(0);
+        let v = summary(&out);
+        assert_eq!(v["violation_count"], 0, "{store}: {v}");
+        assert!(v["paused"].as_u64().expect("paused") >= 1, "{store}: {v}");
+    }
+}
+
+#[test]
+fn pause_and_partition_say_what_store_they_need() {
+    let dir = Dir::new();
+    dir.cmd(&["stress", "pause", "--events", "2"])
+        .output()
+        .code(69)
+        .one_error_line()
+        .stderr_has("needs a lease store");
+    dir.cmd(&["stress", "partition"])
+        .output()
+        .code(69)
+        .one_error_line()
+        .stderr_has("needs a networked store");
+}
+
+#[test]
+fn workflow_completes_every_job_on_every_local_store() {
+    let dir = Dir::new();
+    for store in stores(&dir) {
+        let out = dir
+            .bare(&[
+                "stress",
+                "workflow",
+                "-s",
+                &store,
+                "--stages",
+                "3",
+                "--jobs",
+                "8",
+                "--workers",
+                "2",
+                "--procs",
+                "3",
+                "--json",
+            ])
+            .output();
+        out.code(0);
+        let v = summary(&out);
+        assert_eq!(v["violation_count"], 0, "{store}: {v}");
+        assert_eq!(v["outcomes"]["ok"], 24, "{store}: {v}");
+        assert!(
+            v["stage_transition_ms"]["max_ms"].is_number(),
+            "{store}: {v}"
+        );
+    }
+}
+
+#[test]
+fn single_records_one_event_and_the_report_is_self_contained() {
+    let dir = Dir::new();
+    let report = dir.file("report.html");
+    let keep = dir.file("run");
+    dir.bare(&[
+        "stress",
+        "single",
+        "-s",
+        &format!("sqlite:{}", dir.file("s.db").display()),
+        "--report",
+        report.to_str().expect("utf8"),
+        "--dir",
+        keep.to_str().expect("utf8"),
+        "-q",
+    ])
+    .output()
+    .code(0)
+    .stdout_has("events                1 (ok 1)");
+    let html = std::fs::read_to_string(&report).expect("the report");
+    assert!(html.contains("<svg") && html.contains("Timeline"), "{html}");
+    assert!(html.contains("Wait times"), "{html}");
+    for external in ["src=", "href=", "<script", "<link"] {
+        assert!(!html.contains(external), "{external} in the report: {html}");
+    }
+    assert!(keep.join("history.jsonl").is_file());
+    assert!(keep.join("results.db").is_file());
+}
+
+#[test]
+fn bad_options_are_usage_errors() {
+    let dir = Dir::new();
+    dir.cmd(&["stress", "crash", "--kill-fraction", "2"])
+        .output()
+        .code(2)
+        .one_error_line()
+        .stderr_has("between 0 and 1");
+    dir.cmd(&["stress", "storm", "--hold", "soon"])
+        .output()
+        .code(2)
+        .one_error_line();
+    dir.cmd(&["stress", "storm", "--events", "0"])
+        .output()
+        .code(2)
+        .one_error_line();
+    dir.cmd(&["stress", "__worker"])
+        .output()
+        .code(2)
+        .stderr_has("internal");
+}

@@ -1,0 +1,218 @@
+//! `etcd://[user:password@]h1:2379[,h2:2379...][/prefix][?options]`, parsed from the store
+//! URL.
+
+use std::fmt;
+use std::time::Duration;
+
+use baton_core::{parse_duration, Error, ErrorKind, Op, StoreUrl};
+
+/// The key prefix when the URL names none.
+pub const DEFAULT_PREFIX: &str = "/baton";
+
+/// The etcd store's configuration. `Debug` hides the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// The members' client endpoints, `host:port`, in the order given; the store starts
+    /// with the first and moves to the next when one fails.
+    pub endpoints: Vec<String>,
+    /// Every key baton writes lies under this prefix (no trailing `/`).
+    pub prefix: String,
+    /// User and password for etcd's authentication, if the URL has them.
+    pub user: Option<(String, String)>,
+    /// The bound on one request to one member (`?timeout=`, default 5s).
+    pub timeout: Duration,
+    /// The bound on opening a connection to one member (`?connect_timeout=`, default 2s).
+    pub connect_timeout: Duration,
+}
+
+impl fmt::Debug for EtcdConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("user", &self.user.as_ref().map(|(u, _)| (u, "***")))
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+impl EtcdConfig {
+    /// Parses an `etcd://` URL. Options: `timeout` and `connect_timeout` (durations such
+    /// as `500ms`, `5s`).
+    pub fn from_url(url: &StoreUrl) -> Result<EtcdConfig, Error> {
+        let bad = |why: String| {
+            Error::new(ErrorKind::InvalidInput, why)
+                .with_op(Op::Open)
+                .with_store(url)
+        };
+        if url.scheme() != "etcd" {
+            return Err(bad(format!(
+                "not an etcd store URL (scheme '{}', expected etcd://host:2379[/prefix])",
+                url.scheme()
+            )));
+        }
+        let Some(rest) = url.path().strip_prefix("//") else {
+            return Err(bad(
+                "an etcd URL names its members after '//' (example: etcd://10.0.0.1:2379,10.0.0.2:2379/baton)"
+                    .into(),
+            ));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        let (user, hosts) = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => {
+                let (u, p) = userinfo.split_once(':').ok_or_else(|| {
+                    bad(
+                        "the user in an etcd URL needs a password (etcd://user:password@host:2379)"
+                            .into(),
+                    )
+                })?;
+                let u = percent_decode(u).ok_or_else(|| {
+                    bad("the user name is not valid percent-encoded UTF-8".into())
+                })?;
+                let p = percent_decode(p)
+                    .ok_or_else(|| bad("the password is not valid percent-encoded UTF-8".into()))?;
+                if u.is_empty() {
+                    return Err(bad("the user name is empty".into()));
+                }
+                (Some((u, p)), hosts)
+            }
+            None => (None, authority),
+        };
+        let mut endpoints = Vec::new();
+        for h in hosts.split(',') {
+            let h = h.trim();
+            if h.is_empty() {
+                continue;
+            }
+            let (host, port) = match h.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && !host.ends_with(':') => {
+                    (host, port.to_owned())
+                }
+                _ => (h, "2379".to_owned()),
+            };
+            if port.parse::<u16>().ok().filter(|p| *p != 0).is_none() {
+                return Err(bad(format!("'{h}' has no valid port")));
+            }
+            if !host.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '[' | ']' | ':')
+            }) {
+                return Err(bad(format!("'{host}' is not a host name or address")));
+            }
+            endpoints.push(format!("{host}:{port}"));
+        }
+        if endpoints.is_empty() {
+            return Err(bad(
+                "no etcd member given (example: etcd://10.0.0.1:2379,10.0.0.2:2379/baton)".into(),
+            ));
+        }
+        let prefix = path.trim_end_matches('/');
+        let prefix = if prefix.is_empty() {
+            DEFAULT_PREFIX.to_owned()
+        } else {
+            if !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-'))
+            {
+                return Err(bad(format!(
+                    "the key prefix '{prefix}' may only hold letters, digits, '/', '.', '_' and '-'"
+                )));
+            }
+            prefix.to_owned()
+        };
+        let mut config = EtcdConfig {
+            endpoints,
+            prefix,
+            user,
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+        };
+        for (name, value) in url.query() {
+            let d = || {
+                parse_duration(value)
+                    .ok()
+                    .filter(|d| *d >= Duration::from_millis(10) && *d <= Duration::from_secs(600))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "{name} must be a duration between 10ms and 10m (like 500ms or 5s), not '{value}'"
+                        ))
+                    })
+            };
+            match name {
+                "timeout" => config.timeout = d()?,
+                "connect_timeout" => config.connect_timeout = d()?,
+                other => {
+                    return Err(bad(format!(
+                        "unknown parameter '{other}' (known: timeout, connect_timeout)"
+                    )))
+                }
+            }
+        }
+        Ok(config)
+    }
+}
+
+/// Decodes `%XX` escapes; `None` for a bad escape or bytes that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(u: &str) -> Result<EtcdConfig, Error> {
+        EtcdConfig::from_url(&StoreUrl::parse(u).expect("url"))
+    }
+
+    #[test]
+    fn parses_endpoints_prefix_user_and_options() {
+        let c = parse("etcd://h1:2379,h2:2380").expect("cfg");
+        assert_eq!(c.endpoints, ["h1:2379", "h2:2380"]);
+        assert_eq!(c.prefix, DEFAULT_PREFIX);
+        assert!(c.user.is_none());
+        let c = parse("etcd://bob:s%40cret@10.0.0.1/locks/prod/?timeout=2s&connect_timeout=500ms")
+            .expect("cfg");
+        assert_eq!(c.endpoints, ["10.0.0.1:2379"]);
+        assert_eq!(c.prefix, "/locks/prod");
+        assert_eq!(c.user, Some(("bob".into(), "s@cret".into())));
+        assert_eq!(c.timeout, Duration::from_secs(2));
+        assert_eq!(c.connect_timeout, Duration::from_millis(500));
+        assert!(!format!("{c:?}").contains("cret"));
+    }
+
+    #[test]
+    fn refuses_bad_urls() {
+        for u in [
+            "etcd:h1:2379",
+            "etcd://",
+            "etcd://h1:notaport",
+            "etcd://h1:0",
+            "etcd://h1:2379/pre#fix",
+            "etcd://h1:2379?timeout=forever",
+            "etcd://h1:2379?color=blue",
+            "etcd://bob@h1:2379",
+            "etcd://h 1:2379",
+            "dir:/x",
+        ] {
+            let err = parse(u).expect_err(u);
+            assert_eq!(err.kind(), ErrorKind::InvalidInput, "{u}: {err}");
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! baton's PostgreSQL store, `postgres://user@host:5432/db[?schema=baton&timeout=10s]`:
+//! leases as rows in one schema of a PostgreSQL database, shared by every host that can
+//! reach it.
+//!
+//! Each granted slot is a row whose expiry the server's own clock decides; a holder
+//! renews it, and a dead holder's slot comes back when the TTL runs out. Every grant is
+//! one call of a server-side function that locks the key's row, so the limit holds
+//! whatever the number of clients. Waiters queue first come, first served by ticket,
+//! are woken by `LISTEN`/`NOTIFY`, and leave the queue when their session ends. Fencing
+//! tokens come from a per-key sequence in a table. See `README.md` for the schema, the
+//! bounds and what the store cannot do (TLS, transaction-mode poolers).
+
+use std::sync::Arc;
+
+use baton_core::{Result, Store, StoreUrl};
+
+mod config;
+mod schema;
+mod store;
+
+pub use config::{PostgresConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_SCHEMA, DEFAULT_TIMEOUT};
+pub use schema::SCHEMA_VERSION;
+pub use store::{PostgresStore, DEFAULT_TTL, MAX_LIMIT, TICKET_TTL};
+
+/// Opens the store a `postgres` (or `postgresql`) URL names. Connects lazily: a server
+/// that is down shows on the first operation as `Unavailable`.
+pub fn open(url: &StoreUrl) -> Result<Arc<dyn Store>> {
+    Ok(Arc::new(PostgresStore::open(url)?))
+}

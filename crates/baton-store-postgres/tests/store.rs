@@ -1,0 +1,694 @@
+//! PostgreSQL-specific behaviour, against the real server `scripts/test` starts
+//! (`BATON_TEST_POSTGRES`) or a private one started here (restarts, a server going away):
+//! waking by `LISTEN`/`NOTIFY`, first-come-first-served order, waiters whose session dies
+//! or whose wait is abandoned, tokens across a server restart, an unreachable, silent or
+//! partitioned server, and tables baton did not write.
+//!
+//! Tests run on current-thread runtimes on purpose: the store drives its connections on
+//! its own runtime, whatever the caller uses.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use baton_conformance::servers::{url_from_env, Server};
+use baton_core::{AcquireRequest, ErrorKind, Holder, Key, Lease, Released, Store, StoreUrl, Wait};
+use baton_store_postgres::PostgresStore;
+use tokio_postgres::{Client, NoTls};
+
+/// Anything that must happen does so within this (a liveness bound, not a speed check).
+const LIVENESS: Duration = Duration::from_secs(30);
+
+/// The shared server's URL, or `None` (with a note) when the tests are skipped.
+fn base_url(test: &str) -> Option<String> {
+    match url_from_env("BATON_TEST_POSTGRES") {
+        Ok(u) => Some(u),
+        Err(why) => {
+            eprintln!("SKIPPED {test}: {why}");
+            None
+        }
+    }
+}
+
+fn with_schema(base: &str, schema: &str) -> String {
+    let sep = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{sep}schema={schema}")
+}
+
+fn suffix() -> String {
+    format!("{:08x}", baton_core::HolderId::random().0 as u32)
+}
+
+fn open(url: &str) -> Arc<PostgresStore> {
+    let u = StoreUrl::parse(url).expect("url");
+    Arc::new(PostgresStore::open(&u).unwrap_or_else(|e| panic!("open {u}: {e:#}")))
+}
+
+fn key(name: &str) -> Key {
+    Key::new(format!("pgtest/{name}-{}", suffix())).expect("key")
+}
+
+fn request(key: &Key, limit: u32, wait: Wait, ttl: Duration) -> AcquireRequest {
+    let mut r = AcquireRequest::new(key.clone(), Holder::current(vec!["pgtest".into()]));
+    r.limit = limit;
+    r.wait = wait;
+    r.ttl = Some(ttl);
+    r
+}
+
+/// A plain driver connection for looking at (and damaging) the tables by hand.
+async fn raw(url: &str) -> Client {
+    let driver = url.split('?').next().unwrap_or(url);
+    let (client, conn) = tokio_postgres::connect(driver, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect by hand: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+async fn waiter_rows(c: &Client, schema: &str, key: &Key) -> i64 {
+    c.query_one(
+        &format!("SELECT count(*) FROM {schema}.waiters WHERE key = $1"),
+        &[&key.as_str()],
+    )
+    .await
+    .expect("count waiters")
+    .get(0)
+}
+
+/// Waits (bounded) until `inspect` shows `n` live waiters.
+async fn until_waiters(store: &PostgresStore, key: &Key, n: u32) {
+    let start = Instant::now();
+    loop {
+        let st = store.inspect(key).await.expect("inspect");
+        if st.waiters == Some(n) {
+            return;
+        }
+        assert!(
+            start.elapsed() < LIVENESS,
+            "inspect never showed {n} waiter(s): {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn release_wakes_a_listening_waiter() {
+    let Some(base) = base_url("release_wakes_a_listening_waiter") else {
+        return;
+    };
+    let schema = "baton_storetest";
+    let url = with_schema(&base, schema);
+    let store = open(&url);
+    let k = key("wake");
+    let held = store
+        .acquire(&request(&k, 1, Wait::NoWait, Duration::from_secs(60)))
+        .await
+        .expect("first grant");
+    let s2 = Arc::clone(&store);
+    let r = request(&k, 1, Wait::Timeout(LIVENESS), Duration::from_secs(60));
+    let waiter = tokio::spawn(async move { s2.acquire(&r).await });
+    until_waiters(&store, &k, 1).await;
+    // The store's listening session is there, on the schema's channel.
+    let c = raw(&base).await;
+    let listening: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND query = $1",
+            &[&format!("LISTEN \"baton_{schema}\"")],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .get(0);
+    assert!(listening >= 1, "no session listens on baton_{schema}");
+    let released_at = Instant::now();
+    assert_eq!(
+        store.release(&held).await.expect("release"),
+        Released::Released
+    );
+    let lease = waiter.await.expect("join").expect("the waiter is granted");
+    eprintln!(
+        "release_wakes_a_listening_waiter: granted {:?} after the release (the waiter's \
+         backstop look is every 1s, its ticket refresh every 3.3s)",
+        released_at.elapsed()
+    );
+    assert!(lease.token > held.token);
+    store.release(&lease).await.expect("release");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn waiters_are_served_first_come_first_served() {
+    let Some(base) = base_url("waiters_are_served_first_come_first_served") else {
+        return;
+    };
+    let store = open(&with_schema(&base, "baton_storetest"));
+    let k = key("fifo");
+    let ttl = Duration::from_secs(60);
+    let first = store
+        .acquire(&request(&k, 1, Wait::NoWait, ttl))
+        .await
+        .expect("first grant");
+    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..5u32 {
+        // Each waiter from its own handle (its own connections), queued one after another.
+        let s = open(&with_schema(&base, "baton_storetest"));
+        let r = request(&k, 1, Wait::Timeout(LIVENESS), ttl);
+        let order = Arc::clone(&order);
+        tasks.push(tokio::spawn(async move {
+            let lease = s.acquire(&r).await.expect("a waiter is granted");
+            order.lock().expect("order").push(i);
+            s.release(&lease).await.expect("release");
+        }));
+        until_waiters(&store, &k, i + 1).await;
+    }
+    store.release(&first).await.expect("release");
+    for t in tasks {
+        t.await.expect("join");
+    }
+    assert_eq!(*order.lock().expect("order"), vec![0, 1, 2, 3, 4]);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_waiter_whose_session_dies_leaves_the_queue() {
+    let Some(base) = base_url("a_waiter_whose_session_dies_leaves_the_queue") else {
+        return;
+    };
+    let schema = "baton_storetest";
+    let url = with_schema(&base, schema);
+    let store = open(&url);
+    let c = raw(&base).await;
+    let k = key("dead-waiter");
+    let ttl = Duration::from_secs(60);
+    let held = store
+        .acquire(&request(&k, 1, Wait::NoWait, ttl))
+        .await
+        .expect("grant");
+    // The doomed waiter, then one behind it.
+    let doomed = open(&url);
+    let r = request(&k, 1, Wait::Timeout(LIVENESS), ttl);
+    let d2 = Arc::clone(&doomed);
+    let doomed_wait = tokio::spawn(async move { d2.acquire(&r).await });
+    until_waiters(&store, &k, 1).await;
+    let behind = open(&url);
+    let r = request(&k, 1, Wait::Timeout(LIVENESS), ttl);
+    let b2 = Arc::clone(&behind);
+    let behind_wait = tokio::spawn(async move { b2.acquire(&r).await });
+    until_waiters(&store, &k, 2).await;
+    // End the first waiter's server session, as a crash of its process or host would.
+    let killed: i64 = c
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM {schema}.waiters \
+                 WHERE key = $1 ORDER BY ticket LIMIT 1) t"
+            ),
+            &[&k.as_str()],
+        )
+        .await
+        .expect("terminate")
+        .get(0);
+    assert_eq!(killed, 1);
+    let e = doomed_wait
+        .await
+        .expect("join")
+        .expect_err("a waiter whose session ended cannot be granted");
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e:#}");
+    // Its ticket no longer counts, at once (no TTL to wait out).
+    until_waiters(&store, &k, 1).await;
+    store.release(&held).await.expect("release");
+    let lease = behind_wait
+        .await
+        .expect("join")
+        .expect("the waiter behind is granted");
+    assert_eq!(
+        waiter_rows(&c, schema, &k).await,
+        0,
+        "the dead ticket was swept"
+    );
+    behind.release(&lease).await.expect("release");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_abandoned_acquire_leaves_nothing() {
+    let Some(base) = base_url("an_abandoned_acquire_leaves_nothing") else {
+        return;
+    };
+    let schema = "baton_storetest";
+    let url = with_schema(&base, schema);
+    let store = open(&url);
+    let c = raw(&base).await;
+    let k = key("abandoned");
+    let ttl = Duration::from_secs(60);
+    let held = store
+        .acquire(&request(&k, 1, Wait::NoWait, ttl))
+        .await
+        .expect("grant");
+    // A timed-out wait cleans up before it returns.
+    let e = store
+        .acquire(&request(
+            &k,
+            1,
+            Wait::Timeout(Duration::from_millis(300)),
+            ttl,
+        ))
+        .await
+        .expect_err("times out");
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e:#}");
+    assert_eq!(waiter_rows(&c, schema, &k).await, 0);
+    // A dropped future cleans up right after.
+    let r = request(&k, 1, Wait::Forever, ttl);
+    let dropped = tokio::time::timeout(Duration::from_millis(500), store.acquire(&r)).await;
+    assert!(
+        dropped.is_err(),
+        "the slot is held: the acquire must still wait"
+    );
+    let start = Instant::now();
+    while waiter_rows(&c, schema, &k).await != 0 {
+        assert!(
+            start.elapsed() < LIVENESS,
+            "the cancelled wait left its ticket"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let st = store.inspect(&k).await.expect("inspect");
+    assert_eq!(st.waiters, Some(0));
+    assert_eq!(st.held(), 1);
+    assert_eq!(
+        store.release(&held).await.expect("release"),
+        Released::Released
+    );
+    let rows: i64 = c
+        .query_one(
+            &format!("SELECT count(*) FROM {schema}.leases WHERE key = $1"),
+            &[&k.as_str()],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(rows, 0, "no lease left behind");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn limits_tokens_and_mismatch() {
+    let Some(base) = base_url("limits_tokens_and_mismatch") else {
+        return;
+    };
+    let store = open(&with_schema(&base, "baton_storetest"));
+    let k = key("sem");
+    let ttl = Duration::from_secs(60);
+    let a = store
+        .acquire(&request(&k, 2, Wait::NoWait, ttl))
+        .await
+        .expect("a");
+    let b = store
+        .acquire(&request(&k, 2, Wait::NoWait, ttl))
+        .await
+        .expect("b");
+    assert_ne!(a.slot, b.slot);
+    assert!(b.token > a.token);
+    let e = store
+        .acquire(&request(&k, 2, Wait::NoWait, ttl))
+        .await
+        .expect_err("full");
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e:#}");
+    let e = store
+        .acquire(&request(&k, 3, Wait::NoWait, ttl))
+        .await
+        .expect_err("other limit");
+    assert_eq!(e.kind(), ErrorKind::LimitMismatch, "{e:#}");
+    assert_eq!(e.current_limit(), Some(2));
+    let e = store
+        .acquire(&request(&key("huge"), u32::MAX, Wait::NoWait, ttl))
+        .await
+        .expect_err("a limit no status could list");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e:#}");
+    // Renew keeps the lease; after release, renew answers lost and release not held.
+    let renewed = store.renew(&a).await.expect("renew");
+    assert_eq!(renewed.token, a.token);
+    for l in [&a, &b] {
+        assert_eq!(store.release(l).await.expect("release"), Released::Released);
+        assert_eq!(store.release(l).await.expect("release"), Released::NotHeld);
+        let e = store.renew(l).await.expect_err("renew after release");
+        assert_eq!(e.kind(), ErrorKind::Lost, "{e:#}");
+    }
+}
+
+#[test]
+fn tokens_survive_a_server_restart_and_a_down_server_is_unavailable() {
+    if base_url("tokens_survive_a_server_restart_and_a_down_server_is_unavailable").is_none() {
+        return;
+    }
+    let server = Server::start("postgres", "start", "stop").expect("a private server");
+    let url = server
+        .var("BATON_TEST_POSTGRES")
+        .expect("the script prints BATON_TEST_POSTGRES")
+        .to_owned();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let store = open(&url);
+    let k = key("restart");
+    let ttl = Duration::from_secs(60);
+    let grant = |store: Arc<PostgresStore>| {
+        let r = request(&k, 1, Wait::NoWait, ttl);
+        async move {
+            let l: Lease = store.acquire(&r).await?;
+            store.release(&l).await?;
+            Ok::<_, baton_core::Error>(l.token)
+        }
+    };
+    let mut last = baton_core::Token(0);
+    for _ in 0..3 {
+        let t = rt
+            .block_on(grant(Arc::clone(&store)))
+            .expect("grant before restart");
+        assert!(t > last);
+        last = t;
+    }
+    server.run("restart").expect("restart");
+    // The same handle (its pooled connections died with the server) and a new one.
+    let t = rt
+        .block_on(grant(Arc::clone(&store)))
+        .expect("grant after restart");
+    assert!(t > last, "token {t} after the restart is not above {last}");
+    last = t;
+    let t = rt
+        .block_on(grant(open(&url)))
+        .expect("grant on a new handle");
+    assert!(t > last);
+
+    server.run("stop").expect("stop");
+    for s in [Arc::clone(&store), open(&url)] {
+        let e = rt
+            .block_on(grant(s))
+            .expect_err("no grant from a stopped server");
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e:#}");
+        assert!(
+            e.to_string().contains("127.0.0.1"),
+            "names the server: {e:#}"
+        );
+    }
+    server.run("start").expect("start again");
+    let t = rt
+        .block_on(grant(Arc::clone(&store)))
+        .expect("grant after start");
+    assert!(t > last);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_silent_server_is_unavailable_not_a_hang() {
+    // Accepts TCP connections (the kernel does) and never says a word.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let store = open(&format!(
+        "postgres://baton@127.0.0.1:{port}/baton?timeout=500ms&connect_timeout=1"
+    ));
+    let k = key("silent");
+    for wait in [Wait::NoWait, Wait::Forever] {
+        let e = tokio::time::timeout(
+            LIVENESS,
+            store.acquire(&request(&k, 1, wait, Duration::from_secs(10))),
+        )
+        .await
+        .expect("bounded")
+        .expect_err("no grant");
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e:#}");
+    }
+    let e = tokio::time::timeout(LIVENESS, store.list())
+        .await
+        .expect("bounded")
+        .expect_err("no list");
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e:#}");
+    drop(listener);
+    // Nothing listens at all.
+    let e = store
+        .acquire(&request(&k, 1, Wait::NoWait, Duration::from_secs(10)))
+        .await
+        .expect_err("refused");
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e:#}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn tables_baton_did_not_write_are_corrupt() {
+    let Some(base) = base_url("tables_baton_did_not_write_are_corrupt") else {
+        return;
+    };
+    let c = raw(&base).await;
+    let k = key("hostile");
+    let ttl = Duration::from_secs(10);
+
+    // Another program's table where baton's belongs.
+    let schema = format!("baton_hostile_{}", suffix());
+    c.batch_execute(&format!(
+        "CREATE SCHEMA {schema}; CREATE TABLE {schema}.keys (key text, lim text, seq text);"
+    ))
+    .await
+    .expect("create");
+    let store = open(&with_schema(&base, &schema));
+    let e = store
+        .acquire(&request(&k, 1, Wait::NoWait, ttl))
+        .await
+        .expect_err("not baton's table");
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e:#}");
+    assert!(e.to_string().contains("lim"), "names the column: {e:#}");
+    let e = store.list().await.expect_err("list");
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e:#}");
+    c.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .expect("drop");
+
+    // A schema from a newer baton.
+    let schema = format!("baton_hostile_{}", suffix());
+    let store = open(&with_schema(&base, &schema));
+    let l = store
+        .acquire(&request(&k, 1, Wait::NoWait, ttl))
+        .await
+        .expect("a fresh schema works");
+    store.release(&l).await.expect("release");
+    c.execute(
+        &format!("UPDATE {schema}.meta SET value = '99' WHERE name = 'schema_version'"),
+        &[],
+    )
+    .await
+    .expect("bump");
+    let e = open(&with_schema(&base, &schema))
+        .acquire(&request(&k, 1, Wait::NoWait, ttl))
+        .await
+        .expect_err("newer schema");
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e:#}");
+
+    // A column retyped under a handle that already checked the schema.
+    c.batch_execute(&format!(
+        "UPDATE {schema}.meta SET value = '1' WHERE name = 'schema_version'; \
+         ALTER TABLE {schema}.keys ALTER COLUMN seq TYPE text"
+    ))
+    .await
+    .expect("retype");
+    let e = store
+        .acquire(&request(&k, 1, Wait::NoWait, ttl))
+        .await
+        .expect_err("retyped column");
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e:#}");
+    let e = store.inspect(&k).await.expect_err("inspect");
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e:#}");
+
+    // A limit no key can have (status would list two billion slots).
+    c.batch_execute(&format!(
+        "UPDATE {schema}.meta SET value = '1' WHERE name = 'schema_version'; \
+         ALTER TABLE {schema}.keys ALTER COLUMN seq TYPE bigint USING seq::bigint; \
+         UPDATE {schema}.keys SET lim = 2147483647"
+    ))
+    .await
+    .expect("huge limit");
+    let e = store.inspect(&k).await.expect_err("inspect");
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e:#}");
+    let e = store
+        .acquire(&request(&k, 1, Wait::NoWait, ttl))
+        .await
+        .expect_err("acquire");
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e:#}");
+    c.batch_execute(&format!("UPDATE {schema}.keys SET lim = 1"))
+        .await
+        .expect("limit back");
+
+    // A key name no key can have.
+    c.batch_execute(&format!(
+        "INSERT INTO {schema}.keys VALUES ('../etc/passwd', 1, 0)"
+    ))
+    .await
+    .expect("bad key");
+    let e = open(&with_schema(&base, &schema))
+        .list()
+        .await
+        .expect_err("bad key in list");
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e:#}");
+    c.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .expect("drop");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn passwords_never_show() {
+    let store = open("postgres://bob:hunter2@127.0.0.1:1/baton?connect_timeout=1");
+    let e = store
+        .acquire(&request(
+            &key("pw"),
+            1,
+            Wait::NoWait,
+            Duration::from_secs(5),
+        ))
+        .await
+        .expect_err("nothing listens on port 1");
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e:#}");
+    let shown = format!("{e:#} {e:?} {store:?}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+}
+
+#[test]
+fn a_partitioned_client_fails_within_its_timeout() {
+    use baton_conformance::proxy::ProxySet;
+    let Some(base) = base_url("a_partitioned_client_fails_within_its_timeout") else {
+        return;
+    };
+    // The proxy runs a runtime of its own: started outside the test's.
+    let proxies = ProxySet::start(&base).expect("a fault proxy");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(partitioned(base, &proxies));
+}
+
+async fn partitioned(base: String, proxies: &baton_conformance::proxy::ProxySet) {
+    use baton_conformance::proxy::Fault;
+    let cut_off = open(&format!(
+        "{}?schema=baton_storetest&timeout=1s&connect_timeout=1",
+        proxies.url()
+    ));
+    let direct = open(&with_schema(&base, "baton_storetest"));
+    let ttl = Duration::from_secs(60);
+    let k = key("partition");
+    let lease = cut_off
+        .acquire(&request(&k, 1, Wait::NoWait, ttl))
+        .await
+        .expect("grant through the proxy");
+    // A waiter through the proxy too, on a key the direct handle holds.
+    let k2 = key("partition-wait");
+    let held = direct
+        .acquire(&request(&k2, 1, Wait::NoWait, ttl))
+        .await
+        .expect("grant");
+    let s2 = Arc::clone(&cut_off);
+    let r = request(&k2, 1, Wait::Forever, ttl);
+    let waiter = tokio::spawn(async move { s2.acquire(&r).await });
+    until_waiters(&direct, &k2, 1).await;
+
+    proxies.set(Fault::Partition);
+    // Every operation answers within its bound instead of hanging on the held traffic.
+    let bounded = |what: &'static str, e: baton_core::Error| {
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{what}: {e:#}");
+    };
+    match tokio::time::timeout(LIVENESS, cut_off.renew(&lease)).await {
+        Ok(Err(e)) => bounded("renew", e),
+        other => panic!("renew during a partition: {other:?}"),
+    }
+    match tokio::time::timeout(
+        LIVENESS,
+        cut_off.acquire(&request(&key("p3"), 1, Wait::NoWait, ttl)),
+    )
+    .await
+    {
+        Ok(Err(e)) => bounded("acquire", e),
+        other => panic!("acquire during a partition: {other:?}"),
+    }
+    match tokio::time::timeout(LIVENESS, waiter).await {
+        Ok(Ok(Err(e))) => bounded("a waiting acquire", e),
+        other => panic!("a waiter during a partition: {other:?}"),
+    }
+    // The server still has the lease (it is a row, with its TTL).
+    assert_eq!(direct.inspect(&k).await.expect("inspect").held(), 1);
+
+    proxies.set(Fault::Pass);
+    let renewed = cut_off
+        .renew(&lease)
+        .await
+        .expect("renew after the partition heals");
+    assert_eq!(
+        cut_off.release(&renewed).await.expect("release"),
+        Released::Released
+    );
+    assert_eq!(
+        direct.release(&held).await.expect("release"),
+        Released::Released
+    );
+    // The waiter cut off mid-wait left nothing that blocks the key for long: its ticket
+    // dies with its session or at its TTL.
+    let l = direct
+        .acquire(&request(&k2, 1, Wait::Timeout(LIVENESS), ttl))
+        .await
+        .expect("the key is free again");
+    direct.release(&l).await.expect("release");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_missing_function_is_created_again() {
+    let Some(base) = base_url("a_missing_function_is_created_again") else {
+        return;
+    };
+    let c = raw(&base).await;
+    let schema = format!("baton_fn_{}", suffix());
+    let url = with_schema(&base, &schema);
+    let k = key("fn");
+    let ttl = Duration::from_secs(10);
+    let l = open(&url)
+        .acquire(&request(&k, 1, Wait::NoWait, ttl))
+        .await
+        .expect("grant");
+    open(&url).release(&l).await.expect("release");
+    c.batch_execute(&format!(
+        "DROP FUNCTION {schema}.leave(text, bigint, integer, text)"
+    ))
+    .await
+    .expect("drop");
+    let store = open(&url);
+    let l = store
+        .acquire(&request(&k, 1, Wait::NoWait, ttl))
+        .await
+        .expect("a new handle puts the function back");
+    store.release(&l).await.expect("release");
+    let n: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+             WHERE n.nspname = $1 AND p.proname = 'leave'",
+            &[&schema],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(n, 1);
+    c.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .expect("drop schema");
+}
+
+fn open_dyn(url: &StoreUrl) -> baton_core::Result<Arc<dyn Store>> {
+    baton_store_postgres::open(url)
+}
+
+/// The contract's restart property (baton-conformance), on a private server: tokens of a
+/// mutex and a semaphore keep rising across a restart, through the old handle (which
+/// reconnects) and a new one.
+#[test]
+fn conformance_restart_keeps_tokens_rising() {
+    if base_url("conformance_restart_keeps_tokens_rising").is_none() {
+        return;
+    }
+    let server = Server::start("postgres", "start", "stop").expect("a private server");
+    let h = baton_conformance::Harness::new(server.url(), open_dyn);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(baton_conformance::restart_keeps_tokens_rising(&h, &server));
+}

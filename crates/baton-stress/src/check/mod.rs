@@ -1,0 +1,388 @@
+//! The checkers: one file per property, each reading a history (and, where the property is
+//! about the protected resource, the rows the resource accepted) and listing violations.
+//!
+//! - [`limit`]: at most `limit` overlapping holders, and no slot held twice;
+//! - [`tokens`]: accepted tokens strictly increase (distinct, and rising in grant order);
+//! - [`results`]: every event's result recorded exactly once (no lost, no doubled results);
+//! - [`stale`]: no stale write accepted by the fenced resource;
+//! - [`barrier`]: workflow stages never overlap and every party passes every stage;
+//! - [`recovery`]: a killed holder's slot comes back within the store's bound;
+//! - [`unknown`]: which events' outcomes are unknown (timed out, killed), so the others
+//!   treat them as neither success nor failure.
+
+pub mod barrier;
+pub mod limit;
+pub mod recovery;
+pub mod results;
+pub mod stale;
+pub mod tokens;
+pub mod unknown;
+
+use std::fmt;
+
+use serde::Serialize;
+
+/// At most this many violations are listed per property; the count is always exact.
+pub const MAX_LISTED: usize = 50;
+
+/// One violation of a property, with the processes whose events show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Violation {
+    /// The property: `limit`, `tokens`, `results`, `stale`, `recovery`.
+    pub property: &'static str,
+    /// What happened, naming the violating events (several lines for several events).
+    pub message: String,
+    /// The processes involved.
+    pub pids: Vec<u32>,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.property, self.message)
+    }
+}
+
+/// Appends `v` to `out` unless [`MAX_LISTED`] are listed already; returns whether it was
+/// listed. Callers count every violation themselves.
+pub(crate) fn push(out: &mut Vec<Violation>, v: Violation) {
+    if out.len() < MAX_LISTED {
+        out.push(v);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil;
+
+#[cfg(test)]
+mod tests {
+    use super::testutil::*;
+    use super::*;
+    use crate::history::Event;
+    use crate::intervals::Ends;
+    use crate::resource::{CLAIM, RESULT};
+    use baton_core::Token;
+
+    #[test]
+    fn a_lease_ends_at_its_holders_deadline_on_lease_stores() {
+        // Pid 1 was paused past its deadline (100); pid 2 got the slot at 150.
+        let held = Event::Held {
+            pid: 1,
+            t_ns: 11,
+            key: key(),
+            token: Token(1),
+            deadline_ns: 100,
+        };
+        let h = vec![
+            grant(1, 0, 10, 0, 1),
+            held,
+            grant(2, 5, 150, 0, 2),
+            release(2, 160, 0, 2),
+            release(1, 400, 0, 1),
+        ];
+        assert!(limit::check(&h, &key(), 1, Ends::Deadlines).is_empty());
+        let v = limit::check(&h, &key(), 1, Ends::Release);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].pids, vec![1, 2]);
+    }
+
+    #[test]
+    fn a_lease_without_a_recorded_deadline_ends_at_the_first_one_it_could_have() {
+        // Pid 1 (TTL 100ms: validity 89ms from its request at 0) was stopped before its
+        // keeper's deadline was recorded; pid 2 got the slot at 200ms.
+        let mut first = grant(1, 0, 10, 0, 1);
+        if let Event::Grant { lease, .. } = &mut first {
+            lease.ttl = Some(std::time::Duration::from_millis(100));
+        }
+        let h = vec![
+            first,
+            grant(2, 5, 200_000_000, 0, 2),
+            release(2, 210_000_000, 0, 2),
+            release(1, 400_000_000, 0, 1),
+        ];
+        assert!(limit::check(&h, &key(), 1, Ends::Deadlines).is_empty());
+        assert_eq!(limit::check(&h, &key(), 1, Ends::Release).len(), 1);
+    }
+
+    #[test]
+    fn every_overlap_is_listed() {
+        let h = vec![
+            grant(1, 0, 10, 0, 1),
+            grant(2, 0, 20, 0, 2),
+            grant(3, 0, 30, 0, 3),
+            release(1, 40, 0, 1),
+        ];
+        let v = limit::check(&h, &key(), 1, Ends::Release);
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert!(v.iter().all(|v| v.property == "limit"));
+    }
+
+    #[test]
+    fn results_must_be_recorded_exactly_once() {
+        let h = vec![
+            start(1, 0, 0),
+            done(1, 10, 0, "ok"),
+            start(2, 0, 1),
+            done(2, 10, 1, "ok"),
+            start(3, 0, 2),
+            done(3, 10, 2, "fenced"),
+            start(4, 0, 3),
+            Event::Killed { pid: 4, t_ns: 5 },
+            start(5, 0, 4),
+            done(5, 10, 4, "unknown"),
+        ];
+        // Event 0 once, 1 lost, 2 fenced yet written, 3 killed (unknown) once, 4 unknown
+        // twice, 9 made up.
+        let rows = vec![
+            row(0, 1, 1, RESULT),
+            row(0, 1, 1, CLAIM),
+            row(2, 3, 3, RESULT),
+            row(3, 4, 4, RESULT),
+            row(4, 5, 5, RESULT),
+            row(4, 5, 5, RESULT),
+            row(9, 6, 6, RESULT),
+        ];
+        let v = results::check(&h, &rows);
+        let text: Vec<String> = v.iter().map(|v| v.message.clone()).collect();
+        assert_eq!(v.len(), 4, "{text:#?}");
+        assert!(
+            text[0].starts_with("event 1 (pid 2) succeeded but has 0"),
+            "{text:#?}"
+        );
+        assert!(
+            text[1].starts_with("event 2 (pid 3) was fenced"),
+            "{text:#?}"
+        );
+        assert!(
+            text[2].contains("event 4") && text[2].contains("unknown"),
+            "{text:#?}"
+        );
+        assert!(
+            text[3].contains("event 9, which no worker ran"),
+            "{text:#?}"
+        );
+        let known = unknown::outcomes(&h);
+        assert_eq!(
+            known[&3].outcome,
+            unknown::Outcome::Unknown("killed".into())
+        );
+    }
+
+    #[test]
+    fn a_stale_write_accepted_is_caught() {
+        let rows = vec![
+            row(0, 1, 5, CLAIM),
+            row(0, 1, 5, RESULT),
+            row(1, 2, 7, CLAIM),
+            row(0, 1, 5, RESULT),
+        ];
+        let refused = Event::FenceWrite {
+            pid: 1,
+            t_ns: 9,
+            key: key(),
+            token: Token(5),
+            accepted: false,
+            kind: Some("fenced".into()),
+            error: None,
+        };
+        let (v, n) = stale::check(&[refused], &rows);
+        assert_eq!(n, 1);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(
+            v[0].message.contains("token 5 after pid 2"),
+            "{}",
+            v[0].message
+        );
+        let (v, _) = stale::check(&[], &rows[..3]);
+        assert!(v.is_empty(), "{v:?}");
+    }
+
+    #[test]
+    fn recovery_is_measured_from_the_kill_to_the_next_grant() {
+        let h = vec![
+            grant(1, 0, 10, 0, 1),
+            Event::Request {
+                pid: 2,
+                t_ns: 15,
+                key: key(),
+            },
+            Event::Killed { pid: 1, t_ns: 20 },
+            grant(2, 15, 1_000_020, 0, 2),
+        ];
+        let (times, v) = recovery::check(&h, &key(), 2_000_000);
+        assert_eq!(times, vec![1_000_000]);
+        assert!(v.is_empty());
+        let (_, v) = recovery::check(&h, &key(), 500_000);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("bound 0.500ms"), "{}", v[0].message);
+        // Nobody waiting at the kill: nothing to measure.
+        let (times, v) = recovery::check(&h[..1], &key(), 1);
+        assert!(times.is_empty() && v.is_empty());
+    }
+
+    #[test]
+    fn a_stage_that_starts_early_breaks_the_barrier() {
+        let arrive = |pid, t_ns| Event::Arrive {
+            pid,
+            t_ns,
+            key: key(),
+        };
+        let passed = |pid, t_ns| Event::Passed {
+            pid,
+            t_ns,
+            key: key(),
+            generation: 0,
+        };
+        let good = vec![
+            start(1, 0, 0),
+            done(1, 10, 0, "ok"),
+            start(2, 0, 1),
+            done(2, 20, 1, "ok"),
+            arrive(1, 11),
+            arrive(2, 21),
+            passed(1, 25),
+            passed(2, 26),
+            start(1, 30, 2),
+            done(1, 40, 2, "ok"),
+        ];
+        let (times, v) = barrier::check(&good, 2, 1, 2);
+        assert!(v.is_empty(), "{v:?}");
+        assert_eq!(times, vec![4]);
+        let mut bad = good.clone();
+        bad.push(start(2, 15, 3)); // stage 1 began before stage 0 ended at 20
+        let (_, v) = barrier::check(&bad, 2, 1, 2);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("stage 1 began"), "{}", v[0].message);
+    }
+}
+
+/// The suite's tests of the two checkers it uses, moved here with them: the first
+/// violation's message, as `baton-conformance` reports it.
+#[cfg(test)]
+mod suite_tests {
+    use super::testutil::*;
+    use super::*;
+    use crate::history::Event;
+    use crate::intervals::Ends;
+
+    fn first(v: Vec<Violation>) -> Result<(), String> {
+        v.into_iter().next().map_or(Ok(()), |v| Err(v.message))
+    }
+
+    fn lim(h: &[Event], limit: u32) -> Result<(), String> {
+        first(limit::check(h, &key(), limit, Ends::Release))
+    }
+
+    fn tok(h: &[Event], limit: u32) -> Result<(), String> {
+        first(tokens::check(h, &key(), limit))
+    }
+
+    #[test]
+    fn disjoint_mutex_history_passes() {
+        let h = vec![
+            grant(1, 0, 10, 0, 1),
+            release(1, 20, 0, 1),
+            grant(2, 5, 30, 0, 2),
+            release(2, 40, 0, 2),
+            grant(1, 25, 50, 0, 3),
+        ];
+        lim(&h, 1).expect("limit");
+        tok(&h, 1).expect("tokens");
+    }
+
+    #[test]
+    fn overlapping_mutex_history_fails() {
+        let h = vec![
+            grant(1, 0, 10, 0, 1),
+            grant(2, 5, 15, 0, 2),
+            release(1, 20, 0, 1),
+            release(2, 40, 0, 2),
+        ];
+        let err = lim(&h, 1).expect_err("overlap");
+        assert!(err.contains("slot 0"), "{err}");
+        // The same leases on different slots still break the limit of 1.
+        let h = vec![
+            grant(1, 0, 10, 0, 1),
+            grant(2, 5, 15, 1, 2),
+            release(1, 20, 0, 1),
+        ];
+        let err = lim(&h, 1).expect_err("overlap");
+        assert!(err.contains("2 leases"), "{err}");
+        lim(&h, 2).expect("fits a limit of 2");
+    }
+
+    #[test]
+    fn a_lease_never_released_stays_held() {
+        let h = vec![grant(1, 0, 10, 0, 1), grant(2, 5, 1_000, 0, 2)];
+        lim(&h, 1).expect_err("the first is still held");
+    }
+
+    #[test]
+    fn a_kill_ends_the_killed_process_leases() {
+        let h = vec![
+            grant(1, 0, 10, 0, 1),
+            Event::Killed { pid: 1, t_ns: 20 },
+            grant(2, 5, 30, 0, 2),
+        ];
+        lim(&h, 1).expect("the first holder died before the second grant");
+        let h = vec![
+            grant(1, 0, 10, 0, 1),
+            grant(2, 5, 15, 0, 2),
+            Event::Killed { pid: 1, t_ns: 20 },
+        ];
+        lim(&h, 1).expect_err("granted before the kill");
+        let h = vec![
+            grant(1, 0, 10, 0, 1),
+            Event::Killed { pid: 3, t_ns: 20 },
+            grant(2, 5, 30, 0, 2),
+        ];
+        lim(&h, 1).expect_err("another process was killed");
+    }
+
+    #[test]
+    fn release_and_grant_at_the_same_instant_overlap() {
+        let h = vec![
+            grant(1, 0, 10, 0, 1),
+            release(1, 20, 0, 1),
+            grant(2, 5, 20, 0, 2),
+        ];
+        lim(&h, 1).expect_err("touching intervals overlap");
+    }
+
+    #[test]
+    fn a_slot_held_twice_fails_even_within_the_limit() {
+        let h = vec![
+            grant(1, 0, 10, 1, 1),
+            grant(2, 0, 12, 1, 2),
+            release(1, 20, 1, 1),
+            release(2, 30, 1, 2),
+        ];
+        let err = lim(&h, 3).expect_err("slot 1 twice");
+        assert!(err.contains("slot 1"), "{err}");
+    }
+
+    #[test]
+    fn falling_or_repeated_tokens_fail() {
+        // Sequential grants: the second token is lower.
+        let h = vec![
+            grant(1, 0, 10, 0, 5),
+            release(1, 20, 0, 5),
+            grant(1, 30, 40, 0, 4),
+        ];
+        let err = tok(&h, 3).expect_err("fell");
+        assert!(err.contains("did not rise"), "{err}");
+        // Repeated token.
+        let h = vec![grant(1, 0, 10, 0, 5), grant(2, 0, 12, 1, 5)];
+        let err = tok(&h, 3).expect_err("repeated");
+        assert!(err.contains("twice"), "{err}");
+        // Concurrent requests may be granted out of token order on a semaphore...
+        let h = vec![grant(1, 0, 12, 0, 6), grant(2, 0, 10, 1, 7)];
+        tok(&h, 3).expect("concurrent grants");
+        // ...but not on a mutex, where grants are ordered.
+        let h = vec![
+            grant(2, 0, 10, 0, 7),
+            release(2, 11, 0, 7),
+            grant(1, 0, 12, 0, 6),
+        ];
+        tok(&h, 1).expect_err("mutex order");
+    }
+}

@@ -1,0 +1,800 @@
+//! The orchestrator: starts the worker processes of a scenario on a seeded schedule, kills
+//! or pauses holders while they hold, waits for all, then runs every checker on the
+//! history and the resource and sums the run up.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use baton_core::{Error, ErrorKind, Key, Op, StoreUrl};
+use serde::Serialize;
+
+use crate::check::{self, Violation};
+use crate::clock::monotonic_ns;
+use crate::history::{read_history, Event, Recorder, Tail};
+use crate::intervals::{intervals_ending, Ends};
+use crate::resource;
+use crate::rng::Rng;
+use crate::stats::{jain, percentile};
+use crate::worker::{Job, WorkflowJob, JOB_ENV};
+use crate::OpenFn;
+
+/// A scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scenario {
+    /// Processes start at Gaussian times, each acquires, holds, writes its result.
+    Storm,
+    /// A storm whose holders are SIGKILLed at random points while holding.
+    Crash,
+    /// A storm whose holders are SIGSTOPped past their TTL, then resumed (lease stores).
+    Pause,
+    /// Through a fault proxy (networked stores).
+    Partition,
+    /// Stages of jobs on a semaphore with a barrier between stages.
+    Workflow,
+    /// One process acquiring and recording, for debugging a store.
+    Single,
+}
+
+impl Scenario {
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Storm => "storm",
+            Scenario::Crash => "crash",
+            Scenario::Pause => "pause",
+            Scenario::Partition => "partition",
+            Scenario::Workflow => "workflow",
+            Scenario::Single => "single",
+        }
+    }
+}
+
+/// How to start a worker: this program with these arguments (the job goes in
+/// [`JOB_ENV`]).
+#[derive(Clone, Debug)]
+pub struct WorkerCommand {
+    /// The program (usually `std::env::current_exe()`).
+    pub program: PathBuf,
+    /// Its arguments (`["stress", "__worker"]` for the `baton` binary).
+    pub args: Vec<String>,
+}
+
+/// How progress is shown on stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// A bar when stderr is a terminal, else a plain line every few seconds.
+    Auto,
+    /// Nothing.
+    Off,
+}
+
+/// A run's settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// The store URL, as given (secrets included: it reaches workers by environment).
+    pub url: String,
+    /// The key.
+    pub key: Key,
+    /// The key's slots.
+    pub slots: u32,
+    /// The seed of every random choice.
+    pub seed: u64,
+    /// How many events (processes); workflow: ignored.
+    pub events: u64,
+    /// The standard deviation of start times.
+    pub stddev: Duration,
+    /// How long each holder holds.
+    pub hold: Duration,
+    /// The TTL for lease stores.
+    pub ttl: Duration,
+    /// How long a worker waits for a slot (or a barrier); `None`: forever.
+    pub wait: Option<Duration>,
+    /// Crash / pause: the share of holders killed or paused.
+    pub fraction: f64,
+    /// Pause: how long a paused holder stays stopped (longer than the TTL plus the store's
+    /// detection, so that another holder takes over meanwhile).
+    pub pause_for: Duration,
+    /// Crash: how soon a killed holder's slot must come back; `None`: the store's bound.
+    pub recovery_bound: Option<Duration>,
+    /// Workflow: stages.
+    pub stages: u32,
+    /// Workflow: jobs per stage.
+    pub jobs: u64,
+    /// Workflow: worker processes.
+    pub procs: u32,
+    /// Where to keep the run's files (history, results, worker log); `None`: a temporary
+    /// directory, removed afterwards.
+    pub dir: Option<PathBuf>,
+    /// How to start workers.
+    pub worker: WorkerCommand,
+    /// Progress display.
+    pub progress: Progress,
+    /// The command that replays this run, for the summary.
+    pub replay: String,
+}
+
+/// Wait-time statistics, in ms.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Waits {
+    /// Median.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Longest.
+    pub max_ms: f64,
+}
+
+/// A run's summary: what `--json` prints and the table shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// Always `summary`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The scenario.
+    pub scenario: Scenario,
+    /// The store, secrets hidden.
+    pub store: String,
+    /// The key.
+    pub key: String,
+    /// Its slots.
+    pub slots: u32,
+    /// The seed.
+    pub seed: u64,
+    /// Events run (workflow: jobs over all stages).
+    pub events: u64,
+    /// Grants recorded.
+    pub grants: u64,
+    /// Outcomes: `ok`, `fenced`, `failed`, `unknown` → count.
+    pub outcomes: BTreeMap<&'static str, u64>,
+    /// From the first request to the last release, in s.
+    pub wall_s: f64,
+    /// Grants per second of wall time.
+    pub throughput_per_s: f64,
+    /// Time from request to grant.
+    pub wait: Waits,
+    /// The hold asked for, in ms.
+    pub hold_ms: f64,
+    /// Wall time / grants − hold, in ms: what each handoff cost beyond the work.
+    pub overhead_per_handoff_ms: f64,
+    /// Jain's fairness index over the waits of the granted events (1 = all waited alike).
+    pub fairness: f64,
+    /// Holders SIGKILLed.
+    pub killed: u64,
+    /// Holders SIGSTOPped.
+    pub paused: u64,
+    /// Writes the fence refused (late writes of holders that lost their lease).
+    pub fenced_writes: u64,
+    /// Pause: paused holders whose slot another holder was granted while they were
+    /// stopped (their late writes are the ones the fence must refuse).
+    pub superseded: u64,
+    /// Crash: death → next grant of the slot, in ms (max, p50), when measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_ms: Option<Waits>,
+    /// Workflow: last arrival → first pass of each stage's barrier, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stage_transition_ms: Option<Waits>,
+    /// How many violations in all.
+    pub violation_count: usize,
+    /// The violations (at most 50 per property listed).
+    pub violations: Vec<Violation>,
+    /// Errors that are not violations of a property but fail the run (a worker that
+    /// crashed on its own, a store that failed).
+    pub errors: Vec<String>,
+    /// Where the run's files were kept, if they were.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+    /// The command that replays the run.
+    pub replay: String,
+}
+
+impl Summary {
+    /// Whether the run passed: no violation, no error.
+    pub fn passed(&self) -> bool {
+        self.violation_count == 0 && self.errors.is_empty()
+    }
+}
+
+/// What a run produced: its summary and its history (for the report).
+#[derive(Debug)]
+pub struct RunOutput {
+    /// The summary.
+    pub summary: Summary,
+    /// Every event, sorted by time.
+    pub events: Vec<Event>,
+}
+
+fn fail(kind: ErrorKind, message: impl Into<String>) -> Error {
+    Error::new(kind, message)
+}
+
+/// Runs a scenario. Fails (without running) when the store cannot run it: `pause` on a
+/// store without leases, `partition` on a store without a network, a store that cannot be
+/// opened; violations are in the summary, not errors.
+pub fn run(config: &Config, open: OpenFn) -> Result<RunOutput, Error> {
+    let url = StoreUrl::parse(&config.url)?;
+    let store = open(&url)?;
+    let caps = store.capabilities();
+    match config.scenario {
+        Scenario::Partition => {
+            return Err(fail(
+                ErrorKind::Unsupported,
+                format!(
+                    "the partition scenario needs a networked store (postgres://, etcd://) to cut \
+                     through a fault proxy; {} has no network",
+                    url
+                ),
+            )
+            .with_op(Op::Open))
+        }
+        Scenario::Pause if !caps.renew => {
+            return Err(fail(
+                ErrorKind::Unsupported,
+                format!(
+                    "the pause scenario needs a lease store (sqlite:PATH, dir:PATH?mode=lease): \
+                     {url} holds kernel locks, which a paused holder keeps forever, so there is \
+                     nothing to expire"
+                ),
+            ))
+        }
+        _ => {}
+    }
+    drop(store);
+    let temp;
+    let dir: &Path = match &config.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(|e| {
+                fail(
+                    ErrorKind::Unavailable,
+                    format!("cannot create {}: {e}", d.display()),
+                )
+            })?;
+            d
+        }
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("baton-stress-")
+                .tempdir()
+                .map_err(|e| {
+                    fail(
+                        ErrorKind::Unavailable,
+                        format!("cannot create a scratch directory: {e}"),
+                    )
+                })?;
+            temp.path()
+        }
+    };
+    let history = dir.join("history.jsonl");
+    let results = dir.join("results.db");
+    for stale in [&history, &results] {
+        let _ = std::fs::remove_file(stale);
+    }
+    resource::create(&results)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("workers.log"))
+        .map_err(|e| {
+            fail(
+                ErrorKind::Unavailable,
+                format!("cannot open the worker log: {e}"),
+            )
+        })?;
+    let mut orchestra = Orchestra::new(config, &history, &results, log)?;
+    orchestra.play()?;
+    let events = {
+        let mut events = read_history(&history).map_err(|e| {
+            fail(
+                ErrorKind::Corrupt,
+                format!("cannot read the history {}: {e}", history.display()),
+            )
+        })?;
+        events.sort_by_key(Event::t_ns);
+        events
+    };
+    let rows = resource::rows(&results)?;
+    let mut summary = analyze(config, &url, caps.renew, &events, &rows);
+    summary.errors.extend(orchestra.errors);
+    summary.dir = config.dir.as_ref().map(|d| d.display().to_string());
+    Ok(RunOutput { summary, events })
+}
+
+/// An action on a holder, planned before the run from the seed.
+#[derive(Clone, Copy, Debug)]
+enum Plan {
+    /// SIGKILL this far into the hold (fraction of the hold).
+    Kill(f64),
+    /// SIGSTOP this far into the hold, SIGCONT after `pause_for`.
+    Pause(f64),
+}
+
+struct Orchestra<'c> {
+    config: &'c Config,
+    history: PathBuf,
+    results: PathBuf,
+    log: std::fs::File,
+    rec: Recorder,
+    /// (start offset, id, plan)
+    schedule: Vec<(Duration, u64, Option<Plan>)>,
+    errors: Vec<String>,
+}
+
+impl<'c> Orchestra<'c> {
+    fn new(
+        config: &'c Config,
+        history: &Path,
+        results: &Path,
+        log: std::fs::File,
+    ) -> Result<Orchestra<'c>, Error> {
+        let rec = Recorder::open(history).map_err(|e| {
+            fail(
+                ErrorKind::Unavailable,
+                format!("cannot open the history {}: {e}", history.display()),
+            )
+        })?;
+        let mut rng = Rng::new(config.seed);
+        let mut schedule = Vec::new();
+        match config.scenario {
+            Scenario::Workflow => {
+                for id in 0..u64::from(config.procs) {
+                    schedule.push((Duration::ZERO, id, None));
+                }
+            }
+            Scenario::Single => schedule.push((Duration::ZERO, 0, None)),
+            _ => {
+                let sigma = config.stddev.as_secs_f64();
+                for id in 0..config.events {
+                    // Centred 3σ after the start, so almost no start is clipped to 0.
+                    let at = (3.0 * sigma + sigma * rng.gaussian()).max(0.0);
+                    let plan = match config.scenario {
+                        Scenario::Crash if rng.chance(config.fraction) => {
+                            Some(Plan::Kill(rng.unit()))
+                        }
+                        Scenario::Pause if rng.chance(config.fraction) => {
+                            Some(Plan::Pause(rng.unit() * 0.5))
+                        }
+                        _ => None,
+                    };
+                    schedule.push((Duration::from_secs_f64(at), id, plan));
+                }
+                schedule.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+            }
+        }
+        Ok(Orchestra {
+            config,
+            history: history.to_owned(),
+            results: results.to_owned(),
+            log,
+            rec,
+            schedule,
+            errors: Vec::new(),
+        })
+    }
+
+    fn job(&self, id: u64) -> Job {
+        let c = self.config;
+        Job {
+            url: c.url.clone(),
+            history: self.history.clone(),
+            results: self.results.clone(),
+            key: c.key.clone(),
+            limit: c.slots,
+            ttl_ms: c.ttl.as_millis() as u64,
+            hold_us: c.hold.as_micros() as u64,
+            wait_ms: c.wait.map(|w| w.as_millis() as u64),
+            id,
+            parent: std::process::id(),
+            workflow: (c.scenario == Scenario::Workflow).then(|| WorkflowJob {
+                stages: c.stages,
+                jobs: c.jobs,
+                workers: c.procs,
+                barrier: barrier_key(&c.key),
+            }),
+        }
+    }
+
+    fn spawn(&self, id: u64) -> Result<Child, Error> {
+        let job = serde_json::to_string(&self.job(id))
+            .map_err(|e| fail(ErrorKind::InvalidInput, format!("cannot encode a job: {e}")))?;
+        let stderr = self
+            .log
+            .try_clone()
+            .map(Stdio::from)
+            .unwrap_or_else(|_| Stdio::null());
+        Command::new(&self.config.worker.program)
+            .args(&self.config.worker.args)
+            .env(JOB_ENV, job)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| {
+                fail(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "cannot start a worker ({}): {e}",
+                        self.config.worker.program.display()
+                    ),
+                )
+            })
+    }
+
+    fn signal(&self, pid: u32, sig: libc::c_int) {
+        // SAFETY: kill(2) on a child we started and have not reaped yet.
+        unsafe {
+            libc::kill(pid as libc::pid_t, sig);
+        }
+    }
+
+    fn note(&self, event: Event) {
+        if let Err(e) = self.rec.record(&event) {
+            eprintln!("baton: stress: cannot record {event:?}: {e}");
+        }
+    }
+
+    /// Starts every worker on schedule, acts on the planned holders, and waits for all.
+    fn play(&mut self) -> Result<(), Error> {
+        let total = match self.config.scenario {
+            Scenario::Workflow => u64::from(self.config.stages) * self.config.jobs,
+            _ => self.schedule.len() as u64,
+        };
+        let mut bar = Bar::new(self.config.progress, total, self.config.scenario.name());
+        let start = Instant::now();
+        let mut next = 0;
+        let mut children: HashMap<u32, (u64, Child)> = HashMap::new();
+        let mut plans: HashMap<u32, Plan> = HashMap::new();
+        // Actions due: (when, pid, signal).
+        let mut due: Vec<(Instant, u32, libc::c_int)> = Vec::new();
+        let mut killed: std::collections::HashSet<u32> = Default::default();
+        let mut tail = Tail::new(&self.history);
+        let mut done = 0u64;
+        let pause_for = self.config.pause_for;
+        loop {
+            let now = Instant::now();
+            while next < self.schedule.len() && start + self.schedule[next].0 <= now {
+                let (_, id, plan) = self.schedule[next];
+                match self.spawn(id) {
+                    Ok(child) => {
+                        let pid = child.id();
+                        if let Some(p) = plan {
+                            plans.insert(pid, p);
+                        }
+                        children.insert(pid, (id, child));
+                    }
+                    Err(e) => {
+                        self.kill_all(&mut children);
+                        return Err(e);
+                    }
+                }
+                next += 1;
+            }
+            let fresh = tail
+                .poll()
+                .map_err(|e| fail(ErrorKind::Corrupt, format!("cannot read the history: {e}")))?;
+            for e in &fresh {
+                match e {
+                    Event::Grant { pid, .. } => {
+                        if let Some(plan) = plans.remove(pid) {
+                            let hold = self.config.hold;
+                            match plan {
+                                Plan::Kill(f) => {
+                                    due.push((now + hold.mul_f64(f), *pid, libc::SIGKILL))
+                                }
+                                Plan::Pause(f) => {
+                                    let at = now + hold.mul_f64(f);
+                                    due.push((at, *pid, libc::SIGSTOP));
+                                    due.push((at + pause_for, *pid, libc::SIGCONT));
+                                }
+                            }
+                        }
+                    }
+                    Event::Done { .. } => {
+                        done += 1;
+                        bar.set(done);
+                    }
+                    _ => {}
+                }
+            }
+            let now = Instant::now();
+            let mut i = 0;
+            while i < due.len() {
+                if due[i].0 > now {
+                    i += 1;
+                    continue;
+                }
+                let (_, pid, sig) = due.swap_remove(i);
+                if !children.contains_key(&pid) {
+                    continue;
+                }
+                let t_ns = monotonic_ns();
+                match sig {
+                    libc::SIGKILL => {
+                        self.note(Event::Killed { pid, t_ns });
+                        killed.insert(pid);
+                        // The killed event is done with; count it.
+                        done += 1;
+                        bar.set(done);
+                    }
+                    libc::SIGSTOP => self.note(Event::Paused { pid, t_ns }),
+                    _ => self.note(Event::Resumed { pid, t_ns }),
+                }
+                self.signal(pid, sig);
+            }
+            let mut ended = Vec::new();
+            for (pid, (id, child)) in children.iter_mut() {
+                match child.try_wait() {
+                    Ok(Some(status)) => {
+                        if !status.success() && !killed.contains(pid) {
+                            self.errors.push(format!(
+                                "worker {id} (pid {pid}) failed ({status}); see workers.log in \
+                                 the run's directory (--dir)"
+                            ));
+                        }
+                        ended.push(*pid);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        self.errors
+                            .push(format!("cannot wait for worker {id}: {e}"));
+                        ended.push(*pid);
+                    }
+                }
+            }
+            for pid in ended {
+                // A paused worker that ended was resumed: nothing is pending for it.
+                children.remove(&pid);
+                due.retain(|d| d.1 != pid);
+            }
+            if next == self.schedule.len() && children.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        bar.finish();
+        Ok(())
+    }
+
+    fn kill_all(&self, children: &mut HashMap<u32, (u64, Child)>) {
+        for (_, child) in children.values_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The barrier key of a workflow on `key`.
+pub fn barrier_key(key: &Key) -> Key {
+    Key::new(format!("{key}.barrier")).unwrap_or_else(|_| key.clone())
+}
+
+/// Progress on stderr: a bar on a terminal, else a line every 2 s.
+struct Bar {
+    bar: Option<indicatif::ProgressBar>,
+    plain: bool,
+    total: u64,
+    what: &'static str,
+    last: Instant,
+    count: u64,
+}
+
+impl Bar {
+    fn new(progress: Progress, total: u64, what: &'static str) -> Bar {
+        let on = progress == Progress::Auto;
+        let tty = on && std::io::stderr().is_terminal();
+        let bar = tty.then(|| {
+            let bar = indicatif::ProgressBar::with_draw_target(
+                Some(total),
+                indicatif::ProgressDrawTarget::stderr(),
+            );
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} events",
+            ) {
+                bar.set_style(style);
+            }
+            bar.set_prefix(format!("baton stress {what}"));
+            bar
+        });
+        Bar {
+            bar,
+            plain: on && !tty,
+            total,
+            what,
+            last: Instant::now(),
+            count: 0,
+        }
+    }
+
+    fn set(&mut self, count: u64) {
+        self.count = count;
+        if let Some(bar) = &self.bar {
+            bar.set_position(count);
+        } else if self.plain && self.last.elapsed() >= Duration::from_secs(2) {
+            self.last = Instant::now();
+            eprintln!(
+                "baton: stress {}: {count}/{} events done",
+                self.what, self.total
+            );
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn ms(ns: u64) -> f64 {
+    ns as f64 / 1e6
+}
+
+fn waits(mut ns: Vec<u64>) -> Waits {
+    ns.sort_unstable();
+    Waits {
+        p50_ms: ms(percentile(&ns, 50.0)),
+        p99_ms: ms(percentile(&ns, 99.0)),
+        max_ms: ms(ns.last().copied().unwrap_or(0)),
+    }
+}
+
+/// How many paused holders had their slot granted to another while they were stopped.
+fn superseded(events: &[Event], key: &Key) -> u64 {
+    let ivs = intervals_ending(events, key, Ends::Release);
+    let mut paused_at: HashMap<u32, u64> = HashMap::new();
+    let mut n = 0;
+    for e in events {
+        match e {
+            Event::Paused { pid, t_ns } => {
+                paused_at.insert(*pid, *t_ns);
+            }
+            Event::Resumed { pid, t_ns } => {
+                let Some(from) = paused_at.remove(pid) else {
+                    continue;
+                };
+                let Some(mine) = ivs.iter().find(|iv| iv.pid == *pid) else {
+                    continue;
+                };
+                if ivs.iter().any(|iv| {
+                    iv.pid != *pid
+                        && iv.slot == mine.slot
+                        && iv.t_grant_ns > from
+                        && iv.t_grant_ns < *t_ns
+                }) {
+                    n += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    n
+}
+
+/// Runs every checker that applies and computes the summary.
+fn analyze(
+    config: &Config,
+    url: &StoreUrl,
+    lease_store: bool,
+    events: &[Event],
+    rows: &[resource::Row],
+) -> Summary {
+    let key = &config.key;
+    let ends = if lease_store {
+        Ends::Deadlines
+    } else {
+        Ends::Release
+    };
+    let mut violations: Vec<Violation> = Vec::new();
+    let mut count = 0;
+    let mut add = |vs: Vec<Violation>| {
+        count += vs.len();
+        violations.extend(vs);
+    };
+    add(check::limit::check(events, key, config.slots, ends));
+    add(check::tokens::check(events, key, config.slots));
+    add(check::results::check(events, rows));
+    let (stale, fenced_writes) = check::stale::check(events, rows);
+    add(stale);
+    let mut recovery_ms = None;
+    if config.scenario == Scenario::Crash {
+        let bound = config.recovery_bound.unwrap_or(if lease_store {
+            config.ttl + Duration::from_secs(2)
+        } else {
+            Duration::from_secs(2)
+        });
+        let (times, vs) = check::recovery::check(events, key, bound.as_nanos() as u64);
+        add(vs);
+        if !times.is_empty() {
+            recovery_ms = Some(waits(times));
+        }
+    }
+    let mut stage_transition_ms = None;
+    if config.scenario == Scenario::Workflow {
+        let (times, vs) = check::barrier::check(events, config.jobs, config.stages, config.procs);
+        add(vs);
+        stage_transition_ms = Some(waits(times));
+    }
+    let known = check::unknown::outcomes(events);
+    let mut outcomes: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut errors = Vec::new();
+    for (id, o) in &known {
+        *outcomes.entry(o.outcome.name()).or_default() += 1;
+        if let check::unknown::Outcome::Failed(why) = &o.outcome {
+            errors.push(format!("event {id} (pid {}) failed: {why}", o.pid));
+        }
+    }
+    let expected = match config.scenario {
+        Scenario::Workflow => u64::from(config.stages) * config.jobs,
+        Scenario::Single => 1,
+        _ => config.events,
+    };
+    if config.scenario == Scenario::Workflow {
+        // Every job must complete, without an error.
+        let ok = outcomes.get("ok").copied().unwrap_or(0);
+        if ok != expected {
+            errors.push(format!("{ok} of {expected} workflow jobs completed"));
+        }
+    }
+    let ivs = intervals_ending(events, key, Ends::Release);
+    let grants = ivs.len() as u64;
+    let t_first = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Request { t_ns, .. } => Some(*t_ns),
+            _ => None,
+        })
+        .min()
+        .unwrap_or(0);
+    let t_last = ivs
+        .iter()
+        .filter_map(|iv| iv.t_release_ns)
+        .max()
+        .unwrap_or(t_first);
+    let wall_ns = t_last.saturating_sub(t_first);
+    let wait_ns: Vec<u64> = ivs
+        .iter()
+        .map(|iv| iv.t_grant_ns.saturating_sub(iv.t_request_ns))
+        .collect();
+    let hold_ms = config.hold.as_secs_f64() * 1e3;
+    let count_of = |f: &dyn Fn(&Event) -> bool| events.iter().filter(|e| f(e)).count() as u64;
+    Summary {
+        kind: "summary",
+        scenario: config.scenario,
+        store: url.to_string(),
+        key: key.to_string(),
+        slots: config.slots,
+        seed: config.seed,
+        events: expected,
+        grants,
+        outcomes,
+        wall_s: wall_ns as f64 / 1e9,
+        throughput_per_s: if wall_ns > 0 {
+            grants as f64 / (wall_ns as f64 / 1e9)
+        } else {
+            0.0
+        },
+        wait: waits(wait_ns.clone()),
+        hold_ms,
+        overhead_per_handoff_ms: if grants > 0 {
+            ms(wall_ns) / grants as f64 - hold_ms
+        } else {
+            0.0
+        },
+        fairness: jain(&wait_ns),
+        killed: count_of(&|e| matches!(e, Event::Killed { .. })),
+        paused: count_of(&|e| matches!(e, Event::Paused { .. })),
+        fenced_writes: fenced_writes as u64,
+        superseded: superseded(events, key),
+        recovery_ms,
+        stage_transition_ms,
+        violation_count: count,
+        violations,
+        errors,
+        dir: None,
+        replay: config.replay.clone(),
+    }
+}

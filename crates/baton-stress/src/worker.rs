@@ -1,0 +1,384 @@
+//! Worker processes: the embedding binary re-run with a hidden subcommand (`baton stress
+//! __worker`) and a [`Job`] in [`JOB_ENV`]. Each worker runs one event (or, in `workflow`,
+//! its share of every stage's jobs), records everything it does in the run's history, and
+//! exits.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use baton_core::{
+    AcquireRequest, BarrierRequest, ErrorKind, Holder, Keeper, KeeperConfig, Key, Lease,
+    LeaseState, Store, StoreUrl, Wait,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{instant_ns, monotonic_ns};
+use crate::history::{record_keeper, Event, Recorder};
+use crate::resource::{self, CLAIM, RESULT};
+use crate::OpenFn;
+
+/// The environment variable that carries a worker's job, as JSON.
+pub const JOB_ENV: &str = "BATON_STRESS_JOB";
+
+/// What a worker process does.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Job {
+    /// The store's URL (with any secret: it travels in the environment, never in argv).
+    pub url: String,
+    /// The history to append to.
+    pub history: PathBuf,
+    /// The fenced results database.
+    pub results: PathBuf,
+    /// The key.
+    pub key: Key,
+    /// The key's limit.
+    pub limit: u32,
+    /// The TTL to ask for, in ms (lease stores).
+    pub ttl_ms: u64,
+    /// How long to hold each lease, in µs.
+    pub hold_us: u64,
+    /// How long to wait for a slot, in ms; `None` waits forever.
+    pub wait_ms: Option<u64>,
+    /// The event's number (storm, crash, pause, single) or the worker's (workflow).
+    pub id: u64,
+    /// The orchestrator's pid: the worker exits if it is gone.
+    pub parent: u32,
+    /// For `workflow`: the stages to run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<WorkflowJob>,
+}
+
+/// A workflow worker's share: in each stage, jobs `id, id + workers, id + 2·workers, …`
+/// below `jobs`, then the barrier.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkflowJob {
+    /// How many stages.
+    pub stages: u32,
+    /// Jobs per stage.
+    pub jobs: u64,
+    /// How many worker processes (the barrier's parties).
+    pub workers: u32,
+    /// The barrier's key.
+    pub barrier: Key,
+}
+
+/// Runs the job in [`JOB_ENV`] and returns the process's exit code: 0 when the worker did
+/// its job (whatever the store and the fence answered: the history says), 1 when it could
+/// not record, 2 for a missing or bad job.
+pub fn main(open: OpenFn) -> u8 {
+    let job = match std::env::var(JOB_ENV) {
+        Ok(text) => match serde_json::from_str::<Job>(&text) {
+            Ok(job) => job,
+            Err(e) => {
+                eprintln!("baton: stress worker: bad job in {JOB_ENV}: {e}");
+                return 2;
+            }
+        },
+        Err(_) => {
+            eprintln!("baton: stress worker: no job in {JOB_ENV} (this subcommand is internal)");
+            return 2;
+        }
+    };
+    die_with_parent(job.parent);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("baton: stress worker: cannot start: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(run(open, &job)) {
+        Ok(()) => 0,
+        Err(message) => {
+            eprintln!("baton: stress worker {}: {message}", job.id);
+            1
+        }
+    }
+}
+
+/// A worker must not outlive the run that started it.
+fn die_with_parent(parent: u32) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and has no memory effects.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+    }
+    // The parent may have died before the prctl took effect.
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } as u32 != parent {
+        std::process::exit(3);
+    }
+}
+
+struct Ctx<'a> {
+    job: &'a Job,
+    rec: Recorder,
+    store: Arc<dyn Store>,
+    pid: u32,
+    holder: Holder,
+}
+
+impl Ctx<'_> {
+    fn record(&self, event: Event) -> Result<(), String> {
+        self.rec
+            .record(&event)
+            .map_err(|e| format!("cannot record to the history: {e}"))
+    }
+
+    fn done(&self, id: u64, outcome: &str, message: Option<String>) -> Result<(), String> {
+        self.record(Event::Done {
+            pid: self.pid,
+            t_ns: monotonic_ns(),
+            id,
+            outcome: outcome.into(),
+            message,
+        })
+    }
+}
+
+async fn run(open: OpenFn, job: &Job) -> Result<(), String> {
+    let rec = Recorder::open(&job.history)
+        .map_err(|e| format!("cannot open the history {}: {e}", job.history.display()))?;
+    let pid = std::process::id();
+    let url = StoreUrl::parse(&job.url).map_err(|e| format!("{e:#}"))?;
+    let store = match open(&url) {
+        Ok(store) => store,
+        Err(e) => {
+            // Record the event as failed so the run says why, then stop.
+            let event = Event::Start {
+                pid,
+                t_ns: monotonic_ns(),
+                id: job.id,
+            };
+            let _ = rec.record(&event);
+            let _ = rec.record(&Event::Done {
+                pid,
+                t_ns: monotonic_ns(),
+                id: job.id,
+                outcome: "error".into(),
+                message: Some(format!("cannot open the store: {e:#}")),
+            });
+            return Ok(());
+        }
+    };
+    let ctx = Ctx {
+        job,
+        rec,
+        store,
+        pid,
+        holder: Holder::current(vec!["baton-stress-worker".into(), job.id.to_string()]),
+    };
+    match &job.workflow {
+        None => event(&ctx, job.id).await,
+        Some(w) => workflow(&ctx, w).await,
+    }
+}
+
+/// One event: acquire, claim the fence, hold, write the result through the fence,
+/// release. The outcome goes into the history as `done`.
+async fn event(ctx: &Ctx<'_>, id: u64) -> Result<(), String> {
+    ctx.record(Event::Start {
+        pid: ctx.pid,
+        t_ns: monotonic_ns(),
+        id,
+    })?;
+    let lease = match acquire(ctx).await? {
+        Ok(lease) => lease,
+        Err((outcome, message)) => return ctx.done(id, outcome, Some(message)),
+    };
+    let keeper = keep(ctx, &lease)?;
+    let (outcome, message) = hold_and_write(ctx, &lease, id).await?;
+    if let Some(k) = keeper {
+        k.stop();
+    }
+    release(ctx, &lease).await?;
+    ctx.done(id, outcome, message)
+}
+
+/// Acquires a slot, recording `request` and `grant` or `refused`. The inner error is the
+/// event's outcome when no slot was granted: `unknown` for a timeout (the outcome of a
+/// timed-out operation is not known), `error` otherwise.
+async fn acquire(ctx: &Ctx<'_>) -> Result<Result<Lease, (&'static str, String)>, String> {
+    let job = ctx.job;
+    let req = AcquireRequest {
+        key: job.key.clone(),
+        limit: job.limit,
+        wait: job
+            .wait_ms
+            .map_or(Wait::Forever, |ms| Wait::Timeout(Duration::from_millis(ms))),
+        ttl: Some(Duration::from_millis(job.ttl_ms)),
+        holder: ctx.holder.clone(),
+    };
+    let t_request_ns = monotonic_ns();
+    ctx.record(Event::Request {
+        pid: ctx.pid,
+        t_ns: t_request_ns,
+        key: job.key.clone(),
+    })?;
+    match ctx.store.acquire(&req).await {
+        Ok(lease) => {
+            ctx.record(Event::Grant {
+                pid: ctx.pid,
+                t_ns: monotonic_ns(),
+                t_request_ns,
+                lease: lease.clone(),
+            })?;
+            Ok(Ok(lease))
+        }
+        Err(e) => {
+            ctx.record(Event::Refused {
+                pid: ctx.pid,
+                t_ns: monotonic_ns(),
+                key: job.key.clone(),
+                kind: e.kind().as_str().into(),
+                message: format!("{e:#}"),
+            })?;
+            let outcome = match e.kind() {
+                ErrorKind::Timeout | ErrorKind::Busy | ErrorKind::Cancelled => "unknown",
+                _ if e.grant_unknown() => "unknown",
+                _ => "error",
+            };
+            Ok(Err((outcome, format!("acquire failed: {e:#}"))))
+        }
+    }
+}
+
+/// On a lease store, starts a keeper for `lease` and records its deadlines (`held`) and a
+/// loss (`lost`) from a task.
+fn keep(ctx: &Ctx<'_>, lease: &Lease) -> Result<Option<Keeper>, String> {
+    if !ctx.store.capabilities().renew {
+        return Ok(None);
+    }
+    let ttl = lease.ttl.unwrap_or(Duration::from_millis(ctx.job.ttl_ms));
+    let keeper = Keeper::start(
+        Arc::clone(&ctx.store),
+        lease.clone(),
+        KeeperConfig::for_ttl(ttl),
+        Instant::now(),
+    )
+    .map_err(|e| format!("cannot start a keeper: {e:#}"))?;
+    // The first deadline goes in now, before anything can stop this process; the
+    // recorder task records the later ones.
+    if let LeaseState::Held { deadline } = keeper.state() {
+        ctx.record(Event::Held {
+            pid: ctx.pid,
+            t_ns: monotonic_ns(),
+            key: lease.key.clone(),
+            token: lease.token,
+            deadline_ns: instant_ns(deadline),
+        })?;
+    }
+    let rec = Recorder::open(&ctx.job.history).map_err(|e| format!("cannot open history: {e}"))?;
+    tokio::spawn(record_keeper(
+        rec,
+        keeper.watch(),
+        ctx.pid,
+        lease.key.clone(),
+        lease.token,
+    ));
+    Ok(Some(keeper))
+}
+
+/// Claims the fence right after the grant (so older holders' late writes are refused),
+/// holds, then writes the result. A holder that was paused past its lease writes late on
+/// purpose, without asking its keeper first: the fence, not the holder, must stop it.
+async fn hold_and_write(
+    ctx: &Ctx<'_>,
+    lease: &Lease,
+    id: u64,
+) -> Result<(&'static str, Option<String>), String> {
+    let job = ctx.job;
+    let claim = resource::write(&job.results, &lease.key, lease.slot, lease.token, id, CLAIM);
+    let claimed = fence_outcome(&claim);
+    ctx.record(claim)?;
+    if claimed.0 != "ok" {
+        return Ok(claimed);
+    }
+    tokio::time::sleep(Duration::from_micros(job.hold_us)).await;
+    let result = resource::write(
+        &job.results,
+        &lease.key,
+        lease.slot,
+        lease.token,
+        id,
+        RESULT,
+    );
+    let outcome = fence_outcome(&result);
+    ctx.record(result)?;
+    Ok(outcome)
+}
+
+fn fence_outcome(write: &Event) -> (&'static str, Option<String>) {
+    match write {
+        Event::FenceWrite { accepted: true, .. } => ("ok", None),
+        Event::FenceWrite {
+            kind: Some(k),
+            error,
+            ..
+        } if k == "fenced" => ("fenced", error.clone()),
+        // Any other failure of the database may or may not have committed.
+        Event::FenceWrite { error, .. } => ("unknown", error.clone()),
+        _ => ("unknown", None),
+    }
+}
+
+/// Releases, recording `release` before the call and `released` after.
+async fn release(ctx: &Ctx<'_>, lease: &Lease) -> Result<(), String> {
+    ctx.record(Event::Release {
+        pid: ctx.pid,
+        t_ns: monotonic_ns(),
+        key: lease.key.clone(),
+        slot: lease.slot,
+        token: lease.token,
+    })?;
+    let result = ctx.store.release(lease).await;
+    ctx.record(Event::Released {
+        pid: ctx.pid,
+        t_ns: monotonic_ns(),
+        key: lease.key.clone(),
+        token: lease.token,
+        outcome: result.as_ref().ok().copied(),
+        error: result.as_ref().err().map(|e| format!("{e:#}")),
+    })
+}
+
+/// A workflow worker: for each stage, its jobs (each an event of its own, numbered
+/// `stage · jobs + job`), then the barrier.
+async fn workflow(ctx: &Ctx<'_>, w: &WorkflowJob) -> Result<(), String> {
+    for stage in 0..u64::from(w.stages) {
+        let mut job = ctx.job.id;
+        while job < w.jobs {
+            event(ctx, stage * w.jobs + job).await?;
+            job += u64::from(w.workers);
+        }
+        ctx.record(Event::Arrive {
+            pid: ctx.pid,
+            t_ns: monotonic_ns(),
+            key: w.barrier.clone(),
+        })?;
+        let req = BarrierRequest {
+            key: w.barrier.clone(),
+            parties: w.workers,
+            wait: ctx
+                .job
+                .wait_ms
+                .map_or(Wait::Forever, |ms| Wait::Timeout(Duration::from_millis(ms))),
+            holder: ctx.holder.clone(),
+        };
+        let passed = ctx
+            .store
+            .barrier(&req)
+            .await
+            .map_err(|e| format!("stage {stage}: {e:#}"))?;
+        ctx.record(Event::Passed {
+            pid: ctx.pid,
+            t_ns: monotonic_ns(),
+            key: w.barrier.clone(),
+            generation: passed.generation,
+        })?;
+    }
+    Ok(())
+}
