@@ -37,8 +37,10 @@ pub enum Cmd {
     /// A storm whose holders are SIGSTOPped past their TTL, then resumed (lease stores);
     /// their late writes must be refused by the fence.
     Pause(PauseArgs),
-    /// Cut holders off through a fault proxy (networked stores only).
-    Partition(Common),
+    /// A storm whose holders are cut off their server through a fault proxy past their TTL,
+    /// then healed (networked lease stores); they must give up before anyone else is
+    /// granted, and their late writes must be refused by the fence.
+    Partition(PartitionArgs),
     /// S stages of J jobs on a W-slot semaphore, a barrier between stages.
     Workflow(WorkflowArgs),
     /// One process acquiring, holding and recording, for debugging a store.
@@ -146,6 +148,22 @@ pub struct PauseArgs {
     pause_for: Option<String>,
 }
 
+/// Options of `stress partition`.
+#[derive(Debug, ClapArgs)]
+pub struct PartitionArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    shape: Shape,
+    /// The share of holders cut off (0 to 1).
+    #[arg(long, value_name = "F", default_value_t = 0.3)]
+    partition_fraction: f64,
+    /// How long a partition lasts (default 2 × TTL + 4s: past the TTL and the store's
+    /// detection, so another holder takes over meanwhile).
+    #[arg(long, value_name = "DURATION")]
+    partition_for: Option<String>,
+}
+
 /// Options of `stress workflow`.
 #[derive(Debug, ClapArgs)]
 pub struct WorkflowArgs {
@@ -213,7 +231,7 @@ pub fn run(store: Option<&str>, args: Args) -> Result<u8, Failure> {
         Cmd::Storm(a) => (Scenario::Storm, &a.common),
         Cmd::Crash(a) => (Scenario::Crash, &a.common),
         Cmd::Pause(a) => (Scenario::Pause, &a.common),
-        Cmd::Partition(c) => (Scenario::Partition, c),
+        Cmd::Partition(a) => (Scenario::Partition, &a.common),
         Cmd::Workflow(a) => (Scenario::Workflow, &a.common),
         Cmd::Single(a) => (Scenario::Single, &a.common),
     };
@@ -311,11 +329,22 @@ pub fn run(store: Option<&str>, args: Args) -> Result<u8, Failure> {
             ));
         }
         Cmd::Single(a) => config.hold = duration("--hold", &a.hold)?,
-        Cmd::Partition(_) | Cmd::Worker => {}
+        Cmd::Partition(a) => {
+            // Holds outlast the TTL, so a holder cut off early in its hold writes late.
+            let hold = format_duration(ttl * 2 + Duration::from_secs(1));
+            (config.events, config.stddev, config.hold) = shape(&a.shape, (10, "500ms", &hold))?;
+            config.fraction = fraction("--partition-fraction", a.partition_fraction)?;
+            flags.push(format!("--partition-fraction {}", a.partition_fraction));
+            if let Some(p) = &a.partition_for {
+                config.pause_for = duration("--partition-for", p)?;
+                flags.push(format!("--partition-for {p}"));
+            }
+        }
+        Cmd::Worker => {}
     }
     if matches!(
         scenario,
-        Scenario::Storm | Scenario::Crash | Scenario::Pause
+        Scenario::Storm | Scenario::Crash | Scenario::Pause | Scenario::Partition
     ) {
         flags.insert(
             0,
@@ -441,6 +470,15 @@ fn table(s: &Summary) -> String {
         line(
             "paused",
             format!("{} ({} superseded while stopped)", s.paused, s.superseded),
+        );
+    }
+    if s.partitioned > 0 || s.scenario == Scenario::Partition {
+        line(
+            "partitioned",
+            format!(
+                "{} ({} superseded while cut off)",
+                s.partitioned, s.superseded
+            ),
         );
     }
     line("fenced writes", s.fenced_writes.to_string());

@@ -204,6 +204,20 @@ pub enum Event {
         /// When, just before the signal was sent.
         t_ns: u64,
     },
+    /// The harness cut a worker off its server (its fault proxy holds all traffic).
+    Partitioned {
+        /// The process cut off (not the one recording).
+        pid: u32,
+        /// When, just before the proxy changed.
+        t_ns: u64,
+    },
+    /// The harness healed a worker's partition.
+    Healed {
+        /// The process whose traffic passes again.
+        pid: u32,
+        /// When, just before the proxy changed.
+        t_ns: u64,
+    },
     /// A stress worker began its event (one event per worker process).
     Start {
         /// The worker.
@@ -271,6 +285,8 @@ impl Event {
             | Event::FenceWrite { pid, .. }
             | Event::Paused { pid, .. }
             | Event::Resumed { pid, .. }
+            | Event::Partitioned { pid, .. }
+            | Event::Healed { pid, .. }
             | Event::Start { pid, .. }
             | Event::Done { pid, .. }
             | Event::Arrive { pid, .. }
@@ -296,6 +312,8 @@ impl Event {
             | Event::FenceWrite { t_ns, .. }
             | Event::Paused { t_ns, .. }
             | Event::Resumed { t_ns, .. }
+            | Event::Partitioned { t_ns, .. }
+            | Event::Healed { t_ns, .. }
             | Event::Start { t_ns, .. }
             | Event::Done { t_ns, .. }
             | Event::Arrive { t_ns, .. }

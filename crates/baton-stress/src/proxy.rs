@@ -248,6 +248,12 @@ impl ProxySet {
         })
     }
 
+    /// The `host:port` endpoints of `url`, comma-separated, if it names any (a networked
+    /// store's URL does; `dir:` and `sqlite:` do not).
+    pub fn endpoints(url: &str) -> Option<&str> {
+        split_endpoints(url).map(|(_, hosts, _)| hosts)
+    }
+
     /// The store URL that goes through the proxies.
     pub fn url(&self) -> &str {
         &self.url

@@ -102,15 +102,19 @@ pub fn html(summary: &Summary, events: &[Event]) -> String {
                     (t_ns - t0) as f64 / 1e6
                 );
             }
-            Event::Paused { pid, t_ns } => {
+            Event::Paused { pid, t_ns } | Event::Partitioned { pid, t_ns } => {
                 paused_at.insert(*pid, *t_ns);
             }
-            Event::Resumed { pid, t_ns } => {
+            Event::Resumed { pid, t_ns } | Event::Healed { pid, t_ns } => {
                 let from = paused_at.remove(pid).unwrap_or(*t_ns);
+                let what = match e {
+                    Event::Healed { .. } => "cut off",
+                    _ => "paused",
+                };
                 let y = 20.0 + f64::from(*slot_of.get(pid).unwrap_or(&0)) * lane_h;
                 let _ = write!(
                     svg,
-                    r#"<rect class="pause" x="{:.1}" y="{:.1}" width="{:.1}" height="6"><title>pid {pid} paused {:.3}–{:.3} ms</title></rect>"#,
+                    r#"<rect class="pause" x="{:.1}" y="{:.1}" width="{:.1}" height="6"><title>pid {pid} {what} {:.3}–{:.3} ms</title></rect>"#,
                     x(from),
                     y + lane_h - 8.0,
                     (x(*t_ns) - x(from)).max(1.0),

@@ -15,6 +15,7 @@ use crate::check::{self, Violation};
 use crate::clock::monotonic_ns;
 use crate::history::{read_history, Event, Recorder, Tail};
 use crate::intervals::{intervals_ending, Ends};
+use crate::proxy::{Fault, ProxySet};
 use crate::resource;
 use crate::rng::Rng;
 use crate::stats::{jain, percentile};
@@ -168,6 +169,8 @@ pub struct Summary {
     pub killed: u64,
     /// Holders SIGSTOPped.
     pub paused: u64,
+    /// Holders cut off their server (partition).
+    pub partitioned: u64,
     /// Writes the fence refused (late writes of holders that lost their lease).
     pub fenced_writes: u64,
     /// Pause: paused holders whose slot another holder was granted while they were
@@ -221,7 +224,7 @@ pub fn run(config: &Config, open: OpenFn) -> Result<RunOutput, Error> {
     let store = open(&url)?;
     let caps = store.capabilities();
     match config.scenario {
-        Scenario::Partition => {
+        Scenario::Partition if ProxySet::endpoints(&config.url).is_none() => {
             return Err(fail(
                 ErrorKind::Unsupported,
                 format!(
@@ -231,6 +234,12 @@ pub fn run(config: &Config, open: OpenFn) -> Result<RunOutput, Error> {
                 ),
             )
             .with_op(Op::Open))
+        }
+        Scenario::Partition if !caps.renew => {
+            return Err(fail(
+                ErrorKind::Unsupported,
+                format!("the partition scenario needs a lease store; {url} has no leases"),
+            ))
         }
         Scenario::Pause if !caps.renew => {
             return Err(fail(
@@ -311,6 +320,16 @@ enum Plan {
     Kill(f64),
     /// SIGSTOP this far into the hold, SIGCONT after `pause_for`.
     Pause(f64),
+    /// Cut the holder off its server this far into the hold, heal after `pause_for`.
+    Partition(f64),
+}
+
+/// What the orchestrator does to a worker when it is due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    Signal(libc::c_int),
+    Cut,
+    Heal,
 }
 
 struct Orchestra<'c> {
@@ -322,6 +341,8 @@ struct Orchestra<'c> {
     /// (start offset, id, plan)
     schedule: Vec<(Duration, u64, Option<Plan>)>,
     errors: Vec<String>,
+    /// Partition: the fault proxies of the workers planned to be cut off, by worker id.
+    proxies: HashMap<u64, ProxySet>,
 }
 
 impl<'c> Orchestra<'c> {
@@ -358,6 +379,9 @@ impl<'c> Orchestra<'c> {
                         Scenario::Pause if rng.chance(config.fraction) => {
                             Some(Plan::Pause(rng.unit() * 0.5))
                         }
+                        Scenario::Partition if rng.chance(config.fraction) => {
+                            Some(Plan::Partition(rng.unit() * 0.5))
+                        }
                         _ => None,
                     };
                     schedule.push((Duration::from_secs_f64(at), id, plan));
@@ -373,13 +397,17 @@ impl<'c> Orchestra<'c> {
             rec,
             schedule,
             errors: Vec::new(),
+            proxies: HashMap::new(),
         })
     }
 
     fn job(&self, id: u64) -> Job {
         let c = self.config;
         Job {
-            url: c.url.clone(),
+            url: match self.proxies.get(&id) {
+                Some(proxies) => proxies.url().to_owned(),
+                None => c.url.clone(),
+            },
             history: self.history.clone(),
             results: self.results.clone(),
             key: c.key.clone(),
@@ -448,8 +476,9 @@ impl<'c> Orchestra<'c> {
         let mut next = 0;
         let mut children: HashMap<u32, (u64, Child)> = HashMap::new();
         let mut plans: HashMap<u32, Plan> = HashMap::new();
-        // Actions due: (when, pid, signal).
-        let mut due: Vec<(Instant, u32, libc::c_int)> = Vec::new();
+        // Actions due: (when, pid, action).
+        let mut due: Vec<(Instant, u32, Action)> = Vec::new();
+        let mut ids: HashMap<u32, u64> = HashMap::new();
         let mut killed: std::collections::HashSet<u32> = Default::default();
         let mut tail = Tail::new(&self.history);
         let mut done = 0u64;
@@ -458,9 +487,25 @@ impl<'c> Orchestra<'c> {
             let now = Instant::now();
             while next < self.schedule.len() && start + self.schedule[next].0 <= now {
                 let (_, id, plan) = self.schedule[next];
+                if let Some(Plan::Partition(_)) = plan {
+                    // Only the holders to be cut off go through a proxy of their own.
+                    match ProxySet::start(&self.config.url) {
+                        Ok(p) => {
+                            self.proxies.insert(id, p);
+                        }
+                        Err(e) => {
+                            self.kill_all(&mut children);
+                            return Err(fail(
+                                ErrorKind::Unavailable,
+                                format!("cannot start a fault proxy: {e}"),
+                            ));
+                        }
+                    }
+                }
                 match self.spawn(id) {
                     Ok(child) => {
                         let pid = child.id();
+                        ids.insert(pid, id);
                         if let Some(p) = plan {
                             plans.insert(pid, p);
                         }
@@ -482,13 +527,20 @@ impl<'c> Orchestra<'c> {
                         if let Some(plan) = plans.remove(pid) {
                             let hold = self.config.hold;
                             match plan {
-                                Plan::Kill(f) => {
-                                    due.push((now + hold.mul_f64(f), *pid, libc::SIGKILL))
-                                }
+                                Plan::Kill(f) => due.push((
+                                    now + hold.mul_f64(f),
+                                    *pid,
+                                    Action::Signal(libc::SIGKILL),
+                                )),
                                 Plan::Pause(f) => {
                                     let at = now + hold.mul_f64(f);
-                                    due.push((at, *pid, libc::SIGSTOP));
-                                    due.push((at + pause_for, *pid, libc::SIGCONT));
+                                    due.push((at, *pid, Action::Signal(libc::SIGSTOP)));
+                                    due.push((at + pause_for, *pid, Action::Signal(libc::SIGCONT)));
+                                }
+                                Plan::Partition(f) => {
+                                    let at = now + hold.mul_f64(f);
+                                    due.push((at, *pid, Action::Cut));
+                                    due.push((at + pause_for, *pid, Action::Heal));
                                 }
                             }
                         }
@@ -507,23 +559,38 @@ impl<'c> Orchestra<'c> {
                     i += 1;
                     continue;
                 }
-                let (_, pid, sig) = due.swap_remove(i);
+                let (_, pid, action) = due.swap_remove(i);
                 if !children.contains_key(&pid) {
                     continue;
                 }
                 let t_ns = monotonic_ns();
-                match sig {
-                    libc::SIGKILL => {
+                let proxies = ids.get(&pid).and_then(|id| self.proxies.get(id));
+                match action {
+                    Action::Signal(libc::SIGKILL) => {
                         self.note(Event::Killed { pid, t_ns });
                         killed.insert(pid);
                         // The killed event is done with; count it.
                         done += 1;
                         bar.set(done);
                     }
-                    libc::SIGSTOP => self.note(Event::Paused { pid, t_ns }),
-                    _ => self.note(Event::Resumed { pid, t_ns }),
+                    Action::Signal(libc::SIGSTOP) => self.note(Event::Paused { pid, t_ns }),
+                    Action::Signal(_) => self.note(Event::Resumed { pid, t_ns }),
+                    Action::Cut => {
+                        self.note(Event::Partitioned { pid, t_ns });
+                        if let Some(p) = proxies {
+                            p.set(Fault::Partition);
+                        }
+                    }
+                    Action::Heal => {
+                        self.note(Event::Healed { pid, t_ns });
+                        if let Some(p) = proxies {
+                            p.set(Fault::Pass);
+                        }
+                    }
                 }
-                self.signal(pid, sig);
+                if let Action::Signal(sig) = action {
+                    self.signal(pid, sig);
+                }
             }
             let mut ended = Vec::new();
             for (pid, (id, child)) in children.iter_mut() {
@@ -549,6 +616,9 @@ impl<'c> Orchestra<'c> {
                 // A paused worker that ended was resumed: nothing is pending for it.
                 children.remove(&pid);
                 due.retain(|d| d.1 != pid);
+                if let Some(id) = ids.remove(&pid) {
+                    self.proxies.remove(&id);
+                }
             }
             if next == self.schedule.len() && children.is_empty() {
                 break;
@@ -642,17 +712,18 @@ fn waits(mut ns: Vec<u64>) -> Waits {
     }
 }
 
-/// How many paused holders had their slot granted to another while they were stopped.
+/// How many paused or partitioned holders had their slot granted to another while they
+/// were stopped or cut off.
 fn superseded(events: &[Event], key: &Key) -> u64 {
     let ivs = intervals_ending(events, key, Ends::Release);
     let mut paused_at: HashMap<u32, u64> = HashMap::new();
     let mut n = 0;
     for e in events {
         match e {
-            Event::Paused { pid, t_ns } => {
+            Event::Paused { pid, t_ns } | Event::Partitioned { pid, t_ns } => {
                 paused_at.insert(*pid, *t_ns);
             }
-            Event::Resumed { pid, t_ns } => {
+            Event::Resumed { pid, t_ns } | Event::Healed { pid, t_ns } => {
                 let Some(from) = paused_at.remove(pid) else {
                     continue;
                 };
@@ -787,6 +858,7 @@ fn analyze(
         fairness: jain(&wait_ns),
         killed: count_of(&|e| matches!(e, Event::Killed { .. })),
         paused: count_of(&|e| matches!(e, Event::Paused { .. })),
+        partitioned: count_of(&|e| matches!(e, Event::Partitioned { .. })),
         fenced_writes: fenced_writes as u64,
         superseded: superseded(events, key),
         recovery_ms,

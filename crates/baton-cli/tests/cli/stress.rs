@@ -252,3 +252,60 @@ fn bad_options_are_usage_errors() {
         .code(2)
         .stderr_has("internal");
 }
+
+/// The networked stores' test servers (`scripts/test` starts them): their URLs, or `None`
+/// with a note outside CI. Under `CI=true` a missing server fails the test.
+fn networked_stores() -> Vec<String> {
+    let mut urls = Vec::new();
+    for var in ["BATON_TEST_POSTGRES", "BATON_TEST_ETCD"] {
+        match std::env::var(var) {
+            Ok(url) if !url.trim().is_empty() => urls.push(url),
+            _ if std::env::var("CI").as_deref() == Ok("true") => {
+                panic!("CI=true and {var} is not set: run the suite with `bash scripts/test`")
+            }
+            _ => eprintln!(
+                "SKIPPED stress partition on {var}: it is not set (bash scripts/test sets it)"
+            ),
+        }
+    }
+    urls
+}
+
+#[test]
+fn partition_cuts_holders_off_and_the_fence_refuses_them() {
+    let dir = Dir::new();
+    for store in networked_stores() {
+        let key = format!("stress/partition-{}", std::process::id());
+        let out = dir
+            .bare(&[
+                "stress",
+                "partition",
+                "-s",
+                &store,
+                "-k",
+                &key,
+                "--events",
+                "4",
+                "--stddev",
+                "0.1",
+                "--ttl",
+                "500ms",
+                "--partition-fraction",
+                "0.5",
+                "--partition-for",
+                "2s",
+                "--seed",
+                "5",
+                "--json",
+            ])
+            .output();
+        out.code(0);
+        let v = summary(&out);
+        assert_eq!(v["violation_count"], 0, "{store}: {v}");
+        assert!(
+            v["partitioned"].as_u64().expect("partitioned") >= 1,
+            "{store}: {v}"
+        );
+        assert_eq!(v["grants"], 4, "{store}: {v}");
+    }
+}
