@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use baton_stress::stats::percentile;
 use serde_json::json;
 
 use crate::inproc::verdict;
@@ -122,7 +123,7 @@ pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<String> {
                 "baton --version (reference: start-up + exit only)",
             ][i],
             fmt_ns(median(&times[i])),
-            fmt_ns(crate::util::percentile_sorted(&v, 90.0) as f64)
+            fmt_ns(percentile(&v, 90.0) as f64)
         ));
     }
     md.push_str(&format!(

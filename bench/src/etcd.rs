@@ -16,16 +16,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use baton::{AcquireRequest, Holder, Key, Released, Store, Wait};
+use baton::{Key, Wait};
 use serde_json::json;
 
+use crate::contended::{self, Warm};
 use crate::locks::BatonLock;
 use crate::record::Recorder;
-use crate::util::{fmt_ns, jain, median, now_ns, percentile_sorted, Result};
+use crate::server::ServerGuard;
+use crate::util::{fmt_ns, fmt_ns_list, median, now_ns, python_peer, random_suffix, Result};
 
 /// The lease time to live every request carries.
 const TTL: Duration = Duration::from_secs(30);
@@ -64,109 +64,35 @@ pub struct Outcome {
     pub violations: usize,
 }
 
-/// A server: the one `BATON_TEST_ETCD` names, or one this run started (stopped on drop).
-struct ServerGuard {
-    url: String,
-    started: Option<(PathBuf, PathBuf)>,
+/// The server `BATON_TEST_ETCD` names, or one started for the run.
+fn server(cfg: &Config) -> Result<ServerGuard> {
+    if let Some(server) = ServerGuard::from_env("BATON_TEST_ETCD") {
+        return Ok(server);
+    }
+    ServerGuard::start(
+        "BATON_TEST_ETCD",
+        &cfg.server_script,
+        cfg.dir.join("etcd"),
+        None,
+    )
 }
 
-impl ServerGuard {
-    fn get(cfg: &Config) -> Result<ServerGuard> {
-        if let Ok(url) = std::env::var("BATON_TEST_ETCD") {
-            if !url.trim().is_empty() {
-                return Ok(ServerGuard {
-                    url: url.trim().to_owned(),
-                    started: None,
-                });
-            }
-        }
-        let dir = cfg.dir.join("etcd");
-        eprintln!(
-            "  BATON_TEST_ETCD is unset: starting a server with {} start {}",
-            cfg.server_script.display(),
-            dir.display()
-        );
-        let out = Command::new("bash")
-            .arg(&cfg.server_script)
-            .arg("start")
-            .arg(&dir)
-            .output()?;
-        if !out.status.success() {
-            return Err(format!(
-                "{} start failed: {}",
-                cfg.server_script.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )
-            .into());
-        }
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let url = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("BATON_TEST_ETCD="))
-            .ok_or("scripts/server-etcd printed no BATON_TEST_ETCD line")?
-            .trim()
-            .to_owned();
-        Ok(ServerGuard {
-            url,
-            started: Some((cfg.server_script.clone(), dir)),
-        })
-    }
-
-    /// The first member's `host:port`.
-    fn endpoint(&self) -> String {
-        let rest = self.url.trim_start_matches("etcd://");
-        let hosts = rest.split(['/', '?']).next().unwrap_or(rest);
-        hosts.split(',').next().unwrap_or(hosts).to_owned()
-    }
-}
-
-impl Drop for ServerGuard {
-    fn drop(&mut self) {
-        if let Some((script, dir)) = &self.started {
-            let _ = Command::new("bash")
-                .arg(script)
-                .arg("stop")
-                .arg(dir)
-                .output();
-        }
-    }
-}
-
-fn suffix() -> String {
-    format!("{:08x}", baton::HolderId::random().0 as u32)
+/// The first member's `host:port` of the server's URL.
+fn endpoint(server: &ServerGuard) -> String {
+    let rest = server.url.trim_start_matches("etcd://");
+    let hosts = rest.split(['/', '?']).next().unwrap_or(rest);
+    hosts.split(',').next().unwrap_or(hosts).to_owned()
 }
 
 /// The store URL under a prefix of this run's own.
 fn store_url(server: &ServerGuard, run: &str) -> String {
-    format!("etcd://{}/baton-bench/{run}", server.endpoint())
+    format!("etcd://{}/baton-bench/{run}", endpoint(server))
 }
 
 fn etcd3(cfg: &Config, python: &Path, endpoint: &str, ops: u64) -> Result<f64> {
     let script = cfg.peers.join("etcd3_peer.py");
     let (host, port) = endpoint.rsplit_once(':').ok_or("no port in the endpoint")?;
-    let out = Command::new(python)
-        .arg(&script)
-        .arg(host)
-        .arg(port)
-        .arg(ops.to_string())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-        .into());
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    v["ns_per_op"]
-        .as_f64()
-        .ok_or_else(|| "the etcd3 peer printed no ns_per_op".into())
-}
-
-fn list(xs: &[f64]) -> String {
-    xs.iter().map(|x| fmt_ns(*x)).collect::<Vec<_>>().join(", ")
+    python_peer(python, &script, [host, port, &ops.to_string()])
 }
 
 /// `calls` runs of one command; returns the mean wall time per call in ns.
@@ -190,10 +116,10 @@ fn per_call(calls: usize, mut cmd: impl FnMut() -> Command) -> Result<f64> {
 /// Runs benchmarks 9–11; returns the report section.
 pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<Outcome> {
     std::fs::create_dir_all(&cfg.dir)?;
-    let server = ServerGuard::get(cfg)?;
-    let run_id = suffix();
+    let server = server(cfg)?;
+    let run_id = random_suffix();
     let url = store_url(&server, &run_id);
-    let endpoint = server.endpoint();
+    let endpoint = endpoint(&server);
     let version = crate::util::command_output("etcd", &["--version"])
         .lines()
         .next()
@@ -263,13 +189,13 @@ pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<Outcome> {
         cfg.ops,
         cfg.peer_ops,
         fmt_ns(b),
-        list(&samples[0]),
+        fmt_ns_list(&samples[0]),
         if python.is_some() {
             fmt_ns(p)
         } else {
             "not run (no etcd3)".into()
         },
-        list(&samples[1]),
+        fmt_ns_list(&samples[1]),
     );
     if python.is_some() {
         md.push_str(&format!(
@@ -357,11 +283,11 @@ pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<Outcome> {
         cfg.rounds,
         cfg.calls,
         fmt_ns(bc),
-        list(&calls[0]),
+        fmt_ns_list(&calls[0]),
         fmt_ns(ec),
-        list(&calls[1]),
+        fmt_ns_list(&calls[1]),
         fmt_ns(dc),
-        list(&calls[2]),
+        fmt_ns_list(&calls[2]),
         if cli_met { "met" } else { "missed" },
         if cli_met {
             String::new()
@@ -389,7 +315,8 @@ pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<Outcome> {
     ));
     let mut violations = 0;
     for &n in &cfg.clients {
-        let c = contended(&url, n, cfg.duration)?;
+        let key = Key::new(format!("bench/contended-{n}-{}", random_suffix()))?;
+        let c = contended::baton(&url, n, key, TTL, cfg.duration, Warm::Cycle)?;
         rec.write(
             "etcd_contended",
             json!({"impl": "baton", "clients": n, "acquisitions": c.total, "seconds": c.seconds,
@@ -414,111 +341,6 @@ pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<Outcome> {
     md.push('\n');
     Ok(Outcome {
         markdown: md,
-        violations,
-    })
-}
-
-/// One contended round's results.
-struct Contended {
-    total: u64,
-    seconds: f64,
-    p50: u64,
-    p99: u64,
-    jain: f64,
-    violations: usize,
-}
-
-impl Contended {
-    fn per_s(&self) -> f64 {
-        self.total as f64 / self.seconds
-    }
-}
-
-/// What one client saw: per hold (grant ns, release ns, token), and its waits.
-#[derive(Default)]
-struct ClientLog {
-    holds: Vec<(u64, u64, u64)>,
-    waits: Vec<u64>,
-}
-
-fn contended(url: &str, n: usize, duration: Duration) -> Result<Contended> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let key = Key::new(format!("bench/contended-{n}-{}", suffix()))?;
-    let inside = Arc::new(AtomicU32::new(0));
-    let bad = Arc::new(AtomicU32::new(0));
-    let stores: Vec<Arc<dyn Store>> = (0..n)
-        .map(|_| baton::open(url))
-        .collect::<std::result::Result<_, _>>()?;
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    let mut req = AcquireRequest::new(key, Holder::current(vec!["baton-bench".into()]));
-    req.wait = Wait::Forever;
-    req.ttl = Some(TTL);
-    // Every handle connects once outside the clock.
-    rt.block_on(async {
-        for store in &stores {
-            let lease = store.acquire(&req).await?;
-            store.release(&lease).await?;
-        }
-        Ok::<_, crate::util::Error>(())
-    })?;
-    let start = Instant::now();
-    let end = start + duration;
-    rt.block_on(async {
-        let mut tasks = Vec::new();
-        for store in stores {
-            let req = req.clone();
-            let (inside, bad, logs) = (Arc::clone(&inside), Arc::clone(&bad), Arc::clone(&logs));
-            tasks.push(tokio::spawn(async move {
-                let mut log = ClientLog::default();
-                while Instant::now() < end {
-                    let t_req = now_ns();
-                    let lease = store.acquire(&req).await?;
-                    let t_grant = now_ns();
-                    if inside.fetch_add(1, Ordering::SeqCst) != 0 {
-                        bad.fetch_add(1, Ordering::SeqCst);
-                    }
-                    let t_rel = now_ns();
-                    if inside.fetch_sub(1, Ordering::SeqCst) != 1 {
-                        bad.fetch_add(1, Ordering::SeqCst);
-                    }
-                    log.waits.push(t_grant - t_req);
-                    log.holds.push((t_grant, t_rel, lease.token.0));
-                    if store.release(&lease).await? != Released::Released {
-                        bad.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-                logs.lock().map_err(|_| "poisoned")?.push(log);
-                Ok::<_, crate::util::Error>(())
-            }));
-        }
-        for t in tasks {
-            t.await??;
-        }
-        Ok::<_, crate::util::Error>(())
-    })?;
-    let seconds = start.elapsed().as_secs_f64();
-    let logs = std::mem::take(&mut *logs.lock().map_err(|_| "poisoned")?);
-    rt.shutdown_background();
-    let counts: Vec<u64> = logs.iter().map(|l| l.holds.len() as u64).collect();
-    let mut waits: Vec<u64> = logs.iter().flat_map(|l| l.waits.iter().copied()).collect();
-    waits.sort_unstable();
-    let mut holds: Vec<(u64, u64, u64)> = logs.into_iter().flat_map(|l| l.holds).collect();
-    holds.sort_unstable();
-    let mut violations = bad.load(Ordering::SeqCst) as usize;
-    for w in holds.windows(2) {
-        if w[1].0 < w[0].1 || w[1].2 <= w[0].2 {
-            violations += 1;
-        }
-    }
-    Ok(Contended {
-        total: holds.len() as u64,
-        seconds,
-        p50: percentile_sorted(&waits, 50.0),
-        p99: percentile_sorted(&waits, 99.0),
-        jain: jain(&counts),
         violations,
     })
 }

@@ -23,12 +23,13 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use baton::Wait;
+use baton_stress::stats::percentile;
 use serde_json::json;
 
 use crate::inproc::verdict;
 use crate::locks::{self, Impl};
 use crate::record::Recorder;
-use crate::util::{fmt_ns, now_ns, percentile_sorted, Result};
+use crate::util::{fmt_ns, now_ns, Result};
 
 /// Settings for benchmark 3.
 pub struct Config {
@@ -78,7 +79,7 @@ pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<String> {
     for (i, imp) in imps.iter().enumerate() {
         let v = &mut all[i];
         v.sort_unstable();
-        p50[i] = percentile_sorted(v, 50.0);
+        p50[i] = percentile(v, 50.0);
         md.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} |\n",
             if *imp == Impl::Baton {
@@ -88,14 +89,14 @@ pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<String> {
             },
             v.len(),
             fmt_ns(p50[i] as f64),
-            fmt_ns(percentile_sorted(v, 90.0) as f64),
-            fmt_ns(percentile_sorted(v, 99.0) as f64),
+            fmt_ns(percentile(v, 90.0) as f64),
+            fmt_ns(percentile(v, 99.0) as f64),
             fmt_ns(v.last().copied().unwrap_or(0) as f64),
         ));
         rec.write(
             "handoff_summary",
             json!({"impl": imp.name(), "samples": v.len(), "p50_ns": p50[i],
-                   "p90_ns": percentile_sorted(v, 90.0), "p99_ns": percentile_sorted(v, 99.0)}),
+                   "p90_ns": percentile(v, 90.0), "p99_ns": percentile(v, 99.0)}),
         )?;
     }
     let ratio = p50[0] as f64 / p50[1].max(1) as f64;

@@ -8,17 +8,17 @@
 //! re-enacted with the same syscalls (as `strace` shows them) on the same filesystem, so
 //! the cost of baton can be split into measured parts rather than guessed.
 
+use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use baton::Wait;
 use serde_json::json;
 
 use crate::locks::{BatonLock, BenchLock, RawFlock};
 use crate::record::Recorder;
-use crate::util::{fmt_ns, median, now_ns, Result};
+use crate::util::{fmt_ns, median, now_ns, python_peer, Result};
 
 /// Settings for benchmark 1.
 pub struct Config {
@@ -122,26 +122,15 @@ fn python_entry(cfg: &Config, peer: &'static str, ops: u64) -> Entry {
         name: peer.into(),
         kind: "contestant",
         run: Box::new(move || {
-            let out = Command::new(&python)
-                .arg(&script)
-                .arg(peer)
-                .arg(&lock)
-                .arg(ops.to_string())
-                .output()
-                .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
-            if !out.status.success() {
-                return Err(format!(
-                    "{} failed: {}",
-                    script.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )
-                .into());
-            }
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-                .map_err(|e| format!("{} printed no JSON: {e}", script.display()))?;
-            let ns = v["ns_per_op"]
-                .as_f64()
-                .ok_or_else(|| format!("{} printed no ns_per_op", script.display()))?;
+            let ns = python_peer(
+                &python,
+                &script,
+                [
+                    OsStr::new(peer),
+                    lock.as_os_str(),
+                    OsStr::new(&ops.to_string()),
+                ],
+            )?;
             Ok(Sample {
                 ns_per_op: ns,
                 cpu: None,

@@ -6,12 +6,14 @@
 //! worker processes the benchmarks start from this same binary.
 
 mod cli;
+mod contended;
 mod etcd;
 mod handoff;
 mod inproc;
 mod locks;
 mod postgres;
 mod record;
+mod server;
 mod sqlite;
 mod storm;
 mod syscalls;

@@ -18,16 +18,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use baton::{AcquireRequest, Holder, Key, Released, Store, Wait};
+use baton::{Key, Wait};
 use serde_json::json;
 
+use crate::contended::{self, Contended, Warm};
 use crate::locks::BatonLock;
 use crate::record::Recorder;
-use crate::util::{fmt_ns, jain, median, now_ns, percentile_sorted, Result};
+use crate::server::ServerGuard;
+use crate::util::{fmt_ns, fmt_ns_list, median, now_ns, python_peer, random_suffix, Result};
 
 /// The lease time to live every request carries.
 const TTL: Duration = Duration::from_secs(30);
@@ -67,87 +67,28 @@ pub struct Outcome {
     pub violations: usize,
 }
 
-/// A server: the one `BATON_TEST_POSTGRES` names, or one this run started (stopped on drop).
-struct ServerGuard {
-    url: String,
-    started: Option<(PathBuf, PathBuf)>,
-    _dir: Option<tempfile::TempDir>,
-}
-
-impl ServerGuard {
-    fn get(cfg: &Config) -> Result<ServerGuard> {
-        if let Ok(url) = std::env::var("BATON_TEST_POSTGRES") {
-            if !url.trim().is_empty() {
-                return Ok(ServerGuard {
-                    url: url.trim().to_owned(),
-                    started: None,
-                    _dir: None,
-                });
-            }
-        }
-        // On a disk, not the lock directory's tmpfs (commits are timed with their WAL
-        // flush), and open to the `postgres` OS user the script runs the server as when
-        // it runs as root.
-        let tmp = tempfile::Builder::new()
-            .prefix("baton-bench-pg.")
-            .tempdir_in(&cfg.dir)?;
-        std::fs::set_permissions(
-            tmp.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )?;
-        let dir = tmp.path().join("postgres");
-        eprintln!(
-            "  BATON_TEST_POSTGRES is unset: starting a server with {} start {}",
-            cfg.server_script.display(),
-            dir.display()
-        );
-        let out = Command::new("bash")
-            .arg(&cfg.server_script)
-            .arg("start")
-            .arg(&dir)
-            .output()?;
-        if !out.status.success() {
-            return Err(format!(
-                "{} start failed: {}",
-                cfg.server_script.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )
-            .into());
-        }
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let url = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("BATON_TEST_POSTGRES="))
-            .ok_or("scripts/server-postgres printed no BATON_TEST_POSTGRES line")?
-            .trim()
-            .to_owned();
-        Ok(ServerGuard {
-            url,
-            started: Some((cfg.server_script.clone(), dir)),
-            _dir: Some(tmp),
-        })
+/// The server `BATON_TEST_POSTGRES` names, or one started for the run.
+fn server(cfg: &Config) -> Result<ServerGuard> {
+    if let Some(server) = ServerGuard::from_env("BATON_TEST_POSTGRES") {
+        return Ok(server);
     }
-}
-
-impl Drop for ServerGuard {
-    fn drop(&mut self) {
-        if let Some((script, dir)) = &self.started {
-            let _ = Command::new("bash")
-                .arg(script)
-                .arg("stop")
-                .arg(dir)
-                .output();
-        }
-    }
+    // On a disk, not the lock directory's tmpfs (commits are timed with their WAL
+    // flush), and open to the `postgres` OS user the script runs the server as when
+    // it runs as root.
+    let tmp = tempfile::Builder::new()
+        .prefix("baton-bench-pg.")
+        .tempdir_in(&cfg.dir)?;
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let dir = tmp.path().join("postgres");
+    ServerGuard::start("BATON_TEST_POSTGRES", &cfg.server_script, dir, Some(tmp))
 }
 
 fn store_url(base: &str) -> String {
     let sep = if base.contains('?') { '&' } else { '?' };
     format!("{base}{sep}schema={SCHEMA}")
-}
-
-fn suffix() -> String {
-    format!("{:08x}", baton::HolderId::random().0 as u32)
 }
 
 /// The raw cycle: `pg_advisory_lock` + `pg_advisory_unlock` on one connection.
@@ -197,35 +138,14 @@ impl RawAdvisory {
 
 fn psycopg(cfg: &Config, url: &str, ops: u64) -> Result<f64> {
     let script = cfg.peers.join("pg_lease_peer.py");
-    let out = Command::new(&cfg.python)
-        .arg(&script)
-        .arg(url)
-        .arg(ops.to_string())
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", cfg.python.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{} failed: {}",
-            script.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
-        .into());
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    v["ns_per_op"]
-        .as_f64()
-        .ok_or_else(|| "the psycopg peer printed no ns_per_op".into())
-}
-
-fn list(xs: &[f64]) -> String {
-    xs.iter().map(|x| fmt_ns(*x)).collect::<Vec<_>>().join(", ")
+    python_peer(&cfg.python, &script, [url, &ops.to_string()])
 }
 
 /// Runs benchmarks 7 and 8; returns the report section.
 pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<Outcome> {
-    let server = ServerGuard::get(cfg)?;
+    let server = server(cfg)?;
     let url = store_url(&server.url);
-    let key = format!("bench/inproc-{}", suffix());
+    let key = format!("bench/inproc-{}", random_suffix());
     let mut baton = BatonLock::open_url(&url, &key, Wait::NoWait)?.with_ttl(TTL);
     // A reference, not a configuration to run: the same store on sessions that do not
     // wait for the WAL flush at commit, to show what the grant's durable commit costs.
@@ -313,13 +233,13 @@ pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<Outcome> {
         cfg.peer_ops,
         python_psycopg_version(&cfg.python),
         fmt_ns(b),
-        list(&samples[0]),
+        fmt_ns_list(&samples[0]),
         fmt_ns(a),
-        list(&samples[1]),
+        fmt_ns_list(&samples[1]),
         fmt_ns(p),
-        list(&samples[2]),
+        fmt_ns_list(&samples[2]),
         fmt_ns(nf),
-        list(&samples[3]),
+        fmt_ns_list(&samples[3]),
         if rate_met { "met" } else { "missed" },
         if peer_met { "met" } else { "missed" },
         a / nf,
@@ -345,7 +265,10 @@ pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<Outcome> {
             for j in 0..2 {
                 let which = (j + r) % 2;
                 let c = if which == 0 {
-                    contended_baton(&url, n, cfg.duration)?
+                    let key = Key::new(format!("bench/contended-{}", random_suffix()))?;
+                    // Every handle connects, checks the schema and starts its listener
+                    // once, outside the clock.
+                    contended::baton(&url, n, key, TTL, cfg.duration, Warm::CycleAndProbe)?
                 } else {
                     contended_advisory(&server.url, n, cfg.duration)?
                 };
@@ -386,202 +309,49 @@ pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<Outcome> {
     })
 }
 
-/// One contended round's results.
-struct Contended {
-    total: u64,
-    seconds: f64,
-    p50: u64,
-    p99: u64,
-    jain: f64,
-    violations: usize,
+/// A client of the raw reference: `pg_advisory_lock` + `pg_advisory_unlock` on its own
+/// connection.
+struct Advisory {
+    client: tokio_postgres::Client,
+    lock: tokio_postgres::Statement,
+    unlock: tokio_postgres::Statement,
+    id: i64,
 }
 
-impl Contended {
-    fn per_s(&self) -> f64 {
-        self.total as f64 / self.seconds
+impl contended::Client for Advisory {
+    async fn acquire(&mut self) -> Result<u64> {
+        self.client.query_one(&self.lock, &[&self.id]).await?;
+        Ok(0)
     }
-}
 
-/// What one client saw: per hold (grant ns, release ns, token), and its waits.
-#[derive(Default)]
-struct ClientLog {
-    holds: Vec<(u64, u64, u64)>,
-    waits: Vec<u64>,
-}
-
-fn summarize(
-    logs: Vec<ClientLog>,
-    seconds: f64,
-    inside_violations: usize,
-    tokens: bool,
-) -> Contended {
-    let counts: Vec<u64> = logs.iter().map(|l| l.holds.len() as u64).collect();
-    let mut waits: Vec<u64> = logs.iter().flat_map(|l| l.waits.iter().copied()).collect();
-    waits.sort_unstable();
-    let mut holds: Vec<(u64, u64, u64)> = logs.into_iter().flat_map(|l| l.holds).collect();
-    holds.sort_unstable();
-    let mut violations = inside_violations;
-    for w in holds.windows(2) {
-        if w[1].0 < w[0].1 {
-            violations += 1;
-        }
-        if tokens && w[1].2 <= w[0].2 {
-            violations += 1;
-        }
+    async fn release(&mut self) -> Result<bool> {
+        // The answer is not checked: the counter and the intervals catch a second holder.
+        self.client.query_one(&self.unlock, &[&self.id]).await?;
+        Ok(true)
     }
-    Contended {
-        total: holds.len() as u64,
-        seconds,
-        p50: percentile_sorted(&waits, 50.0),
-        p99: percentile_sorted(&waits, 99.0),
-        jain: jain(&counts),
-        violations,
-    }
-}
-
-fn contended_baton(url: &str, n: usize, duration: Duration) -> Result<Contended> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let key = Key::new(format!("bench/contended-{}", suffix()))?;
-    let inside = Arc::new(AtomicU32::new(0));
-    let bad = Arc::new(AtomicU32::new(0));
-    let stores: Vec<Arc<dyn Store>> = (0..n)
-        .map(|_| baton::open(url))
-        .collect::<std::result::Result<_, _>>()?;
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    let mut req = AcquireRequest::new(key.clone(), Holder::current(vec!["baton-bench".into()]));
-    req.wait = Wait::Forever;
-    req.ttl = Some(TTL);
-    // Warm up outside the clock: every handle connects, checks the schema and starts its
-    // listener once.
-    rt.block_on(async {
-        for store in &stores {
-            let lease = store.acquire(&req).await?;
-            store.release(&lease).await?;
-            let mut hold = req.clone();
-            hold.wait = Wait::NoWait;
-            let lease = store.acquire(&hold).await?;
-            let waiting =
-                tokio::time::timeout(Duration::from_millis(20), store.acquire(&req)).await;
-            if waiting.is_ok() {
-                return Err::<(), crate::util::Error>(
-                    "a second grant while the key was held".into(),
-                );
-            }
-            store.release(&lease).await?;
-        }
-        Ok(())
-    })?;
-    let start = Instant::now();
-    let end = start + duration;
-    rt.block_on(async {
-        let mut tasks = Vec::new();
-        for store in stores {
-            let req = req.clone();
-            let (inside, bad, logs) = (Arc::clone(&inside), Arc::clone(&bad), Arc::clone(&logs));
-            tasks.push(tokio::spawn(async move {
-                let mut log = ClientLog::default();
-                while Instant::now() < end {
-                    let t_req = now_ns();
-                    let lease = store.acquire(&req).await?;
-                    let t_grant = now_ns();
-                    if inside.fetch_add(1, Ordering::SeqCst) != 0 {
-                        bad.fetch_add(1, Ordering::SeqCst);
-                    }
-                    let t_rel = now_ns();
-                    if inside.fetch_sub(1, Ordering::SeqCst) != 1 {
-                        bad.fetch_add(1, Ordering::SeqCst);
-                    }
-                    log.waits.push(t_grant - t_req);
-                    log.holds.push((t_grant, t_rel, lease.token.0));
-                    if store.release(&lease).await? != Released::Released {
-                        bad.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-                logs.lock().map_err(|_| "poisoned")?.push(log);
-                Ok::<_, crate::util::Error>(())
-            }));
-        }
-        for t in tasks {
-            t.await??;
-        }
-        Ok::<_, crate::util::Error>(())
-    })?;
-    let seconds = start.elapsed().as_secs_f64();
-    let logs = std::mem::take(&mut *logs.lock().map_err(|_| "poisoned")?);
-    rt.shutdown_background();
-    Ok(summarize(
-        logs,
-        seconds,
-        bad.load(Ordering::SeqCst) as usize,
-        true,
-    ))
 }
 
 fn contended_advisory(url: &str, n: usize, duration: Duration) -> Result<Contended> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = contended::runtime()?;
     let id = 0x6261_746f_6e01 + i64::from(std::process::id());
-    let inside = Arc::new(AtomicU32::new(0));
-    let bad = Arc::new(AtomicU32::new(0));
-    let logs = Arc::new(Mutex::new(Vec::new()));
     let url = url.to_owned();
     let clients = rt.block_on(async {
         let mut clients = Vec::new();
         for _ in 0..n {
             let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
             tokio::spawn(conn);
-            clients.push(client);
+            let lock = client.prepare("SELECT pg_advisory_lock($1)::text").await?;
+            let unlock = client.prepare("SELECT pg_advisory_unlock($1)").await?;
+            clients.push(Advisory {
+                client,
+                lock,
+                unlock,
+                id,
+            });
         }
         Ok::<_, crate::util::Error>(clients)
     })?;
-    let start = Instant::now();
-    let end = start + duration;
-    rt.block_on(async {
-        let mut tasks = Vec::new();
-        for client in clients {
-            let (inside, bad, logs) = (Arc::clone(&inside), Arc::clone(&bad), Arc::clone(&logs));
-            tasks.push(tokio::spawn(async move {
-                let lock = client.prepare("SELECT pg_advisory_lock($1)::text").await?;
-                let unlock = client.prepare("SELECT pg_advisory_unlock($1)").await?;
-                let mut log = ClientLog::default();
-                while Instant::now() < end {
-                    let t_req = now_ns();
-                    client.query_one(&lock, &[&id]).await?;
-                    let t_grant = now_ns();
-                    if inside.fetch_add(1, Ordering::SeqCst) != 0 {
-                        bad.fetch_add(1, Ordering::SeqCst);
-                    }
-                    let t_rel = now_ns();
-                    if inside.fetch_sub(1, Ordering::SeqCst) != 1 {
-                        bad.fetch_add(1, Ordering::SeqCst);
-                    }
-                    log.waits.push(t_grant - t_req);
-                    log.holds.push((t_grant, t_rel, 0));
-                    client.query_one(&unlock, &[&id]).await?;
-                }
-                logs.lock().map_err(|_| "poisoned")?.push(log);
-                Ok::<_, crate::util::Error>(())
-            }));
-        }
-        for t in tasks {
-            t.await??;
-        }
-        Ok::<_, crate::util::Error>(())
-    })?;
-    let seconds = start.elapsed().as_secs_f64();
-    let logs = std::mem::take(&mut *logs.lock().map_err(|_| "poisoned")?);
-    rt.shutdown_background();
-    Ok(summarize(
-        logs,
-        seconds,
-        bad.load(Ordering::SeqCst) as usize,
-        false,
-    ))
+    contended::run(rt, clients, duration, false)
 }
 
 fn server_version(url: &str) -> String {

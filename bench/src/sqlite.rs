@@ -19,12 +19,13 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use baton::Wait;
+use baton_stress::stats::percentile;
 use rusqlite::Connection;
 use serde_json::json;
 
 use crate::locks::{BatonLock, BenchLock};
 use crate::record::Recorder;
-use crate::util::{fmt_ns, median, now_ns, percentile_sorted, Result};
+use crate::util::{fmt_ns, median, now_ns, Result};
 
 /// The lease time to live every request carries (the SQLite store is a lease store).
 const TTL: Duration = Duration::from_secs(30);
@@ -542,8 +543,8 @@ pub fn run_burst(cfg: &BurstConfig, rec: &mut Recorder) -> Result<BurstOutcome> 
             let imp = imps[which];
             let work = cfg.dir.join(format!("sqlite-burst-{}-{r}", imp.name()));
             let res = burst(imp, cfg, &work)?;
-            let p50 = percentile_sorted(&res.latencies, 50.0);
-            let p99 = percentile_sorted(&res.latencies, 99.0);
+            let p50 = percentile(&res.latencies, 50.0);
+            let p99 = percentile(&res.latencies, 99.0);
             let max = res.latencies.last().copied().unwrap_or(0);
             rec.write(
                 "sqlite_burst",
@@ -588,7 +589,7 @@ pub fn run_burst(cfg: &BurstConfig, rec: &mut Recorder) -> Result<BurstOutcome> 
     for l in &mut lat {
         l.sort_unstable();
     }
-    let p = |i: usize, q: f64| percentile_sorted(&lat[i], q);
+    let p = |i: usize, q: f64| percentile(&lat[i], q);
     let ratio = if p(1, 99.0) > 0 {
         p(0, 99.0) as f64 / p(1, 99.0) as f64
     } else {

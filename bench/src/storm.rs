@@ -17,11 +17,12 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use baton::Wait;
+use baton_stress::stats::{jain, percentile};
 use serde_json::json;
 
 use crate::locks::{self, Impl};
 use crate::record::Recorder;
-use crate::util::{fmt_ns, jain, now_ns, percentile_sorted, spin_ns, Result};
+use crate::util::{fmt_ns, now_ns, spin_ns, Result};
 
 /// Settings for benchmark 4.
 pub struct Config {
@@ -281,8 +282,8 @@ pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<Outcome> {
                     json!({"impl": imp.name(), "n": n, "round": r, "seconds": rr.seconds,
                            "hold_ns": cfg.hold_ns, "acquisitions": rr.acquisitions,
                            "per_process": rr.per_worker,
-                           "wait_p50_ns": percentile_sorted(&rr.waits, 50.0),
-                           "wait_p99_ns": percentile_sorted(&rr.waits, 99.0),
+                           "wait_p50_ns": percentile(&rr.waits, 50.0),
+                           "wait_p99_ns": percentile(&rr.waits, 99.0),
                            "jain": jain(&rr.per_worker),
                            "live_violations": rr.live_violations,
                            "overlap_violations": rr.overlap_violations,
@@ -320,8 +321,8 @@ pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<Outcome> {
                     "raw flock"
                 },
                 acq as f64 / secs,
-                fmt_ns(percentile_sorted(&waits, 50.0) as f64),
-                fmt_ns(percentile_sorted(&waits, 99.0) as f64),
+                fmt_ns(percentile(&waits, 50.0) as f64),
+                fmt_ns(percentile(&waits, 99.0) as f64),
                 jain(&per),
             ));
         }

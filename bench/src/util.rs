@@ -1,5 +1,7 @@
-//! Small shared helpers: the monotonic clock, statistics, errors, machine facts.
+//! Small shared helpers: the monotonic clock, the median, errors, machine facts
+//! (percentiles and Jain's index are `baton_stress::stats`'s).
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Command;
 
@@ -48,23 +50,36 @@ pub fn median(xs: &[f64]) -> f64 {
     }
 }
 
-/// The `p`-th percentile (0..=100) of sorted `xs`, nearest-rank; 0 when empty.
-pub fn percentile_sorted(xs: &[u64], p: f64) -> u64 {
-    if xs.is_empty() {
-        return 0;
-    }
-    let rank = ((p / 100.0) * xs.len() as f64).ceil() as usize;
-    xs[rank.clamp(1, xs.len()) - 1]
+/// Eight random hex digits: a suffix that keeps this run's keys apart from other runs'.
+pub fn random_suffix() -> String {
+    format!("{:08x}", baton::HolderId::random().0 as u32)
 }
 
-/// Jain's fairness index of `xs`: 1 when all are equal, 1/n when one gets everything.
-pub fn jain(xs: &[u64]) -> f64 {
-    let sum: f64 = xs.iter().map(|&x| x as f64).sum();
-    let sq: f64 = xs.iter().map(|&x| (x as f64) * (x as f64)).sum();
-    if sq == 0.0 {
-        return 0.0;
+/// Runs a Python peer, `python script args…`, which prints `{"ns_per_op": …}`; returns
+/// that number.
+pub fn python_peer<S: AsRef<OsStr>>(
+    python: &Path,
+    script: &Path,
+    args: impl IntoIterator<Item = S>,
+) -> Result<f64> {
+    let out = Command::new(python)
+        .arg(script)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", python.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into());
     }
-    sum * sum / (xs.len() as f64 * sq)
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| format!("{} printed no JSON: {e}", script.display()))?;
+    Ok(v["ns_per_op"]
+        .as_f64()
+        .ok_or_else(|| format!("{} printed no ns_per_op", script.display()))?)
 }
 
 /// The output of a command, trimmed, or `unknown`.
@@ -87,6 +102,11 @@ pub fn fs_type(dir: &Path) -> String {
         return top.trim().to_owned();
     }
     command_output("stat", &["-f", "-c", "%T", &d])
+}
+
+/// Formats a list of nanoseconds for people, comma-separated.
+pub fn fmt_ns_list(xs: &[f64]) -> String {
+    xs.iter().map(|x| fmt_ns(*x)).collect::<Vec<_>>().join(", ")
 }
 
 /// Formats nanoseconds for people: `850 ns`, `12.3 µs`, `4.56 ms`.

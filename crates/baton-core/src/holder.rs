@@ -110,6 +110,20 @@ pub enum Liveness {
 }
 
 impl Holder {
+    /// The holder as JSON, the form the database stores keep it in;
+    /// [`ErrorKind::InvalidInput`] when it cannot be encoded.
+    pub fn to_json(&self) -> Result<String, Error> {
+        serde_json::to_string(self).map_err(|e| {
+            Error::new(ErrorKind::InvalidInput, "cannot encode the holder").with_source(e)
+        })
+    }
+
+    /// A holder from the JSON a store kept; `None` when it is not one (a record written by
+    /// hand or by another program).
+    pub fn from_json(json: &str) -> Option<Holder> {
+        serde_json::from_str(json).ok()
+    }
+
     /// This process, protecting `command`.
     pub fn current(command: Vec<String>) -> Holder {
         let pid = std::process::id();

@@ -5,12 +5,15 @@
 //! bodies that answer [`ErrorKind::Unsupported`].
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, ErrorKind, Holder, HolderId, Key, Lease, Op, Result, StoreUrl, Token, Wait};
+use crate::{
+    format_duration, Error, ErrorKind, Holder, HolderId, Key, Lease, Op, Result, StoreUrl, Token,
+    Wait,
+};
 
 /// A request for one slot of a key.
 #[derive(Clone, Debug)]
@@ -50,6 +53,28 @@ impl AcquireRequest {
             );
         }
         Ok(())
+    }
+
+    /// When a wait that starts at `start` gives up: `Some` only for [`Wait::Timeout`]
+    /// (`None` too when the sum overflows `Instant`, which is as good as forever).
+    pub fn deadline(&self, start: Instant) -> Option<Instant> {
+        match self.wait {
+            Wait::Timeout(d) => start.checked_add(d),
+            _ => None,
+        }
+    }
+
+    /// The [`ErrorKind::Timeout`] error of this request's wait running out on `store`:
+    /// `<what> for <the timeout>`, such as `every slot stayed held for 5s`.
+    pub fn timed_out(&self, what: &str, store: impl fmt::Display) -> Error {
+        let d = match self.wait {
+            Wait::Timeout(d) => format_duration(d),
+            _ => String::from("the wait"),
+        };
+        Error::new(ErrorKind::Timeout, format!("{what} for {d}"))
+            .with_op(Op::Acquire)
+            .with_key(&self.key)
+            .with_store(store)
     }
 }
 
@@ -118,6 +143,57 @@ pub struct SlotStatus {
     /// Anything odd about the slot, in words (unreadable holder info, a stale record).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+}
+
+impl SlotStatus {
+    /// A free slot with nothing recorded about it.
+    pub fn free(slot: u32) -> SlotStatus {
+        SlotStatus {
+            slot,
+            state: SlotState::Free,
+            token: None,
+            holder: None,
+            since_unix_ms: None,
+            note: None,
+        }
+    }
+
+    /// A slot as a store's lease record shows it: the grant's `token`, the holder's id and
+    /// its JSON ([`Holder::to_json`]), and when it was granted. Held when `expired` is
+    /// `None`; otherwise free, with a note that the lease `expired` (the reason, such as
+    /// `expired without being renewed or released`) and that the next acquire reclaims it.
+    pub fn of_record(
+        slot: u32,
+        token: u64,
+        holder_id: &str,
+        holder_json: &str,
+        since_unix_ms: Option<u64>,
+        expired: Option<&str>,
+    ) -> SlotStatus {
+        let mut st = SlotStatus::free(slot);
+        let holder = Holder::from_json(holder_json);
+        match expired {
+            None => {
+                st.state = SlotState::Held;
+                st.token = Some(Token(token));
+                st.since_unix_ms = since_unix_ms;
+                if holder.is_none() {
+                    st.note = Some(format!("holder info unreadable (holder id {holder_id})"));
+                }
+                st.holder = holder;
+            }
+            Some(why) => {
+                let who = holder
+                    .map(|h| format!("pid {} on {}", h.pid, h.host))
+                    .unwrap_or_else(|| format!("holder {holder_id}"));
+                st.note = Some(format!(
+                    "free: the lease with token {token} ({who}) {why}; the next acquire \
+                     reclaims it"
+                ));
+            }
+        }
+        st
+    }
 }
 
 /// A key's state.
@@ -242,4 +318,61 @@ fn unsupported(url: &StoreUrl, op: Op, key: &Key) -> Error {
     .with_op(op)
     .with_key(key)
     .with_store(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(wait: Wait) -> AcquireRequest {
+        let mut r = AcquireRequest::new(
+            Key::new("k").expect("key"),
+            Holder::current(vec!["true".into()]),
+        );
+        r.wait = wait;
+        r
+    }
+
+    #[test]
+    fn deadlines_and_timeouts() {
+        let now = Instant::now();
+        let d = Duration::from_secs(5);
+        assert_eq!(req(Wait::Timeout(d)).deadline(now), Some(now + d));
+        assert_eq!(req(Wait::Forever).deadline(now), None);
+        assert_eq!(req(Wait::NoWait).deadline(now), None);
+        let e = req(Wait::Timeout(d)).timed_out("every slot stayed held", "mem:");
+        assert_eq!(e.kind(), ErrorKind::Timeout);
+        assert_eq!(e.message(), "every slot stayed held for 5s");
+        assert_eq!(
+            (e.op(), e.key(), e.store()),
+            (Some(Op::Acquire), Some("k"), Some("mem:"))
+        );
+    }
+
+    #[test]
+    fn slots_from_records() {
+        let me = Holder::current(vec!["true".into()]);
+        let json = me.to_json().expect("json");
+        let held = SlotStatus::of_record(0, 7, "h1", &json, Some(9), None);
+        assert_eq!(held.state, SlotState::Held);
+        assert_eq!((held.token, held.since_unix_ms), (Some(Token(7)), Some(9)));
+        assert_eq!(held.holder.as_ref(), Some(&me));
+        assert_eq!(held.note, None);
+        let unreadable = SlotStatus::of_record(1, 7, "h1", "{not json", None, None);
+        assert_eq!(
+            unreadable.note.as_deref(),
+            Some("holder info unreadable (holder id h1)")
+        );
+        let gone = SlotStatus::of_record(2, 7, "h1", "{not json", Some(9), Some("expired"));
+        assert_eq!(gone.state, SlotState::Free);
+        assert_eq!(
+            (gone.token, gone.holder, gone.since_unix_ms),
+            (None, None, None)
+        );
+        assert_eq!(
+            gone.note.as_deref(),
+            Some("free: the lease with token 7 (holder h1) expired; the next acquire reclaims it")
+        );
+        assert_eq!(SlotStatus::free(3).state, SlotState::Free);
+    }
 }

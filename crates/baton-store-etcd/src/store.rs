@@ -334,15 +334,28 @@ fn is_lease_exists(e: &etcd_client::Error) -> bool {
 
 impl Inner {
     fn err(&self, kind: ErrorKind, op: Op, key: Option<&Key>, msg: impl Into<String>) -> Error {
-        let e = Error::new(kind, msg).with_op(op).with_store(&self.url);
-        match key {
-            Some(k) => e.with_key(k),
-            None => e,
-        }
+        Error::new(kind, msg).context(op, key, &self.url)
     }
 
     fn ctx(&self, e: Error, op: Op, key: Option<&Key>) -> Error {
         e.context(op, key, &self.url)
+    }
+
+    /// The value of a slot key: granted to `waiter` (its lease id in hex), now.
+    fn slot_value(&self, waiter: String, op: Op, key: &Key) -> Result<Vec<u8>, Error> {
+        serde_json::to_vec(&SlotValue {
+            waiter,
+            acquired_unix_ms: unix_ms(SystemTime::now()),
+        })
+        .map_err(|e| {
+            self.err(
+                ErrorKind::InvalidInput,
+                op,
+                Some(key),
+                "cannot encode the slot",
+            )
+            .with_source(e)
+        })
     }
 
     fn names(&self, key: &Key) -> Names {
@@ -613,10 +626,7 @@ impl Inner {
         let server_ttl = server_ttl_of(ttl);
         let names = self.names(key);
         let start = Instant::now();
-        let deadline = match req.wait {
-            Wait::Timeout(d) => start.checked_add(d),
-            _ => None,
-        };
+        let deadline = req.deadline(start);
         let value = serde_json::to_vec(&WaiterValue {
             holder: req.holder.clone(),
             ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
@@ -698,19 +708,7 @@ impl Inner {
         // The fast path, one round trip: nobody waits or holds and the limit is the one
         // asked for, so this request takes slot 0 at once. Otherwise the nested
         // transaction queues it and reads the key's state.
-        let slot0 = serde_json::to_vec(&SlotValue {
-            waiter: format!("{id:016x}"),
-            acquired_unix_ms: unix_ms(SystemTime::now()),
-        })
-        .map_err(|e| {
-            self.err(
-                ErrorKind::InvalidInput,
-                op,
-                Some(key),
-                "cannot encode the slot",
-            )
-            .with_source(e)
-        })?;
+        let slot0 = self.slot_value(format!("{id:016x}"), op, key)?;
         let first = Txn::new()
             .when([
                 Compare::version(names.waiters.clone(), CompareOp::Equal, 0).with_prefix(),
@@ -836,19 +834,7 @@ impl Inner {
                 let taken: Vec<u32> = view.slots.iter().map(|s| s.slot).collect();
                 if let Some(slot) = (0..limit).find(|s| !taken.contains(s)) {
                     let slot_key = names.slot(slot);
-                    let sv = serde_json::to_vec(&SlotValue {
-                        waiter: my_hex.clone(),
-                        acquired_unix_ms: unix_ms(SystemTime::now()),
-                    })
-                    .map_err(|e| {
-                        self.err(
-                            ErrorKind::InvalidInput,
-                            op,
-                            Some(key),
-                            "cannot encode the slot",
-                        )
-                        .with_source(e)
-                    })?;
+                    let sv = self.slot_value(my_hex.clone(), op, key)?;
                     let claim = Txn::new()
                         .when([
                             Compare::create_revision(mine.clone(), CompareOp::Equal, my_rev),
@@ -974,16 +960,7 @@ impl Inner {
             };
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
-                let d = match req.wait {
-                    Wait::Timeout(d) => format_duration(d),
-                    _ => String::from("the wait"),
-                };
-                return Err(self.err(
-                    ErrorKind::Timeout,
-                    op,
-                    Some(key),
-                    format!("every slot stayed held for {d}"),
-                ));
+                return Err(req.timed_out("every slot stayed held", &self.url));
             }
             if !woke || now >= next_keep {
                 refreshed = self.keep_alive(op, key, id).await.map_err(|e| {
@@ -1222,14 +1199,7 @@ impl Inner {
         let mut slots = Vec::new();
         for s in 0..limit {
             slots.push(match view.slots.iter().find(|x| x.slot == s) {
-                None => SlotStatus {
-                    slot: s,
-                    state: SlotState::Free,
-                    token: None,
-                    holder: None,
-                    since_unix_ms: None,
-                    note: None,
-                },
+                None => SlotStatus::free(s),
                 Some(x) => {
                     let (holder, note) = holder_of(&x.value.waiter);
                     SlotStatus {

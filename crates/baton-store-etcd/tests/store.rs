@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use baton_conformance::proxy::{Fault, ProxySet};
 use baton_conformance::servers::{url_from_env, Server};
-use baton_conformance::{Harness, LeaseTiming, Recovery};
 use baton_core::{
     AcquireRequest, ErrorKind, Holder, Key, Lease, Released, Result, Store, StoreUrl, Wait,
 };
@@ -460,16 +459,6 @@ fn black_holed_connection_is_bounded_and_heals() {
     drop(proxies);
 }
 
-fn private_harness(url: &str) -> Harness {
-    Harness::new(format!("{url}{}", unique_prefix()), open)
-        .ttl(Duration::from_secs(10))
-        .recovery(Recovery::Within(Duration::from_secs(12)))
-        .lease(LeaseTiming {
-            ttl: Duration::from_secs(2),
-            detection: Duration::from_secs(2),
-        })
-}
-
 /// Tokens keep rising across a restart of the server (etcd revisions are durable).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_rise_across_a_server_restart() {
@@ -477,7 +466,7 @@ async fn tokens_rise_across_a_server_restart() {
         return;
     }
     let server = Server::start("etcd", "start", "stop").expect("a private etcd");
-    let h = private_harness(server.url());
+    let h = common::harness_at(server.url());
     baton_conformance::restart_keeps_tokens_rising(&h, &server).await;
 }
 
@@ -490,7 +479,7 @@ async fn leader_kill_keeps_the_limit() {
     }
     let cluster =
         Server::start("etcd", "start-cluster", "stop-cluster").expect("a private cluster");
-    let h = private_harness(cluster.url());
+    let h = common::harness_at(cluster.url());
     baton_conformance::leader_kill_keeps_limit(&h, &cluster).await;
 }
 

@@ -240,11 +240,7 @@ type Params<'a> = [(&'a (dyn ToSql + Sync), Type)];
 
 impl Inner {
     fn err(&self, kind: ErrorKind, op: Op, key: Option<&Key>, msg: impl Into<String>) -> Error {
-        let e = Error::new(kind, msg).with_op(op).with_store(&self.url);
-        match key {
-            Some(k) => e.with_key(k),
-            None => e,
-        }
+        Error::new(kind, msg).context(op, key, &self.url)
     }
 
     fn server(&self) -> String {
@@ -736,11 +732,8 @@ impl Inner {
         let op = Op::Acquire;
         let enc = Encoded::new(&req).map_err(|e| e.context(op, Some(&key), &self.url))?;
         let start = Instant::now();
-        let (deadline, queue) = match req.wait {
-            Wait::NoWait => (None, false),
-            Wait::Timeout(d) => (start.checked_add(d), true),
-            Wait::Forever => (None, true),
-        };
+        let deadline = req.deadline(start);
+        let queue = req.wait != Wait::NoWait;
         let mut wake_rx = self.wake.subscribe();
         if queue {
             self.start_listener();
@@ -852,7 +845,7 @@ impl Inner {
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
                 self.leave(conn, &key, ticket).await;
-                return Err(self.timed_out(&req));
+                return Err(req.timed_out("every slot stayed held", &self.url));
             }
             let mut pause = BACKSTOP.min(TICKET_TTL / 3);
             if let Some(n) = next {
@@ -878,19 +871,6 @@ impl Inner {
                 }
             }
         }
-    }
-
-    fn timed_out(&self, req: &AcquireRequest) -> Error {
-        let d = match req.wait {
-            Wait::Timeout(d) => format_duration(d),
-            _ => String::from("the wait"),
-        };
-        self.err(
-            ErrorKind::Timeout,
-            Op::Acquire,
-            Some(&req.key),
-            format!("every slot stayed held for {d}"),
-        )
     }
 
     async fn release_step(&self, lease: &Lease) -> Result<Released, Fail> {
@@ -1033,10 +1013,13 @@ impl Inner {
         };
         let mut slots = Vec::with_capacity(lim as usize);
         for s in 0..lim {
-            slots.push(slot_status(s, leases.iter().find(|l| l.slot == s)));
+            slots.push(match leases.iter().find(|l| l.slot == s) {
+                Some(l) => slot_status(l),
+                None => SlotStatus::free(s),
+            });
         }
         for l in leases.iter().filter(|l| l.slot >= lim && l.live) {
-            let mut st = slot_status(l.slot, Some(l));
+            let mut st = slot_status(l);
             st.note = Some(format!(
                 "above the limit of {lim} (the key was resized down): held until released"
             ));
@@ -1122,7 +1105,7 @@ impl Inner {
                             slot: slot.and_then(|s| u32::try_from(s).ok()).unwrap_or(u32::MAX),
                             state: SlotState::Free,
                             token: token.and_then(|t| u64::try_from(t).ok()).map(Token),
-                            holder: json.and_then(|j| serde_json::from_str::<Holder>(&j).ok()),
+                            holder: json.and_then(|j| Holder::from_json(&j)),
                             since_unix_ms: since.filter(|s| *s >= 0.0).map(|s| s as u64),
                             note: Some(if live == Some(true) {
                                 "freed by break; its holder's next renew answers lost".into()
@@ -1350,39 +1333,15 @@ fn lease_row(r: &Row, key: &str) -> Result<LeaseRow, Fail> {
     }
 }
 
-fn slot_status(slot: u32, row: Option<&LeaseRow>) -> SlotStatus {
-    let mut st = SlotStatus {
-        slot,
-        state: SlotState::Free,
-        token: None,
-        holder: None,
-        since_unix_ms: None,
-        note: None,
-    };
-    let Some(l) = row else { return st };
-    let holder = serde_json::from_str::<Holder>(&l.holder_json).ok();
-    if l.live {
-        st.state = SlotState::Held;
-        st.token = Some(Token(l.token));
-        st.since_unix_ms = l.since_ms;
-        if holder.is_none() {
-            st.note = Some(format!(
-                "holder info unreadable (holder id {})",
-                l.holder_id
-            ));
-        }
-        st.holder = holder;
-    } else {
-        let who = holder
-            .map(|h| format!("pid {} on {}", h.pid, h.host))
-            .unwrap_or_else(|| format!("holder {}", l.holder_id));
-        st.note = Some(format!(
-            "free: the lease with token {} ({who}) expired without being renewed or released; \
-             the next acquire reclaims it",
-            l.token
-        ));
-    }
-    st
+fn slot_status(l: &LeaseRow) -> SlotStatus {
+    SlotStatus::of_record(
+        l.slot,
+        l.token,
+        &l.holder_id,
+        &l.holder_json,
+        l.since_ms,
+        (!l.live).then_some("expired without being renewed or released"),
+    )
 }
 
 /// Column `i` of a row, or corrupt state when its type is not the one baton wrote (a
@@ -1418,9 +1377,7 @@ impl Encoded {
     fn new(req: &AcquireRequest) -> Result<Encoded, Error> {
         let ttl = req.ttl.unwrap_or(DEFAULT_TTL);
         let ttl_ms = ttl_ms(ttl)?;
-        let holder_json = serde_json::to_string(&req.holder).map_err(|e| {
-            Error::new(ErrorKind::InvalidInput, "cannot encode the holder").with_source(e)
-        })?;
+        let holder_json = req.holder.to_json()?;
         Ok(Encoded {
             holder_id: req.holder.id.to_string(),
             holder_json,

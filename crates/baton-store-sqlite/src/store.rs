@@ -163,11 +163,7 @@ enum Attempt {
 
 impl Inner {
     fn err(&self, kind: ErrorKind, op: Op, key: Option<&Key>, msg: impl Into<String>) -> Error {
-        let e = Error::new(kind, msg).with_op(op).with_store(&self.url);
-        match key {
-            Some(k) => e.with_key(k),
-            None => e,
-        }
+        Error::new(kind, msg).context(op, key, &self.url)
     }
 
     fn ctx(&self, e: Error, op: Op, key: Option<&Key>) -> Error {
@@ -657,18 +653,7 @@ impl Inner {
         probe: &mut Probe,
     ) -> Result<Lease, Error> {
         let key = &req.key;
-        let timed_out = |waited_for: &str| {
-            let d = match req.wait {
-                Wait::Timeout(d) => format_duration(d),
-                _ => String::from("the wait"),
-            };
-            self.err(
-                ErrorKind::Timeout,
-                Op::Acquire,
-                Some(key),
-                format!("{waited_for} for {d}"),
-            )
-        };
+        let timed_out = |waited_for: &str| req.timed_out(waited_for, &self.url);
         let refresh_every = TICKET_TTL / 3;
         let mut first = true;
         loop {
@@ -896,12 +881,14 @@ impl Inner {
             })?;
         let mut slots = Vec::with_capacity(view.lim as usize);
         for s in 0..view.lim {
-            let row = view.leases.iter().find(|l| l.slot == s);
-            slots.push(self.slot_status(&view, s, row, now));
+            slots.push(match view.leases.iter().find(|l| l.slot == s) {
+                Some(l) => self.slot_status(&view, l, now),
+                None => SlotStatus::free(s),
+            });
         }
         for l in view.leases.iter().filter(|l| l.slot >= view.lim) {
             if view.lease_live(l, &self.boot_id, now) {
-                let mut st = self.slot_status(&view, l.slot, Some(l), now);
+                let mut st = self.slot_status(&view, l, now);
                 st.note = Some(format!(
                     "above the limit of {} (the key was resized down): held until released",
                     view.lim
@@ -918,43 +905,22 @@ impl Inner {
         })
     }
 
-    fn slot_status(&self, view: &View, slot: u32, row: Option<&LeaseRow>, now: i64) -> SlotStatus {
-        let mut st = SlotStatus {
-            slot,
-            state: SlotState::Free,
-            token: None,
-            holder: None,
-            since_unix_ms: None,
-            note: None,
-        };
-        let Some(l) = row else { return st };
-        let holder = serde_json::from_str::<Holder>(&l.holder_json).ok();
-        if view.lease_live(l, &self.boot_id, now) {
-            st.state = SlotState::Held;
-            st.token = Some(Token(l.token as u64));
-            st.since_unix_ms = u64::try_from(l.acquired_ms).ok();
-            if holder.is_none() {
-                st.note = Some(format!(
-                    "holder info unreadable (holder id {})",
-                    l.holder_id
-                ));
-            }
-            st.holder = holder;
+    fn slot_status(&self, view: &View, l: &LeaseRow, now: i64) -> SlotStatus {
+        let expired = if view.lease_live(l, &self.boot_id, now) {
+            None
+        } else if l.boot_id != self.boot_id {
+            Some("was granted before the machine rebooted")
         } else {
-            let who = holder
-                .map(|h| format!("pid {} on {}", h.pid, h.host))
-                .unwrap_or_else(|| format!("holder {}", l.holder_id));
-            let why = if l.boot_id != self.boot_id {
-                "was granted before the machine rebooted"
-            } else {
-                "expired without being renewed or released"
-            };
-            st.note = Some(format!(
-                "free: the lease with token {} ({who}) {why}; the next acquire reclaims it",
-                l.token
-            ));
-        }
-        st
+            Some("expired without being renewed or released")
+        };
+        SlotStatus::of_record(
+            l.slot,
+            l.token as u64,
+            &l.holder_id,
+            &l.holder_json,
+            u64::try_from(l.acquired_ms).ok(),
+            expired,
+        )
     }
 
     fn list_blocking(&self) -> Result<Vec<Key>, Error> {
@@ -1014,7 +980,7 @@ impl Inner {
                     slot: l.slot,
                     state: SlotState::Free,
                     token: Some(Token(l.token as u64)),
-                    holder: serde_json::from_str::<Holder>(&l.holder_json).ok(),
+                    holder: Holder::from_json(&l.holder_json),
                     since_unix_ms: u64::try_from(l.acquired_ms).ok(),
                     note: Some(if live {
                         "freed by break; its holder's next renew answers lost".into()
@@ -1066,9 +1032,7 @@ impl Encoded {
     fn new(req: &AcquireRequest) -> Result<Encoded, Error> {
         let ttl = req.ttl.unwrap_or(DEFAULT_TTL);
         ttl_nanos(ttl)?;
-        let holder_json = serde_json::to_string(&req.holder).map_err(|e| {
-            Error::new(ErrorKind::InvalidInput, "cannot encode the holder").with_source(e)
-        })?;
+        let holder_json = req.holder.to_json()?;
         Ok(Encoded {
             holder_id: req.holder.id.to_string(),
             holder_json,

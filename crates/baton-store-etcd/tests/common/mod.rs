@@ -1,17 +1,50 @@
-//! Shared by the etcd store's tests: opening the store, unique prefixes, and ways to
-//! damage the store's keys with `etcdctl`, the way a stray program or a hostile user could.
+//! Shared by the etcd store's tests: opening the store, unique prefixes, the conformance
+//! harness, and ways to damage the store's keys with `etcdctl`, the way a stray program or
+//! a hostile user could.
 
 #![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 
+use baton_conformance::{Harness, LeaseTiming, Recovery};
 use baton_core::{Key, Result, Store, StoreUrl};
 use baton_store_etcd::{EtcdConfig, EtcdStore};
 
 pub fn open(url: &StoreUrl) -> Result<Arc<dyn Store>> {
     Ok(Arc::new(EtcdStore::open(url)?))
+}
+
+/// The TTL of the suite's leases: the kernel-lock-era properties' workers hold leases
+/// without a keeper, so it outlasts every hold by a wide margin.
+pub const TTL: Duration = Duration::from_secs(10);
+
+/// The conformance harness for the server or cluster `url`, under a prefix of its own:
+/// the lease properties use etcd's shortest TTL (2 s with default settings: etcd counts
+/// whole seconds and raises shorter ones) and run a keeper.
+pub fn harness_at(url: &str) -> Harness {
+    Harness::new(format!("{url}{}", unique_prefix()), open)
+        .ttl(TTL)
+        // TTL, plus etcd's lease expiry check (every 500 ms) and a watch round trip.
+        .recovery(Recovery::Within(TTL + Duration::from_secs(2)))
+        .lease(LeaseTiming {
+            ttl: Duration::from_secs(2),
+            detection: Duration::from_secs(2),
+        })
+}
+
+/// The whole suite's harness for the server the environment variable `var` names (skipped
+/// when it is unset), with the ways to damage the store's keys.
+pub fn harness(var: &str) -> Harness {
+    match baton_conformance::servers::url_from_env(var) {
+        Err(why) => Harness::skipped(why, open),
+        Ok(url) => harness_at(&url)
+            .corrupt("garbage-limit", garbage_limit)
+            .corrupt("slot-without-lease", slot_without_lease)
+            .corrupt("waiter-without-lease", waiter_without_lease),
+    }
 }
 
 /// A key prefix no other test uses: `/baton-test/<pid>-<random>`.
