@@ -717,7 +717,8 @@ fn a_burst_of_processes_never_sees_database_is_locked() {
                     WORKER_ENV,
                     format!("{}\n{}", path.display(), history.display()),
                 )
-                .stdout(std::process::Stdio::null())
+                // libtest prints a failing worker's panic on stdout.
+                .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
                 .expect("spawn")
@@ -728,8 +729,9 @@ fn a_burst_of_processes_never_sees_database_is_locked() {
         let out = child.wait_with_output().expect("wait");
         if !out.status.success() {
             failures.push(format!(
-                "{}: {}",
+                "{}: {}{}",
                 out.status,
+                String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
