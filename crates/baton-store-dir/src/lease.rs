@@ -631,14 +631,7 @@ impl Store for LeaseStore {
         let extra = listing.gens.keys().copied().filter(|s| *s >= limit);
         for slot in (0..limit).chain(extra) {
             let gen = listing.current(slot);
-            let mut status = SlotStatus {
-                slot,
-                state: SlotState::Free,
-                token: None,
-                holder: None,
-                since_unix_ms: None,
-                note: None,
-            };
+            let mut status = SlotStatus::free(slot);
             if gen > 0 {
                 match self.read_record(dir.as_fd(), slot, gen) {
                     Ok(Some(r))

@@ -498,14 +498,7 @@ impl Store for DirStore {
         let (dir, limit) = self.root.existing_key(key, Op::Inspect)?;
         let mut slots = Vec::with_capacity(limit as usize);
         for slot in 0..limit {
-            let mut status = SlotStatus {
-                slot,
-                state: SlotState::Free,
-                token: None,
-                holder: None,
-                since_unix_ms: None,
-                note: None,
-            };
+            let mut status = SlotStatus::free(slot);
             let fd = match fs::open_existing_ro(dir.as_fd(), &Self::slot_name(slot)) {
                 Ok(Some(fd)) => fd,
                 Ok(None) => {
