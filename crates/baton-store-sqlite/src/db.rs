@@ -272,7 +272,18 @@ fn wal(conn: &Connection, path: &Path) -> Result<(), Fail> {
     if mode.eq_ignore_ascii_case("wal") {
         return Ok(());
     }
-    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+    // SQLite answers the old mode, rather than "busy", when another connection's lock
+    // stops the switch (several processes opening a new file at once): try again for a
+    // while before calling it a failure.
+    let give_up = Instant::now() + Duration::from_secs(5);
+    let mut mode: String;
+    loop {
+        mode = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if mode.eq_ignore_ascii_case("wal") || Instant::now() >= give_up {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     if mode.eq_ignore_ascii_case("wal") {
         Ok(())
     } else {
