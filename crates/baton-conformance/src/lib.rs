@@ -54,6 +54,7 @@
 //! long a killed holder's slot took to come back, by how much loss preceded the re-grant)
 //! are returned and printed.
 
+mod barrier;
 mod clock;
 mod fence;
 pub mod history;
@@ -74,6 +75,7 @@ use std::time::Duration;
 
 use baton_core::{Key, Result, Store, StoreUrl};
 
+pub use barrier::*;
 pub use clock::{instant_ns, monotonic_ns};
 pub use lease::*;
 pub use network::*;
@@ -315,6 +317,7 @@ macro_rules! suite {
             bad_keys_rejected,
             semaphore_slots_distinct,
             list_names_keys,
+            barrier_passes_in_generations,
             $($extra,)*
         );
     };
