@@ -257,14 +257,17 @@ pub(crate) fn check_or_init(conn: &mut Connection, path: &Path) -> Result<(), Fa
     wal(conn, path)
 }
 
-/// `(application_id, user_version, number of schema objects)`.
+/// `(application_id, user_version, number of schema objects)`, read in one statement so
+/// that all three come from one snapshot: read one by one, they could straddle another
+/// process's commit of the schema and show its tables without its application_id.
 fn header(conn: &Connection) -> Result<(i32, i32, i64), Fail> {
-    let app = conn.pragma_query_value(None, "application_id", |r| r.get::<_, i32>(0))?;
-    let version = conn.pragma_query_value(None, "user_version", |r| r.get::<_, i32>(0))?;
-    let objects = conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| {
-        r.get::<_, i64>(0)
-    })?;
-    Ok((app, version, objects))
+    Ok(conn.query_row(
+        "SELECT (SELECT application_id FROM pragma_application_id()),
+                (SELECT user_version FROM pragma_user_version()),
+                (SELECT count(*) FROM sqlite_schema)",
+        [],
+        |r| Ok((r.get::<_, i32>(0)?, r.get::<_, i32>(1)?, r.get::<_, i64>(2)?)),
+    )?)
 }
 
 fn wal(conn: &Connection, path: &Path) -> Result<(), Fail> {
