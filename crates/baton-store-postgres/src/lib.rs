@@ -7,7 +7,8 @@
 //! one call of a server-side function that locks the key's row, so the limit holds
 //! whatever the number of clients. Waiters queue first come, first served by ticket,
 //! are woken by `LISTEN`/`NOTIFY`, and leave the queue when their session ends. Fencing
-//! tokens come from a per-key sequence in a table. See `README.md` for the schema, the
+//! tokens come from a per-key sequence in a table. Barriers are two more tables, with dead
+//! parties found the same way as dead waiters (see `barrier.rs`). See `README.md` for the schema, the
 //! bounds and what the store cannot do (TLS, transaction-mode poolers).
 
 use std::sync::Arc;

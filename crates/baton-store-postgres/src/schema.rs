@@ -48,6 +48,25 @@ pub const SHAPE: &[(&str, &[(&str, &str)])] = &[
             ("expires_at", "timestamp with time zone"),
         ],
     ),
+    (
+        "barriers",
+        &[
+            ("key", "text"),
+            ("generation", "bigint"),
+            ("parties", "integer"),
+        ],
+    ),
+    (
+        "barrier_arrivals",
+        &[
+            ("ticket", "bigint"),
+            ("key", "text"),
+            ("holder_id", "text"),
+            ("pid", "integer"),
+            ("passed", "bigint"),
+            ("expires_at", "timestamp with time zone"),
+        ],
+    ),
 ];
 
 /// The functions `attempt`, `release` and `leave`, with their argument counts (checked
@@ -136,6 +155,20 @@ CREATE TABLE IF NOT EXISTS {s}.waiters (
     expires_at timestamptz NOT NULL
 );
 CREATE INDEX IF NOT EXISTS waiters_key_ticket ON {s}.waiters (key, ticket);
+CREATE TABLE IF NOT EXISTS {s}.barriers (
+    key        text PRIMARY KEY,
+    generation bigint NOT NULL,
+    parties    integer NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}.barrier_arrivals (
+    ticket     bigserial PRIMARY KEY,
+    key        text NOT NULL,
+    holder_id  text NOT NULL,
+    pid        integer NOT NULL,
+    passed     bigint,
+    expires_at timestamptz NOT NULL
+);
+CREATE INDEX IF NOT EXISTS barrier_arrivals_key ON {s}.barrier_arrivals (key, ticket);
 "#
             ),
             create_functions: functions(&s),

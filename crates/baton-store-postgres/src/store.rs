@@ -40,14 +40,18 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use baton_core::{
-    format_duration, AcquireRequest, Capabilities, Error, ErrorKind, Holder, HolderId, Key,
-    KeyStatus, Lease, Op, Released, SlotState, SlotStatus, Store, StoreUrl, Token, Wait,
+    format_duration, AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error, ErrorKind,
+    Holder, HolderId, Key, KeyStatus, Lease, Op, Released, SlotState, SlotStatus, Store, StoreUrl,
+    Token, Wait,
 };
 use futures_util::StreamExt;
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{AsyncMessage, Client, NoTls, Row};
+
+#[path = "barrier.rs"]
+mod barrier;
 
 use crate::config::PostgresConfig;
 use crate::schema::{
@@ -525,6 +529,25 @@ impl Inner {
             }
         }
         if missing_table {
+            // A table this baton knows is missing (for one, the barrier tables in a
+            // schema made before them): it is created, unless a newer baton made the
+            // schema (its functions must not be replaced).
+            if tables.iter().any(|t| t == "meta") {
+                let rows = self.query(conn, &self.sql.version, &[]).await?;
+                if let Some(r) = rows.first() {
+                    if let Some(v) = col::<Option<String>>(r, 0)? {
+                        if v.parse::<i32>().is_ok_and(|n| n > SCHEMA_VERSION) {
+                            return Err(Fail::Err(Error::new(
+                                ErrorKind::Unsupported,
+                                format!(
+                                    "schema \"{schema}\" has version {v}, made by a newer baton; \
+                                     this one knows version {SCHEMA_VERSION}"
+                                ),
+                            )));
+                        }
+                    }
+                }
+            }
             return Ok(false);
         }
         let rows = self.query(conn, &self.sql.version, &[]).await?;
@@ -1604,6 +1627,10 @@ impl Store for PostgresStore {
             inner.inspect_step(&k).await
         })
         .await
+    }
+
+    async fn barrier(&self, req: &BarrierRequest) -> Result<BarrierPassed, Error> {
+        barrier::barrier(self, req).await
     }
 }
 

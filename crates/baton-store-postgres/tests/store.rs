@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_conformance::servers::{url_from_env, Server};
-use baton_core::{AcquireRequest, ErrorKind, Holder, Key, Lease, Released, Store, StoreUrl, Wait};
+use baton_core::{
+    AcquireRequest, BarrierRequest, ErrorKind, Holder, Key, Lease, Released, Store, StoreUrl, Wait,
+};
 use baton_store_postgres::PostgresStore;
 use tokio_postgres::{Client, NoTls};
 
@@ -285,6 +287,117 @@ async fn an_abandoned_acquire_leaves_nothing() {
         .expect("count")
         .get(0);
     assert_eq!(rows, 0, "no lease left behind");
+}
+
+async fn arrival_rows(c: &Client, schema: &str, key: &Key) -> i64 {
+    c.query_one(
+        &format!("SELECT count(*) FROM {schema}.barrier_arrivals WHERE key = $1"),
+        &[&key.as_str()],
+    )
+    .await
+    .expect("count arrivals")
+    .get(0)
+}
+
+fn barrier_request(key: &Key, parties: u32, wait: Wait) -> BarrierRequest {
+    BarrierRequest {
+        key: key.clone(),
+        parties,
+        wait,
+        holder: Holder::current(vec!["pgtest".into(), "barrier".into()]),
+    }
+}
+
+/// Waits (bounded) until the key has `n` arrival rows.
+async fn until_arrivals(c: &Client, schema: &str, key: &Key, n: i64) {
+    let start = Instant::now();
+    while arrival_rows(c, schema, key).await != n {
+        assert!(
+            start.elapsed() < LIVENESS,
+            "the barrier never had {n} arrival row(s)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_barrier_party_whose_session_dies_stops_counting() {
+    let Some(base) = base_url("a_barrier_party_whose_session_dies_stops_counting") else {
+        return;
+    };
+    let schema = "baton_storetest";
+    let url = with_schema(&base, schema);
+    let store = open(&url);
+    let c = raw(&base).await;
+    let k = key("dead-party");
+    // The tables exist before they are looked at by hand.
+    store.list().await.expect("first use creates the tables");
+    // A party of 2 arrives on a handle of its own and waits.
+    let doomed = open(&url);
+    let r = barrier_request(&k, 2, Wait::Timeout(LIVENESS));
+    let d2 = Arc::clone(&doomed);
+    let doomed_wait = tokio::spawn(async move { d2.barrier(&r).await });
+    until_arrivals(&c, schema, &k, 1).await;
+    // End its server session, as a crash of its process or host would.
+    let killed: i64 = c
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM \
+                 {schema}.barrier_arrivals WHERE key = $1) t"
+            ),
+            &[&k.as_str()],
+        )
+        .await
+        .expect("terminate")
+        .get(0);
+    assert_eq!(killed, 1);
+    let e = tokio::time::timeout(LIVENESS, doomed_wait)
+        .await
+        .expect("the dead party's wait ends")
+        .expect("join")
+        .expect_err("a party whose session ended cannot pass");
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e:#}");
+    // Its arrival no longer counts, at once (no TTL to wait out): a second party alone
+    // does not pass with the phantom, and the dead row is swept by its arrival.
+    let lone = store
+        .barrier(&barrier_request(
+            &k,
+            2,
+            Wait::Timeout(Duration::from_millis(400)),
+        ))
+        .await;
+    assert_eq!(
+        lone.as_ref().map_err(|e| e.kind()).err(),
+        Some(ErrorKind::Timeout),
+        "a party of 2 passed with a dead one: {lone:?}"
+    );
+    assert_eq!(arrival_rows(&c, schema, &k).await, 0, "nothing left behind");
+    // Two live parties pass, in the generation the dead one never completed.
+    let other = open(&url);
+    let r = barrier_request(&k, 2, Wait::Timeout(LIVENESS));
+    let o2 = Arc::clone(&other);
+    let first = tokio::spawn(async move { o2.barrier(&r).await });
+    let second = store
+        .barrier(&barrier_request(&k, 2, Wait::Timeout(LIVENESS)))
+        .await
+        .expect("the second of 2 live parties");
+    let first = first
+        .await
+        .expect("join")
+        .expect("the first of 2 live parties");
+    assert_eq!(first.generation, 0, "{first:?}");
+    assert_eq!(second.generation, 0, "{second:?}");
+    assert_eq!(
+        arrival_rows(&c, schema, &k).await,
+        0,
+        "passed rows are gone"
+    );
+
+    // A dropped barrier future withdraws its arrival right after.
+    let r = barrier_request(&k, 2, Wait::Forever);
+    let dropped = tokio::time::timeout(Duration::from_millis(500), store.barrier(&r)).await;
+    assert!(dropped.is_err(), "a lone party of 2 must still wait");
+    until_arrivals(&c, schema, &k, 0).await;
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -691,4 +804,40 @@ fn conformance_restart_keeps_tokens_rising() {
         .build()
         .expect("runtime");
     rt.block_on(baton_conformance::restart_keeps_tokens_rising(&h, &server));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn barrier_parties_meet_generation_after_generation() {
+    let Some(base) = base_url("barrier_parties_meet_generation_after_generation") else {
+        return;
+    };
+    let url = with_schema(&base, "baton_storetest");
+    let k = key("rounds");
+    let parties = 4;
+    let rounds = 5u64;
+    let tasks: Vec<_> = (0..parties)
+        .map(|_| {
+            let store = open(&url);
+            let k = k.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                for _ in 0..rounds {
+                    let p = store
+                        .barrier(&barrier_request(&k, parties, Wait::Timeout(LIVENESS)))
+                        .await
+                        .unwrap_or_else(|e| panic!("a round: {e:#}"));
+                    seen.push(p.generation);
+                }
+                seen
+            })
+        })
+        .collect();
+    for t in tasks {
+        let seen = t.await.expect("join");
+        assert_eq!(
+            seen,
+            (0..rounds).collect::<Vec<_>>(),
+            "every party, every round"
+        );
+    }
 }
