@@ -6,6 +6,8 @@
 //! it (the etcd `concurrency` recipe, extended to semaphores). A grant creates a slot key
 //! in a transaction that also proves the waiter's lease is alive; the slot key's create
 //! revision is the fencing token. A dead holder's keys vanish when etcd expires its lease.
+//! Barriers: an arrival key per waiting party on its own etcd lease, and a generation key
+//! that the completing arrival advances in the same guarded transaction.
 //! See `README.md` for the layout, the bounds and what the store cannot do.
 
 mod config;
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use baton_core::{Result, Store, StoreUrl};
 
 pub use config::{EtcdConfig, DEFAULT_PREFIX};
-pub use store::{EtcdStore, DEFAULT_TTL};
+pub use store::{EtcdStore, ARRIVAL_TTL, DEFAULT_TTL};
 
 /// Opens the store a `etcd` URL names (without connecting: the first operation does).
 pub fn open(url: &StoreUrl) -> Result<Arc<dyn Store>> {

@@ -35,9 +35,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use baton_core::{
-    format_duration, unix_ms, AcquireRequest, Capabilities, Error, ErrorKind, Holder, HolderId,
-    Key, KeyStatus, Lease, Liveness, Op, Released, SlotState, SlotStatus, Store, StoreUrl, Token,
-    Wait,
+    format_duration, unix_ms, AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error,
+    ErrorKind, Holder, HolderId, Key, KeyStatus, Lease, Liveness, Op, Released, SlotState,
+    SlotStatus, Store, StoreUrl, Token, Wait,
 };
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, LeaseGrantOptions,
@@ -47,6 +47,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, OnceCell};
 
 use crate::config::EtcdConfig;
+
+#[path = "barrier.rs"]
+mod barrier;
+
+pub use barrier::ARRIVAL_TTL;
 
 /// The TTL of a lease whose request gives none.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
@@ -1429,6 +1434,40 @@ impl EtcdStore {
         self.inner.wakeups.load(Ordering::Relaxed)
     }
 
+    /// A barrier wait on the store's runtime. Whatever happens (a pass, an error, this
+    /// future dropped), the arrival's etcd lease is revoked before the task ends, so no
+    /// arrival outlives the call.
+    async fn barrier_on_runtime(&self, req: &BarrierRequest) -> Result<BarrierPassed, Error> {
+        baton_core::barrier::validate(req)
+            .map_err(|e| self.inner.ctx(e, Op::Barrier, Some(&req.key)))?;
+        let id = random_lease_id();
+        let (tx, rx) = oneshot::channel::<Result<BarrierPassed, Error>>();
+        // Dropped with this future: the task then withdraws the arrival.
+        let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
+        let inner = Arc::clone(&self.inner);
+        let req2 = req.clone();
+        self.inner.runtime.handle.spawn(async move {
+            let result = tokio::select! {
+                r = inner.barrier_inner(&req2, id) => r,
+                _ = cancel_rx => Err(inner.err(ErrorKind::Cancelled, Op::Barrier, Some(&req2.key), "cancelled")),
+            };
+            // Leaving (after a pass) or withdrawing (the generation key is unchanged, or
+            // the wait was cancelled): the arrival goes with its lease.
+            inner.revoke_quiet(id).await;
+            let _ = tx.send(result);
+        });
+        let result = rx.await;
+        drop(cancel_tx);
+        result.unwrap_or_else(|_| {
+            Err(self.inner.err(
+                ErrorKind::Unavailable,
+                Op::Barrier,
+                Some(&req.key),
+                "the etcd client's task stopped",
+            ))
+        })
+    }
+
     /// Runs `f` on the store's runtime and waits for it from any runtime.
     async fn on_runtime<T: Send + 'static, Fut>(
         &self,
@@ -1577,5 +1616,9 @@ impl Store for EtcdStore {
             inner.resize(&k, limit).await
         })
         .await
+    }
+
+    async fn barrier(&self, req: &BarrierRequest) -> Result<BarrierPassed, Error> {
+        self.barrier_on_runtime(req).await
     }
 }

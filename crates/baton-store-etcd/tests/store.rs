@@ -1,7 +1,8 @@
 //! The etcd store's own properties, beyond the shared contract: one release wakes one
 //! waiter, first come first served, semaphore hand-over when a predecessor that is not
 //! the closest releases, a waiter whose lease was revoked is never granted (etcd issue
-//! #11456), a dead waiter's key goes with its lease, failover past a dead member, tokens
+//! #11456), a dead waiter's key goes with its lease, a barrier party that dies while it
+//! waits stops counting, concurrent arrivals grouped into generations, failover past a dead member, tokens
 //! rising across a server restart, a cluster that keeps the limit when its leader dies,
 //! and a clear `Unavailable` from a cluster that is down or a connection that hangs.
 //!
@@ -481,6 +482,186 @@ async fn leader_kill_keeps_the_limit() {
         Server::start("etcd", "start-cluster", "stop-cluster").expect("a private cluster");
     let h = common::harness_at(cluster.url());
     baton_conformance::leader_kill_keeps_limit(&h, &cluster).await;
+}
+
+/// The environment variable that makes [`__barrier_party`] arrive at a barrier:
+/// `<url> <key> <remote|local>`.
+const BARRIER_PARTY_ENV: &str = "BATON_ETCD_TEST_BARRIER_PARTY";
+
+/// Starts this test binary as a separate process that arrives at barrier `k` (2 parties)
+/// and waits forever; `remote` makes its holder claim another host, so that nothing but
+/// its etcd lease can tell it died.
+fn barrier_party(url: &str, k: &Key, remote: bool) -> std::process::Child {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    std::process::Command::new(exe)
+        .args([
+            "__barrier_party",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+            "--quiet",
+        ])
+        .env(
+            BARRIER_PARTY_ENV,
+            format!(
+                "{url} {} {}",
+                k.as_str(),
+                if remote { "remote" } else { "local" }
+            ),
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start a barrier party process")
+}
+
+/// How many arrivals barrier `k` has, in any generation (read with `etcdctl`).
+fn barrier_arrivals(url: &str, k: &Key) -> usize {
+    etcdctl(
+        url,
+        &[
+            "get",
+            "--prefix",
+            "--keys-only",
+            &entry(url, k, "#b/").expect("name"),
+        ],
+    )
+    .expect("list barrier arrivals")
+    .lines()
+    .filter(|l| !l.trim().is_empty())
+    .count()
+}
+
+/// Waits until barrier `k` has `n` arrivals; the time it took.
+async fn barrier_arrivals_become(url: &str, k: &Key, n: usize, bound: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let have = barrier_arrivals(url, k);
+        if have == n {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < bound,
+            "barrier '{k}' still has {have} arrivals, not {n}, after {bound:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn barrier_request(k: &Key, parties: u32, wait: Wait) -> baton_core::BarrierRequest {
+    baton_core::BarrierRequest {
+        key: k.clone(),
+        parties,
+        wait,
+        holder: Holder::current(vec!["test".into()]),
+    }
+}
+
+/// A party whose process dies (SIGKILL) while it waits at a barrier of 2 leaves no
+/// phantom: on another host (as far as anyone can tell) its arrival is gone within
+/// `ARRIVAL_TTL` (plus etcd's expiry check) once its lease is no longer kept alive; on
+/// this host the next arrival sees its process is gone and withdraws it at once. Either
+/// way a lone party then does not pass, and two live parties pass together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barrier_party_that_dies_while_waiting_stops_counting() {
+    let Some(base) = server_url("BATON_TEST_ETCD") else {
+        return;
+    };
+    let url = format!("{base}{}", unique_prefix());
+    let s = store(&url);
+    for remote in [true, false] {
+        let k = key(if remote {
+            "barrier-remote"
+        } else {
+            "barrier-local"
+        });
+        let mut child = barrier_party(&url, &k, remote);
+        barrier_arrivals_become(&url, &k, 1, BOUND).await;
+        child.kill().expect("kill the waiting party");
+        child.wait().expect("reap the waiting party");
+        if remote {
+            // Only etcd's lease expiry removes it: within the TTL of the last keep-alive,
+            // etcd's expiry check (500 ms), and a margin for a slow machine.
+            let bound = baton_store_etcd::ARRIVAL_TTL + Duration::from_secs(3);
+            let took = barrier_arrivals_become(&url, &k, 0, bound).await;
+            eprintln!("the dead remote party's arrival went after {took:?}");
+        }
+        let lone = s.barrier(&barrier_request(&k, 2, Wait::NoWait)).await;
+        assert_eq!(
+            lone.as_ref().map_err(|e| e.kind()).err(),
+            Some(ErrorKind::Busy),
+            "a lone party passed with a dead one (remote: {remote}): {lone:?}"
+        );
+        assert_eq!(barrier_arrivals(&url, &k), 0, "the dead arrival stayed");
+        let other = store(&url);
+        let req = barrier_request(&k, 2, Wait::Timeout(BOUND));
+        let r2 = req.clone();
+        let first = tokio::spawn(async move { other.barrier(&r2).await });
+        let second = s.barrier(&req).await.expect("the second of 2 live parties");
+        let first = tokio::time::timeout(BOUND, first)
+            .await
+            .expect("the first party answered")
+            .expect("the task ran")
+            .expect("the first of 2 live parties");
+        assert_eq!((first.generation, second.generation), (0, 0));
+        assert_eq!(barrier_arrivals(&url, &k), 0, "arrivals left behind");
+    }
+}
+
+/// 24 parties arrive at once at a barrier of 4, through 3 store handles: guarded
+/// transactions that fail under contention read again, so they form exactly 6
+/// generations of 4, numbered 0 to 5, and leave no arrival behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn barrier_groups_concurrent_arrivals() {
+    let Some(base) = server_url("BATON_TEST_ETCD") else {
+        return;
+    };
+    let url = format!("{base}{}", unique_prefix());
+    let k = key("barrier-crowd");
+    let handles: Vec<Arc<EtcdStore>> = (0..3).map(|_| store(&url)).collect();
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let s = Arc::clone(&handles[i % 3]);
+            let req = barrier_request(&k, 4, Wait::Timeout(BOUND));
+            tokio::spawn(async move { s.barrier(&req).await })
+        })
+        .collect();
+    let mut count = [0u32; 6];
+    for t in tasks {
+        let p = tokio::time::timeout(BOUND * 2, t)
+            .await
+            .expect("a party answered")
+            .expect("the task ran")
+            .expect("a party passed");
+        let g = usize::try_from(p.generation).expect("a small generation");
+        assert!(g < 6, "generation {g} of 24 arrivals in groups of 4");
+        count[g] += 1;
+    }
+    assert_eq!(count, [4; 6], "parties per generation");
+    assert_eq!(barrier_arrivals(&url, &k), 0, "arrivals left behind");
+}
+
+/// The barrier party process of [`barrier_party_that_dies_while_waiting_stops_counting`]
+/// (does nothing unless started by it).
+#[test]
+fn __barrier_party() {
+    let Ok(job) = std::env::var(BARRIER_PARTY_ENV) else {
+        return;
+    };
+    let mut parts = job.split(' ');
+    let (Some(url), Some(k), Some(how)) = (parts.next(), parts.next(), parts.next()) else {
+        panic!("{BARRIER_PARTY_ENV} is not '<url> <key> <remote|local>': {job}");
+    };
+    let s = store(url);
+    let mut req = barrier_request(&Key::new(k).expect("a key"), 2, Wait::Forever);
+    if how == "remote" {
+        req.holder.host = "some-other-host".into();
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let r = rt.block_on(s.barrier(&req));
+    panic!("the party was meant to wait until killed, but: {r:?}");
 }
 
 /// The entry worker processes run (for [`leader_kill_keeps_the_limit`]).
