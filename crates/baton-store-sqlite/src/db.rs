@@ -266,7 +266,13 @@ fn header(conn: &Connection) -> Result<(i32, i32, i64), Fail> {
                 (SELECT user_version FROM pragma_user_version()),
                 (SELECT count(*) FROM sqlite_schema)",
         [],
-        |r| Ok((r.get::<_, i32>(0)?, r.get::<_, i32>(1)?, r.get::<_, i64>(2)?)),
+        |r| {
+            Ok((
+                r.get::<_, i32>(0)?,
+                r.get::<_, i32>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        },
     )?)
 }
 
