@@ -309,3 +309,34 @@ fn partition_cuts_holders_off_and_the_fence_refuses_them() {
         assert_eq!(v["grants"], 4, "{store}: {v}");
     }
 }
+
+#[test]
+fn workflow_meets_at_barriers_on_the_networked_stores() {
+    let dir = Dir::new();
+    for store in networked_stores() {
+        let key = format!("stress/workflow-{}", std::process::id());
+        let out = dir
+            .bare(&[
+                "stress",
+                "workflow",
+                "-s",
+                &store,
+                "-k",
+                &key,
+                "--stages",
+                "2",
+                "--jobs",
+                "10",
+                "--workers",
+                "2",
+                "--seed",
+                "1",
+                "--json",
+            ])
+            .output();
+        out.code(0);
+        let v = summary(&out);
+        assert_eq!(v["violation_count"], 0, "{store}: {v}");
+        assert_eq!(v["grants"], 20, "{store}: {v}");
+    }
+}
