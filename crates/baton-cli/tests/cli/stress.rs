@@ -263,9 +263,7 @@ fn networked_stores() -> Vec<String> {
             _ if std::env::var("CI").as_deref() == Ok("true") => {
                 panic!("CI=true and {var} is not set: run the suite with `bash scripts/test`")
             }
-            _ => eprintln!(
-                "SKIPPED stress partition on {var}: it is not set (bash scripts/test sets it)"
-            ),
+            _ => eprintln!("SKIPPED stress on {var}: it is not set (bash scripts/test sets it)"),
         }
     }
     urls
