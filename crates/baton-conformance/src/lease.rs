@@ -207,61 +207,16 @@ pub async fn paused_holder_is_superseded(h: &Harness) -> SupersedeReport {
     let resumed_ns = of(&events, old.pid())
         .find_map(|e| matches!(e, Event::Resumed { .. }).then(|| e.t_ns()))
         .expect("the resume is in the history");
-    let late_renewal = of(&events, old.pid())
-        .filter(|e| e.t_ns() > resumed_ns)
-        .filter_map(|e| match e {
-            Event::Renewed { ok, kind, .. } => Some((*ok, kind.clone())),
-            _ => None,
-        })
-        .last();
-    assert!(
-        matches!(&late_renewal, Some((false, Some(k))) if k == ErrorKind::Lost.as_str()
-            || k == ErrorKind::NotHeld.as_str()),
-        "the resumed holder's renewal of its superseded lease (token {}) should answer lost \
-         or not-held: {late_renewal:?}\n(history: {})",
-        old_lease.token,
-        lab.history.display()
-    );
-    let released = of(&events, old.pid()).find_map(|e| match e {
-        Event::Released { outcome, error, .. } => Some((*outcome, error.clone())),
-        _ => None,
-    });
-    assert_eq!(
-        released.as_ref().map(|r| r.0),
-        Some(Some(Released::NotHeld)),
-        "the resumed holder's release of its lost lease (token {}) should answer not-held: \
-         {released:?}",
-        old_lease.token
-    );
-    let late_write = of(&events, old.pid())
-        .filter_map(|e| match e {
-            Event::FenceWrite { accepted, kind, .. } => Some((*accepted, kind.clone())),
-            _ => None,
-        })
-        .nth(1);
-    assert_eq!(
-        late_write,
-        Some((false, Some(ErrorKind::Fenced.as_str().into()))),
-        "the resumed holder's write with its old token {} should be refused as fenced",
-        old_lease.token
-    );
-    assert_eq!(
-        fence::rows(&db),
-        vec![
-            (old.pid(), old_lease.token.0),
-            (std::process::id(), new_lease.token.0)
-        ],
-        "the fenced resource should hold the old holder's first write and the new holder's, \
-         and nothing after"
-    );
-    let status = lab.inspect(&key).await;
-    let slot = status.slots.iter().find(|s| s.slot == new_lease.slot);
-    assert_eq!(
-        slot.map(|s| (s.state, s.token)),
-        Some((SlotState::Held, Some(new_lease.token))),
-        "the stale release freed the new holder's slot: {status:?}"
-    );
-    assert_eq!(lab.release(&new_lease).await, Released::Released);
+    superseded_holder_gave_up(
+        &lab,
+        &db,
+        old.pid(),
+        &old_lease,
+        &new_lease,
+        resumed_ns,
+        "resumed",
+    )
+    .await;
 
     let measured = SupersedeReport {
         deadline_to_regrant: Duration::from_nanos(regrant_ns - until),
@@ -283,6 +238,76 @@ pub async fn paused_holder_is_superseded(h: &Harness) -> SupersedeReport {
         measured.pause_to_grant
     ));
     measured
+}
+
+/// What a superseded holder (`old_pid`, which held `old`) must have done once let go again
+/// (`how`: resumed after a pause, healed after a partition) and run to its end, as its
+/// history shows from `since_ns` on: its renewal answered lost or not-held, its release
+/// not-held, and its second write through the fence at `db` (with the old token) was
+/// refused, so the resource holds its first write and the new holder's only. The new
+/// holder (`new`, granted in this process) still holds its slot; the helper releases it.
+pub(crate) async fn superseded_holder_gave_up(
+    lab: &Lab<'_>,
+    db: &Path,
+    old_pid: u32,
+    old: &Lease,
+    new: &Lease,
+    since_ns: u64,
+    how: &str,
+) {
+    let events = lab.events();
+    let late_renewal = of(&events, old_pid)
+        .filter(|e| e.t_ns() > since_ns)
+        .filter_map(|e| match e {
+            Event::Renewed { ok, kind, .. } => Some((*ok, kind.clone())),
+            _ => None,
+        })
+        .last();
+    assert!(
+        matches!(&late_renewal, Some((false, Some(k))) if k == ErrorKind::Lost.as_str()
+            || k == ErrorKind::NotHeld.as_str()),
+        "the {how} holder's renewal of its superseded lease (token {}) should answer lost \
+         or not-held: {late_renewal:?}\n(history: {})",
+        old.token,
+        lab.history.display()
+    );
+    let released = of(&events, old_pid).find_map(|e| match e {
+        Event::Released { outcome, error, .. } => Some((*outcome, error.clone())),
+        _ => None,
+    });
+    assert_eq!(
+        released.as_ref().map(|r| r.0),
+        Some(Some(Released::NotHeld)),
+        "the {how} holder's release of its lost lease (token {}) should answer not-held: \
+         {released:?}",
+        old.token
+    );
+    let late_write = of(&events, old_pid)
+        .filter_map(|e| match e {
+            Event::FenceWrite { accepted, kind, .. } => Some((*accepted, kind.clone())),
+            _ => None,
+        })
+        .nth(1);
+    assert_eq!(
+        late_write,
+        Some((false, Some(ErrorKind::Fenced.as_str().into()))),
+        "the {how} holder's write with its old token {} should be refused as fenced",
+        old.token
+    );
+    assert_eq!(
+        fence::rows(db),
+        vec![(old_pid, old.token.0), (std::process::id(), new.token.0)],
+        "the fenced resource should hold the old holder's first write and the new holder's, \
+         and nothing after"
+    );
+    let status = lab.inspect(&new.key).await;
+    let slot = status.slots.iter().find(|s| s.slot == new.slot);
+    assert_eq!(
+        slot.map(|s| (s.state, s.token)),
+        Some((SlotState::Held, Some(new.token))),
+        "the {how} holder's stale release freed the new holder's slot: {status:?}"
+    );
+    assert_eq!(lab.release(new).await, Released::Released);
 }
 
 /// Contract point 4, **Recovery**, for a lease holder: "within TTL + detection for lease

@@ -10,9 +10,10 @@
 
 use std::time::{Duration, Instant};
 
-use baton_core::{ErrorKind, KeeperConfig, Lease, Released, SlotState, Token, Wait};
+use baton_core::{ErrorKind, KeeperConfig, Lease, Released, Token, Wait};
 
 use crate::history::{check_limit, check_tokens, Event};
+use crate::lease::superseded_holder_gave_up;
 use crate::proxy::{Fault, ProxySet};
 use crate::servers::Server;
 use crate::support::{bounded, report, Keep, Lab};
@@ -171,57 +172,10 @@ pub async fn partition_loses_before_regrant(h: &Harness) -> PartitionReport {
     proxies.set(Fault::Pass);
     std::fs::write(&after_loss, b"go").expect("the after-loss signal");
     old.finish(LIVENESS_BOUND).await;
-    let events = lab.events();
-    let late_renewal = events
-        .iter()
-        .filter(mine)
-        .filter(|e| e.t_ns() > child_dead)
-        .filter_map(|e| match e {
-            Event::Renewed { ok, kind, .. } => Some((*ok, kind.clone())),
-            _ => None,
-        })
-        .next_back();
-    assert!(
-        matches!(&late_renewal, Some((false, Some(k))) if k == ErrorKind::Lost.as_str()
-            || k == ErrorKind::NotHeld.as_str()),
-        "after the partition healed, the old holder's renewal (token {}) should answer lost or \
-         not-held: {late_renewal:?}\n(history: {})",
-        old_lease.token,
-        lab.history.display()
-    );
-    let released = events.iter().filter(mine).find_map(|e| match e {
-        Event::Released { outcome, error, .. } => Some((*outcome, error.clone())),
-        _ => None,
-    });
-    assert_eq!(
-        released.as_ref().map(|r| r.0),
-        Some(Some(Released::NotHeld)),
-        "after the partition healed, the old holder's release (token {}) should answer \
-         not-held: {released:?}",
-        old_lease.token
-    );
-    let late_write = events
-        .iter()
-        .filter(mine)
-        .filter_map(|e| match e {
-            Event::FenceWrite { accepted, kind, .. } => Some((*accepted, kind.clone())),
-            _ => None,
-        })
-        .nth(1);
-    assert_eq!(
-        late_write,
-        Some((false, Some(ErrorKind::Fenced.as_str().into()))),
-        "the old holder's write with its old token {} should be refused as fenced",
-        old_lease.token
-    );
-    let status = lab.inspect(&key).await;
-    let slot = status.slots.iter().find(|s| s.slot == new_lease.slot);
-    assert_eq!(
-        slot.map(|s| (s.state, s.token)),
-        Some((SlotState::Held, Some(new_lease.token))),
-        "the healed holder's stale release freed the new holder's slot: {status:?}"
-    );
-    assert_eq!(lab.release(&new_lease).await, Released::Released);
+    superseded_holder_gave_up(
+        &lab, &db, old_pid, &old_lease, &new_lease, child_dead, "healed",
+    )
+    .await;
 
     let measured = PartitionReport {
         child_dead_to_regrant: Duration::from_nanos(regrant_ns.saturating_sub(child_dead)),
