@@ -41,11 +41,11 @@ use baton_core::{
 };
 use etcd_client::{
     Compare, CompareOp, EventType, GetOptions, KeyValue, LeaseGrantOptions, PutOptions, Txn, TxnOp,
-    TxnOpResponse, TxnResponse, WatchOptions,
+    WatchOptions,
 };
 use serde::{Deserialize, Serialize};
 
-use super::{corrupt, is_lease_exists, show, Inner};
+use super::{corrupt, gets, is_lease_exists, show, txn_reads, Inner};
 
 /// The TTL of a waiting party's etcd lease: a party that dies while waiting stops counting
 /// within this (plus etcd's expiry check). etcd counts whole seconds.
@@ -108,16 +108,6 @@ enum Standing {
     Gone,
 }
 
-fn gets(resp: &TxnResponse) -> Vec<etcd_client::GetResponse> {
-    resp.op_responses()
-        .into_iter()
-        .filter_map(|r| match r {
-            TxnOpResponse::Get(g) => Some(g),
-            _ => None,
-        })
-        .collect()
-}
-
 impl Inner {
     fn barrier_names(&self, key: &Key) -> BarrierNames {
         let base = format!("{}/{}", self.config.prefix, key.as_str());
@@ -156,16 +146,7 @@ impl Inner {
                 async move { c.txn(t).await }
             })
             .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let g = gets(&resp);
-        if g.len() < 2 {
-            return Err(self.err(
-                ErrorKind::Unavailable,
-                op,
-                Some(key),
-                "etcd answered a transaction with fewer reads than asked",
-            ));
-        }
+        let (revision, g) = txn_reads(&resp, 2).map_err(|e| self.ctx(e, op, Some(key)))?;
         let (generation, gen_mod) = self
             .parse_gen(names, g[0].kvs().first())
             .map_err(|e| self.ctx(e, op, Some(key)))?;
@@ -493,16 +474,7 @@ impl Inner {
                 async move { c.txn(t).await }
             })
             .await?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let r = gets(&resp);
-        if r.len() < 2 {
-            return Err(self.err(
-                ErrorKind::Unavailable,
-                op,
-                Some(key),
-                "etcd answered a transaction with fewer reads than asked",
-            ));
-        }
+        let (revision, r) = txn_reads(&resp, 2).map_err(|e| self.ctx(e, op, Some(key)))?;
         let (generation, m) = self
             .parse_gen(names, r[0].kvs().first())
             .map_err(|e| self.ctx(e, op, Some(key)))?;

@@ -333,6 +333,32 @@ fn is_lease_not_found(e: &etcd_client::Error) -> bool {
     }
 }
 
+/// The reads (`get`s) of a transaction's answer, in order.
+fn gets(resp: &TxnResponse) -> Vec<etcd_client::GetResponse> {
+    resp.op_responses()
+        .into_iter()
+        .filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The revision a transaction's answer was taken at, and its last `n` reads;
+/// `Unavailable` when it has fewer (etcd answered something else than was asked).
+fn txn_reads(resp: &TxnResponse, n: usize) -> Result<(i64, Vec<etcd_client::GetResponse>), Error> {
+    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    let mut g = gets(resp);
+    if g.len() < n {
+        return Err(Error::new(
+            ErrorKind::Unavailable,
+            "etcd answered a transaction with fewer reads than asked",
+        ));
+    }
+    let last = g.split_off(g.len() - n);
+    Ok((revision, last))
+}
+
 fn is_lease_exists(e: &etcd_client::Error) -> bool {
     matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("lease already exists"))
 }
@@ -476,22 +502,7 @@ impl Inner {
 
     /// Parses the responses of [`Inner::read_ops`], the last three of `resp`.
     fn parse_view(&self, names: &Names, resp: &TxnResponse) -> Result<View, Error> {
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let ops = resp.op_responses();
-        let gets: Vec<&etcd_client::GetResponse> = ops
-            .iter()
-            .filter_map(|r| match r {
-                TxnOpResponse::Get(g) => Some(g),
-                _ => None,
-            })
-            .collect();
-        if gets.len() < 3 {
-            return Err(Error::new(
-                ErrorKind::Unavailable,
-                "etcd answered a transaction with fewer reads than asked",
-            ));
-        }
-        let g = &gets[gets.len() - 3..];
+        let (revision, g) = txn_reads(resp, 3)?;
         let limit = match g[0].kvs().first() {
             None => None,
             Some(kv) => Some((parse_limit(names, kv)?, kv.mod_revision())),

@@ -33,10 +33,7 @@ use baton_core::{BarrierPassed, BarrierRequest, Error, ErrorKind, Key, Op, Wait}
 use tokio::sync::oneshot;
 use tokio_postgres::types::Type;
 
-use super::{
-    col, corrupt, magic, woken, Conn, Fail, Inner, PostgresStore, BACKSTOP, LISTEN_READY_BOUND,
-    TICKET_TTL,
-};
+use super::{col, corrupt, magic, woken, Conn, Fail, Inner, PostgresStore, BACKSTOP, TICKET_TTL};
 
 /// What the arriving transaction decided.
 enum Arrived {
@@ -177,24 +174,7 @@ impl Inner {
         };
         let waits = req.wait != Wait::NoWait;
         let topic = format!("barrier:{}", key.as_str());
-        let mut wake_rx = self.wake.subscribe();
-        if waits {
-            self.start_listener();
-        }
-        let mut conn = match self.checkout().await {
-            Ok(c) => c,
-            Err(f) => return Err(self.map(f, op, Some(&key))),
-        };
-        if let Err(f) = self.ensure_schema(&conn).await {
-            if !f.breaks_conn() {
-                self.checkin(conn);
-            }
-            return Err(self.map(f, op, Some(&key)));
-        }
-        if waits {
-            let mut listening = self.listening.clone();
-            let _ = tokio::time::timeout(LISTEN_READY_BOUND, listening.wait_for(|l| *l)).await;
-        }
+        let (mut conn, mut wake_rx) = self.begin(waits, op, &key).await?;
         let passed = |generation: u64| BarrierPassed {
             key: key.clone(),
             generation,

@@ -732,6 +732,37 @@ impl Inner {
         }
     }
 
+    /// The start of an operation that may wait for a notification (an acquire, a barrier
+    /// arrival): subscribes to wake-ups first (so none is missed), starts the listening
+    /// connection when `waits`, checks a connection out and the schema, and waits (bounded)
+    /// until the listener is ready.
+    pub(super) async fn begin(
+        &self,
+        waits: bool,
+        op: Op,
+        key: &Key,
+    ) -> Result<(Conn, broadcast::Receiver<Wake>), Error> {
+        let wake_rx = self.wake.subscribe();
+        if waits {
+            self.start_listener();
+        }
+        let conn = self
+            .checkout()
+            .await
+            .map_err(|f| self.map(f, op, Some(key)))?;
+        if let Err(f) = self.ensure_schema(&conn).await {
+            if !f.breaks_conn() {
+                self.checkin(conn);
+            }
+            return Err(self.map(f, op, Some(key)));
+        }
+        if waits {
+            let mut listening = self.listening.clone();
+            let _ = tokio::time::timeout(LISTEN_READY_BOUND, listening.wait_for(|l| *l)).await;
+        }
+        Ok((conn, wake_rx))
+    }
+
     fn start_listener(&self) {
         if self.listener_started.swap(true, Ordering::AcqRel) {
             return;
@@ -757,24 +788,7 @@ impl Inner {
         let start = Instant::now();
         let deadline = req.deadline(start);
         let queue = req.wait != Wait::NoWait;
-        let mut wake_rx = self.wake.subscribe();
-        if queue {
-            self.start_listener();
-        }
-        let mut conn = match self.checkout().await {
-            Ok(c) => c,
-            Err(f) => return Err(self.map(f, op, Some(&key))),
-        };
-        if let Err(f) = self.ensure_schema(&conn).await {
-            if !f.breaks_conn() {
-                self.checkin(conn);
-            }
-            return Err(self.map(f, op, Some(&key)));
-        }
-        if queue {
-            let mut listening = self.listening.clone();
-            let _ = tokio::time::timeout(LISTEN_READY_BOUND, listening.wait_for(|l| *l)).await;
-        }
+        let (mut conn, mut wake_rx) = self.begin(queue, op, &key).await?;
         let mut ticket: Option<i64> = None;
         let mut first = true;
         let mut refreshed = Instant::now();
