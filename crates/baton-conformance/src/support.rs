@@ -71,6 +71,7 @@ impl<'h> Lab<'h> {
             wait,
             ttl: self.h.request_ttl(),
             holder: self.holder(),
+            lock_delay: None,
         }
     }
 

@@ -219,6 +219,7 @@ async fn run(open: OpenFn, job: &Job) -> Result<(), String> {
         wait,
         ttl: job.ttl_ms.map(Duration::from_millis),
         holder,
+        lock_delay: None,
     };
     let mut rng = u64::from(pid) ^ monotonic_ns() | 1;
     for round in 0..rounds {
@@ -355,6 +356,7 @@ async fn keep(
         wait: Wait::Forever,
         ttl: Some(ttl),
         holder,
+        lock_delay: None,
     };
     let sent = Instant::now();
     let t_request_ns = monotonic_ns();

@@ -44,6 +44,13 @@ impl LockRequest {
         self
     }
 
+    /// Sets the key's lock-delay when this request creates it (lease stores; see
+    /// [`AcquireRequest::lock_delay`]).
+    pub fn lock_delay(mut self, delay: Duration) -> LockRequest {
+        self.req.lock_delay = Some(delay);
+        self
+    }
+
     /// Sets who holds the lease (default: this process, with its argv as the command).
     pub fn holder(mut self, holder: Holder) -> LockRequest {
         self.req.holder = holder;

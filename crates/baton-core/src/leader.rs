@@ -278,11 +278,14 @@ mod tests {
                     token: held.then_some(Token(7)),
                     holder: held.then(|| holder.clone()),
                     since_unix_ms: held.then_some(1_000),
+                    renewed_unix_ms: None,
+                    expires_unix_ms: None,
                     note: None,
                 })
                 .collect(),
             waiters: None,
             last_token: Some(Token(7)),
+            lock_delay_ms: None,
         }
     }
 

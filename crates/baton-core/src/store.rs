@@ -29,6 +29,12 @@ pub struct AcquireRequest {
     pub ttl: Option<Duration>,
     /// Who asks.
     pub holder: Holder,
+    /// Lock-delay (DESIGN, contract point 8), for lease stores: after a lease of this key
+    /// is lost rather than released (it expired, was broken, or its session died), the
+    /// slot is not granted again for this long, so a stalled holder's in-flight work can
+    /// drain. Set when the request creates the key; an existing key keeps the delay it was
+    /// created with. `None` (or zero): no delay. Clean releases never wait.
+    pub lock_delay: Option<Duration>,
 }
 
 impl AcquireRequest {
@@ -40,6 +46,7 @@ impl AcquireRequest {
             wait: Wait::Forever,
             ttl: None,
             holder,
+            lock_delay: None,
         }
     }
 
@@ -100,6 +107,8 @@ pub struct Capabilities {
     pub resize: bool,
     /// Waiters are served first come, first served.
     pub fifo: bool,
+    /// A key can have a lock-delay ([`AcquireRequest::lock_delay`]).
+    pub lock_delay: bool,
     /// How soon a dead holder's slot comes back, in words, for `status` and docs.
     pub recovery: &'static str,
 }
@@ -140,6 +149,14 @@ pub struct SlotStatus {
     /// When it was granted, in ms since the Unix epoch, when held and known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since_unix_ms: Option<u64>,
+    /// When the lease was last renewed (its heartbeat), in ms since the Unix epoch, on
+    /// lease stores that record it. For display only: no decision is made from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed_unix_ms: Option<u64>,
+    /// When the lease expires unless renewed, in ms since the Unix epoch, as the store
+    /// estimates it (lease stores). For display only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_unix_ms: Option<u64>,
     /// Anything odd about the slot, in words (unreadable holder info, a stale record).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -154,6 +171,8 @@ impl SlotStatus {
             token: None,
             holder: None,
             since_unix_ms: None,
+            renewed_unix_ms: None,
+            expires_unix_ms: None,
             note: None,
         }
     }
@@ -211,6 +230,9 @@ pub struct KeyStatus {
     /// The last token granted, when the store can tell.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_token: Option<Token>,
+    /// The key's lock-delay in milliseconds, when it has one ([`AcquireRequest::lock_delay`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_delay_ms: Option<u64>,
 }
 
 impl KeyStatus {

@@ -607,6 +607,8 @@ impl Store for LeaseStore {
                     token: Some(r.token),
                     holder: Some(r.holder),
                     since_unix_ms: Some(r.acquired_unix_ms),
+                    renewed_unix_ms: None,
+                    expires_unix_ms: None,
                     note: Some("broken".into()),
                 });
             }
@@ -670,6 +672,7 @@ impl Store for LeaseStore {
             slots,
             waiters: None,
             last_token: Some(Token(listing.last_token())).filter(|t| t.0 > 0),
+            lock_delay_ms: None,
         })
     }
 

@@ -553,6 +553,7 @@ impl Store for DirStore {
             slots,
             waiters: None,
             last_token,
+            lock_delay_ms: None,
         })
     }
 

@@ -1224,6 +1224,8 @@ impl Inner {
                         token: u64::try_from(x.create_rev).ok().map(Token),
                         holder,
                         since_unix_ms: Some(x.value.acquired_unix_ms),
+                        renewed_unix_ms: None,
+                        expires_unix_ms: None,
                         note,
                     }
                 }
@@ -1237,6 +1239,8 @@ impl Inner {
                 token: u64::try_from(x.create_rev).ok().map(Token),
                 holder,
                 since_unix_ms: Some(x.value.acquired_unix_ms),
+                renewed_unix_ms: None,
+                expires_unix_ms: None,
                 note: Some(format!(
                     "above the limit of {limit} (the key was resized down): held until released"
                 )),
@@ -1264,6 +1268,7 @@ impl Inner {
                 .max()
                 .and_then(|r| u64::try_from(r).ok())
                 .map(Token),
+            lock_delay_ms: None,
         })
     }
 
@@ -1344,6 +1349,8 @@ impl Inner {
                 token: u64::try_from(s.create_rev).ok().map(Token),
                 holder: who,
                 since_unix_ms: Some(s.value.acquired_unix_ms),
+                renewed_unix_ms: None,
+                expires_unix_ms: None,
                 note: Some(if gone {
                     "freed by break; its holder's next renew answers lost".into()
                 } else {

@@ -1069,6 +1069,7 @@ impl Inner {
             slots,
             waiters: Some(u32::try_from(waiters).unwrap_or(u32::MAX)),
             last_token: Some(Token(last)),
+            lock_delay_ms: None,
         })
     }
 
@@ -1144,6 +1145,8 @@ impl Inner {
                             token: token.and_then(|t| u64::try_from(t).ok()).map(Token),
                             holder: json.and_then(|j| Holder::from_json(&j)),
                             since_unix_ms: since.filter(|s| *s >= 0.0).map(|s| s as u64),
+                            renewed_unix_ms: None,
+                            expires_unix_ms: None,
                             note: Some(if live == Some(true) {
                                 "freed by break; its holder's next renew answers lost".into()
                             } else {

@@ -902,6 +902,7 @@ impl Inner {
             slots,
             waiters: Some(u32::try_from(waiters).unwrap_or(u32::MAX)),
             last_token: Some(Token(view.last_token as u64)),
+            lock_delay_ms: None,
         })
     }
 
@@ -982,6 +983,8 @@ impl Inner {
                     token: Some(Token(l.token as u64)),
                     holder: Holder::from_json(&l.holder_json),
                     since_unix_ms: u64::try_from(l.acquired_ms).ok(),
+                    renewed_unix_ms: None,
+                    expires_unix_ms: None,
                     note: Some(if live {
                         "freed by break; its holder's next renew answers lost".into()
                     } else {

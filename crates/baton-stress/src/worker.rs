@@ -211,6 +211,7 @@ async fn acquire(ctx: &Ctx<'_>) -> Result<Result<Lease, (&'static str, String)>,
             .map_or(Wait::Forever, |ms| Wait::Timeout(Duration::from_millis(ms))),
         ttl: Some(Duration::from_millis(job.ttl_ms)),
         holder: ctx.holder.clone(),
+        lock_delay: None,
     };
     let t_request_ns = monotonic_ns();
     ctx.record(Event::Request {

@@ -78,10 +78,13 @@ impl Store for NoopStore {
                 token: None,
                 holder: None,
                 since_unix_ms: None,
+                renewed_unix_ms: None,
+                expires_unix_ms: None,
                 note: Some("the noop store holds nothing (testing only)".into()),
             }],
             waiters: None,
             last_token: None,
+            lock_delay_ms: None,
         })
     }
 
