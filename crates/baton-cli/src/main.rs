@@ -6,7 +6,6 @@
 
 mod barrier;
 mod brk;
-mod child;
 mod common;
 mod exit_code;
 mod fence;

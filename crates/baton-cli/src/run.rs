@@ -8,11 +8,17 @@
 //!   guarantees leaves nothing behind, and baton exits 128+N.
 //! - Once the command runs, the [`FORWARDED`](crate::signals::FORWARDED) signals go to its
 //!   process group, and baton's exit status is the command's (128+N for signal N).
-//! - On a lease store, a keeper on its own thread renews the lease every TTL/3. When it
-//!   declares the lease lost (before the store could grant it again), baton sends the
-//!   command's process group SIGTERM, then SIGKILL after `--kill-grace`, and exits
-//!   [`LEASE_LOST`](crate::exit_code::LEASE_LOST). What the command did meanwhile is only
-//!   safe if the resource it writes checks `BATON_TOKEN`.
+//! - The command runs under a supervisor ([`baton::supervisor`]) that keeps the slot until the
+//!   last process of the command's process group has exited, and stops that group if
+//!   baton dies — before a kernel lock is freed, and before a lease could be granted
+//!   again.
+//! - On a lease store, a keeper on its own thread renews the lease every TTL/3. The whole
+//!   process group must be dead by the keeper's deadline (`send_time + TTL × (1 − drift) −
+//!   margin`, before any re-grant): SIGTERM goes out at that deadline less `--kill-grace`
+//!   less a reaping reserve, SIGKILL at the deadline less the reserve, and baton exits
+//!   [`LEASE_LOST`](crate::exit_code::LEASE_LOST). A grace that does not fit in the TTL is
+//!   a usage error. What the command did meanwhile is only safe if the resource it writes
+//!   checks `BATON_TOKEN`.
 
 use std::ffi::OsString;
 use std::sync::Arc;
@@ -24,11 +30,12 @@ use baton::{
 };
 use clap::Args as ClapArgs;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
 
-use crate::child::{Child, Exit, Tty};
 use crate::common::{eprint_line, open_store, runtime, Failure};
 use crate::exit_code;
 use crate::signals::{self, Signals};
+use baton::supervisor::{Child, Exit, StopPolicy, Supervisor, Tty};
 
 /// Options of `baton run`.
 #[derive(Debug, ClapArgs)]
@@ -57,15 +64,18 @@ pub struct Args {
     pub conflict_exit_code: Option<u8>,
 
     /// Lease stores: the lease's time to live. baton renews it every TTL/3 while the
-    /// command runs; if it cannot, it stops the command before the lease could be granted
-    /// to anyone else. Default: the store's (30s for dir:PATH?mode=lease). Kernel-lock
-    /// stores (dir:PATH) ignore it: their locks last exactly as long as baton.
+    /// command runs; if it cannot, the command's whole process group is dead (SIGTERM,
+    /// then SIGKILL after --kill-grace, reaped) before the lease could be granted to
+    /// anyone else. Default: 30s. Kernel-lock stores (dir:PATH) ignore it: their locks
+    /// last as long as baton or the command's process group, whichever is longer.
     #[arg(long, value_name = "DURATION")]
     pub ttl: Option<String>,
 
-    /// When the lease is lost: how long the command has between SIGTERM and SIGKILL.
-    #[arg(long, value_name = "DURATION", default_value = "10s")]
-    pub kill_grace: String,
+    /// How long the command has between SIGTERM and SIGKILL when it must stop (the lease
+    /// is being lost, or baton died). On a lease store it must fit in the TTL (at most
+    /// about TTL/2 − TTL/10); default 10s, or the largest that fits a shorter TTL.
+    #[arg(long, value_name = "DURATION")]
+    pub kill_grace: Option<String>,
 
     /// Print the key, and the slot and token when granted, to stderr.
     #[arg(short = 'v', long)]
@@ -110,8 +120,8 @@ pub fn run(store: Option<&str>, args: Args) -> Result<u8, Failure> {
         },
         None => None,
     };
-    let grace = parse_duration(&args.kill_grace).map_err(Failure::usage)?;
     let store = open_store(store)?;
+    let grace = kill_grace(args.kill_grace.as_deref(), ttl, store.capabilities().renew)?;
     if args.verbose {
         eprint_line(&format!("key {key}"));
         if ttl.is_some() && !store.capabilities().renew {
@@ -123,6 +133,79 @@ pub fn run(store: Option<&str>, args: Args) -> Result<u8, Failure> {
     }
     let opts = Options { wait, ttl, grace };
     runtime()?.block_on(hold_and_run(store, key, opts, &args))
+}
+
+/// The default `--kill-grace`.
+const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
+/// The TTL `baton run` checks a grace against when `--ttl` is not given (every store's
+/// default).
+const DEFAULT_TTL: Duration = Duration::from_secs(30);
+
+/// The stop lead a keeper gets for `grace`: SIGTERM goes out this long before the
+/// deadline, SIGKILL `reserve` before it.
+fn stop_lead(config: &KeeperConfig, grace: Duration) -> Duration {
+    grace + config.kill_reserve()
+}
+
+/// The largest grace that fits `ttl`.
+fn max_grace(ttl: Duration) -> Duration {
+    let c = KeeperConfig::for_ttl(ttl);
+    c.max_stop_lead().saturating_sub(c.kill_reserve())
+}
+
+/// The smallest TTL (to the millisecond) that `grace` fits.
+fn min_ttl_for(grace: Duration) -> Option<Duration> {
+    let (mut lo, mut hi) = (1u64, 1u64 << 40);
+    if max_grace(Duration::from_millis(hi)) < grace {
+        return None;
+    }
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if max_grace(Duration::from_millis(mid)) >= grace {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Some(Duration::from_millis(lo))
+}
+
+/// `--kill-grace`, checked against the TTL on a lease store: an explicit grace that does
+/// not fit is a usage error naming the largest that fits and the smallest TTL for it; the
+/// default shrinks to fit.
+fn kill_grace(
+    text: Option<&str>,
+    ttl: Option<Duration>,
+    lease_store: bool,
+) -> Result<Duration, Failure> {
+    let ttl = ttl.unwrap_or(DEFAULT_TTL);
+    let Some(text) = text else {
+        return Ok(if lease_store {
+            DEFAULT_GRACE.min(max_grace(ttl))
+        } else {
+            DEFAULT_GRACE
+        });
+    };
+    let grace = parse_duration(text).map_err(Failure::usage)?;
+    if lease_store && grace > max_grace(ttl) {
+        let smallest = min_ttl_for(grace)
+            .map(|t| {
+                format!(
+                    ", or a --ttl of at least {} for this grace",
+                    format_duration(t)
+                )
+            })
+            .unwrap_or_default();
+        return Err(Failure::usage(format!(
+            "--kill-grace {text} does not fit in a {} lease: the command must be dead before \
+             the lease could be granted again, and renewals need half the TTL; the largest \
+             grace for this TTL is {}{smallest}",
+            format_duration(ttl),
+            format_duration(max_grace(ttl)),
+        )));
+    }
+    Ok(grace)
 }
 
 /// What `run` parsed from its duration options.
@@ -146,10 +229,48 @@ async fn hold_and_run(
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    let mut request = store
-        .lock(key.clone())
-        .limit(args.slots)
-        .holder(Holder::current(command));
+    let mut holder = Holder::current(command);
+    // The supervisor comes first, so that the holder record names it: a store that judges
+    // a holder dead by its process then sees it alive while the command's group runs.
+    // Catch SIGCHLD before it exists, so its exit cannot go unnoticed.
+    let sigchld = signal(SignalKind::child())
+        .map_err(|e| Failure::new(exit_code::FAILURE, format!("cannot catch SIGCHLD: {e}")))?;
+    let tty = Tty::foreground();
+    let env = [
+        ("BATON_KEY", key.to_string()),
+        ("BATON_HOLDER", holder.id.to_string()),
+        // Display redacts secrets; the child never sees a password.
+        ("BATON_STORE", store.url().to_string()),
+    ];
+    let reserve = if store.capabilities().renew {
+        KeeperConfig::for_ttl(opts.ttl.unwrap_or(DEFAULT_TTL)).kill_reserve()
+    } else {
+        Duration::ZERO
+    };
+    let policy = StopPolicy {
+        grace: opts.grace,
+        reserve,
+    };
+    let launch = Launch {
+        env,
+        policy,
+        tty,
+        verbose: args.verbose,
+    };
+    // On a lease store the supervisor is started before the acquire, so that the holder
+    // record names it. On a kernel-lock store it is started after the grant, so that it
+    // inherits the locked slot file: the kernel then frees the lock only when the
+    // supervisor exits, after the whole group.
+    let early = if store.capabilities().renew {
+        let s = launch
+            .start(&args.command)
+            .map_err(|e| exec_failure(&args.command[0], &e))?;
+        holder.supervisor = s.process();
+        Some(s)
+    } else {
+        None
+    };
+    let mut request = store.lock(key.clone()).limit(args.slots).holder(holder);
     if let Some(ttl) = opts.ttl {
         request = request.ttl(ttl);
     }
@@ -197,19 +318,31 @@ async fn hold_and_run(
         return Ok(exit_code::for_signal(sig));
     }
     announce(&guard, &store, args);
-    let keeper = keep(&guard, &store, sent_at)?;
+    let keeper = match keep(&guard, &store, sent_at, opts.grace) {
+        Ok(k) => k,
+        Err(failure) => {
+            release(guard).await;
+            return Err(failure);
+        }
+    };
+    let started = Started {
+        early,
+        launch,
+        sigchld,
+    };
     let code = supervise(
         &guard,
-        &store,
+        started,
         args,
         &mut signals,
         keeper.as_ref(),
         opts.grace,
     )
     .await;
-    let lost = keeper
-        .as_ref()
-        .is_some_and(|k| matches!(k.state(), LeaseState::Lost { .. }));
+    let lost = matches!(code, Ok(exit_code::LEASE_LOST))
+        || keeper
+            .as_ref()
+            .is_some_and(|k| matches!(k.state(), LeaseState::Lost { .. }));
     if let Some(keeper) = keeper {
         keeper.stop();
     }
@@ -227,15 +360,27 @@ fn keep(
     guard: &LeaseGuard,
     store: &Arc<dyn Store>,
     sent_at: Instant,
+    grace: Duration,
 ) -> Result<Option<Keeper>, Failure> {
     let lease = guard.lease();
     let (true, Some(ttl)) = (store.capabilities().renew, lease.ttl) else {
         return Ok(None);
     };
+    let config = KeeperConfig::for_ttl(ttl);
+    if grace > max_grace(ttl) {
+        // The store granted another TTL than the one the grace was checked against.
+        let why = format!(
+            "the store granted a {} lease, too short for a kill grace of {} (at most {})",
+            format_duration(ttl),
+            format_duration(grace),
+            format_duration(max_grace(ttl))
+        );
+        return Err(Failure::usage(why));
+    }
     Keeper::start(
         store.clone(),
         lease.clone(),
-        KeeperConfig::for_ttl(ttl),
+        config.with_stop_lead(stop_lead(&config, grace)),
         sent_at,
     )
     .map(Some)
@@ -266,30 +411,60 @@ fn announce(guard: &LeaseGuard, store: &Arc<dyn Store>, args: &Args) {
     }
 }
 
-/// Starts the command, forwards signals to it until it exits, and returns its status.
+/// How the command's supervisor is started.
+struct Launch {
+    env: [(&'static str, String); 3],
+    policy: StopPolicy,
+    tty: Option<Tty>,
+    verbose: bool,
+}
+
+impl Launch {
+    /// Forks the supervisor (main thread only: job control needs it there).
+    fn start(&self, command: &[OsString]) -> std::io::Result<Supervisor> {
+        Supervisor::start(
+            command,
+            &self.env,
+            &["BATON_TOKEN", "BATON_SLOT"],
+            self.tty,
+            self.policy,
+            self.verbose,
+        )
+    }
+}
+
+/// The supervisor if it was started before the grant, how to start it otherwise, and
+/// what watches it.
+struct Started {
+    early: Option<Supervisor>,
+    launch: Launch,
+    sigchld: tokio::signal::unix::Signal,
+}
+
+/// Starts the command under its supervisor, forwards signals to its process group and
+/// the keeper's deadlines to the supervisor until the group is gone, and returns the
+/// command's status.
 async fn supervise(
     guard: &LeaseGuard,
-    store: &Arc<dyn Store>,
+    started: Started,
     args: &Args,
     signals: &mut Signals,
     keeper: Option<&Keeper>,
     grace: Duration,
 ) -> Result<u8, Failure> {
     let lease = guard.lease();
-    let env = [
-        ("BATON_KEY", lease.key.to_string()),
-        ("BATON_TOKEN", lease.token.to_string()),
-        ("BATON_SLOT", lease.slot.to_string()),
-        ("BATON_HOLDER", lease.holder.id.to_string()),
-        // Display redacts secrets; the child never sees a password.
-        ("BATON_STORE", store.url().to_string()),
-    ];
-    // Catch SIGCHLD before the child exists, so its exit cannot go unnoticed.
-    let mut sigchld = signal(SignalKind::child())
-        .map_err(|e| Failure::new(exit_code::FAILURE, format!("cannot catch SIGCHLD: {e}")))?;
-    let tty = Tty::foreground();
-    // This runs on the main thread (current-thread runtime): see child.rs on PDEATHSIG.
-    let mut child = match Child::spawn(&args.command, &env, tty) {
+    let Started {
+        early,
+        launch,
+        mut sigchld,
+    } = started;
+    let tty = launch.tty;
+    let supervisor = match early {
+        Some(s) => Ok(s),
+        None => launch.start(&args.command),
+    };
+    let run = supervisor.and_then(|s| s.run(&[lease.token.0, u64::from(lease.slot)]));
+    let mut child = match run {
         Ok(child) => child,
         Err(err) => {
             if let Some(tty) = tty {
@@ -298,6 +473,13 @@ async fn supervise(
             return Err(exec_failure(&args.command[0], &err));
         }
     };
+    let mut state = keeper.map(Keeper::watch);
+    let mut lost_reason: Option<String> = None;
+    if let Some(LeaseState::Held { deadline }) =
+        state.as_mut().map(|w| w.borrow_and_update().clone())
+    {
+        child.deadline(deadline);
+    }
     let exit = loop {
         if let Some(exit) = reap(&mut child)? {
             break exit;
@@ -314,28 +496,51 @@ async fn supervise(
                 }
                 child.forward(sig);
             }
-            state = lost(keeper) => {
-                let reason = match state {
-                    LeaseState::Lost { reason, .. } => reason,
-                    other => format!("{other:?}"),
-                };
-                eprint_line(&format!(
-                    "lease on '{}' lost ({reason}); stopping the command: SIGTERM now, SIGKILL after {}",
-                    lease.key,
-                    format_duration(grace)
-                ));
-                stop_child(&mut child, &mut sigchld, signals, grace).await?;
-                return Ok(exit_code::LEASE_LOST);
-            }
+            changed = changed(state.as_mut()), if lost_reason.is_none() => match changed {
+                Some(LeaseState::Held { deadline }) => child.deadline(deadline),
+                Some(LeaseState::Lost { reason, .. }) => {
+                    eprint_line(&format!(
+                        "lease on '{}' lost ({reason}); stopping the command's process group: \
+                         SIGTERM now, SIGKILL after {}",
+                        lease.key,
+                        format_duration(grace)
+                    ));
+                    child.stop_now();
+                    lost_reason = Some(reason);
+                }
+                // Stopped, or the keeper is gone: nothing more will come.
+                _ => state = None,
+            },
         }
     };
+    // Lost, also when baton was paused past the deadline (the supervisor then stopped
+    // the group on its own, before the keeper could say so).
+    let expired = keeper.is_some_and(|k| {
+        child.was_stopped()
+            || match k.state() {
+                LeaseState::Lost { .. } => true,
+                LeaseState::Held { deadline } => Instant::now() >= deadline,
+                LeaseState::Stopped => false,
+            }
+    });
+    if lost_reason.is_some() || expired {
+        if lost_reason.is_none() {
+            eprint_line(&format!(
+                "lease on '{}' lost: its deadline passed while baton could not act; the \
+                 command's process group was stopped by then",
+                lease.key
+            ));
+        }
+        return Ok(exit_code::LEASE_LOST);
+    }
     Ok(match exit {
         Exit::Code(code) => code,
         Exit::Signal(sig) => exit_code::for_signal(sig),
     })
 }
 
-/// The command's exit, once it has exited; a failure to wait is baton's failure.
+/// The command's exit, once its whole process group is gone; a failure to wait is
+/// baton's failure.
 fn reap(child: &mut Child) -> Result<Option<Exit>, Failure> {
     child.try_wait().map_err(|err| {
         Failure::new(
@@ -345,36 +550,14 @@ fn reap(child: &mut Child) -> Result<Option<Exit>, Failure> {
     })
 }
 
-/// Resolves when the keeper declares the lease lost; never without a keeper.
-async fn lost(keeper: Option<&Keeper>) -> LeaseState {
-    match keeper {
-        Some(k) => k.lost().await,
+/// The keeper's next state change; never without a keeper.
+async fn changed(state: Option<&mut watch::Receiver<LeaseState>>) -> Option<LeaseState> {
+    match state {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(rx.borrow_and_update().clone()),
+            Err(_) => None,
+        },
         None => std::future::pending().await,
-    }
-}
-
-/// SIGTERM to the command's group, SIGKILL after `grace`, and wait until it has exited.
-async fn stop_child(
-    child: &mut Child,
-    sigchld: &mut tokio::signal::unix::Signal,
-    signals: &mut Signals,
-    grace: Duration,
-) -> Result<(), Failure> {
-    child.forward(libc::SIGTERM);
-    let kill_at = tokio::time::Instant::now() + grace;
-    let mut killed = false;
-    loop {
-        if reap(child)?.is_some() {
-            return Ok(());
-        }
-        tokio::select! {
-            _ = sigchld.recv() => {}
-            sig = signals.recv() => child.forward(sig),
-            _ = tokio::time::sleep_until(kill_at), if !killed => {
-                child.forward(libc::SIGKILL);
-                killed = true;
-            }
-        }
     }
 }
 

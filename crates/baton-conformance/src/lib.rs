@@ -57,6 +57,7 @@
 mod barrier;
 mod clock;
 mod fence;
+mod group;
 pub mod history;
 mod lease;
 mod network;
@@ -77,6 +78,7 @@ use baton_core::{Key, Result, Store, StoreUrl};
 
 pub use barrier::*;
 pub use clock::{instant_ns, monotonic_ns};
+pub use group::*;
 pub use lease::*;
 pub use network::*;
 pub use properties::*;
@@ -357,6 +359,7 @@ macro_rules! lease_suite {
             break_frees_and_holder_learns,
             resize_never_evicts,
             garbage_is_a_clear_error,
+            stopping_group_is_dead_before_regrant,
         );
     };
 }
@@ -376,6 +379,7 @@ macro_rules! network_suite {
             break_frees_and_holder_learns,
             resize_never_evicts,
             garbage_is_a_clear_error,
+            stopping_group_is_dead_before_regrant,
             partition_loses_before_regrant,
         );
     };

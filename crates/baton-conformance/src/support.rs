@@ -255,6 +255,8 @@ impl<'h> Lab<'h> {
             after_loss: keep.after_loss,
             marks: keep.marks,
             child: keep.child,
+            child_script: keep.child_script,
+            grace_ms: u64::try_from(keep.grace.as_millis()).unwrap_or(u64::MAX),
         };
         let ttl = Some(self.lease_timing().ttl);
         let url = keep.url.unwrap_or_else(|| self.h.url().to_owned());
@@ -410,8 +412,12 @@ pub(crate) struct Keep {
     pub marks: Vec<PathBuf>,
     /// Extra environment for the worker process.
     pub env: Vec<(String, String)>,
-    /// Run a child while holding and kill it on a loss (see [`Task::Keep`]).
+    /// Run a child while holding and stop it on a loss (see [`Task::Keep`]).
     pub child: bool,
+    /// The child's shell script (default `exec sleep 3600`).
+    pub child_script: Option<String>,
+    /// The child's kill grace.
+    pub grace: Duration,
     /// Open the store at this URL instead of the harness's (through a fault proxy).
     pub url: Option<String>,
 }

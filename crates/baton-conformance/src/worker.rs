@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
+use baton_core::supervisor::{self, StopPolicy};
 use baton_core::{
     AcquireRequest, Capabilities, Holder, HolderId, Keeper, KeeperConfig, Key, KeyStatus, Lease,
     LeaseState, Released, SlotStatus, Store, StoreUrl, Wait,
@@ -84,11 +85,18 @@ pub enum Task {
         after_loss: Option<PathBuf>,
         /// Files the test creates one after another to ask for a wall-clock reading.
         marks: Vec<PathBuf>,
-        /// Run a child process (`sleep`) while holding, as `baton run` does, and kill it
-        /// when the lease is lost; the child's death (after it is reaped) is recorded as
-        /// `killed` with the child's pid.
+        /// Run a child process while holding, under the same supervisor `baton run` uses
+        /// ([`baton_core::supervisor`]): its process group is stopped (SIGTERM, SIGKILL
+        /// after `grace_ms`) by the keeper's deadline, and at once if the lease is lost.
+        /// When the whole group is gone, `killed` is recorded with the child's pid.
         #[serde(default)]
         child: bool,
+        /// The child's shell script (`sh -c`); default `exec sleep 3600`.
+        #[serde(default)]
+        child_script: Option<String>,
+        /// The child's kill grace, in milliseconds.
+        #[serde(default)]
+        grace_ms: u64,
     },
     /// Wait until `start` exists, then acquire (waiting up to 5 s) and release the key
     /// over and over, holding each lease up to `max_hold_us` microseconds, until `stop`
@@ -175,6 +183,8 @@ async fn run(open: OpenFn, job: &Job) -> Result<(), String> {
         after_loss,
         marks,
         child,
+        child_script,
+        grace_ms,
     } = &job.task
     {
         let signals = KeepSignals {
@@ -182,7 +192,12 @@ async fn run(open: OpenFn, job: &Job) -> Result<(), String> {
             fence: fence.as_deref(),
             after_loss: after_loss.as_deref(),
             marks,
-            child: *child,
+            child: child.then(|| {
+                (
+                    child_script.as_deref().unwrap_or("exec sleep 3600"),
+                    Duration::from_millis(*grace_ms),
+                )
+            }),
         };
         return keep(store, job, &rec, holder, signals).await;
     }
@@ -289,7 +304,8 @@ struct KeepSignals<'a> {
     fence: Option<&'a Path>,
     after_loss: Option<&'a Path>,
     marks: &'a [PathBuf],
-    child: bool,
+    /// The child's script and kill grace.
+    child: Option<(&'a str, Duration)>,
 }
 
 /// Releases `lease`, recording `release` just before the call (so an overlap the checker
@@ -340,7 +356,7 @@ async fn keep(
     store: Arc<dyn Store>,
     job: &Job,
     rec: &Recorder,
-    holder: Holder,
+    mut holder: Holder,
     signals: KeepSignals<'_>,
 ) -> Result<(), String> {
     let record = |event: Event| {
@@ -350,6 +366,24 @@ async fn keep(
     let pid = std::process::id();
     record(clock_event(pid))?;
     let ttl = Duration::from_millis(job.ttl_ms.ok_or("a keep task needs a TTL")?);
+    let config = KeeperConfig::for_ttl(ttl);
+    // As `baton run` does: the child's supervisor exists before the acquire, so that the
+    // holder record names it.
+    let supervisor = match signals.child {
+        Some((script, grace)) => {
+            let argv = ["sh".into(), "-c".into(), script.into()];
+            let policy = StopPolicy {
+                grace,
+                reserve: config.kill_reserve(),
+            };
+            let s =
+                supervisor::Supervisor::start(&argv, &[], &["BATON_TOKEN"], None, policy, false)
+                    .map_err(|e| format!("cannot start the child's supervisor: {e}"))?;
+            holder.supervisor = s.process();
+            Some(s)
+        }
+        None => None,
+    };
     let req = AcquireRequest {
         key: job.key.clone(),
         limit: job.limit,
@@ -378,10 +412,11 @@ async fn keep(
 
     let recording: Arc<dyn Store> =
         Arc::new(RecordingStore::new(Arc::clone(&store), &job.history)?);
+    let grace = signals.child.map(|(_, g)| g).unwrap_or_default();
     let keeper = Keeper::start(
         Arc::clone(&recording),
         lease.clone(),
-        KeeperConfig::for_ttl(ttl),
+        config.with_stop_lead(grace + config.kill_reserve()),
         sent,
     )
     .map_err(|e| format!("cannot start a keeper: {e:#}"))?;
@@ -407,25 +442,36 @@ async fn keep(
         }
     }
 
-    let mut child = match signals.child {
-        true => Some(
-            std::process::Command::new("sleep")
-                .arg("3600")
-                .spawn()
-                .map_err(|e| format!("cannot start the child: {e}"))?,
-        ),
-        false => None,
+    let mut child = match supervisor {
+        Some(s) => {
+            let c = s
+                .run(&[lease.token.0])
+                .map_err(|e| format!("cannot start the child: {e}"))?;
+            if let LeaseState::Held { deadline } = keeper.state() {
+                c.deadline(deadline);
+            }
+            Some(c)
+        }
+        None => None,
     };
     let mut marks = signals.marks.iter();
     let mut mark = marks.next();
+    let mut told: Option<std::time::Instant> = None;
     let lost = loop {
         if mark.is_some_and(|p| p.exists()) {
             record(clock_event(pid))?;
             mark = marks.next();
             continue;
         }
-        if matches!(keeper.state(), LeaseState::Lost { .. }) {
-            break true;
+        match keeper.state() {
+            LeaseState::Lost { .. } => break true,
+            LeaseState::Held { deadline } if told != Some(deadline) => {
+                if let Some(c) = &child {
+                    c.deadline(deadline);
+                }
+                told = Some(deadline);
+            }
+            _ => {}
         }
         if signals.release.exists() {
             break false;
@@ -433,11 +479,19 @@ async fn keep(
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     if let Some(mut c) = child.take() {
-        // As `baton run` does on a loss (with no grace): kill, reap, then it is dead.
-        let _ = c.kill();
-        let _ = c.wait();
+        // As `baton run` does: stop the group (on a loss) or wait for it to end (the
+        // release signal also ends the child: it is asked to stop the same way), then it
+        // is all dead and reaped.
+        c.stop_now();
+        loop {
+            match c.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) => tokio::time::sleep(Duration::from_millis(2)).await,
+                Err(e) => return Err(format!("cannot wait for the child: {e}")),
+            }
+        }
         record(Event::Killed {
-            pid: c.id(),
+            pid: u32::try_from(c.pid()).unwrap_or(0),
             t_ns: monotonic_ns(),
         })?;
     }

@@ -96,6 +96,20 @@ pub struct Holder {
     pub command: Vec<String>,
     /// When the holder started, in milliseconds since the Unix epoch (display only).
     pub started_unix_ms: u64,
+    /// The supervisor of the holder's command ([`crate::supervisor`]), on the holder's
+    /// host: pid and start time. It outlives the holder process only while the command's
+    /// process group still runs, so the holder counts as alive while either lives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisor: Option<ProcessRef>,
+}
+
+/// A process on the holder's host: its pid and start time (clock ticks after boot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRef {
+    /// Process id.
+    pub pid: u32,
+    /// Start time in clock ticks after boot (`/proc/PID/stat` field 22).
+    pub start: u64,
 }
 
 /// Whether a holder's process is alive, judged on this host.
@@ -136,15 +150,18 @@ impl Holder {
             user: user_name(),
             command,
             started_unix_ms: unix_ms(SystemTime::now()),
+            supervisor: None,
         }
     }
 
-    /// Whether this holder's process is still alive, as far as this host can tell.
+    /// Whether this holder's process — or the supervisor of its command, which outlives
+    /// it only while the command's process group runs — is still alive, as far as this
+    /// host can tell.
     ///
     /// `Dead` is only ever a positive finding: same host and boot, and `/proc/PID` is gone
-    /// or shows another start time. Any failure to look (a full file table, memory
-    /// pressure, a hidden /proc) is `Unknown`, never `Dead`: a slot is never freed on a
-    /// guess.
+    /// or shows another start time, for the holder and for its supervisor. Any failure to
+    /// look (a full file table, memory pressure, a hidden /proc) is `Unknown`, never
+    /// `Dead`: a slot is never freed on a guess.
     pub fn liveness(&self) -> Liveness {
         if self.host != hostname() || self.boot_id.is_none() || self.boot_id != boot_id() {
             return Liveness::Unknown;
@@ -152,11 +169,12 @@ impl Holder {
         let Some(want) = self.pid_start else {
             return Liveness::Unknown;
         };
-        match read_pid_start(self.pid) {
-            Ok(have) if have == want => Liveness::Alive,
-            Ok(_) => Liveness::Dead,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Liveness::Dead,
-            Err(_) => Liveness::Unknown,
+        match process_liveness(self.pid, want) {
+            Liveness::Dead => match self.supervisor {
+                Some(s) => process_liveness(s.pid, s.start),
+                None => Liveness::Dead,
+            },
+            other => other,
         }
     }
 
@@ -186,6 +204,16 @@ pub fn hostname() -> String {
 /// cannot be read.
 pub fn pid_start_ticks(pid: u32) -> Option<u64> {
     read_pid_start(pid).ok()
+}
+
+/// Whether process `pid` that started at `start` runs on this host (same boot assumed).
+fn process_liveness(pid: u32, start: u64) -> Liveness {
+    match read_pid_start(pid) {
+        Ok(have) if have == start => Liveness::Alive,
+        Ok(_) => Liveness::Dead,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Liveness::Dead,
+        Err(_) => Liveness::Unknown,
+    }
 }
 
 /// The start time of process `pid`; `NotFound` only when the process does not exist.
@@ -265,6 +293,18 @@ mod tests {
         let mut gone = me.clone();
         gone.pid = u32::MAX - 1; // above any pid_max: no such process
         assert_eq!(gone.liveness(), Liveness::Dead);
+        // A gone holder whose command's supervisor (here: this process) still runs is alive.
+        let mut supervised = gone.clone();
+        supervised.supervisor = Some(ProcessRef {
+            pid: me.pid,
+            start: me.pid_start.expect("start"),
+        });
+        assert_eq!(supervised.liveness(), Liveness::Alive);
+        supervised.supervisor = Some(ProcessRef {
+            pid: u32::MAX - 1,
+            start: 1,
+        });
+        assert_eq!(supervised.liveness(), Liveness::Dead);
     }
 
     #[test]

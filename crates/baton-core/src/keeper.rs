@@ -15,6 +15,9 @@
 //! - Loss is declared at the deadline even if a renewal is still in flight (a hung
 //!   connection cannot postpone it), and at once when the store answers `Lost` or
 //!   `NotHeld`. Once lost, a lease never becomes held again.
+//! - With a stop lead ([`KeeperConfig::with_stop_lead`]), loss is declared that much
+//!   before the deadline, so a holder whose work takes time to stop (a command given
+//!   SIGTERM and a grace before SIGKILL) is stopped *by* the deadline, not from it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +36,11 @@ pub struct KeeperConfig {
     pub drift: f64,
     /// Safety margin subtracted from every deadline (scheduling delay, signal delivery).
     pub margin: Duration,
+    /// How long before the deadline the keeper declares the lease lost, so that the
+    /// holder's work can be stopped in that time and be over by the deadline (for
+    /// `baton run`: the kill grace plus [`KILL_RESERVE`](KeeperConfig::kill_reserve)).
+    /// Zero by default.
+    pub stop_lead: Duration,
 }
 
 impl KeeperConfig {
@@ -42,23 +50,53 @@ impl KeeperConfig {
             ttl,
             drift: 0.01,
             margin: (ttl / 10).min(Duration::from_secs(1)),
+            stop_lead: Duration::ZERO,
         }
     }
 
-    /// How long after `send_time` the lease must be considered lost.
+    /// The same timing with loss declared `lead` before the deadline. A lead above
+    /// [`KeeperConfig::max_stop_lead`] would declare loss before a renewal could land;
+    /// callers check it first (`baton run` refuses such a `--kill-grace`).
+    pub fn with_stop_lead(mut self, lead: Duration) -> KeeperConfig {
+        self.stop_lead = lead;
+        self
+    }
+
+    /// How long after `send_time` the holder must be done: its work stopped, before the
+    /// store could grant the slot again.
     pub fn validity(&self) -> Duration {
         self.ttl
             .mul_f64((1.0 - self.drift).clamp(0.0, 1.0))
             .saturating_sub(self.margin)
+    }
+
+    /// How long after `send_time` the keeper declares loss: the validity less the stop
+    /// lead.
+    pub fn stop_after(&self) -> Duration {
+        self.validity().saturating_sub(self.stop_lead)
+    }
+
+    /// The largest stop lead that still leaves half the TTL after each renewal's send
+    /// time for the next renewal (sent at TTL/3) to be answered.
+    pub fn max_stop_lead(&self) -> Duration {
+        self.validity().saturating_sub(self.ttl / 2)
+    }
+
+    /// The time a killed process group is given to be reaped between SIGKILL and the
+    /// deadline: TTL/20, at most 250 ms.
+    pub fn kill_reserve(&self) -> Duration {
+        (self.ttl / 20).min(Duration::from_millis(250))
     }
 }
 
 /// A lease's state as the keeper sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LeaseState {
-    /// Held; the keeper will declare it lost at this instant unless renewed first.
+    /// Held; the keeper will declare it lost at `deadline - stop_lead` unless renewed
+    /// first.
     Held {
-        /// The local deadline on the monotonic clock.
+        /// The instant by which the holder must be done, on the monotonic clock
+        /// (`send_time + validity`).
         deadline: Instant,
     },
     /// Lost, with why. Final.
@@ -184,11 +222,13 @@ async fn keep(
         at: Instant::now(),
         reason,
     };
+    // When loss is declared: the stop lead before the deadline.
+    let stop_at = |deadline: Instant| deadline.checked_sub(config.stop_lead).unwrap_or(deadline);
     loop {
         // Wait for the next renewal, the deadline, or a stop.
         tokio::select! {
             _ = &mut stop => { let _ = tx.send(LeaseState::Stopped); return; }
-            _ = tokio::time::sleep_until(deadline.into()) => {
+            _ = tokio::time::sleep_until(stop_at(deadline).into()) => {
                 let why = match &last_error {
                     Some(e) => format!("could not renew the lease before its deadline: {e}"),
                     None => "could not renew the lease before its deadline".into(),
@@ -206,7 +246,7 @@ async fn keep(
         });
         let outcome = tokio::select! {
             _ = &mut stop => { let _ = tx.send(LeaseState::Stopped); return; }
-            _ = tokio::time::sleep_until(deadline.into()) => {
+            _ = tokio::time::sleep_until(stop_at(deadline).into()) => {
                 renewal.abort();
                 let _ = tx.send(lost("the store did not answer a renewal before the lease's deadline".into()));
                 return;
@@ -357,6 +397,45 @@ mod tests {
         };
         assert!(at >= sent + cfg.validity(), "never before the deadline");
         assert!(reason.contains("deadline"), "{reason}");
+    }
+
+    #[test]
+    fn a_stop_lead_moves_loss_earlier_within_bounds() {
+        let c = KeeperConfig::for_ttl(Duration::from_secs(30));
+        assert_eq!(c.max_stop_lead(), Duration::from_millis(13_700));
+        assert_eq!(c.kill_reserve(), Duration::from_millis(250));
+        let led = c.with_stop_lead(Duration::from_secs(10));
+        assert_eq!(
+            led.validity(),
+            c.validity(),
+            "the deadline itself does not move"
+        );
+        assert_eq!(led.stop_after(), Duration::from_millis(18_700));
+        assert_eq!(c.stop_after(), c.validity());
+    }
+
+    #[tokio::test]
+    async fn with_a_stop_lead_a_hung_renewal_is_declared_lost_that_much_earlier() {
+        let (store, lease) = setup(Renew::Hang);
+        let cfg = KeeperConfig::for_ttl(Duration::from_secs(3))
+            .with_stop_lead(Duration::from_millis(1000));
+        let sent = Instant::now();
+        let keeper = Keeper::start(store, lease, cfg, sent).expect("start");
+        let LeaseState::Held { deadline } = keeper.state() else {
+            panic!("{:?}", keeper.state())
+        };
+        assert_eq!(
+            deadline,
+            sent + cfg.validity(),
+            "Held names the deadline itself"
+        );
+        let LeaseState::Lost { at, .. } = keeper.lost().await else {
+            panic!("expected Lost, got {:?}", keeper.state())
+        };
+        assert!(
+            at >= sent + cfg.stop_after(),
+            "never before deadline - lead"
+        );
     }
 
     #[tokio::test]

@@ -16,6 +16,8 @@
 //! - `fence` (feature `fence-sqlite`): the fence helper that makes a SQLite resource
 //!   reject writes from holders that lost the lock;
 //! - [`barrier`](mod@barrier): a reusable barrier of N parties over any store that has one;
+//! - [`supervisor`](mod@supervisor): runs a command under a supervisor that keeps its
+//!   whole process group from outliving the lease (used by `baton run`);
 //! - [`parse_duration`]: `500ms`, `2s`, `1m30s`.
 
 pub mod barrier;
@@ -30,12 +32,13 @@ mod key;
 pub mod leader;
 mod lease;
 mod store;
+pub mod supervisor;
 mod url;
 
 pub use duration::{format_duration, parse_duration};
 pub use error::{Error, ErrorKind, Op, Result};
 pub use guard::{LeaseGuard, LockRequest, StoreExt};
-pub use holder::{boot_id, hostname, pid_start_ticks, Holder, HolderId, Liveness};
+pub use holder::{boot_id, hostname, pid_start_ticks, Holder, HolderId, Liveness, ProcessRef};
 pub use keeper::{Keeper, KeeperConfig, LeaseState};
 pub use key::{derive_key, Key, MAX_KEY_LEN};
 pub use leader::{campaign, leader, observe, Leader, Leadership};

@@ -46,7 +46,7 @@ fn a_broken_lease_stops_the_command_and_exits_76() {
             "--ttl",
             "600ms",
             "--kill-grace",
-            "2s",
+            "200ms",
             "-k",
             "k",
             "--",

@@ -2,6 +2,7 @@
 
 mod barrier;
 mod fence;
+mod group;
 mod hostile;
 mod leader;
 mod lease;
