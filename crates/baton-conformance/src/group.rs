@@ -41,7 +41,7 @@ enum Fault {
 /// A child whose group is slow to stop: the shell traps SIGTERM and takes half the grace
 /// to exit; one grandchild ignores SIGTERM (only SIGKILL ends it); another is an ordinary
 /// background process. Each writes its pid (and the shell its own) to `pids`.
-fn stubborn_script(pids: &Path, half_grace: Duration) -> String {
+pub(crate) fn stubborn_script(pids: &Path, half_grace: Duration) -> String {
     let p = pids.display();
     let half = half_grace.as_secs_f64();
     format!(
@@ -76,6 +76,12 @@ async fn group_of(pids: &Path, holder: &mut Worker) -> Vec<(u32, Option<u64>)> {
     }
 }
 
+/// The largest kill grace `baton run` accepts for `config`'s TTL, so that a stop takes as
+/// long as the contract allows.
+pub(crate) fn largest_grace(config: &KeeperConfig) -> Duration {
+    config.max_stop_lead().saturating_sub(config.kill_reserve())
+}
+
 /// Whether `pid` (started at `ticks`) still runs: a zombie, a missing process and a pid
 /// reused by another process all count as gone.
 fn running(pid: u32, ticks: Option<u64>) -> bool {
@@ -98,9 +104,7 @@ pub async fn stopping_group_is_dead_before_regrant(h: &Harness) -> GroupReport {
     let mut lab = Lab::new(h, "stopping_group_is_dead_before_regrant");
     let timing = lab.lease_timing();
     let config = KeeperConfig::for_ttl(timing.ttl);
-    // The largest grace `baton run` accepts for this TTL, so that the stop takes as long
-    // as the contract allows.
-    let grace = config.max_stop_lead().saturating_sub(config.kill_reserve());
+    let grace = largest_grace(&config);
     assert!(
         grace >= Duration::from_millis(20),
         "the harness's TTL {:?} leaves no kill grace",

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use baton_core::{ErrorKind, KeeperConfig, Lease, Released, Token, Wait};
 
+use crate::group::{largest_grace, stubborn_script};
 use crate::history::{check_limit, check_tokens, Event};
 use crate::lease::superseded_holder_gave_up;
 use crate::proxy::{Fault, ProxySet};
@@ -34,13 +35,13 @@ pub struct PartitionReport {
 /// by any lock", so it must stop itself, before the store can grant its slot again.
 ///
 /// A worker process opens the store through a fault proxy, acquires with the lease TTL,
-/// keeps the lease with a keeper, runs a child process as `baton run` does, and writes
-/// once through a fence. The test then partitions it from the server (the proxy holds all
-/// traffic, both ways, for longer than the TTL) and acquires the key straight from the
-/// server. Checked:
-/// - the holder declares the lease lost and its child is dead (killed and reaped) before
-///   the new lease's send time, and before its own last successful renewal's send time
-///   plus the TTL (the earliest the server can expire the lease);
+/// keeps the lease with a keeper, runs a child that is slow to stop (under the largest
+/// kill grace the TTL allows) as `baton run` does, and writes once through a fence. The
+/// test then partitions it from the server (the proxy holds all traffic, both ways, for
+/// longer than the TTL) and acquires the key straight from the server. Checked:
+/// - the holder declares the lease lost and its child's whole group is dead (stopped and
+///   reaped) before the new lease's send time, and before its own last successful
+///   renewal's send time plus the TTL (the earliest the server can expire the lease);
 /// - the new grant has a higher token, and its write through the fence is accepted;
 /// - after the partition heals, the old holder never silently resumes: one more renewal
 ///   answers lost or not-held, its release answers not-held (the new holder keeps the
@@ -49,6 +50,7 @@ pub async fn partition_loses_before_regrant(h: &Harness) -> PartitionReport {
     let mut lab = Lab::new(h, "partition_loses_before_regrant");
     let timing = lab.lease_timing();
     let validity = KeeperConfig::for_ttl(timing.ttl).validity();
+    let grace = largest_grace(&KeeperConfig::for_ttl(timing.ttl));
     let key = lab.key("partition");
     let db = lab.path("fenced.db");
     let after_loss = lab.path("after-loss");
@@ -60,7 +62,12 @@ pub async fn partition_loses_before_regrant(h: &Harness) -> PartitionReport {
         Keep {
             fence: Some(db.clone()),
             after_loss: Some(after_loss.clone()),
+            // A command slow to stop (a slow SIGTERM handler, a grandchild that ignores
+            // SIGTERM) under the largest grace the TTL allows: all of it must be dead in
+            // time.
             child: true,
+            child_script: Some(stubborn_script(&lab.path("pids"), grace / 2)),
+            grace,
             url: Some(proxies.url().to_owned()),
             ..Keep::default()
         },
