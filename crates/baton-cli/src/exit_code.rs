@@ -34,8 +34,9 @@ pub const UNAVAILABLE: u8 = 69;
 pub const NOT_ACQUIRED: u8 = 75;
 
 /// The lease was lost while the command ran (a lease store could not be renewed in
-/// time, or the lease was broken or taken over): baton stopped the command (SIGTERM,
-/// then SIGKILL after `--kill-grace`).
+/// time, or the lease was broken or taken over): the command's whole process group was
+/// stopped (SIGTERM, then SIGKILL after `--kill-grace`) and reaped before the lease could
+/// be granted again.
 pub const LEASE_LOST: u8 = 76;
 
 /// `fence`: the write was refused because a newer token was seen already (the writer
