@@ -89,7 +89,8 @@ Exit status:
          fence: the database cannot be used or the SQL failed (nothing written)
   75     run: not acquired (busy with --no-wait, or -w ran out); -E CODE changes it;
          barrier: -w ran out (the arrival was withdrawn)
-  76     run: the lease was lost while the command ran; baton stopped the command
+  76     run: the lease was lost while the command ran; its process group was
+         stopped before the lease could be granted again
   77     fence: the write was refused, a newer token was seen (this holder lost the lock)
   126    run: the command cannot be executed
   127    run: the command was not found";
