@@ -173,3 +173,26 @@ fn a_paused_baton_cannot_keep_its_command_past_the_lease() {
     holder.signal(libc::SIGCONT);
     holder.finish().code(76).stderr_has("lost");
 }
+
+#[test]
+fn a_process_that_leaves_the_group_escapes_as_documented() {
+    let dir = Dir::new();
+    let escaped = dir.file("escaped.pid");
+    // `setsid -f` forks a process into a session (and group) of its own; the command
+    // then exits at once.
+    let script = format!(
+        "setsid -f sh -c 'echo $$ > {}; exec sleep 30' </dev/null >/dev/null 2>&1",
+        escaped.display()
+    );
+    let out = dir
+        .cmd(&["run", "-k", "e", "--", "sh", "-c", &script])
+        .output();
+    out.code(0);
+    let pid = read_pid(&escaped);
+    // baton did not wait for it, and did not stop it: it left the command's group.
+    assert!(process_alive(pid), "the setsid process was stopped");
+    // SAFETY: kill with a pid this test's command started.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
