@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use baton_core::{BarrierPassed, BarrierRequest, ErrorKind, Holder, Result, Wait};
 
-use crate::support::{bounded, report, Lab};
+use crate::support::{bounded, skipped, Lab};
 use crate::{Harness, LIVENESS_BOUND};
 
 /// How long a party that must not pass waits before it gives up.
@@ -60,10 +60,10 @@ pub async fn barrier_passes_in_generations(h: &Harness) {
         .await;
     let first = match probe {
         Err(e) if e.kind() == ErrorKind::Unsupported => {
-            report(&format!(
-                "barrier_passes_in_generations: {} has no barriers ({e:#}); skipped",
-                lab.store.url()
-            ));
+            skipped(
+                "barrier_passes_in_generations",
+                &format!("{} has no barriers ({e:#})", lab.store.url()),
+            );
             return;
         }
         Err(e) => panic!("a barrier of 1 party did not pass at once: {e:#}"),

@@ -21,7 +21,7 @@ use baton_core::{
 };
 
 use crate::history::{check_limit, Event};
-use crate::support::{bounded, report, Keep, Lab};
+use crate::support::{bounded, report, skipped, Keep, Lab};
 use crate::worker::RecordingStore;
 use crate::{fence, instant_ns, monotonic_ns, Harness, LIVENESS_BOUND};
 
@@ -426,7 +426,7 @@ pub async fn wall_clock_jump_keeps_lease(h: &Harness) {
             std::env::var("CI").as_deref() != Ok("true"),
             "wall_clock_jump_keeps_lease cannot run under CI=true: {why}"
         );
-        report(&format!("wall_clock_jump_keeps_lease: SKIPPED: {why}"));
+        skipped("wall_clock_jump_keeps_lease", &why);
         return;
     };
     conclusive("wall_clock_jump_keeps_lease", || jump_attempt(h, &preload)).await;
@@ -810,11 +810,13 @@ async fn break_attempt(h: &Harness) -> Result<(), String> {
 /// does not support resize.
 pub async fn resize_never_evicts(h: &Harness) {
     if !h.open().capabilities().resize {
-        report(&format!(
-            "resize_never_evicts: SKIPPED: {} does not support resize \
-             (capabilities().resize is false)",
-            h.open().url()
-        ));
+        skipped(
+            "resize_never_evicts",
+            &format!(
+                "{} does not support resize (capabilities().resize is false)",
+                h.open().url()
+            ),
+        );
         return;
     }
     conclusive("resize_never_evicts", || resize_attempt(h)).await;

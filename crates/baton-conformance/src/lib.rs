@@ -67,6 +67,7 @@ pub use baton_stress::proxy;
 pub mod servers;
 mod support;
 pub mod worker;
+pub use support::{skipped, SKIPS_ENV};
 
 use std::any::Any;
 use std::fmt;
@@ -336,7 +337,10 @@ macro_rules! suite {
             fn $property() {
                 let harness = $crate::Harness::__in_module($harness(), module_path!());
                 if let Some(why) = harness.skip_reason() {
-                    eprintln!("SKIPPED {}: {why}", stringify!($property));
+                    $crate::skipped(
+                        &format!("{}::{}", module_path!(), stringify!($property)),
+                        &why,
+                    );
                     return;
                 }
                 let _ = $crate::__private::runtime().block_on($crate::$property(&harness));

@@ -444,6 +444,28 @@ pub(crate) async fn bounded<T>(what: &str, bound: Duration, fut: impl Future<Out
     }
 }
 
+/// The environment variable naming a file that every skipped test appends a line to;
+/// `bash scripts/test` sets it and prints the list at the end.
+pub const SKIPS_ENV: &str = "BATON_TEST_SKIPS";
+
+/// Says that `what` was skipped and why: on the stderr file descriptor (so a person sees
+/// it even though libtest captures test output) and, when [`SKIPS_ENV`] names a file,
+/// as a line appended to it for the test command's summary.
+pub fn skipped(what: &str, why: &str) {
+    report(&format!("SKIPPED {what}: {why}"));
+    if let Some(path) = std::env::var_os(SKIPS_ENV) {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            // One write per line, so lines of tests running at once do not interleave.
+            let _ = f.write_all(format!("{what}: {why}\n").as_bytes());
+        }
+    }
+}
+
 /// Prints a measurement where the test output shows it even when libtest captures output
 /// (straight to the stderr file descriptor, not through `eprintln!`).
 pub(crate) fn report(line: &str) {
