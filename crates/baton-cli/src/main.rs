@@ -19,7 +19,7 @@ mod stress;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::common::{eprint_line, Failure};
 
@@ -32,9 +32,8 @@ use crate::common::{eprint_line, Failure};
     after_help = exit_code::HELP_TABLE
 )]
 struct Cli {
-    /// The store: dir:PATH (kernel locks in a directory), or dir:PATH?mode=lease (lease
-    /// files with heartbeats, for NFS/Lustre). Default: $BATON_STORE, else
-    /// $XDG_RUNTIME_DIR/baton, else /tmp/baton-$UID.
+    /// The store URL (see --help for every store this build has). Default: $BATON_STORE,
+    /// else $XDG_RUNTIME_DIR/baton, else /tmp/baton-$UID.
     #[arg(
         short = 's',
         long,
@@ -89,7 +88,7 @@ enum Command {
     #[command(after_help = exit_code::HELP_TABLE)]
     Leader(leader::Args),
 
-    /// Change a semaphore's limit (lease stores: sqlite:, dir:PATH?mode=lease).
+    /// Change a semaphore's limit (lease stores: dir:PATH?mode=lease, sqlite:, postgres://, etcd://).
     ///
     /// Lowering it never evicts a holder: new grants wait until fewer than the new limit
     /// hold the key. Requests must then ask for the new limit (-n).
@@ -117,7 +116,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let command = Cli::command().mut_arg("store", |a| a.long_help(store_help()));
+    let cli = match command
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m))
+    {
         Ok(cli) => cli,
         Err(err) => return clap_exit(&err),
     };
@@ -142,6 +145,28 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// The long help of `-s/--store`: every store this build has, from the one registry
+/// ([`baton::STORES`]), with an example URL.
+fn store_help() -> String {
+    let mut text = String::from("The store, by URL. This build has:\n");
+    for kind in baton::built() {
+        text.push_str(&format!("  {:<30} {}\n", kind.example, kind.summary));
+    }
+    let planned: Vec<&str> = baton::STORES
+        .iter()
+        .filter(|k| k.planned)
+        .map(|k| k.example)
+        .collect();
+    if !planned.is_empty() {
+        text.push_str(&format!("Not built yet: {}.\n", planned.join(", ")));
+    }
+    text.push_str(
+        "A bare absolute path means dir:PATH. Default: $BATON_STORE, else \
+         $XDG_RUNTIME_DIR/baton, else /tmp/baton-$UID (created 0700).",
+    );
+    text
 }
 
 /// `--help` and `--version` print as clap formats them and exit 0; any other clap error

@@ -12,7 +12,8 @@
 //! ```
 //!
 //! Each store is a feature: `dir` and `sqlite` (both default), `postgres`, `etcd`. [`open`] picks the store
-//! from the URL's scheme and says clearly when a scheme is unknown or its feature is off.
+//! from the URL's scheme by [`STORES`], the one registry of stores, and says clearly when a
+//! scheme is unknown or its store is not in this build.
 //! `noop:` is always there and is for testing the stress checkers only: it grants every
 //! request, so it breaks the contract on purpose ([`noop`]).
 
@@ -22,40 +23,130 @@ pub use baton_core::*;
 
 pub mod noop;
 
-/// The schemes this build knows, for error messages.
-pub const SCHEMES: &[&str] = &[
-    #[cfg(feature = "dir")]
-    "dir",
-    #[cfg(feature = "sqlite")]
-    "sqlite",
-    #[cfg(feature = "postgres")]
-    "postgres",
-    #[cfg(feature = "postgres")]
-    "postgresql",
-    #[cfg(feature = "etcd")]
-    "etcd",
-    "noop",
+/// Opens a store from its URL.
+pub type OpenFn = fn(&StoreUrl) -> Result<Arc<dyn Store>>;
+
+/// One store of the design: its URL schemes, an example URL, what it is, and how to open
+/// it when this build has it. [`STORES`] is the one list that [`open`], the CLI's
+/// `--help` and the "this build has" messages are made from; a test checks that the
+/// README's store table names every entry.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreKind {
+    /// The URL schemes it answers to (the first is its name).
+    pub schemes: &'static [&'static str],
+    /// An example URL, as the README's store table writes it.
+    pub example: &'static str,
+    /// What it is, in a few words.
+    pub summary: &'static str,
+    /// How to open it; `None` when this build does not have it (its feature is off, or
+    /// it is not built yet).
+    pub open: Option<OpenFn>,
+    /// Designed but not built yet in any build.
+    pub planned: bool,
+}
+
+impl StoreKind {
+    /// The store's name: its first scheme.
+    pub fn name(&self) -> &'static str {
+        self.schemes[0]
+    }
+}
+
+#[cfg(feature = "sqlite")]
+fn open_sqlite(url: &StoreUrl) -> Result<Arc<dyn Store>> {
+    Ok(Arc::new(baton_store_sqlite::SqliteStore::open(url)?))
+}
+
+/// Every store of the design, built or not, in the order the docs list them.
+pub const STORES: &[StoreKind] = &[
+    StoreKind {
+        schemes: &["dir"],
+        example: "dir:PATH[?mode=lease]",
+        summary: "kernel locks; ?mode=lease: lease files (NFS)",
+        #[cfg(feature = "dir")]
+        open: Some(baton_store_dir::open),
+        #[cfg(not(feature = "dir"))]
+        open: None,
+        planned: false,
+    },
+    StoreKind {
+        schemes: &["sqlite"],
+        example: "sqlite:/abs/path.db",
+        summary: "lease rows in a SQLite file, FIFO",
+        #[cfg(feature = "sqlite")]
+        open: Some(open_sqlite),
+        #[cfg(not(feature = "sqlite"))]
+        open: None,
+        planned: false,
+    },
+    StoreKind {
+        schemes: &["postgres", "postgresql"],
+        example: "postgres://user@host:5432/db",
+        summary: "lease rows on PostgreSQL, FIFO",
+        #[cfg(feature = "postgres")]
+        open: Some(baton_store_postgres::open),
+        #[cfg(not(feature = "postgres"))]
+        open: None,
+        planned: false,
+    },
+    StoreKind {
+        schemes: &["etcd"],
+        example: "etcd://h1:2379,h2:2379",
+        summary: "etcd leases, FIFO",
+        #[cfg(feature = "etcd")]
+        open: Some(baton_store_etcd::open),
+        #[cfg(not(feature = "etcd"))]
+        open: None,
+        planned: false,
+    },
+    StoreKind {
+        schemes: &["zk"],
+        example: "zk://h1:2181,h2:2181/prefix",
+        summary: "ZooKeeper (not built yet)",
+        open: None,
+        planned: true,
+    },
+    StoreKind {
+        schemes: &["redis"],
+        example: "redis://host:6379/0",
+        summary: "Redis (not built yet)",
+        open: None,
+        planned: true,
+    },
+    StoreKind {
+        schemes: &["amqp"],
+        example: "amqp://user:pass@host:5672/vhost",
+        summary: "RabbitMQ (not built yet)",
+        open: None,
+        planned: true,
+    },
+    StoreKind {
+        schemes: &["noop"],
+        example: "noop:",
+        summary: "grants all: tests stress checkers only",
+        open: Some(noop::open),
+        planned: false,
+    },
 ];
 
-/// Stores in the design that this build does not have yet.
-const PLANNED: &[&str] = &[
-    #[cfg(not(feature = "sqlite"))]
-    "sqlite",
-    #[cfg(not(feature = "postgres"))]
-    "postgres",
-    #[cfg(not(feature = "postgres"))]
-    "postgresql",
-    #[cfg(not(feature = "etcd"))]
-    "etcd",
-    "zk",
-    "redis",
-    "amqp",
-];
+/// The stores this build has.
+pub fn built() -> impl Iterator<Item = &'static StoreKind> {
+    STORES.iter().filter(|k| k.open.is_some())
+}
+
+/// The schemes this build has, comma-separated, for messages.
+pub fn built_schemes() -> String {
+    built()
+        .flat_map(|k| k.schemes.iter().copied())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// Opens the store a URL names. A bare path means `dir:PATH`.
 ///
-/// Errors: `InvalidInput` for a malformed URL or an unknown scheme, `Unavailable` when
-/// the store cannot be used (a directory that cannot be created, a foreign owner).
+/// Errors: `InvalidInput` for a malformed URL or an unknown scheme, `Unsupported` for a
+/// store this build does not have, `Unavailable` when the store cannot be used (a
+/// directory that cannot be created, a foreign owner).
 pub fn open(url: &str) -> Result<Arc<dyn Store>> {
     let url = StoreUrl::parse(url)?;
     open_url(&url)
@@ -63,30 +154,31 @@ pub fn open(url: &str) -> Result<Arc<dyn Store>> {
 
 /// Opens the store a parsed URL names.
 pub fn open_url(url: &StoreUrl) -> Result<Arc<dyn Store>> {
-    match url.scheme() {
-        #[cfg(feature = "dir")]
-        "dir" => baton_store_dir::open(url),
-        #[cfg(feature = "sqlite")]
-        "sqlite" => Ok(Arc::new(baton_store_sqlite::SqliteStore::open(url)?)),
-        #[cfg(feature = "postgres")]
-        "postgres" | "postgresql" => baton_store_postgres::open(url),
-        #[cfg(feature = "etcd")]
-        "etcd" => baton_store_etcd::open(url),
-        "noop" => noop::open(url),
-        planned if PLANNED.contains(&planned) => Err(Error::new(
+    let scheme = url.scheme();
+    match STORES.iter().find(|k| k.schemes.contains(&scheme)) {
+        Some(StoreKind {
+            open: Some(open), ..
+        }) => open(url),
+        Some(kind) => Err(Error::new(
             ErrorKind::Unsupported,
             format!(
-                "the {planned} store is not built yet (this build has: {})",
-                SCHEMES.join(", ")
+                "the {} store is {} (this build has: {})",
+                kind.name(),
+                if kind.planned {
+                    "not built yet"
+                } else {
+                    "not in this build (its cargo feature is off)"
+                },
+                built_schemes()
             ),
         )
         .with_op(Op::Open)
         .with_store(url)),
-        other => Err(Error::new(
+        None => Err(Error::new(
             ErrorKind::InvalidInput,
             format!(
-                "unknown store scheme '{other}' (this build has: {})",
-                SCHEMES.join(", ")
+                "unknown store scheme '{scheme}' (this build has: {})",
+                built_schemes()
             ),
         )
         .with_op(Op::Open)
@@ -119,6 +211,45 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::Unsupported);
         assert!(err.to_string().contains("not built yet"), "{err}");
         assert!(!format!("{err:#} {err:?}").contains("secret"), "{err:?}");
+    }
+
+    /// The README's store table names every store of the registry by its example URL's
+    /// scheme, and says which are not built yet.
+    #[test]
+    fn the_readme_store_table_agrees_with_the_registry() {
+        let readme = include_str!("../../../README.md");
+        let table: Vec<&str> = readme
+            .lines()
+            .skip_while(|l| !l.starts_with("## Stores"))
+            .take_while(|l| !l.starts_with("## ") || l.starts_with("## Stores"))
+            .filter(|l| l.starts_with('|'))
+            .collect();
+        for kind in STORES {
+            let scheme = kind.name();
+            let row = table
+                .iter()
+                .find(|l| l.contains(&format!("`{scheme}:")))
+                .unwrap_or_else(|| panic!("the README's store table has no row for {scheme}:"));
+            if kind.planned {
+                assert!(
+                    row.contains("not built yet"),
+                    "the README's row for {scheme}: must say it is not built yet: {row}"
+                );
+            }
+        }
+        for row in &table {
+            if let Some(i) = row.find("://") {
+                let before = &row[..i];
+                let scheme = before
+                    .rsplit(|c: char| !c.is_ascii_alphanumeric())
+                    .next()
+                    .unwrap_or("");
+                assert!(
+                    STORES.iter().any(|k| k.schemes.contains(&scheme)),
+                    "the README's store table names {scheme}://, which the registry does not know"
+                );
+            }
+        }
     }
 
     #[test]

@@ -101,6 +101,20 @@ fn help_documents_every_exit_code_and_exits_0() {
 }
 
 #[test]
+fn help_names_every_store_this_build_has() {
+    let dir = Dir::new();
+    let out = dir.cmd(&["--help"]).output();
+    out.code(0);
+    for kind in baton::built() {
+        out.stdout_has(kind.example);
+    }
+    for kind in baton::STORES.iter().filter(|k| k.planned) {
+        out.stdout_has(kind.example);
+    }
+    out.stdout_has("Not built yet");
+}
+
+#[test]
 fn a_closed_stdout_ends_quietly() {
     use std::os::fd::{FromRawFd, OwnedFd};
     let dir = Dir::new();
