@@ -59,6 +59,7 @@ mod clock;
 mod fence;
 pub mod history;
 mod lease;
+mod lock_delay;
 mod network;
 mod properties;
 /// The fault proxy (it lives in `baton-stress`, whose `partition` scenario uses it too).
@@ -78,6 +79,7 @@ use baton_core::{Key, Result, Store, StoreUrl};
 pub use barrier::*;
 pub use clock::{instant_ns, monotonic_ns};
 pub use lease::*;
+pub use lock_delay::*;
 pub use network::*;
 pub use properties::*;
 
@@ -357,6 +359,7 @@ macro_rules! lease_suite {
             break_frees_and_holder_learns,
             resize_never_evicts,
             garbage_is_a_clear_error,
+            lock_delay_holds_back_lost_slots,
         );
     };
 }
@@ -377,6 +380,7 @@ macro_rules! network_suite {
             resize_never_evicts,
             garbage_is_a_clear_error,
             partition_loses_before_regrant,
+            lock_delay_holds_back_lost_slots,
         );
     };
 }
