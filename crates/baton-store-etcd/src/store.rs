@@ -1223,21 +1223,23 @@ impl Inner {
     async fn hold_left(&self, view: &View) -> Option<Duration> {
         let mut left: Option<Duration> = None;
         for (_, id, _) in &view.holds {
-            let id = *id;
-            let ttl = self
-                .call(Op::Inspect, None, |mut c, _| async move {
-                    c.lease_time_to_live(id, None).await
-                })
-                .await
-                .ok()
-                .map(|r| r.ttl())
-                .filter(|t| *t >= 0);
-            if let Some(t) = ttl {
-                let d = Duration::from_secs(t as u64);
+            if let Some(d) = self.lease_left(*id).await {
                 left = Some(left.map_or(d, |l| l.min(d)));
             }
         }
         left.or_else(|| (!view.holds.is_empty()).then_some(Duration::ZERO))
+    }
+
+    /// What is left of etcd lease `id`'s TTL, as etcd says (`None`: it did not say).
+    async fn lease_left(&self, id: i64) -> Option<Duration> {
+        self.call(Op::Inspect, None, |mut c, _| async move {
+            c.lease_time_to_live(id, None).await
+        })
+        .await
+        .ok()
+        .map(|r| r.ttl())
+        .and_then(|t| u64::try_from(t).ok())
+        .map(Duration::from_secs)
     }
 
     /// Finishes a grant: after a wait, one keep-alive so the keeper's first deadline counts
@@ -1479,9 +1481,19 @@ impl Inner {
                 },
             }
         };
+        let mut hold_left = HashMap::new();
+        for (slot, id, _) in &view.holds {
+            if let Some(left) = self.lease_left(*id).await {
+                hold_left.insert(*slot, left);
+            }
+        }
         let hold_note = |s: u32| -> Option<String> {
             let d = format_duration(view.delay?);
             if let Some((_, _, value)) = view.holds.iter().find(|(slot, _, _)| *slot == s) {
+                let until = hold_left.get(&s).map_or_else(
+                    || "until its etcd lease ends".to_owned(),
+                    |left| format!("for about another {}", format_duration(*left)),
+                );
                 let what = serde_json::from_slice::<HoldValue>(value)
                     .map(|h| {
                         let how = if h.how == "broken" {
@@ -1493,7 +1505,7 @@ impl Inner {
                     })
                     .unwrap_or_else(|_| "a lease was lost".into());
                 return Some(format!(
-                    "held back: {what}; the lock-delay of {d} holds the slot back until its etcd lease ends"
+                    "held back: {what}; the lock-delay of {d} holds the slot back {until}"
                 ));
             }
             view.orphans().iter().any(|(slot, _)| *slot == s).then(|| {

@@ -712,7 +712,7 @@ async fn lock_delay_holds_back_a_broken_slot_and_garbage_is_corrupt() {
         st.slots[0]
             .note
             .as_deref()
-            .is_some_and(|n| n.starts_with("held back")),
+            .is_some_and(|n| n.starts_with("held back") && n.contains("for about another")),
         "{st:?}"
     );
     assert_eq!(st.waiters, Some(0), "no residue of the refused request");
