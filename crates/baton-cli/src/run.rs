@@ -71,6 +71,16 @@ pub struct Args {
     #[arg(long, value_name = "DURATION")]
     pub ttl: Option<String>,
 
+    /// Lease stores: the key's lock-delay (as in Chubby and Consul), set when this run
+    /// creates the key (an existing key keeps its own). After a holder of the key is lost
+    /// rather than released (its lease expired, it was broken with `baton break`, or its
+    /// process died), no one is granted its slot for this long, so writes a stalled
+    /// holder still had in flight drain before the next holder starts. A command that
+    /// exits, however it exits, releases cleanly and never makes anyone wait. Kernel-lock
+    /// stores (dir:PATH) refuse it: they never learn that a lock was lost.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub lock_delay: Option<Duration>,
+
     /// How long the command has between SIGTERM and SIGKILL when it must stop (the lease
     /// is being lost, or baton died). On a lease store it must fit in the TTL (at most
     /// about TTL/2 − TTL/10); default 10s, or the largest that fits a shorter TTL.
@@ -270,7 +280,11 @@ async fn hold_and_run(
     } else {
         None
     };
-    let mut request = store.lock(key.clone()).limit(args.slots).holder(holder);
+    let mut request = store
+        .lock(key.clone())
+        .limit(args.slots)
+        .lock_delay(args.lock_delay.unwrap_or_default())
+        .holder(holder);
     if let Some(ttl) = opts.ttl {
         request = request.ttl(ttl);
     }

@@ -81,6 +81,7 @@ pub fn key_json(status: &KeyStatus) -> serde_json::Value {
         "free": status.slots.len().saturating_sub(held),
         "waiters": status.waiters,
         "last_token": status.last_token.map(|t| t.0),
+        "lock_delay_ms": status.lock_delay_ms,
         "slots": status.slots.iter().map(slot_json).collect::<Vec<_>>(),
     })
 }
@@ -136,6 +137,13 @@ pub fn human(status: &KeyStatus) -> String {
     }
     if let Some(t) = status.last_token {
         summary.push_str(&format!(", last token {t}"));
+    }
+    if let Some(ms) = status.lock_delay_ms {
+        // A slot the delay holds back says so, and for how much longer, in its note.
+        summary.push_str(&format!(
+            ", lock-delay {}",
+            format_duration(std::time::Duration::from_millis(ms))
+        ));
     }
     summary.push('\n');
     summary.push_str(&slots_table(&status.slots));

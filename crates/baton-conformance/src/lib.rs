@@ -60,6 +60,7 @@ mod fence;
 mod group;
 pub mod history;
 mod lease;
+mod lock_delay;
 mod network;
 mod properties;
 /// The fault proxy (it lives in `baton-stress`, whose `partition` scenario uses it too).
@@ -81,6 +82,7 @@ pub use barrier::*;
 pub use clock::{instant_ns, monotonic_ns};
 pub use group::*;
 pub use lease::*;
+pub use lock_delay::*;
 pub use network::*;
 pub use properties::*;
 
@@ -364,6 +366,7 @@ macro_rules! lease_suite {
             resize_never_evicts,
             garbage_is_a_clear_error,
             stopping_group_is_dead_before_regrant,
+            lock_delay_holds_back_lost_slots,
         );
     };
 }
@@ -385,6 +388,7 @@ macro_rules! network_suite {
             garbage_is_a_clear_error,
             stopping_group_is_dead_before_regrant,
             partition_loses_before_regrant,
+            lock_delay_holds_back_lost_slots,
         );
     };
 }

@@ -5,9 +5,11 @@
 //! Layout in a key's directory:
 //!
 //! ```text
-//! limit            the key's limit, created once (temp file + link)
+//! limit            the key's limit (and lock-delay), created once (temp file + link)
 //! token.T          the last token handed out is the highest T
 //! slot.N.G         generation G of slot N: JSON {state, token, holder, ttl, heartbeat}
+//! seen.N.G.BOOT    when a host (by boot id) first saw tombstone G of slot N, in ns on
+//!                  its CLOCK_MONOTONIC (keys with a lock-delay only)
 //! ```
 //!
 //! Guarantees, and why they hold:
@@ -26,6 +28,14 @@
 //!   start time) is reclaimed at once.
 //! - **Tokens** come from the same construction: `token.(T+1)` is created with `link(2)`,
 //!   checked to be the highest, and the lower ones removed.
+//! - **Lock-delay** (keys created with one). A lease that is lost rather than released
+//!   (judged stale, its holder on this host gone, or broken) is first replaced by a
+//!   tombstone generation (`expired` or `broken`), created with `link(2)` like any other,
+//!   and the slot is granted again only once the delay has passed since the loss. Hosts
+//!   share no monotonic clock, so each host measures from the first time one of its
+//!   processes saw the tombstone (`seen.N.G.BOOT`, created once, never rewritten): that is
+//!   never before the loss, so a host can only wait longer than the delay, never less,
+//!   and no wall clock is read. The tombstone's writer stamps its own host at once.
 //! - **Loss before re-grant.** A renewal checks before and after rewriting that no higher
 //!   generation exists; with the keeper's deadline (send time + TTL·(1−drift) − margin) a
 //!   holder stops before any reader can have seen a TTL of silence.
@@ -60,6 +70,9 @@ enum State {
     Held,
     Released,
     Broken,
+    /// A tombstone a waiter wrote over a lease it found lost (stale or its holder gone),
+    /// so that the key's lock-delay runs before the slot is granted again.
+    Expired,
 }
 
 /// The contents of `slot.N.G`.
@@ -103,6 +116,8 @@ struct Seen {
 struct Listing {
     tokens: Vec<u64>,
     gens: BTreeMap<u32, Vec<u64>>,
+    /// `seen.N.G.BOOT` markers: (slot, generation, file name).
+    seen: Vec<(u32, u64, String)>,
 }
 
 impl Listing {
@@ -110,13 +125,27 @@ impl Listing {
         let mut out = Listing::default();
         for (name, is_file) in fs::names(dir)? {
             let mut parts = name.split('.');
-            let parsed = match (parts.next(), parts.next(), parts.next(), parts.next()) {
-                (Some("token"), Some(t), None, None) => {
+            let parts = (
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+            );
+            let parsed = match parts {
+                (Some("token"), Some(t), None, None, None) => {
                     t.parse().map(|t| out.tokens.push(t)).is_ok()
                 }
-                (Some("slot"), Some(n), Some(g), None) => match (n.parse(), g.parse()) {
+                (Some("slot"), Some(n), Some(g), None, None) => match (n.parse(), g.parse()) {
                     (Ok(n), Ok(g)) => {
                         out.gens.entry(n).or_default().push(g);
+                        true
+                    }
+                    _ => false,
+                },
+                (Some("seen"), Some(n), Some(g), Some(_), None) => match (n.parse(), g.parse()) {
+                    (Ok(n), Ok(g)) => {
+                        out.seen.push((n, g, name.clone()));
                         true
                     }
                     _ => false,
@@ -158,8 +187,48 @@ fn token_file(token: u64) -> String {
     format!("token.{token}")
 }
 
+fn seen_file(slot: u32, gen: u64, boot: &str) -> String {
+    format!("seen.{slot}.{gen}.{boot}")
+}
+
 fn now_ms() -> u64 {
     unix_ms(SystemTime::now())
+}
+
+/// Nanoseconds on this host's `CLOCK_MONOTONIC`: shared by every process of one boot,
+/// never stepped by a wall-clock change.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec for clock_gettime to write; CLOCK_MONOTONIC always
+    // exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// What an acquirer makes of a slot's current generation.
+enum Verdict {
+    /// It can be taken now.
+    Free,
+    /// Someone holds it (or may: a lease not yet seen silent for its TTL).
+    Held,
+    /// Its lease was lost and the key's lock-delay holds it back for this much longer.
+    HeldBack(Duration),
+}
+
+/// The end of one pass over a key's slots.
+enum Pass {
+    Granted(Box<Lease>),
+    /// No slot could be taken: `held_back` is the shortest lock-delay left on a slot held
+    /// back, `held` whether some slot is simply held.
+    Busy {
+        held_back: Option<Duration>,
+        held: bool,
+    },
 }
 
 impl LeaseStore {
@@ -259,6 +328,13 @@ impl LeaseStore {
                 let _ = fs::remove(dir, &slot_file(record.slot, *old));
             }
         }
+        for (_, _, name) in after
+            .seen
+            .iter()
+            .filter(|(slot, gen, _)| *slot == record.slot && *gen < record.gen)
+        {
+            let _ = fs::remove(dir, name);
+        }
         Ok(true)
     }
 
@@ -297,6 +373,95 @@ impl LeaseStore {
         }
     }
 
+    /// How much longer the lock-delay after the loss that tombstone `gen` of `slot`
+    /// records holds the slot back on this host (`None`: it is over), measured from when
+    /// this host first saw the tombstone, on its monotonic clock. The first look stamps
+    /// the host (`seen.N.G.BOOT`, created once); a stamp that is not a time baton wrote,
+    /// or lies in this boot's future, is `InvalidData` (Corrupt) and frees nothing.
+    fn held_back(
+        &self,
+        dir: BorrowedFd<'_>,
+        slot: u32,
+        gen: u64,
+        delay: Duration,
+    ) -> io::Result<Option<Duration>> {
+        let boot = baton_core::boot_id().ok_or_else(|| {
+            io::Error::other("this host has no boot id: the lock-delay cannot be measured")
+        })?;
+        if boot.is_empty() || !boot.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+            return Err(io::Error::other(format!("unusable boot id {boot:?}")));
+        }
+        let name = seen_file(slot, gen, &boot);
+        let now = monotonic_ns();
+        let since = if fs::create_once(dir, &name, format!("{now}\n").as_bytes())? {
+            now
+        } else {
+            let fd = fs::open_existing_ro(dir, &name)?.ok_or_else(|| {
+                io::Error::other(format!("'{name}' vanished while the slot is held back"))
+            })?;
+            let bytes = fs::read_small(fd.as_fd(), &name)?;
+            std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|t| t.strip_suffix('\n'))
+                .filter(|t| !t.is_empty() && t.len() <= 20 && t.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|t| t.parse::<u64>().ok())
+                .filter(|ns| *ns <= monotonic_ns())
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "lock-delay stamp '{name}' holds {:?}, not a time of this boot baton wrote",
+                            String::from_utf8_lossy(&bytes[..bytes.len().min(40)])
+                        ),
+                    )
+                })?
+        };
+        let elapsed = Duration::from_nanos(now.saturating_sub(since));
+        Ok(delay.checked_sub(elapsed).filter(|left| !left.is_zero()))
+    }
+
+    /// What an acquirer with the key's lock-delay `delay` makes of a slot: [`Self::judge`],
+    /// and for a lost lease on a key with a delay, a tombstone first (so that the delay
+    /// runs from the loss) and then the delay.
+    fn verdict(
+        &self,
+        dir: BorrowedFd<'_>,
+        record: Option<&LeaseRecord>,
+        seen: &mut HashMap<u32, Seen>,
+        slot: u32,
+        delay: Option<Duration>,
+    ) -> io::Result<Verdict> {
+        let free = self.judge(record, seen, slot);
+        let (Some(r), Some(delay)) = (record, delay) else {
+            return Ok(if free { Verdict::Free } else { Verdict::Held });
+        };
+        match r.state {
+            State::Released => Ok(Verdict::Free),
+            State::Held if !free => Ok(Verdict::Held),
+            State::Broken | State::Expired => Ok(self
+                .held_back(dir, slot, r.gen, delay)?
+                .map_or(Verdict::Free, Verdict::HeldBack)),
+            State::Held => {
+                let tombstone = LeaseRecord {
+                    state: State::Expired,
+                    gen: r.gen + 1,
+                    heartbeat: 0,
+                    renewed_unix_ms: now_ms(),
+                    ..r.clone()
+                };
+                seen.remove(&slot);
+                if !self.claim(dir, &tombstone)? {
+                    // Someone else moved the slot on first: look again next pass.
+                    return Ok(Verdict::Held);
+                }
+                // The pass goes on from the generation it listed, so even a delay that
+                // were somehow over already is taken up by the next pass.
+                let left = self.held_back(dir, slot, tombstone.gen, delay)?;
+                Ok(Verdict::HeldBack(left.unwrap_or(Duration::from_millis(1))))
+            }
+        }
+    }
+
     /// One pass over the slots: a lease if one could be taken.
     async fn try_once(
         &self,
@@ -305,7 +470,8 @@ impl LeaseStore {
         limit: u32,
         ttl: Duration,
         seen: &mut HashMap<u32, Seen>,
-    ) -> Result<Option<Lease>, Error> {
+        delay: Option<Duration>,
+    ) -> Result<Pass, Error> {
         let key = &req.key;
         let io_err = |what: &str, e| self.root.io_err(Op::Acquire, key, what, e);
         let listing = Listing::read(dir.as_fd())
@@ -313,6 +479,8 @@ impl LeaseStore {
         // Slots of a limit that was lowered still count while held.
         let mut free = Vec::new();
         let mut held = 0u32;
+        let mut held_back: Option<Duration> = None;
+        let mut plain_held = false;
         let all_slots: Vec<u32> = (0..limit)
             .chain(listing.gens.keys().copied().filter(|s| *s >= limit))
             .collect();
@@ -326,6 +494,7 @@ impl LeaseStore {
                     // Cleaned up under us: a newer generation exists; look again later.
                     Ok(None) => {
                         held += 1;
+                        plain_held = true;
                         continue;
                     }
                     Err(e) => {
@@ -336,16 +505,28 @@ impl LeaseStore {
                     }
                 }
             };
-            if self.judge(record.as_ref(), seen, slot) {
-                if slot < limit {
-                    free.push((slot, gen, record));
+            let verdict = self
+                .verdict(dir.as_fd(), record.as_ref(), seen, slot, delay)
+                .map_err(|e| io_err(&format!("cannot apply the lock-delay to slot {slot}"), e))?;
+            match verdict {
+                Verdict::Free if slot < limit => free.push((slot, gen, record)),
+                Verdict::Free => {}
+                Verdict::Held => {
+                    held += 1;
+                    plain_held = true;
                 }
-            } else {
-                held += 1;
+                Verdict::HeldBack(left) => {
+                    held += 1;
+                    held_back = Some(held_back.map_or(left, |h| h.min(left)));
+                }
             }
         }
+        let busy = Pass::Busy {
+            held_back,
+            held: plain_held,
+        };
         if held >= limit {
-            return Ok(None);
+            return Ok(busy);
         }
         for (slot, gen, record) in free {
             let reclaiming = record.as_ref().is_some_and(|r| r.state == State::Held);
@@ -382,7 +563,7 @@ impl LeaseStore {
                         holder: req.holder.id,
                     },
                 );
-                return Ok(Some(Lease {
+                return Ok(Pass::Granted(Box::new(Lease {
                     key: key.clone(),
                     slot,
                     limit,
@@ -391,11 +572,11 @@ impl LeaseStore {
                     ttl: Some(ttl),
                     acquired_unix_ms: now,
                     sent_at: Some(sent_at),
-                }));
+                })));
             }
             seen.remove(&slot);
         }
-        Ok(None)
+        Ok(busy)
     }
 
     /// The held generation of a lease this process took, if it is still the current one
@@ -431,6 +612,49 @@ impl LeaseStore {
                 Ok(Some((dir, r)))
             }
             _ => Ok(None),
+        }
+    }
+
+    /// The `status` note of a tombstone on a key with a lock-delay: whether the delay
+    /// still holds the slot back, read from this host's stamp without writing one (no
+    /// stamp yet: estimated from the tombstone's wall-clock time, for display only).
+    fn held_back_note(&self, dir: &OwnedFd, r: &LeaseRecord, delay: Option<Duration>) -> String {
+        let how = if r.state == State::Broken {
+            "was broken"
+        } else {
+            "was lost (expired, or its holder died)"
+        };
+        let Some(delay) = delay else {
+            return format!("free: the lease with token {} {how}", r.token);
+        };
+        let stamped = baton_core::boot_id()
+            .map(|boot| seen_file(r.slot, r.gen, &boot))
+            .and_then(|name| {
+                let fd = fs::open_existing_ro(dir.as_fd(), &name).ok()??;
+                let bytes = fs::read_small(fd.as_fd(), &name).ok()?;
+                std::str::from_utf8(&bytes)
+                    .ok()?
+                    .trim_end()
+                    .parse::<u64>()
+                    .ok()
+            });
+        let elapsed = match stamped {
+            Some(ns) => Duration::from_nanos(monotonic_ns().saturating_sub(ns)),
+            None => Duration::from_millis(now_ms().saturating_sub(r.renewed_unix_ms)),
+        };
+        let d = baton_core::format_duration;
+        match delay.checked_sub(elapsed).filter(|l| !l.is_zero()) {
+            Some(left) => format!(
+                "held back: the lease with token {} {how}; the lock-delay of {} holds the slot back for about another {}",
+                r.token,
+                d(delay),
+                d(left)
+            ),
+            None => format!(
+                "free: the lease with token {} {how}; its lock-delay of {} is over",
+                r.token,
+                d(delay)
+            ),
         }
     }
 
@@ -475,6 +699,7 @@ impl Store for LeaseStore {
         c.renew = true;
         c.break_lease = true;
         c.resize = true;
+        c.lock_delay = true;
         c
     }
 
@@ -491,21 +716,36 @@ impl Store for LeaseStore {
         }
         let started = Instant::now();
         let mut seen = HashMap::new();
-        let mut poll = MIN_POLL;
+        let mut backoff = MIN_POLL;
         loop {
-            if let Some(lease) = self.try_once(&dir, req, limit, ttl, &mut seen).await? {
-                return Ok(lease);
-            }
+            // Read afresh each pass, as the limit is: a malformed delay is Corrupt.
+            let delay = self.root.lock_delay(&dir, &req.key, Op::Acquire)?;
+            let (held_back, held) = match self
+                .try_once(&dir, req, limit, ttl, &mut seen, delay)
+                .await?
+            {
+                Pass::Granted(lease) => return Ok(*lease),
+                Pass::Busy { held_back, held } => (held_back, held),
+            };
+            // Only held-back slots in the way: sleep until the first delay ends, no polling.
+            let poll = match held_back {
+                Some(left) if !held => left,
+                Some(left) => backoff.min(left),
+                None => backoff,
+            };
             let sleep = match req.wait {
                 Wait::NoWait => {
-                    return Err(self.root.err(
-                        ErrorKind::Busy,
-                        Op::Acquire,
-                        &req.key,
-                        format!(
+                    let why = match (held_back, delay) {
+                        (Some(left), Some(d)) => format!(
+                            "all {limit} slot(s) are held or held back: a lost lease's slot is held back by the key's lock-delay of {} for about another {}",
+                            baton_core::format_duration(d),
+                            baton_core::format_duration(left)
+                        ),
+                        _ => format!(
                             "all {limit} slot(s) are held (a silent holder on another host is judged stale only by a waiting acquirer, after its TTL)"
                         ),
-                    ))
+                    };
+                    return Err(self.root.err(ErrorKind::Busy, Op::Acquire, &req.key, why));
                 }
                 Wait::Timeout(d) => {
                     let left = d.saturating_sub(started.elapsed());
@@ -514,7 +754,10 @@ impl Store for LeaseStore {
                             ErrorKind::Timeout,
                             Op::Acquire,
                             &req.key,
-                            format!("all {limit} slot(s) stayed held for {}", baton_core::format_duration(d)),
+                            format!(
+                                "all {limit} slot(s) stayed held for {}",
+                                baton_core::format_duration(d)
+                            ),
                         ));
                     }
                     poll.min(left)
@@ -522,7 +765,7 @@ impl Store for LeaseStore {
                 Wait::Forever => poll,
             };
             tokio::time::sleep(sleep).await;
-            poll = (poll * 2).min(MAX_POLL);
+            backoff = (backoff * 2).min(MAX_POLL);
         }
     }
 
@@ -573,6 +816,7 @@ impl Store for LeaseStore {
         holder: Option<HolderId>,
     ) -> Result<Vec<SlotStatus>, Error> {
         let (dir, _) = self.root.existing_key(key, Op::Break)?;
+        let delay = self.root.lock_delay(&dir, key, Op::Break)?;
         let io_err = |what: &str, e| self.root.io_err(Op::Break, key, what, e);
         let listing =
             Listing::read(dir.as_fd()).map_err(|e| io_err("cannot list lease files", e))?;
@@ -601,6 +845,11 @@ impl Store for LeaseStore {
                 .claim(dir.as_fd(), &tombstone)
                 .map_err(|e| io_err("cannot write the break", e))?
             {
+                if let Some(delay) = delay {
+                    // Start this host's lock-delay clock at the break. Should the stamp
+                    // fail, this host's next acquirer stamps it later: later is safe.
+                    let _ = self.held_back(dir.as_fd(), slot, tombstone.gen, delay);
+                }
                 broken.push(SlotStatus {
                     slot,
                     state: SlotState::Free,
@@ -625,6 +874,7 @@ impl Store for LeaseStore {
 
     async fn inspect(&self, key: &Key) -> Result<KeyStatus, Error> {
         let (dir, limit) = self.root.existing_key(key, Op::Inspect)?;
+        let delay = self.root.lock_delay(&dir, key, Op::Inspect)?;
         let listing = Listing::read(dir.as_fd()).map_err(|e| {
             self.root
                 .io_err(Op::Inspect, key, "cannot list lease files", e)
@@ -657,6 +907,11 @@ impl Store for LeaseStore {
                         ));
                         status.holder = Some(r.holder);
                     }
+                    Ok(Some(r))
+                        if delay.is_some() && matches!(r.state, State::Broken | State::Expired) =>
+                    {
+                        status.note = Some(self.held_back_note(&dir, &r, delay));
+                    }
                     Ok(Some(r)) if r.state == State::Broken => {
                         status.note = Some(format!("broken (was token {})", r.token))
                     }
@@ -672,7 +927,7 @@ impl Store for LeaseStore {
             slots,
             waiters: None,
             last_token: Some(Token(listing.last_token())).filter(|t| t.0 > 0),
-            lock_delay_ms: None,
+            lock_delay_ms: delay.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         })
     }
 

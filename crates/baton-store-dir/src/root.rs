@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use baton_core::{AcquireRequest, Error, ErrorKind, Key, Op, StoreUrl};
 
@@ -96,8 +97,12 @@ impl Root {
         req.validate()
             .map_err(|e| e.context(Op::Acquire, Some(&req.key), &self.url))?;
         let key = &req.key;
+        let delay_ms = req
+            .lock_delay
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .filter(|ms| *ms > 0);
         let (dir, limit) = self
-            .key_dir(key, Some(req.limit), Op::Acquire)?
+            .key_dir(key, Some((req.limit, delay_ms)), Op::Acquire)?
             .ok_or_else(|| {
                 self.err(
                     ErrorKind::Unavailable,
@@ -122,12 +127,13 @@ impl Root {
         Ok((dir, limit))
     }
 
-    /// The key's directory and limit, creating the key with `create_limit` if it is new;
-    /// `Ok(None)` when the key does not exist and `create_limit` is `None`.
+    /// The key's directory and limit, creating the key with `create`'s limit and
+    /// lock-delay (ms) if it is new; `Ok(None)` when the key does not exist and `create` is
+    /// `None`.
     pub fn key_dir(
         &self,
         key: &Key,
-        create_limit: Option<u32>,
+        create: Option<(u32, Option<u64>)>,
         op: Op,
     ) -> Result<Option<(Arc<OwnedFd>, u32)>, Error> {
         let cached = lock(&self.keys).get(key).map(|k| (k.dir.clone(), k.limit));
@@ -145,12 +151,14 @@ impl Root {
             }
         }
         let name = dir_name(key);
-        let dir = fs::open_dir(self.fd.as_fd(), &name, create_limit.is_some())
+        let dir = fs::open_dir(self.fd.as_fd(), &name, create.is_some())
             .map_err(|e| self.io_err(op, key, "cannot open the key's directory", e))?;
         let Some(dir) = dir else { return Ok(None) };
-        let limit = match create_limit {
-            Some(want) => {
-                let record = format!("{want}\n");
+        let limit = match create {
+            Some((want, delay_ms)) => {
+                // The lock-delay lives in the limit file, so that a key is created with
+                // both at once (one `link`) and no reader ever sees one without the other.
+                let record = limit_record(want, delay_ms);
                 match fs::create_once(dir.as_fd(), "limit", record.as_bytes()) {
                     Ok(true) => want,
                     Ok(false) => self.read_limit(&dir, key, op)?,
@@ -177,20 +185,30 @@ impl Root {
     }
 
     fn read_limit(&self, dir: &OwnedFd, key: &Key, op: Op) -> Result<u32, Error> {
+        self.read_meta(dir, key, op).map(|(limit, _)| limit)
+    }
+
+    /// The key's lock-delay (lease mode), read afresh from its limit file: `None` when it
+    /// has none. A malformed file is `Corrupt`, never "no delay".
+    pub fn lock_delay(&self, dir: &OwnedFd, key: &Key, op: Op) -> Result<Option<Duration>, Error> {
+        self.read_meta(dir, key, op)
+            .map(|(_, ms)| ms.map(Duration::from_millis))
+    }
+
+    /// The limit file: `N\n`, then `lock-delay-ms D\n` when the key has a lock-delay.
+    fn read_meta(&self, dir: &OwnedFd, key: &Key, op: Op) -> Result<(u32, Option<u64>), Error> {
         let corrupt = |why: String| self.err(ErrorKind::Corrupt, op, key, why);
         let fd = fs::open_existing_ro(dir.as_fd(), "limit")
             .map_err(|e| self.io_err(op, key, "cannot open the key's limit file", e))?
             .ok_or_else(|| corrupt("the key's directory has no limit file".into()))?;
         let bytes = fs::read_small(fd.as_fd(), "limit")
             .map_err(|e| self.io_err(op, key, "cannot read the key's limit file", e))?;
-        let text = std::str::from_utf8(&bytes).unwrap_or("");
-        match text.strip_suffix('\n').and_then(|t| t.parse::<u32>().ok()) {
-            Some(n) if n >= 1 && text.len() <= 11 => Ok(n),
-            _ => Err(corrupt(format!(
+        parse_limit_record(&bytes).ok_or_else(|| {
+            corrupt(format!(
                 "the key's limit file holds {:?}, not a limit baton wrote",
-                String::from_utf8_lossy(&bytes[..bytes.len().min(40)])
-            ))),
-        }
+                String::from_utf8_lossy(&bytes[..bytes.len().min(60)])
+            ))
+        })
     }
 
     /// Sets a key's limit (lease mode): the limit file is replaced atomically.
@@ -204,8 +222,14 @@ impl Root {
             ));
         }
         let (dir, _) = self.existing_key(key, Op::Resize)?;
-        fs::write_atomic(dir.as_fd(), "limit", format!("{limit}\n").as_bytes())
-            .map_err(|e| self.io_err(Op::Resize, key, "cannot write the key's limit", e))
+        // The lock-delay is the key's for life: a resize keeps it.
+        let delay_ms = self.read_meta(&dir, key, Op::Resize)?.1;
+        fs::write_atomic(
+            dir.as_fd(),
+            "limit",
+            limit_record(limit, delay_ms).as_bytes(),
+        )
+        .map_err(|e| self.io_err(Op::Resize, key, "cannot write the key's limit", e))
     }
 
     /// The directory of barrier `key` (`+barriers/<key>`: `+` is never in a key, so
@@ -254,6 +278,36 @@ impl Root {
 /// inserts and removes), so a poisoned lock is still usable.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The limit file's contents for `limit` and a lock-delay of `delay_ms`.
+fn limit_record(limit: u32, delay_ms: Option<u64>) -> String {
+    match delay_ms {
+        Some(ms) => format!("{limit}\nlock-delay-ms {ms}\n"),
+        None => format!("{limit}\n"),
+    }
+}
+
+/// Parses what [`limit_record`] writes, and nothing else.
+fn parse_limit_record(bytes: &[u8]) -> Option<(u32, Option<u64>)> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    fn number(t: &str) -> Option<&str> {
+        (!t.is_empty() && t.len() <= 20 && t.bytes().all(|b| b.is_ascii_digit())).then_some(t)
+    }
+    let mut lines = text.strip_suffix('\n')?.split('\n');
+    let limit: u32 = number(lines.next()?)?.parse().ok().filter(|n| *n >= 1)?;
+    let delay = match lines.next() {
+        None => None,
+        Some(line) => {
+            let ms: u64 = number(line.strip_prefix("lock-delay-ms ")?)?.parse().ok()?;
+            Some(ms).filter(|ms| *ms > 0)?;
+            Some(ms)
+        }
+    };
+    if lines.next().is_some() {
+        return None;
+    }
+    Some((limit, delay))
 }
 
 /// The directory name of a key: `/` becomes `%` (never valid in a key, so names are unique).
@@ -385,4 +439,38 @@ fn open_root(config: &DirConfig) -> Result<OwnedFd, RootError> {
             Some(e.into()),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_records_round_trip_and_garbage_is_refused() {
+        for (limit, delay) in [(1, None), (7, Some(1500)), (u32::MAX, Some(u64::MAX))] {
+            let rec = limit_record(limit, delay);
+            assert_eq!(
+                parse_limit_record(rec.as_bytes()),
+                Some((limit, delay)),
+                "{rec:?}"
+            );
+        }
+        for bad in [
+            "",
+            "1",
+            "0\n",
+            "x\n",
+            "+1\n",
+            "1\n\n",
+            "1\nlock-delay-ms \n",
+            "1\nlock-delay-ms 0\n",
+            "1\nlock-delay-ms -5\n",
+            "1\nlock-delay-ms 5",
+            "1\nlock-delay-ms 5\nmore\n",
+            "1\nlock-delay-ms 99999999999999999999999\n",
+            "1\nlock-delay 5\n",
+        ] {
+            assert_eq!(parse_limit_record(bad.as_bytes()), None, "{bad:?}");
+        }
+    }
 }

@@ -412,6 +412,17 @@ impl Store for DirStore {
 
     async fn acquire(&self, req: &AcquireRequest) -> Result<Lease, Error> {
         let key = &req.key;
+        // The kernel frees a dead holder's lock at once and says nothing: this mode never
+        // learns that a lease was lost rather than released, so it cannot hold a slot
+        // back. Ignoring the delay would drop a safety margin the caller asked for.
+        if req.lock_delay.is_some_and(|d| !d.is_zero()) {
+            return Err(self.root.err(
+                ErrorKind::Unsupported,
+                Op::Acquire,
+                key,
+                "kernel locks cannot have a lock-delay: the kernel frees a dead holder's lock at once without telling anyone it was lost (use dir:PATH?mode=lease)",
+            ));
+        }
         let files = self.files_for(req)?;
         let limit = files.limit;
         let (slot, fd) = match self.try_slots(&files, key)? {

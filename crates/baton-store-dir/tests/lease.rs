@@ -362,3 +362,113 @@ async fn fill(s: &Arc<LeaseStore>, r: &AcquireRequest, n: usize) -> Vec<baton_co
     }
     out
 }
+
+fn delayed(key: &str, ttl_ms: u64, delay_ms: u64, wait: Wait) -> AcquireRequest {
+    let mut r = req(key, ttl_ms, wait);
+    r.lock_delay = Some(Duration::from_millis(delay_ms));
+    r
+}
+
+#[tokio::test]
+async fn lock_delay_is_kept_with_the_key_and_shown() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let s = store(tmp.path());
+    let a = s
+        .acquire(&delayed("d", 5000, 1500, Wait::NoWait))
+        .await
+        .expect("acquire");
+    assert!(s.capabilities().lock_delay);
+    assert_eq!(
+        s.inspect(&a.key).await.expect("inspect").lock_delay_ms,
+        Some(1500)
+    );
+    s.release(&a).await.expect("release");
+    // A later request with another delay does not change the key's; resize keeps it.
+    let b = s
+        .acquire(&delayed("d", 5000, 9000, Wait::NoWait))
+        .await
+        .expect("a clean release never waits");
+    s.release(&b).await.expect("release");
+    s.resize(&a.key, 3).await.expect("resize");
+    let st = s.inspect(&a.key).await.expect("inspect");
+    assert_eq!((st.limit, st.lock_delay_ms), (3, Some(1500)));
+    // A key created without one has none.
+    let c = s
+        .acquire(&req("plain", 5000, Wait::NoWait))
+        .await
+        .expect("acquire");
+    assert_eq!(
+        s.inspect(&c.key).await.expect("inspect").lock_delay_ms,
+        None
+    );
+}
+
+#[tokio::test]
+async fn broken_lease_is_held_back_and_a_waiter_sleeps_until_the_delay_ends() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let s = store(tmp.path());
+    let a = s
+        .acquire(&delayed("d", 5000, 800, Wait::NoWait))
+        .await
+        .expect("acquire");
+    let broke = Instant::now();
+    assert_eq!(s.break_lease(&a.key, None).await.expect("break").len(), 1);
+    let err = store(tmp.path())
+        .acquire(&delayed("d", 5000, 800, Wait::NoWait))
+        .await
+        .expect_err("held back");
+    assert_eq!(err.kind(), ErrorKind::Busy);
+    assert!(err.to_string().contains("lock-delay of 800ms"), "{err:#}");
+    let note = s.inspect(&a.key).await.expect("inspect").slots[0]
+        .note
+        .clone()
+        .unwrap_or_default();
+    assert!(note.starts_with("held back"), "{note}");
+    let b = store(tmp.path())
+        .acquire(&delayed(
+            "d",
+            5000,
+            800,
+            Wait::Timeout(Duration::from_secs(30)),
+        ))
+        .await
+        .expect("granted after the delay");
+    assert!(broke.elapsed() >= Duration::from_millis(800));
+    assert!(b.token > a.token);
+    assert_eq!(s.release(&a).await.expect("release"), Released::NotHeld);
+}
+
+#[tokio::test]
+async fn garbage_lock_delay_state_is_corrupt_and_frees_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let s = store(tmp.path());
+    let a = s
+        .acquire(&delayed("d", 5000, 60_000, Wait::NoWait))
+        .await
+        .expect("acquire");
+    s.break_lease(&a.key, None).await.expect("break");
+    let dir = tmp.path().join("d");
+    let stamp = std::fs::read_dir(&dir)
+        .expect("key dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("seen."))
+        })
+        .expect("the breaker's lock-delay stamp");
+    for garbage in ["", "soon\n", "-1\n", "99999999999999999999\n"] {
+        std::fs::write(&stamp, garbage).expect("damage the stamp");
+        let err = store(tmp.path())
+            .acquire(&delayed("d", 5000, 1, Wait::NoWait))
+            .await
+            .expect_err("a garbage stamp");
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{garbage:?}: {err:#}");
+    }
+    std::fs::write(dir.join("limit"), "1\nlock-delay-ms soon\n").expect("damage the limit");
+    let err = store(tmp.path())
+        .acquire(&delayed("d", 5000, 1, Wait::NoWait))
+        .await
+        .expect_err("a garbage delay");
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err:#}");
+}

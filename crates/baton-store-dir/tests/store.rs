@@ -303,3 +303,23 @@ async fn a_deleted_key_directory_is_reopened_not_reused() {
     );
     s.release(&again).await.expect("release");
 }
+
+#[tokio::test]
+async fn a_lock_delay_on_kernel_locks_is_refused_not_ignored() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let s = store(tmp.path());
+    assert!(!s.capabilities().lock_delay);
+    let mut r = req("delayed", 1, Wait::NoWait);
+    r.lock_delay = Some(std::time::Duration::from_secs(5));
+    let err = s
+        .acquire(&r)
+        .await
+        .expect_err("a lock-delay on kernel locks");
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err:#}");
+    assert!(err.to_string().contains("mode=lease"), "{err:#}");
+    // Nothing was created, and a zero delay is no delay.
+    assert!(s.list().await.expect("list").is_empty());
+    r.lock_delay = Some(std::time::Duration::ZERO);
+    let lease = s.acquire(&r).await.expect("no delay");
+    s.release(&lease).await.expect("release");
+}

@@ -8,6 +8,15 @@
 //!   request's lease; value: JSON with the holder and the TTL;
 //! - `P/K#s/<slot>`: one per grant, attached to the holder's lease; value: JSON with the
 //!   waiter's id. The grant's fencing token is this key's create revision.
+//! - `P/K#delay`: the key's lock-delay in ms, created with the limit (keys with one only);
+//! - `P/K#g/<slot>`: (keys with a lock-delay) written without a lease in the transaction
+//!   that creates the slot key, deleted with it by a clean release. A `#g` key whose slot
+//!   key is gone is a lease that was lost (expired or broken), not released;
+//! - `P/K#h/<slot>`: (keys with a lock-delay) the slot is held back while it exists: the
+//!   first process to see a loss (the breaker, or an acquirer that finds an orphaned `#g`
+//!   key) creates it, in the transaction that deletes the `#g` key, attached to an etcd
+//!   lease of the delay's TTL, so etcd's own lease clock ends the delay and no wall clock
+//!   is read.
 //!
 //! Guarantees:
 //! - Limit: a slot key is created only by a transaction that requires the slot key to be
@@ -202,6 +211,40 @@ struct View {
     /// Waiter keys, by create revision.
     entries: Vec<Entry>,
     slots: Vec<SlotEntry>,
+    /// The key's lock-delay, if it has one.
+    delay: Option<Duration>,
+    /// `#g/<slot>` keys: (slot, mod revision).
+    grants: Vec<(u32, i64)>,
+    /// `#h/<slot>` keys: (slot, the etcd lease that ends the hold, its value).
+    holds: Vec<(u32, i64, Vec<u8>)>,
+}
+
+impl View {
+    /// Grant records whose slot key is gone: leases lost, not yet held back.
+    fn orphans(&self) -> Vec<(u32, i64)> {
+        self.grants
+            .iter()
+            .filter(|(slot, _)| !self.slots.iter().any(|s| s.slot == *slot))
+            // One already held back is garbage (no grant is made while a hold exists);
+            // it must not make an acquirer try to hold it back again and again.
+            .filter(|(slot, _)| !self.held_back(*slot))
+            .copied()
+            .collect()
+    }
+
+    fn held_back(&self, slot: u32) -> bool {
+        self.holds.iter().any(|(s, _, _)| *s == slot)
+    }
+}
+
+/// The value of a `#h/<slot>` key (for `status`; no decision reads it).
+#[derive(Serialize, Deserialize)]
+struct HoldValue {
+    /// The lost grant's token.
+    token: i64,
+    /// `expired` or `broken`.
+    how: String,
+    lost_unix_ms: u64,
 }
 
 /// The names of one key's entries.
@@ -209,9 +252,18 @@ struct Names {
     limit: String,
     waiters: String,
     slots: String,
+    delay: String,
+    grants: String,
+    holds: String,
 }
 
 impl Names {
+    fn grant(&self, slot: u32) -> String {
+        format!("{}{slot}", self.grants)
+    }
+    fn hold(&self, slot: u32) -> String {
+        format!("{}{slot}", self.holds)
+    }
     fn waiter(&self, id: i64) -> String {
         format!("{}{id:016x}", self.waiters)
     }
@@ -395,6 +447,9 @@ impl Inner {
             limit: format!("{base}#limit"),
             waiters: format!("{base}#w/"),
             slots: format!("{base}#s/"),
+            delay: format!("{base}#delay"),
+            grants: format!("{base}#g/"),
+            holds: format!("{base}#h/"),
         }
     }
 
@@ -497,12 +552,15 @@ impl Inner {
                 ),
             ),
             TxnOp::get(names.slots.clone(), Some(GetOptions::new().with_prefix())),
+            TxnOp::get(names.delay.clone(), None),
+            TxnOp::get(names.grants.clone(), Some(GetOptions::new().with_prefix())),
+            TxnOp::get(names.holds.clone(), Some(GetOptions::new().with_prefix())),
         ]
     }
 
-    /// Parses the responses of [`Inner::read_ops`], the last three of `resp`.
+    /// Parses the responses of [`Inner::read_ops`], the last six of `resp`.
     fn parse_view(&self, names: &Names, resp: &TxnResponse) -> Result<View, Error> {
-        let (revision, g) = txn_reads(resp, 3)?;
+        let (revision, g) = txn_reads(resp, 6)?;
         let limit = match g[0].kvs().first() {
             None => None,
             Some(kv) => Some((parse_limit(names, kv)?, kv.mod_revision())),
@@ -550,11 +608,49 @@ impl Inner {
             });
         }
         slots.sort_by_key(|s| s.slot);
+        let delay = match g[3].kvs().first() {
+            None => None,
+            Some(kv) => Some(parse_delay(names, kv)?),
+        };
+        let slot_of = |prefix: &str, kv: &KeyValue| -> Result<u32, Error> {
+            let name = show(kv.key());
+            name.strip_prefix(prefix)
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u32>().ok())
+                .ok_or_else(|| {
+                    corrupt(format!("{name} is not a key baton writes (no slot number)"))
+                })
+        };
+        let mut grants = Vec::new();
+        for kv in g[4].kvs() {
+            grants.push((slot_of(&names.grants, kv)?, kv.mod_revision()));
+        }
+        let mut holds = Vec::new();
+        for kv in g[5].kvs() {
+            let slot = slot_of(&names.holds, kv)?;
+            if kv.lease() == 0 {
+                // Without a lease it would hold the slot back for ever.
+                return Err(corrupt(format!(
+                    "{} holds a slot back without an etcd lease: baton did not write it",
+                    show(kv.key())
+                )));
+            }
+            holds.push((slot, kv.lease(), kv.value().to_vec()));
+        }
+        if delay.is_none() && !(grants.is_empty() && holds.is_empty()) {
+            return Err(corrupt(format!(
+                "{} is missing although the key has lock-delay records",
+                names.delay
+            )));
+        }
         Ok(View {
             revision,
             limit,
             entries,
             slots,
+            delay,
+            grants,
+            holds,
         })
     }
 
@@ -639,6 +735,15 @@ impl Inner {
                 ),
             ));
         }
+        let lock_delay = req.lock_delay.filter(|d| !d.is_zero());
+        if lock_delay.is_some_and(|d| d > MAX_LOCK_DELAY) {
+            return Err(self.err(
+                ErrorKind::InvalidInput,
+                op,
+                Some(key),
+                "the lock-delay is too large (at most 365 days)",
+            ));
+        }
         let server_ttl = server_ttl_of(ttl);
         let names = self.names(key);
         let start = Instant::now();
@@ -712,7 +817,22 @@ impl Inner {
                             CompareOp::Equal,
                             0,
                         )])
-                        .and_then([TxnOp::put(names.limit.clone(), req.limit.to_string(), None)]),
+                        .and_then(
+                            std::iter::once(TxnOp::put(
+                                names.limit.clone(),
+                                req.limit.to_string(),
+                                None,
+                            ))
+                            // The delay comes into being with the limit, never after it.
+                            .chain(lock_delay.map(|d| {
+                                TxnOp::put(
+                                    names.delay.clone(),
+                                    d.as_millis().max(1).to_string(),
+                                    None,
+                                )
+                            }))
+                            .collect::<Vec<_>>(),
+                        ),
                 ),
             ];
             ops.extend(self.read_ops(&names));
@@ -730,6 +850,8 @@ impl Inner {
                 Compare::version(names.waiters.clone(), CompareOp::Equal, 0).with_prefix(),
                 Compare::version(names.slots.clone(), CompareOp::Equal, 0).with_prefix(),
                 Compare::value(names.limit.clone(), CompareOp::Equal, req.limit.to_string()),
+                // Keys with a lock-delay always take the full path (hold-backs, records).
+                Compare::version(names.delay.clone(), CompareOp::Equal, 0),
             ])
             .and_then([
                 TxnOp::put(
@@ -845,23 +967,49 @@ impl Inner {
                 view = self.read_view(op, key, &names).await?;
                 continue;
             }
+            // Leases lost since anyone looked: hold their slots back from now on.
+            if let (Some(delay), false) = (view.delay, view.orphans().is_empty()) {
+                for (slot, g_mod) in view.orphans() {
+                    self.hold_back(op, key, &names, slot, g_mod, delay, "expired")
+                        .await?;
+                }
+                view = self.read_view(op, key, &names).await?;
+                continue;
+            }
             let mut watch_slots = false;
             if (pos as u64) < u64::from(limit) {
                 let taken: Vec<u32> = view.slots.iter().map(|s| s.slot).collect();
-                if let Some(slot) = (0..limit).find(|s| !taken.contains(s)) {
+                if let Some(slot) = (0..limit).find(|s| !taken.contains(s) && !view.held_back(*s)) {
                     let slot_key = names.slot(slot);
                     let sv = self.slot_value(my_hex.clone(), op, key)?;
+                    let mut when = vec![
+                        Compare::create_revision(mine.clone(), CompareOp::Equal, my_rev),
+                        Compare::create_revision(slot_key.clone(), CompareOp::Equal, 0),
+                        Compare::mod_revision(names.limit.clone(), CompareOp::Equal, limit_mod),
+                    ];
+                    let mut then = vec![TxnOp::put(
+                        slot_key.clone(),
+                        sv,
+                        Some(PutOptions::new().with_lease(id)),
+                    )];
+                    if view.delay.is_some() {
+                        // Not held back, no unrecorded loss; and record this grant, so
+                        // that its loss (the slot key gone without a release) shows.
+                        when.push(Compare::create_revision(
+                            names.hold(slot),
+                            CompareOp::Equal,
+                            0,
+                        ));
+                        when.push(Compare::create_revision(
+                            names.grant(slot),
+                            CompareOp::Equal,
+                            0,
+                        ));
+                        then.push(TxnOp::put(names.grant(slot), my_hex.clone(), None));
+                    }
                     let claim = Txn::new()
-                        .when([
-                            Compare::create_revision(mine.clone(), CompareOp::Equal, my_rev),
-                            Compare::create_revision(slot_key.clone(), CompareOp::Equal, 0),
-                            Compare::mod_revision(names.limit.clone(), CompareOp::Equal, limit_mod),
-                        ])
-                        .and_then([TxnOp::put(
-                            slot_key.clone(),
-                            sv,
-                            Some(PutOptions::new().with_lease(id)),
-                        )])
+                        .when(when)
+                        .and_then(then)
                         .or_else(self.read_ops(&names));
                     let resp = self
                         .call(op, Some(key), |mut c, _| {
@@ -884,11 +1032,18 @@ impl Inner {
             }
             if req.wait == Wait::NoWait {
                 let held = view.slots.len();
+                let held_back = self.hold_left(&view).await;
                 return Err(self.err(
                     ErrorKind::Busy,
                     op,
                     Some(key),
-                    if held as u64 >= u64::from(limit) {
+                    if let (Some(d), Some(left)) = (view.delay, held_back) {
+                        format!(
+                            "{held} of {limit} slot(s) are held, and a lost lease's slot is held back by the key's lock-delay of {} for about another {}",
+                            format_duration(d),
+                            format_duration(left)
+                        )
+                    } else if held as u64 >= u64::from(limit) {
                         format!("all {limit} slot(s) are held")
                     } else {
                         format!(
@@ -908,22 +1063,26 @@ impl Inner {
             targets.push(names.limit.clone());
             if watch_slots {
                 targets.push(names.slots.clone());
+                if view.delay.is_some() {
+                    // A hold-back ends by its etcd lease expiring: a deletion to wake on.
+                    targets.push(names.holds.clone());
+                }
             }
             let stale = watch.as_ref().is_none_or(|(_, t)| *t != targets);
             if stale {
                 watch = None;
                 let from = view.revision + 1;
                 let t2 = targets.clone();
-                let slots_prefix = names.slots.clone();
+                let prefixes = [names.slots.clone(), names.holds.clone()];
                 match self
                     .call(op, Some(key), |mut c, _| {
                         let targets = t2.clone();
-                        let slots_prefix = slots_prefix.clone();
+                        let prefixes = prefixes.clone();
                         async move {
                             let mut stream: Option<etcd_client::WatchStream> = None;
                             for t in targets {
                                 let mut o = WatchOptions::new().with_start_revision(from);
-                                if t == slots_prefix {
+                                if prefixes.contains(&t) {
                                     o = o.with_prefix();
                                 }
                                 match stream.as_mut() {
@@ -997,6 +1156,90 @@ impl Inner {
             }
             view = self.read_view(op, key, &names).await?;
         }
+    }
+
+    /// Holds `slot` back for `delay` from now: creates its `#h` key on an etcd lease of
+    /// the delay's TTL (whole seconds, rounded up; etcd may raise it to its minimum), in a
+    /// transaction that deletes the lost grant's record `#g` (still at `g_mod`), so that
+    /// of all who see the loss one holds the slot back. Losing that race is fine.
+    #[allow(clippy::too_many_arguments)]
+    async fn hold_back(
+        &self,
+        op: Op,
+        key: &Key,
+        names: &Names,
+        slot: u32,
+        g_mod: i64,
+        delay: Duration,
+        how: &str,
+    ) -> Result<(), Error> {
+        let secs = i64::try_from(server_ttl_of(delay)).unwrap_or(i64::MAX);
+        let hold = random_lease_id();
+        self.call(op, Some(key), |mut c, _| async move {
+            match c
+                .lease_grant(secs, Some(LeaseGrantOptions::new().with_id(hold)))
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(e) if is_lease_exists(&e) => Ok(()),
+                Err(e) => Err(e),
+            }
+        })
+        .await?;
+        let value = serde_json::to_vec(&HoldValue {
+            token: g_mod,
+            how: how.to_owned(),
+            lost_unix_ms: unix_ms(SystemTime::now()),
+        })
+        .map_err(|e| self.err(ErrorKind::InvalidInput, op, Some(key), e.to_string()))?;
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(names.grant(slot), CompareOp::Equal, g_mod),
+                Compare::create_revision(names.slot(slot), CompareOp::Equal, 0),
+                Compare::create_revision(names.hold(slot), CompareOp::Equal, 0),
+            ])
+            .and_then([
+                TxnOp::put(
+                    names.hold(slot),
+                    value,
+                    Some(PutOptions::new().with_lease(hold)),
+                ),
+                TxnOp::delete(names.grant(slot), None),
+            ]);
+        let resp = self
+            .call(op, Some(key), |mut c, _| {
+                let t = txn.clone();
+                async move { c.txn(t).await }
+            })
+            .await;
+        if !resp.as_ref().is_ok_and(|r| r.succeeded()) {
+            self.revoke_quiet(hold).await;
+        }
+        resp.map(|_| ())
+    }
+
+    /// How long the first hold-back of `view` still lasts, by etcd's lease clock (`None`:
+    /// nothing is held back, or etcd did not say).
+    async fn hold_left(&self, view: &View) -> Option<Duration> {
+        let mut left: Option<Duration> = None;
+        for (_, id, _) in &view.holds {
+            if let Some(d) = self.lease_left(*id).await {
+                left = Some(left.map_or(d, |l| l.min(d)));
+            }
+        }
+        left.or_else(|| (!view.holds.is_empty()).then_some(Duration::ZERO))
+    }
+
+    /// What is left of etcd lease `id`'s TTL, as etcd says (`None`: it did not say).
+    async fn lease_left(&self, id: i64) -> Option<Duration> {
+        self.call(Op::Inspect, None, |mut c, _| async move {
+            c.lease_time_to_live(id, None).await
+        })
+        .await
+        .ok()
+        .map(|r| r.ttl())
+        .and_then(|t| u64::try_from(t).ok())
+        .map(Duration::from_secs)
     }
 
     /// Finishes a grant: after a wait, one keep-alive so the keeper's first deadline counts
@@ -1091,11 +1334,13 @@ impl Inner {
             // Gone already (expired, broken): not held.
             return match self.lease_id_of(op, lease).await? {
                 None => Ok(Released::NotHeld),
-                Some(id) => Ok(if self.revoke(op, &lease.key, id).await? {
-                    Released::Released
-                } else {
-                    Released::NotHeld
-                }),
+                Some(id) => Ok(
+                    if self.forget_grant(lease).await? && self.revoke(op, &lease.key, id).await? {
+                        Released::Released
+                    } else {
+                        Released::NotHeld
+                    },
+                ),
             };
         };
         // Delete this grant's keys, if they are still this grant's, and keep the lease for
@@ -1110,6 +1355,8 @@ impl Inner {
             .and_then([
                 TxnOp::delete(slot_key.clone(), None),
                 TxnOp::delete(names.waiter(g.id), None),
+                // A clean release: no lock-delay record of a loss stays behind.
+                TxnOp::delete(names.grant(lease.slot), None),
             ]);
         let resp = self
             .call(op, Some(&lease.key), |mut c, _| {
@@ -1144,6 +1391,28 @@ impl Inner {
         } else {
             Released::NotHeld
         })
+    }
+
+    /// Before a release by revoking: deletes the grant's lock-delay record while the slot
+    /// key is still the grant's, so the revocation reads as a release, not a loss. False
+    /// when the slot key is not the grant's any more.
+    async fn forget_grant(&self, lease: &Lease) -> Result<bool, Error> {
+        let names = self.names(&lease.key);
+        let token = i64::try_from(lease.token.0).unwrap_or(-1);
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                names.slot(lease.slot),
+                CompareOp::Equal,
+                token,
+            )])
+            .and_then([TxnOp::delete(names.grant(lease.slot), None)]);
+        let resp = self
+            .call(Op::Release, Some(&lease.key), |mut c, _| {
+                let t = txn.clone();
+                async move { c.txn(t).await }
+            })
+            .await?;
+        Ok(resp.succeeded())
     }
 
     /// A pooled lease for a request with this TTL, if one is fresh enough.
@@ -1212,10 +1481,44 @@ impl Inner {
                 },
             }
         };
+        let mut hold_left = HashMap::new();
+        for (slot, id, _) in &view.holds {
+            if let Some(left) = self.lease_left(*id).await {
+                hold_left.insert(*slot, left);
+            }
+        }
+        let hold_note = |s: u32| -> Option<String> {
+            let d = format_duration(view.delay?);
+            if let Some((_, _, value)) = view.holds.iter().find(|(slot, _, _)| *slot == s) {
+                let until = hold_left.get(&s).map_or_else(
+                    || "until its etcd lease ends".to_owned(),
+                    |left| format!("for about another {}", format_duration(*left)),
+                );
+                let what = serde_json::from_slice::<HoldValue>(value)
+                    .map(|h| {
+                        let how = if h.how == "broken" {
+                            "was broken"
+                        } else {
+                            "expired"
+                        };
+                        format!("the lease with token {} {how}", h.token)
+                    })
+                    .unwrap_or_else(|_| "a lease was lost".into());
+                return Some(format!(
+                    "held back: {what}; the lock-delay of {d} holds the slot back {until}"
+                ));
+            }
+            view.orphans().iter().any(|(slot, _)| *slot == s).then(|| {
+                format!("lost (expired): the next acquire holds the slot back for the lock-delay of {d}")
+            })
+        };
         let mut slots = Vec::new();
         for s in 0..limit {
             slots.push(match view.slots.iter().find(|x| x.slot == s) {
-                None => SlotStatus::free(s),
+                None => SlotStatus {
+                    note: hold_note(s),
+                    ..SlotStatus::free(s)
+                },
                 Some(x) => {
                     let (holder, note) = holder_of(&x.value.waiter);
                     SlotStatus {
@@ -1268,7 +1571,9 @@ impl Inner {
                 .max()
                 .and_then(|r| u64::try_from(r).ok())
                 .map(Token),
-            lock_delay_ms: None,
+            lock_delay_ms: view
+                .delay
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         })
     }
 
@@ -1343,6 +1648,13 @@ impl Inner {
                     }
                 })
                 .await?;
+            if let Some(delay) = view.delay {
+                // The loss is the break: hold the slot back from now.
+                if let Some((_, g_mod)) = view.grants.iter().find(|(slot, _)| *slot == s.slot) {
+                    self.hold_back(op, key, &names, s.slot, *g_mod, delay, "broken")
+                        .await?;
+                }
+            }
             freed.push(SlotStatus {
                 slot: s.slot,
                 state: SlotState::Free,
@@ -1395,6 +1707,25 @@ impl Inner {
         }
         self.inspect(key).await
     }
+}
+
+/// The longest lock-delay a key can have.
+const MAX_LOCK_DELAY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn parse_delay(names: &Names, kv: &KeyValue) -> Result<Duration, Error> {
+    std::str::from_utf8(kv.value())
+        .ok()
+        .filter(|s| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(Duration::from_millis)
+        .filter(|d| !d.is_zero() && *d <= MAX_LOCK_DELAY)
+        .ok_or_else(|| {
+            corrupt(format!(
+                "{} holds {:?}, not a lock-delay (milliseconds, 1 or more)",
+                names.delay,
+                String::from_utf8_lossy(&kv.value()[..kv.value().len().min(40)])
+            ))
+        })
 }
 
 fn parse_limit(names: &Names, kv: &KeyValue) -> Result<u32, Error> {
@@ -1527,6 +1858,7 @@ impl Store for EtcdStore {
         c.break_lease = true;
         c.resize = true;
         c.fifo = true;
+        c.lock_delay = true;
         c
     }
 

@@ -669,3 +669,69 @@ fn __barrier_party() {
 fn __baton_conformance_worker() {
     baton_conformance::worker::main(open);
 }
+
+fn delayed(key: &Key, wait: Wait, delay: Duration) -> AcquireRequest {
+    let mut r = request(key, 1, wait);
+    r.lock_delay = Some(delay);
+    r
+}
+
+#[tokio::test]
+async fn lock_delay_holds_back_a_broken_slot_and_garbage_is_corrupt() {
+    let Some(base) = server_url("BATON_TEST_ETCD") else {
+        return;
+    };
+    let url = format!("{base}{}", unique_prefix());
+    let s = store(&url);
+    assert!(s.capabilities().lock_delay);
+    let k = key("delayed");
+    let minute = Duration::from_secs(60);
+    let a = s
+        .acquire(&delayed(&k, Wait::NoWait, minute))
+        .await
+        .expect("grant");
+    assert_eq!(
+        s.inspect(&k).await.expect("inspect").lock_delay_ms,
+        Some(60_000)
+    );
+    // A clean release never waits, and a later request cannot change the delay.
+    assert_eq!(s.release(&a).await.expect("release"), Released::Released);
+    let b = s
+        .acquire(&delayed(&k, Wait::NoWait, Duration::from_secs(1)))
+        .await
+        .expect("granted at once after a clean release");
+    s.break_lease(&k, None).await.expect("break");
+    let err = s
+        .acquire(&delayed(&k, Wait::NoWait, minute))
+        .await
+        .expect_err("held back");
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err:#}");
+    assert!(err.to_string().contains("lock-delay of 1m"), "{err:#}");
+    let st = s.inspect(&k).await.expect("inspect");
+    assert!(
+        st.slots[0]
+            .note
+            .as_deref()
+            .is_some_and(|n| n.starts_with("held back") && n.contains("for about another")),
+        "{st:?}"
+    );
+    assert_eq!(st.waiters, Some(0), "no residue of the refused request");
+    assert_eq!(s.release(&b).await.expect("release"), Released::NotHeld);
+
+    // A hold-back without an etcd lease, or a garbage delay, is Corrupt.
+    let hold = entry(&url, &k, "#h/0").expect("name");
+    etcdctl(&url, &["put", &hold, "{}"]).expect("put a leaseless hold");
+    let err = s
+        .acquire(&delayed(&k, Wait::NoWait, minute))
+        .await
+        .expect_err("corrupt");
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err:#}");
+    etcdctl(&url, &["del", &hold]).expect("delete it");
+    etcdctl(
+        &url,
+        &["put", &entry(&url, &k, "#delay").expect("name"), "soon"],
+    )
+    .expect("put a garbage delay");
+    let err = s.inspect(&k).await.expect_err("corrupt");
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err:#}");
+}

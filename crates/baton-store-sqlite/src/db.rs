@@ -24,8 +24,15 @@ use crate::sys::Jitter;
 /// `PRAGMA application_id` of a baton database: "batn" in ASCII.
 pub const APPLICATION_ID: i32 = 0x6261_746E;
 
-/// `PRAGMA user_version` of the schema this code writes and reads.
-pub const SCHEMA_VERSION: i32 = 1;
+/// `PRAGMA user_version` of the schema this code writes (and the newest it reads).
+/// Version 2 added lock-delays (`baton_lock_delays`, `baton_held_back`). A version-1 file
+/// gets the two tables beside its own and stays version 1, so older batons keep using
+/// it, until a key with a lock-delay is created in it: that transaction raises it to 2,
+/// so that no baton that would ignore the delay grants in it any more.
+pub const SCHEMA_VERSION: i32 = 2;
+
+/// The `user_version` of files written before lock-delays, still read and written.
+const SCHEMA_VERSION_1: i32 = 1;
 
 /// How long SQLite's own busy handler waits inside one statement before the retry loop
 /// (with jitter, which SQLite's handler lacks) takes over.
@@ -67,9 +74,44 @@ CREATE TABLE baton_waiters(
     expires_boot_ns INTEGER NOT NULL
 ) STRICT;
 CREATE INDEX baton_waiters_by_key ON baton_waiters(key, ticket);
+" /* then LOCK_DELAY_TABLES */;
+
+/// The lock-delay tables (schema version 2): a key's delay, set when the key is created,
+/// and per slot, until when (on `boot_id`'s `CLOCK_MONOTONIC`) a lost lease holds it back.
+pub(crate) const LOCK_DELAY_TABLES: &str = "
+CREATE TABLE IF NOT EXISTS baton_lock_delays(
+    key TEXT PRIMARY KEY NOT NULL,
+    delay_ms INTEGER NOT NULL CHECK (delay_ms >= 1)
+) STRICT;
+CREATE TABLE IF NOT EXISTS baton_held_back(
+    key TEXT NOT NULL,
+    slot INTEGER NOT NULL CHECK (slot >= 0),
+    token INTEGER NOT NULL,
+    how TEXT NOT NULL CHECK (how IN ('expired', 'broken')),
+    lost_ms INTEGER NOT NULL,
+    boot_id TEXT NOT NULL,
+    until_boot_ns INTEGER NOT NULL,
+    PRIMARY KEY (key, slot)
+) STRICT;
 ";
 
-const TABLES: [&str; 3] = ["baton_keys", "baton_leases", "baton_waiters"];
+const TABLES: [&str; 5] = [
+    "baton_keys",
+    "baton_leases",
+    "baton_waiters",
+    "baton_lock_delays",
+    "baton_held_back",
+];
+
+/// Raises a version-1 file to version 2 inside the caller's write transaction (called
+/// when a key with a lock-delay is created).
+pub(crate) fn require_lock_delay_schema(tx: &Connection) -> Result<(), Fail> {
+    let version: i32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version < SCHEMA_VERSION {
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
+    Ok(())
+}
 
 /// A failure inside a transaction: either the database was busy (retry the whole
 /// transaction) or a real error (give up).
@@ -218,6 +260,7 @@ pub(crate) fn check_or_init(conn: &mut Connection, path: &Path) -> Result<(), Fa
         let (app, _, objects) = header(&tx)?;
         if app == 0 && objects == 0 {
             tx.execute_batch(SCHEMA)?;
+            tx.execute_batch(LOCK_DELAY_TABLES)?;
             tx.pragma_update(None, "application_id", APPLICATION_ID)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
@@ -230,7 +273,14 @@ pub(crate) fn check_or_init(conn: &mut Connection, path: &Path) -> Result<(), Fa
              object(s)); refusing to use or change it: give baton a file of its own"
         )));
     }
-    if version != SCHEMA_VERSION {
+    if version == SCHEMA_VERSION_1 && has_tables(conn, &TABLES[..3])? && !has_tables(conn, &TABLES)?
+    {
+        // Add the lock-delay tables; the version stays 1 (see SCHEMA_VERSION).
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(LOCK_DELAY_TABLES)?;
+        tx.commit()?;
+    }
+    if version != SCHEMA_VERSION && version != SCHEMA_VERSION_1 {
         let kind = if version > SCHEMA_VERSION {
             ErrorKind::Unsupported
         } else {
@@ -244,17 +294,27 @@ pub(crate) fn check_or_init(conn: &mut Connection, path: &Path) -> Result<(), Fa
             ),
         )));
     }
-    let mut stmt = conn.prepare("SELECT name FROM sqlite_schema WHERE type = 'table'")?;
-    let names = stmt
-        .query_map([], |r| r.get::<_, String>(0))?
-        .collect::<Result<Vec<_>, _>>()?;
-    drop(stmt);
-    if let Some(missing) = TABLES.iter().find(|t| !names.iter().any(|n| n == *t)) {
+    if let Some(missing) = missing_table(conn, &TABLES)? {
         return Err(corrupt(format!(
             "{shown} carries baton's application_id but has no table {missing}"
         )));
     }
     wal(conn, path)
+}
+
+fn missing_table(conn: &Connection, tables: &[&'static str]) -> Result<Option<&'static str>, Fail> {
+    let mut stmt = conn.prepare("SELECT name FROM sqlite_schema WHERE type = 'table'")?;
+    let names = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(tables
+        .iter()
+        .copied()
+        .find(|t| !names.iter().any(|n| n == *t)))
+}
+
+fn has_tables(conn: &Connection, tables: &[&'static str]) -> Result<bool, Fail> {
+    missing_table(conn, tables).map(|m| m.is_none())
 }
 
 /// `(application_id, user_version, number of schema objects)`, read in one statement so

@@ -14,6 +14,12 @@
 //! - Fairness: a waiter holds a ticket (an ever-increasing number); a request is granted
 //!   only while the free slots outnumber the live tickets ahead of it, so nobody barges
 //!   past a queued waiter.
+//! - Lock-delay (keys created with one): when a lease is lost rather than released (it
+//!   expired, or was broken), the transaction that finds it so writes a `baton_held_back`
+//!   row for its slot: held back until its expiry (or, for a break, the break) plus the
+//!   delay, on the same `CLOCK_MONOTONIC` as expiry, so no wall-clock step shortens it. No
+//!   grant uses a slot with such a row of this boot before then. A row of an earlier boot
+//!   is void: the reboot ended every holder (the store is local to one host).
 //! - No residue: a waiter that gives up deletes its ticket before the acquire returns
 //!   (timeout, error) or right after (a dropped future); a waiter that dies leaves a
 //!   ticket whose lock the kernel dropped, which the next look at the queue ignores and
@@ -108,15 +114,48 @@ struct TicketRow {
     expires_boot_ns: i64,
 }
 
+/// A `baton_held_back` row as read, types checked.
+struct HeldBackRow {
+    slot: u32,
+    token: i64,
+    how: String,
+    boot_id: String,
+    until_boot_ns: i64,
+}
+
 /// A key's state, read in one transaction.
 struct View {
     lim: u32,
     /// `max(seq, every lease token)`: the last token granted.
     last_token: i64,
     leases: Vec<LeaseRow>,
+    /// The key's lock-delay in ms, if it has one.
+    delay_ms: Option<i64>,
+    held_back: Vec<HeldBackRow>,
 }
 
 impl View {
+    /// How long the lock-delay still holds `slot` back (`None`: it does not).
+    fn held_back(&self, slot: u32, boot_id: &str, now: i64) -> Option<Duration> {
+        self.held_back
+            .iter()
+            .find(|h| h.slot == slot && h.boot_id == boot_id && now < h.until_boot_ns)
+            .map(|h| Duration::from_nanos(u64::try_from(h.until_boot_ns - now).unwrap_or(0)))
+    }
+
+    /// Slots below the limit that are free of live leases but held back, with how long.
+    fn held_back_free(&self, boot_id: &str, now: i64) -> Vec<(u32, Duration)> {
+        (0..self.lim)
+            .filter(|s| {
+                !self
+                    .leases
+                    .iter()
+                    .any(|l| l.slot == *s && self.lease_live(l, boot_id, now))
+            })
+            .filter_map(|s| self.held_back(s, boot_id, now).map(|d| (s, d)))
+            .collect()
+    }
+
     fn lease_live(&self, l: &LeaseRow, boot_id: &str, now: i64) -> bool {
         l.boot_id == boot_id && now < l.expires_boot_ns
     }
@@ -158,6 +197,8 @@ enum Attempt {
     Busy {
         lim: u32,
         held: usize,
+        /// The shortest lock-delay left on a slot held back, if any is, and the delay.
+        held_back: Option<(Duration, Duration)>,
     },
 }
 
@@ -287,10 +328,55 @@ impl Inner {
         drop(rows);
         drop(stmt);
         let last_token = leases.iter().map(|l| l.token).fold(seq, i64::max);
+        let delay_ms = tx
+            .prepare_cached("SELECT delay_ms FROM baton_lock_delays WHERE key = ?1")?
+            .query_row([k], |r| Ok(Value::from(r.get_ref(0)?)))
+            .optional()?
+            .map(|v| {
+                int_value((&v).into(), "delay_ms").and_then(|ms| {
+                    (1..=MAX_LOCK_DELAY_MS)
+                        .contains(&ms)
+                        .then_some(ms)
+                        .ok_or_else(|| {
+                            corrupt(format!(
+                            "baton_lock_delays row of '{k}': delay_ms holds {ms}, not a lock-delay"
+                        ))
+                        })
+                })
+            })
+            .transpose()?;
+        let mut held_back = Vec::new();
+        let mut stmt = tx.prepare_cached(
+            "SELECT slot, token, how, boot_id, until_boot_ns FROM baton_held_back WHERE key = ?1",
+        )?;
+        let mut rows = stmt.query([k])?;
+        while let Some(r) = rows.next()? {
+            let read = || -> Result<HeldBackRow, Fail> {
+                let row = HeldBackRow {
+                    slot: int_in(r, 0, "slot", 0, i64::from(u32::MAX))? as u32,
+                    token: int_in(r, 1, "token", 0, i64::MAX)?,
+                    how: text(r, 2, "how")?,
+                    boot_id: text(r, 3, "boot_id")?,
+                    until_boot_ns: int(r, 4, "until_boot_ns")?,
+                };
+                if row.how != "expired" && row.how != "broken" {
+                    return Err(corrupt(format!("column how holds {:?}", row.how)));
+                }
+                Ok(row)
+            };
+            held_back.push(read().map_err(|f| match f {
+                Fail::Err(e) if e.kind() == ErrorKind::Corrupt => {
+                    corrupt(format!("a baton_held_back row of '{k}': {}", e.message()))
+                }
+                other => other,
+            })?);
+        }
         Ok(Some(View {
             lim,
             last_token,
             leases,
+            delay_ms,
+            held_back,
         }))
     }
 
@@ -350,9 +436,10 @@ impl Inner {
             .iter()
             .filter(|l| view.lease_live(l, &self.boot_id, now))
             .count();
+        let held_back = view.held_back_free(&self.boot_id, now).len();
         let available = view
             .lim
-            .saturating_sub(u32::try_from(live_leases).unwrap_or(u32::MAX));
+            .saturating_sub(u32::try_from(live_leases + held_back).unwrap_or(u32::MAX));
         let mine_present = match mine {
             Some(m) => tx
                 .prepare_cached("SELECT 1 FROM baton_waiters WHERE ticket = ?1 AND key = ?2")?
@@ -391,6 +478,55 @@ impl Inner {
         })
     }
 
+    /// Records in `tx` that lease `l` of `view`'s key was lost (`how`: expired or broken)
+    /// at `lost_ns` on this boot's monotonic clock, when the key has a lock-delay: its slot
+    /// is held back until `lost_ns` + the delay. A lease of an earlier boot is not held
+    /// back (the reboot ended its holder). Returns the row written, if any.
+    fn record_loss(
+        &self,
+        tx: &Connection,
+        key: &str,
+        view: &View,
+        l: &LeaseRow,
+        how: &str,
+        lost_ns: i64,
+    ) -> Result<Option<HeldBackRow>, Fail> {
+        let Some(ms) = view.delay_ms else {
+            return Ok(None);
+        };
+        if l.boot_id != self.boot_id {
+            return Ok(None);
+        }
+        let until = lost_ns.saturating_add(ms.saturating_mul(1_000_000));
+        let wall = i64::try_from(unix_ms(SystemTime::now())).unwrap_or(i64::MAX);
+        // A later loss of the same slot only ever pushes the end further out.
+        tx.prepare_cached(
+            "INSERT INTO baton_held_back(key, slot, token, how, lost_ms, boot_id, until_boot_ns)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT(key, slot) DO UPDATE SET token = excluded.token, how = excluded.how,
+                 lost_ms = excluded.lost_ms, boot_id = excluded.boot_id,
+                 until_boot_ns = excluded.until_boot_ns
+             WHERE baton_held_back.boot_id != excluded.boot_id
+                OR baton_held_back.until_boot_ns < excluded.until_boot_ns",
+        )?
+        .execute(rusqlite::params![
+            key,
+            l.slot,
+            l.token,
+            how,
+            wall,
+            self.boot_id,
+            until
+        ])?;
+        Ok(Some(HeldBackRow {
+            slot: l.slot,
+            token: l.token,
+            how: how.to_owned(),
+            boot_id: self.boot_id.clone(),
+            until_boot_ns: until,
+        }))
+    }
+
     /// One acquire attempt in one write transaction. `ticket` and `lock` are the
     /// request's place in the queue, updated here.
     #[allow(clippy::too_many_arguments)]
@@ -410,10 +546,17 @@ impl Inner {
         // Taken before the clock the expiry counts from: the keeper's first deadline.
         let sent_at = Instant::now();
         let now = monotonic_ns();
-        tx.prepare_cached(
-            "INSERT INTO baton_keys(key, lim, seq) VALUES (?1, ?2, 0) ON CONFLICT(key) DO NOTHING",
-        )?
-        .execute(rusqlite::params![k, req.limit])?;
+        let created = tx
+            .prepare_cached(
+                "INSERT INTO baton_keys(key, lim, seq) VALUES (?1, ?2, 0) ON CONFLICT(key) DO NOTHING",
+            )?
+            .execute(rusqlite::params![k, req.limit])?;
+        if let (1, Some(ms)) = (created, enc.lock_delay_ms) {
+            // In the transaction that creates the key: no one sees it without its delay.
+            db::require_lock_delay_schema(&tx)?;
+            tx.prepare_cached("INSERT INTO baton_lock_delays(key, delay_ms) VALUES (?1, ?2)")?
+                .execute(rusqlite::params![k, ms])?;
+        }
         let view = self
             .read_view(&tx, &req.key)?
             .ok_or_else(|| corrupt("the key's row vanished inside a transaction"))?;
@@ -429,15 +572,27 @@ impl Inner {
                 .with_current_limit(view.lim),
             ));
         }
-        let standing = self.standing(&tx, &view, &req.key, *ticket, now, probe, queue)?;
+        let mut view = view;
+        let mut losses = Vec::new();
         for l in &view.leases {
             if !view.lease_live(l, &self.boot_id, now) {
                 tx.prepare_cached(
                     "DELETE FROM baton_leases WHERE key = ?1 AND slot = ?2 AND token = ?3",
                 )?
                 .execute(rusqlite::params![k, l.slot, l.token])?;
+                // It expired at its expiry, so the delay runs from then, not from now. (A
+                // no-wait look rolls this back with the rest; the next look finds it again.)
+                losses.extend(self.record_loss(&tx, k, &view, l, "expired", l.expires_boot_ns)?);
             }
         }
+        for h in losses {
+            view.held_back
+                .retain(|x| x.slot != h.slot || x.until_boot_ns > h.until_boot_ns);
+            if !view.held_back.iter().any(|x| x.slot == h.slot) {
+                view.held_back.push(h);
+            }
+        }
+        let standing = self.standing(&tx, &view, &req.key, *ticket, now, probe, queue)?;
         for t in &standing.dead_tickets {
             tx.prepare_cached("DELETE FROM baton_waiters WHERE ticket = ?1")?
                 .execute([t])?;
@@ -450,8 +605,10 @@ impl Inner {
                 .map(|l| l.slot)
                 .collect();
             let slot = (0..view.lim)
-                .find(|s| !live.contains(s))
+                .find(|s| !live.contains(s) && view.held_back(*s, &self.boot_id, now).is_none())
                 .ok_or_else(|| corrupt("no free slot number although slots are free"))?;
+            tx.prepare_cached("DELETE FROM baton_held_back WHERE key = ?1 AND slot = ?2")?
+                .execute(rusqlite::params![k, slot])?;
             let token = view.last_token.checked_add(1).ok_or_else(|| {
                 corrupt("the key's token sequence is exhausted (it reached 2^63 - 1)")
             })?;
@@ -502,16 +659,29 @@ impl Inner {
                 .iter()
                 .filter(|l| view.lease_live(l, &self.boot_id, now))
                 .count();
+            let held_back = view
+                .held_back_free(&self.boot_id, now)
+                .into_iter()
+                .map(|(_, d)| d)
+                .min()
+                .zip(view.delay_ms.map(|ms| Duration::from_millis(ms as u64)));
             return Ok(Attempt::Busy {
                 lim: view.lim,
                 held,
+                held_back,
             });
         }
+        // A lock-delay that ends writes nothing either: look again then too.
         let next_expiry = view
             .leases
             .iter()
             .filter(|l| view.lease_live(l, &self.boot_id, now))
             .map(|l| Duration::from_nanos(u64::try_from(l.expires_boot_ns - now).unwrap_or(0)))
+            .chain(
+                view.held_back_free(&self.boot_id, now)
+                    .into_iter()
+                    .map(|(_, d)| d),
+            )
             .min();
         let ticket_ttl = i64::try_from(TICKET_TTL.as_nanos()).unwrap_or(i64::MAX);
         let expires = now.saturating_add(ticket_ttl);
@@ -689,12 +859,22 @@ impl Inner {
             first = false;
             let (queued_ahead, next_expiry) = match outcome {
                 Attempt::Granted(lease) => return Ok(*lease),
-                Attempt::Busy { lim, held } => {
+                Attempt::Busy {
+                    lim,
+                    held,
+                    held_back,
+                } => {
                     return Err(self.err(
                         ErrorKind::Busy,
                         Op::Acquire,
                         Some(key),
-                        if held as u32 >= lim {
+                        if let Some((left, d)) = held_back {
+                            format!(
+                                "{held} of {lim} slot(s) are held, and a lost lease's slot is held back by the key's lock-delay of {} for about another {}",
+                                format_duration(d),
+                                format_duration(left)
+                            )
+                        } else if held as u32 >= lim {
                             format!("all {lim} slot(s) are held")
                         } else {
                             format!(
@@ -787,15 +967,33 @@ impl Inner {
                     |r| Ok((Value::from(r.get_ref(0)?), Value::from(r.get_ref(1)?))),
                 )
                 .optional()?;
-            tx.commit()?;
             // A row that was ours but had expired is cleaned up, and answers NotHeld: the
             // holder had lost it (its keeper said so), even if nobody took the slot yet.
-            Ok(match row {
-                Some((Value::Text(b), Value::Integer(e))) if b == self.boot_id && now < e => {
+            let released = match &row {
+                Some((Value::Text(b), Value::Integer(e))) if *b == self.boot_id && now < *e => {
                     Released::Released
                 }
                 _ => Released::NotHeld,
-            })
+            };
+            if let (Released::NotHeld, Some((Value::Text(b), Value::Integer(e)))) = (released, &row)
+            {
+                // A late release of an expired lease is a loss, not a release: its slot
+                // stays held back for the key's lock-delay after the expiry.
+                if let Some(view) = self.read_view(&tx, key)? {
+                    let lost = LeaseRow {
+                        slot: lease.slot,
+                        token: token_i64(lease.token)?,
+                        holder_id: holder_id.clone(),
+                        boot_id: b.clone(),
+                        expires_boot_ns: *e,
+                        holder_json: String::new(),
+                        acquired_ms: 0,
+                    };
+                    self.record_loss(&tx, key.as_str(), &view, &lost, "expired", *e)?;
+                }
+            }
+            tx.commit()?;
+            Ok(released)
         });
         self.put(conn);
         result.map_err(|s| self.stopped(s, op, Some(key)))
@@ -881,10 +1079,42 @@ impl Inner {
             })?;
         let mut slots = Vec::with_capacity(view.lim as usize);
         for s in 0..view.lim {
-            slots.push(match view.leases.iter().find(|l| l.slot == s) {
+            let mut st = match view.leases.iter().find(|l| l.slot == s) {
                 Some(l) => self.slot_status(&view, l, now),
                 None => SlotStatus::free(s),
+            };
+            let expired_here = view.leases.iter().find(|l| {
+                l.slot == s && l.boot_id == self.boot_id && !view.lease_live(l, &self.boot_id, now)
             });
+            if let (SlotState::Free, Some(l), Some(ms)) = (st.state, expired_here, view.delay_ms) {
+                // Expired but not yet cleaned up: held back from its expiry on.
+                let until = l
+                    .expires_boot_ns
+                    .saturating_add(ms.saturating_mul(1_000_000));
+                if now < until {
+                    st.note = Some(format!(
+                        "held back: the lease with token {} expired; the lock-delay of {} holds the slot back for about another {}",
+                        l.token,
+                        format_duration(Duration::from_millis(ms as u64)),
+                        format_duration(Duration::from_nanos((until - now) as u64))
+                    ));
+                }
+            } else if st.state == SlotState::Free {
+                if let (Some(left), Some(h), Some(ms)) = (
+                    view.held_back(s, &self.boot_id, now),
+                    view.held_back.iter().find(|h| h.slot == s),
+                    view.delay_ms,
+                ) {
+                    st.note = Some(format!(
+                        "held back: the lease with token {} {}; the lock-delay of {} holds the slot back for about another {}",
+                        h.token,
+                        if h.how == "broken" { "was broken" } else { "expired" },
+                        format_duration(Duration::from_millis(ms as u64)),
+                        format_duration(left)
+                    ));
+                }
+            }
+            slots.push(st);
         }
         for l in view.leases.iter().filter(|l| l.slot >= view.lim) {
             if view.lease_live(l, &self.boot_id, now) {
@@ -902,7 +1132,7 @@ impl Inner {
             slots,
             waiters: Some(u32::try_from(waiters).unwrap_or(u32::MAX)),
             last_token: Some(Token(view.last_token as u64)),
-            lock_delay_ms: None,
+            lock_delay_ms: view.delay_ms.map(|ms| ms as u64),
         })
     }
 
@@ -977,6 +1207,11 @@ impl Inner {
                 )?
                 .execute(rusqlite::params![key.as_str(), l.slot, l.token])?;
                 let live = view.lease_live(l, &self.boot_id, now);
+                if live {
+                    self.record_loss(tx, key.as_str(), &view, l, "broken", now)?;
+                } else {
+                    self.record_loss(tx, key.as_str(), &view, l, "expired", l.expires_boot_ns)?;
+                }
                 freed.push(SlotStatus {
                     slot: l.slot,
                     state: SlotState::Free,
@@ -1029,17 +1264,38 @@ struct Encoded {
     holder_id: String,
     holder_json: String,
     ttl: Duration,
+    /// The lock-delay for a key this request creates (`None`: none, or zero).
+    lock_delay_ms: Option<i64>,
 }
+
+/// The longest lock-delay a key can have: far beyond any use, and small enough that
+/// `until_boot_ns` arithmetic never overflows.
+const MAX_LOCK_DELAY_MS: i64 = 365 * 24 * 3600 * 1000;
 
 impl Encoded {
     fn new(req: &AcquireRequest) -> Result<Encoded, Error> {
         let ttl = req.ttl.unwrap_or(DEFAULT_TTL);
         ttl_nanos(ttl)?;
         let holder_json = req.holder.to_json()?;
+        let lock_delay_ms = match req.lock_delay.filter(|d| !d.is_zero()) {
+            None => None,
+            Some(d) => Some(
+                i64::try_from(d.as_millis().max(1))
+                    .ok()
+                    .filter(|ms| *ms <= MAX_LOCK_DELAY_MS)
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::InvalidInput,
+                            "the lock-delay is too large (at most 365 days)",
+                        )
+                    })?,
+            ),
+        };
         Ok(Encoded {
             holder_id: req.holder.id.to_string(),
             holder_json,
             ttl,
+            lock_delay_ms,
         })
     }
 }
@@ -1225,6 +1481,7 @@ impl Store for SqliteStore {
         c.break_lease = true;
         c.resize = true;
         c.fifo = true;
+        c.lock_delay = true;
         c
     }
 

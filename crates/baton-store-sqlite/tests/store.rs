@@ -774,3 +774,203 @@ fn a_burst_of_processes_never_sees_database_is_locked() {
     assert_eq!(count(&path, "baton_leases"), 0);
     assert_eq!(count(&path, "baton_waiters"), 0);
 }
+
+// ---- lock-delay ----
+
+fn delayed(key: &str, wait: Wait, delay: Duration) -> AcquireRequest {
+    let mut r = req_ttl(key, wait, Duration::from_secs(600));
+    r.lock_delay = Some(delay);
+    r
+}
+
+fn user_version(path: &Path) -> i32 {
+    Connection::open(path)
+        .expect("sqlite")
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .expect("version")
+}
+
+#[tokio::test]
+async fn an_expired_lease_is_held_back_from_its_expiry_for_the_lock_delay() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = db(tmp.path());
+    let s = open(&path);
+    assert!(s.capabilities().lock_delay);
+    let minute = Duration::from_secs(60);
+    let a = s
+        .acquire(&delayed("ld/a", Wait::NoWait, minute))
+        .await
+        .expect("a");
+    assert_eq!(
+        s.inspect(&a.key).await.expect("inspect").lock_delay_ms,
+        Some(60_000)
+    );
+    set_lease(
+        &path,
+        "ld/a",
+        &format!("expires_boot_ns = {}", monotonic_ns() - 1),
+    );
+    let err = s
+        .acquire(&delayed("ld/a", Wait::NoWait, Duration::ZERO))
+        .await
+        .expect_err("held back");
+    assert_eq!(err.kind(), ErrorKind::Busy);
+    assert!(err.to_string().contains("lock-delay of 1m"), "{err:#}");
+    let st = s.inspect(&a.key).await.expect("inspect");
+    assert!(
+        st.slots[0]
+            .note
+            .as_deref()
+            .is_some_and(|n| n.starts_with("held back")),
+        "{st:?}"
+    );
+    // A waiter times out inside the delay, and leaves no ticket.
+    let err = s
+        .acquire(&delayed(
+            "ld/a",
+            Wait::Timeout(Duration::from_millis(200)),
+            minute,
+        ))
+        .await
+        .expect_err("still held back");
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err:#}");
+    assert_eq!(count(&path, "baton_waiters"), 0);
+    // The delay runs from the expiry: an expiry over a minute ago frees the slot.
+    let _ = s.acquire(&delayed("ld/a", Wait::NoWait, minute)).await;
+    let c = Connection::open(&path).expect("sqlite");
+    c.execute(
+        "UPDATE baton_held_back SET until_boot_ns = ?1 WHERE key = 'ld/a'",
+        [monotonic_ns() - 1],
+    )
+    .expect("age the hold-back");
+    let b = s
+        .acquire(&delayed("ld/a", Wait::NoWait, minute))
+        .await
+        .expect("the delay is over");
+    assert!(b.token > a.token);
+    assert_eq!(count(&path, "baton_held_back"), 0);
+    // A clean release never waits.
+    assert_eq!(s.release(&b).await.expect("release"), Released::Released);
+    s.acquire(&delayed("ld/a", Wait::NoWait, minute))
+        .await
+        .expect("after a clean release");
+}
+
+#[tokio::test]
+async fn a_late_release_or_a_break_is_a_loss_and_holds_the_slot_back() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = db(tmp.path());
+    let s = open(&path);
+    let minute = Duration::from_secs(60);
+    let a = s
+        .acquire(&delayed("ld/late", Wait::NoWait, minute))
+        .await
+        .expect("a");
+    set_lease(
+        &path,
+        "ld/late",
+        &format!("expires_boot_ns = {}", monotonic_ns() - 1),
+    );
+    assert_eq!(s.release(&a).await.expect("release"), Released::NotHeld);
+    let err = s
+        .acquire(&delayed("ld/late", Wait::NoWait, minute))
+        .await
+        .expect_err("held back after a late release");
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err:#}");
+
+    let b = s
+        .acquire(&delayed("ld/broken", Wait::NoWait, minute))
+        .await
+        .expect("b");
+    s.break_lease(&b.key, None).await.expect("break");
+    let err = s
+        .acquire(&delayed("ld/broken", Wait::NoWait, minute))
+        .await
+        .expect_err("held back after a break");
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err:#}");
+    assert!(err.to_string().contains("lock-delay"), "{err:#}");
+    // A key without a delay is free at once after a break.
+    let c = s
+        .acquire(&req("ld/plain", 1, Wait::NoWait))
+        .await
+        .expect("c");
+    s.break_lease(&c.key, None).await.expect("break");
+    s.acquire(&req("ld/plain", 1, Wait::NoWait))
+        .await
+        .expect("no delay");
+}
+
+#[test]
+fn garbage_lock_delay_rows_are_corrupt_and_free_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = db(tmp.path());
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    rt.block_on(async {
+        let s = open(&path);
+        let minute = Duration::from_secs(60);
+        s.acquire(&delayed("d1", Wait::NoWait, minute))
+            .await
+            .expect("d1");
+        let d2 = s
+            .acquire(&delayed("d2", Wait::NoWait, minute))
+            .await
+            .expect("d2");
+        s.break_lease(&d2.key, None).await.expect("break");
+    });
+    tamper(
+        &path,
+        "baton_lock_delays",
+        "UPDATE baton_lock_delays SET delay_ms = 'soon' WHERE key = 'd1';",
+    );
+    tamper(
+        &path,
+        "baton_held_back",
+        "PRAGMA ignore_check_constraints = ON;
+         UPDATE baton_held_back SET how = 'forgiven' WHERE key = 'd2';",
+    );
+    rt.block_on(async {
+        let s = open(&path);
+        for key in ["d1", "d2"] {
+            let err = s
+                .acquire(&req_ttl(key, Wait::NoWait, Duration::from_secs(5)))
+                .await
+                .expect_err(key);
+            assert_eq!(err.kind(), ErrorKind::Corrupt, "{key}: {err:#}");
+            let err = s
+                .inspect(&Key::new(key).expect("key"))
+                .await
+                .expect_err(key);
+            assert_eq!(err.kind(), ErrorKind::Corrupt, "{key}: {err:#}");
+        }
+    });
+}
+
+#[tokio::test]
+async fn a_version_1_file_stays_1_until_a_key_gets_a_lock_delay() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let path = db(tmp.path());
+    drop(open(&path));
+    // What a baton before lock-delays wrote.
+    Connection::open(&path)
+        .expect("sqlite")
+        .execute_batch(
+            "DROP TABLE baton_lock_delays; DROP TABLE baton_held_back; PRAGMA user_version = 1;",
+        )
+        .expect("downgrade");
+    let s = open(&path);
+    let a = s
+        .acquire(&req("plain", 1, Wait::NoWait))
+        .await
+        .expect("plain");
+    s.release(&a).await.expect("release");
+    assert_eq!(user_version(&path), 1);
+    let b = s
+        .acquire(&delayed("delayed", Wait::NoWait, Duration::from_secs(1)))
+        .await
+        .expect("delayed");
+    assert_eq!(user_version(&path), SCHEMA_VERSION);
+    assert_eq!(
+        s.inspect(&b.key).await.expect("inspect").lock_delay_ms,
+        Some(1000)
+    );
+}

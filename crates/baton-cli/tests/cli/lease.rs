@@ -193,3 +193,75 @@ fn resize_changes_the_limit_and_never_evicts() {
         .code(69)
         .one_error_line();
 }
+
+#[test]
+fn lock_delay_is_set_at_creation_shown_and_a_clean_exit_never_waits() {
+    let dir = Dir::new();
+    lease_cmd(
+        &dir,
+        &["run", "--lock-delay", "30s", "-k", "k", "--", "true"],
+    )
+    .output()
+    .code(0);
+    let out = lease_cmd(&dir, &["status", "--json", "k"]).output();
+    out.code(0);
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("json");
+    assert_eq!(v["lock_delay_ms"].as_u64(), Some(30_000), "{out:?}");
+    lease_cmd(&dir, &["status", "k"])
+        .output()
+        .code(0)
+        .stdout_has("lock-delay 30s");
+    // The command exited: a clean release, so the next run is granted at once.
+    lease_cmd(&dir, &["run", "--no-wait", "-k", "k", "--", "true"])
+        .output()
+        .code(0);
+    lease_cmd(&dir, &["run", "--help"])
+        .output()
+        .code(0)
+        .stdout_has("--lock-delay");
+}
+
+#[test]
+fn a_broken_lease_holds_its_slot_back_for_the_lock_delay() {
+    let dir = Dir::new();
+    let holder = lease_cmd(
+        &dir,
+        &[
+            "run",
+            "--lock-delay",
+            "30s",
+            "--ttl",
+            "600ms",
+            "--kill-grace",
+            "2s",
+            "-k",
+            "k",
+            "--",
+            "sleep",
+            "30",
+        ],
+    )
+    .spawn();
+    wait_until("the lease is held", || lease_held(&dir, "k"));
+    lease_cmd(&dir, &["break", "k"]).output().code(0);
+    holder.finish().code(76);
+    lease_cmd(&dir, &["run", "--no-wait", "-k", "k", "--", "true"])
+        .output()
+        .code(75)
+        .one_error_line()
+        .stderr_has("lock-delay of 30s");
+    lease_cmd(&dir, &["status", "k"])
+        .output()
+        .code(0)
+        .stdout_has("held back");
+}
+
+#[test]
+fn a_lock_delay_on_kernel_locks_is_a_clear_error() {
+    let dir = Dir::new();
+    let out = dir
+        .cmd(&["run", "--lock-delay", "5s", "-k", "k", "--", "true"])
+        .output();
+    assert_ne!(out.code, Some(0), "{out:?}");
+    out.one_error_line().stderr_has("mode=lease");
+}
