@@ -14,7 +14,7 @@ use baton_conformance::servers::{url_from_env, Server};
 use baton_core::{
     AcquireRequest, BarrierRequest, ErrorKind, Holder, Key, Lease, Released, Store, StoreUrl, Wait,
 };
-use baton_store_postgres::PostgresStore;
+use baton_store_postgres::{PostgresStore, SCHEMA_VERSION};
 use tokio_postgres::{Client, NoTls};
 
 /// Anything that must happen does so within this (a liveness bound, not a speed check).
@@ -592,7 +592,7 @@ async fn tables_baton_did_not_write_are_corrupt() {
 
     // A column retyped under a handle that already checked the schema.
     c.batch_execute(&format!(
-        "UPDATE {schema}.meta SET value = '1' WHERE name = 'schema_version'; \
+        "UPDATE {schema}.meta SET value = '{SCHEMA_VERSION}' WHERE name = 'schema_version'; \
          ALTER TABLE {schema}.keys ALTER COLUMN seq TYPE text"
     ))
     .await
@@ -607,7 +607,7 @@ async fn tables_baton_did_not_write_are_corrupt() {
 
     // A limit no key can have (status would list two billion slots).
     c.batch_execute(&format!(
-        "UPDATE {schema}.meta SET value = '1' WHERE name = 'schema_version'; \
+        "UPDATE {schema}.meta SET value = '{SCHEMA_VERSION}' WHERE name = 'schema_version'; \
          ALTER TABLE {schema}.keys ALTER COLUMN seq TYPE bigint USING seq::bigint; \
          UPDATE {schema}.keys SET lim = 2147483647"
     ))
