@@ -841,3 +841,246 @@ async fn barrier_parties_meet_generation_after_generation() {
         );
     }
 }
+
+fn with_delay(mut r: AcquireRequest, delay: Duration) -> AcquireRequest {
+    r.lock_delay = Some(delay);
+    r
+}
+
+/// Lock-delay (DESIGN, contract point 8): a lease that is lost (broken, or taken over
+/// after a waiter saw no renewal for its TTL) holds its slot back for the key's delay,
+/// and its holder's renew answers lost and its release not held; a released lease frees
+/// its slot at once. The only time checked is "not before the delay".
+#[tokio::test(flavor = "current_thread")]
+async fn lock_delay_holds_a_lost_slot_back_and_a_released_one_does_not() {
+    let Some(base) = base_url("lock_delay_holds_a_lost_slot_back_and_a_released_one_does_not")
+    else {
+        return;
+    };
+    let store = open(&with_schema(&base, "baton_storetest"));
+    assert!(store.capabilities().lock_delay);
+    let delay = Duration::from_millis(1500);
+    let long = Duration::from_secs(60);
+    let k = key("delay");
+
+    // The request that creates the key sets its delay; status shows it.
+    let first = store
+        .acquire(&with_delay(request(&k, 1, Wait::NoWait, long), delay))
+        .await
+        .expect("first grant");
+    let st = store.inspect(&k).await.expect("inspect");
+    assert_eq!(st.lock_delay_ms, Some(1500), "{st:?}");
+
+    // A clean release never waits.
+    assert_eq!(
+        store.release(&first).await.expect("release"),
+        Released::Released
+    );
+    let second = store
+        .acquire(&request(&k, 1, Wait::NoWait, long))
+        .await
+        .expect("a released slot is granted at once");
+
+    // A broken lease holds the slot back.
+    let freed = store.break_lease(&k, None).await.expect("break");
+    let broken_at = Instant::now();
+    assert_eq!(freed.len(), 1, "{freed:?}");
+    let e = store
+        .renew(&second)
+        .await
+        .expect_err("a broken lease is not renewed");
+    assert_eq!(e.kind(), ErrorKind::Lost, "{e:#}");
+    assert_eq!(
+        store.release(&second).await.expect("release"),
+        Released::NotHeld
+    );
+    let e = store
+        .acquire(&request(&k, 1, Wait::NoWait, long))
+        .await
+        .expect_err("held back by the lock-delay");
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e:#}");
+    let st = store.inspect(&k).await.expect("inspect");
+    assert_eq!(st.held(), 0, "{st:?}");
+    assert!(
+        st.slots[0]
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("lock-delay")),
+        "{st:?}"
+    );
+    let third = store
+        .acquire(&request(&k, 1, Wait::Timeout(LIVENESS), long))
+        .await
+        .expect("granted after the delay");
+    let granted_at = Instant::now();
+    assert!(
+        granted_at >= broken_at + delay,
+        "granted {:?} after the break, before the {delay:?} lock-delay",
+        granted_at - broken_at
+    );
+    assert!(third.token > second.token);
+
+    // A lease taken over after its TTL (it is never renewed) is lost, not released: the
+    // slot is held back again, for the delay after the takeover.
+    assert_eq!(
+        store.release(&third).await.expect("release"),
+        Released::Released
+    );
+    let ttl = Duration::from_millis(300);
+    let silent = store
+        .acquire(&request(&k, 1, Wait::NoWait, ttl))
+        .await
+        .expect("a released slot is granted at once");
+    let acquired_at = Instant::now();
+    let next = store
+        .acquire(&request(&k, 1, Wait::Timeout(LIVENESS), long))
+        .await
+        .expect("taken over, then granted after the delay");
+    let granted_at = Instant::now();
+    assert!(
+        granted_at >= acquired_at + ttl + delay,
+        "granted {:?} after the silent holder's grant, before its TTL and the lock-delay",
+        granted_at - acquired_at
+    );
+    let e = store.renew(&silent).await.expect_err("taken over");
+    assert_eq!(e.kind(), ErrorKind::Lost, "{e:#}");
+    assert_eq!(
+        store.release(&silent).await.expect("release"),
+        Released::NotHeld
+    );
+    assert_eq!(
+        store.release(&next).await.expect("release"),
+        Released::Released
+    );
+
+    // A key created without a delay has none: a break frees the slot at once.
+    let plain = key("no-delay");
+    let l = store
+        .acquire(&request(&plain, 1, Wait::NoWait, long))
+        .await
+        .expect("grant");
+    assert_eq!(
+        store.inspect(&plain).await.expect("inspect").lock_delay_ms,
+        None
+    );
+    store.break_lease(&plain, None).await.expect("break");
+    let l2 = store
+        .acquire(&request(&plain, 1, Wait::NoWait, long))
+        .await
+        .expect("a broken slot without a lock-delay is free at once");
+    assert!(l2.token > l.token);
+    store.release(&l2).await.expect("release");
+}
+
+/// The compare-and-swap a takeover is: a claim naming a renewal count that a renewal has
+/// since raised changes nothing (the lease stays, its renewals go on); a claim naming the
+/// current count takes the slot, and the old holder's renew then answers lost and its
+/// release not held. `attempt` is called by hand to put the two in either order.
+#[tokio::test(flavor = "current_thread")]
+async fn a_takeover_and_a_renewal_never_both_win() {
+    let Some(base) = base_url("a_takeover_and_a_renewal_never_both_win") else {
+        return;
+    };
+    let schema = "baton_storetest";
+    let store = open(&with_schema(&base, schema));
+    let k = key("cas");
+    let long = Duration::from_secs(60);
+    let held = store
+        .acquire(&request(&k, 1, Wait::NoWait, long))
+        .await
+        .expect("grant");
+    let c = raw(&base).await;
+    let read = format!("SELECT renewals FROM {schema}.leases WHERE key = $1");
+    let seen: i64 = c
+        .query_one(&read, &[&k.as_str()])
+        .await
+        .expect("the lease row")
+        .get(0);
+    let held = store.renew(&held).await.expect("renew");
+    let claim = |renewals: i64| -> Vec<i64> {
+        vec![i64::from(held.slot), held.token.0 as i64, renewals, 0]
+    };
+    let attempt = format!(
+        "SELECT o_outcome FROM {schema}.attempt($1, 1, false, NULL, false, 'claimant', \
+         '{{}}', 60000, 0, 10000, false, 0, $2, 'baton_{schema}')"
+    );
+    // The renewal came first: the claim names a count that is gone.
+    let outcome: String = c
+        .query_one(&attempt, &[&k.as_str(), &claim(seen)])
+        .await
+        .expect("a stale claim")
+        .get(0);
+    assert_eq!(outcome, "busy");
+    let held = store
+        .renew(&held)
+        .await
+        .expect("the lease is still its holder's");
+    // The claim comes first: the renewal after it finds the lease gone.
+    let now: i64 = c
+        .query_one(&read, &[&k.as_str()])
+        .await
+        .expect("the lease row")
+        .get(0);
+    assert_eq!(now, seen + 2, "every renewal raises the count by one");
+    let outcome: String = c
+        .query_one(&attempt, &[&k.as_str(), &claim(now)])
+        .await
+        .expect("a current claim")
+        .get(0);
+    assert_eq!(outcome, "granted");
+    let e = store.renew(&held).await.expect_err("taken over");
+    assert_eq!(e.kind(), ErrorKind::Lost, "{e:#}");
+    assert_eq!(
+        store.release(&held).await.expect("release"),
+        Released::NotHeld
+    );
+    let st = store.inspect(&k).await.expect("inspect");
+    assert_eq!(st.held(), 1, "the claimant holds it: {st:?}");
+    store.break_lease(&k, None).await.expect("clean up");
+}
+
+/// The server's clock ends no lease: a lease row whose stamps say it expired two hours ago
+/// (as after the server's clock stepped forward) is still its holder's, renewed, and not
+/// granted to anyone else; `status` shows it held, with a note.
+#[tokio::test(flavor = "current_thread")]
+async fn a_lease_the_server_clock_calls_expired_stays_held() {
+    let Some(base) = base_url("a_lease_the_server_clock_calls_expired_stays_held") else {
+        return;
+    };
+    let schema = "baton_storetest";
+    let store = open(&with_schema(&base, schema));
+    let k = key("stamps");
+    let held = store
+        .acquire(&request(&k, 1, Wait::NoWait, Duration::from_secs(60)))
+        .await
+        .expect("grant");
+    let c = raw(&base).await;
+    c.execute(
+        &format!(
+            "UPDATE {schema}.leases SET renewed_at = now() - interval '2 hours', \
+             expires_at = now() - interval '2 hours' WHERE key = $1"
+        ),
+        &[&k.as_str()],
+    )
+    .await
+    .expect("back-date the stamps");
+    let st = store.inspect(&k).await.expect("inspect");
+    assert_eq!(st.held(), 1, "{st:?}");
+    assert!(st.slots[0].note.is_some(), "{st:?}");
+    let e = store
+        .acquire(&request(&k, 1, Wait::NoWait, Duration::from_secs(60)))
+        .await
+        .expect_err("still held");
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e:#}");
+    let held = store.renew(&held).await.expect("renewed");
+    let st = store.inspect(&k).await.expect("inspect");
+    let slot = &st.slots[0];
+    assert!(
+        slot.renewed_unix_ms.is_some() && slot.expires_unix_ms > slot.renewed_unix_ms,
+        "{st:?}"
+    );
+    assert_eq!(
+        store.release(&held).await.expect("release"),
+        Released::Released
+    );
+}
