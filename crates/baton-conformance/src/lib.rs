@@ -61,6 +61,7 @@ pub mod history;
 mod lease;
 mod network;
 mod properties;
+mod server_clock;
 /// The fault proxy (it lives in `baton-stress`, whose `partition` scenario uses it too).
 pub use baton_stress::proxy;
 pub mod servers;
@@ -80,6 +81,7 @@ pub use clock::{instant_ns, monotonic_ns};
 pub use lease::*;
 pub use network::*;
 pub use properties::*;
+pub use server_clock::*;
 
 /// Opens a store from its URL. The suite calls it in the test process and in every worker.
 pub type OpenFn = fn(&StoreUrl) -> Result<Arc<dyn Store>>;
@@ -377,6 +379,7 @@ macro_rules! network_suite {
             resize_never_evicts,
             garbage_is_a_clear_error,
             partition_loses_before_regrant,
+            server_clock_step_keeps_lease,
         );
     };
 }
