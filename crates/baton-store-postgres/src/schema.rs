@@ -312,6 +312,9 @@ DECLARE
     v_holders text[] := '{{}}';
     v_claimed boolean;
     v_freed boolean := false;
+    -- The caller's boot id: only holders that ran since the same boot (on its host, as it
+    -- then checks) can be judged dead by their PID, so only their details are sent back.
+    v_boot text := nullif(p_holder_json::json ->> 'boot_id', '');
     i integer;
     r record;
 BEGIN
@@ -338,7 +341,8 @@ BEGIN
                 ELSE
                     v_rows := v_rows || ARRAY[r.slot::bigint, r.token, r.renewals, r.ttl_ms,
                                               CASE WHEN r.lost THEN 1 ELSE 0 END];
-                    v_holders := v_holders || r.holder_json;
+                    v_holders := v_holders || CASE WHEN strpos(r.holder_json, v_boot) > 0
+                                                   THEN r.holder_json END;
                 END IF;
             END LOOP;
             IF v_bad THEN
@@ -467,7 +471,8 @@ BEGIN
             v_live := v_live + 1;
             v_slots := v_slots || r.slot;
             v_rows := v_rows || ARRAY[r.slot::bigint, r.token, r.renewals, r.ttl_ms, 1];
-            v_holders := v_holders || r.holder_json;
+            v_holders := v_holders || CASE WHEN strpos(r.holder_json, v_boot) > 0
+                                           THEN r.holder_json END;
         ELSIF v_claimed THEN
             DELETE FROM {s}.leases l WHERE l.key = p_key AND l.slot = r.slot;
             v_freed := true;
@@ -476,7 +481,8 @@ BEGIN
             v_slots := v_slots || r.slot;
             v_rows := v_rows || ARRAY[r.slot::bigint, r.token, r.renewals, r.ttl_ms,
                                       CASE WHEN r.lost THEN 1 ELSE 0 END];
-            v_holders := v_holders || r.holder_json;
+            v_holders := v_holders || CASE WHEN strpos(r.holder_json, v_boot) > 0
+                                           THEN r.holder_json END;
         END IF;
     END LOOP;
     v_avail := greatest(v_lim - v_live, 0);

@@ -1472,7 +1472,9 @@ async fn listen(
     }
 }
 
-/// The lease rows a look returned (`o_rows`, five numbers a row, and `o_holders`).
+/// The lease rows a look returned (`o_rows`, five numbers a row, and `o_holders`: the
+/// holder's JSON for holders that share the caller's boot id, NULL for the others, whose
+/// process this host cannot judge).
 fn looked(row: &Row) -> Result<Vec<Looked>, Fail> {
     let nums: Vec<i64> = col::<Option<Vec<i64>>>(row, 9)?.unwrap_or_default();
     let holders: Vec<Option<String>> =

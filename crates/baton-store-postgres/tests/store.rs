@@ -1084,3 +1084,66 @@ async fn a_lease_the_server_clock_calls_expired_stays_held() {
         Released::Released
     );
 }
+
+/// A schema version 1 made (leases that expired by the server's clock) is upgraded in
+/// place by the first use: its live lease stays its holder's (its TTL taken from its
+/// stamps), tokens go on from its sequence, and the version row says 2.
+#[tokio::test(flavor = "current_thread")]
+async fn a_version_1_schema_is_upgraded_in_place() {
+    let Some(base) = base_url("a_version_1_schema_is_upgraded_in_place") else {
+        return;
+    };
+    let schema = format!("baton_v1_{}", suffix());
+    let c = raw(&base).await;
+    c.batch_execute(&format!(
+        "CREATE SCHEMA {schema};
+         CREATE TABLE {schema}.meta (name text PRIMARY KEY, value text NOT NULL);
+         INSERT INTO {schema}.meta VALUES ('schema_version', '1');
+         CREATE TABLE {schema}.keys (key text PRIMARY KEY, lim integer NOT NULL, seq bigint NOT NULL);
+         CREATE TABLE {schema}.leases (key text NOT NULL, slot integer NOT NULL,
+             token bigint NOT NULL, holder_id text NOT NULL, holder_json text NOT NULL,
+             acquired_at timestamptz NOT NULL, renewed_at timestamptz NOT NULL,
+             expires_at timestamptz NOT NULL, PRIMARY KEY (key, slot));
+         CREATE TABLE {schema}.waiters (ticket bigserial PRIMARY KEY, key text NOT NULL,
+             holder_id text NOT NULL, pid integer NOT NULL, expires_at timestamptz NOT NULL);
+         INSERT INTO {schema}.keys VALUES ('old/key', 1, 5);
+         INSERT INTO {schema}.leases VALUES ('old/key', 0, 5, 'h', '{{}}', now(), now(),
+             now() + interval '60 seconds');"
+    ))
+    .await
+    .expect("a version 1 schema");
+    let store = open(&with_schema(&base, &schema));
+    let k = Key::new("old/key").expect("key");
+    let e = store
+        .acquire(&request(&k, 1, Wait::NoWait, Duration::from_secs(60)))
+        .await
+        .expect_err("the version 1 lease is still held");
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e:#}");
+    let version: String = c
+        .query_one(
+            &format!("SELECT value FROM {schema}.meta WHERE name = 'schema_version'"),
+            &[],
+        )
+        .await
+        .expect("version")
+        .get(0);
+    assert_eq!(version, SCHEMA_VERSION.to_string());
+    let ttl: i64 = c
+        .query_one(&format!("SELECT ttl_ms FROM {schema}.leases"), &[])
+        .await
+        .expect("ttl")
+        .get(0);
+    assert_eq!(ttl, 60_000);
+    let st = store.inspect(&k).await.expect("inspect");
+    assert_eq!(st.held(), 1, "{st:?}");
+    store.break_lease(&k, None).await.expect("break");
+    let l = store
+        .acquire(&request(&k, 1, Wait::NoWait, Duration::from_secs(60)))
+        .await
+        .expect("grant after the upgrade");
+    assert_eq!(l.token.0, 6);
+    store.release(&l).await.expect("release");
+    c.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .expect("drop");
+}
