@@ -23,6 +23,7 @@ pub const ADDED_IN_2: &[(&str, &str)] = &[
     ("leases", "ttl_ms"),
     ("leases", "lost"),
     ("leases", "lost_at"),
+    ("leases", "pid_ns"),
 ];
 
 /// SQLSTATE of corrupt state found by the server-side functions.
@@ -59,6 +60,7 @@ pub const SHAPE: &[(&str, &[(&str, &str)])] = &[
             ("ttl_ms", "bigint"),
             ("lost", "boolean"),
             ("lost_at", "timestamp with time zone"),
+            ("pid_ns", "text"),
         ],
     ),
     (
@@ -94,7 +96,7 @@ pub const SHAPE: &[(&str, &[(&str, &str)])] = &[
 
 /// The functions `attempt`, `release` and `leave`, with their argument counts (checked
 /// to exist; a missing one, or one with an older argument list, is created).
-pub const FUNCTIONS: &[(&str, i16)] = &[("attempt", 14), ("release", 5), ("leave", 4)];
+pub const FUNCTIONS: &[(&str, i16)] = &[("attempt", 15), ("release", 5), ("leave", 4)];
 
 /// The statements of one schema, with its name spliced in (it is validated to be a
 /// plain lowercase identifier, and quoted).
@@ -109,7 +111,7 @@ pub struct Sql {
     pub create_functions: String,
     /// One grant attempt: `attempt($1 key, $2 limit, $3 check_limit, $4 ticket, $5 queue,
     /// $6 holder_id, $7 holder_json, $8 ttl_ms, $9 magic, $10 ticket_ttl_ms, $11 refresh,
-    /// $12 lock_delay_ms, $13 claims, $14 channel)`; `claims` is a flat array of
+    /// $12 lock_delay_ms, $13 claims, $14 channel, $15 pid_ns)`; `claims` is a flat array of
     /// `(slot, token, renewals, lost 0/1)` quadruples, the rows the caller saw unchanged
     /// long enough to take over (or, held back, to free).
     pub attempt: String,
@@ -179,6 +181,7 @@ CREATE TABLE IF NOT EXISTS {s}.leases (
     ttl_ms      bigint NOT NULL,
     lost        boolean NOT NULL DEFAULT false,
     lost_at     timestamptz,
+    pid_ns      text,
     PRIMARY KEY (key, slot)
 );
 -- Version 1 to 2: leases get a renewal counter, their TTL and a lost mark; keys a
@@ -191,6 +194,7 @@ UPDATE {s}.leases SET ttl_ms = greatest(1, ceil(extract(epoch FROM expires_at - 
 ALTER TABLE {s}.leases ALTER COLUMN ttl_ms SET NOT NULL;
 ALTER TABLE {s}.leases ADD COLUMN IF NOT EXISTS lost boolean NOT NULL DEFAULT false;
 ALTER TABLE {s}.leases ADD COLUMN IF NOT EXISTS lost_at timestamptz;
+ALTER TABLE {s}.leases ADD COLUMN IF NOT EXISTS pid_ns text;
 DROP FUNCTION IF EXISTS {s}.attempt(text, integer, boolean, bigint, boolean, text, text, bigint,
                                     integer, bigint, boolean);
 CREATE TABLE IF NOT EXISTS {s}.waiters (
@@ -221,7 +225,7 @@ CREATE INDEX IF NOT EXISTS barrier_arrivals_key ON {s}.barrier_arrivals (key, ti
             attempt: format!(
                 "SELECT o_outcome, o_slot, o_token, o_lim, o_ticket, o_held, o_ahead, o_now_ms, \
                  o_delay_ms, o_rows, o_holders \
-                 FROM {s}.attempt($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                 FROM {s}.attempt($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
             ),
             release: format!("SELECT {s}.release($1, $2, $3, $4, $5)"),
             leave: format!("SELECT {s}.leave($1, $2, $3, $4)::text"),
@@ -251,7 +255,7 @@ CREATE INDEX IF NOT EXISTS barrier_arrivals_key ON {s}.barrier_arrivals (key, ti
                  (extract(epoch FROM acquired_at) * 1000)::float8, \
                  (extract(epoch FROM renewed_at) * 1000)::float8, \
                  (extract(epoch FROM expires_at) * 1000)::float8, \
-                 lost, expires_at <= clock_timestamp() \
+                 lost, expires_at <= clock_timestamp(), pid_ns \
                  FROM {s}.leases WHERE key = $1 ORDER BY slot"
             ),
             live_waiters: format!(
@@ -286,7 +290,7 @@ CREATE OR REPLACE FUNCTION {s}.attempt(
     p_key text, p_lim integer, p_check_lim boolean, p_ticket bigint, p_queue boolean,
     p_holder_id text, p_holder_json text, p_ttl_ms bigint, p_magic integer,
     p_ticket_ttl_ms bigint, p_refresh boolean, p_lock_delay_ms bigint, p_claims bigint[],
-    p_channel text)
+    p_channel text, p_pid_ns text)
 RETURNS TABLE(o_outcome text, o_slot integer, o_token bigint, o_lim integer,
               o_ticket bigint, o_held integer, o_ahead integer, o_now_ms bigint,
               o_delay_ms bigint, o_rows bigint[], o_holders text[])
@@ -312,8 +316,9 @@ DECLARE
     v_holders text[] := '{{}}';
     v_claimed boolean;
     v_freed boolean := false;
-    -- The caller's boot id: only holders that ran since the same boot (on its host, as it
-    -- then checks) can be judged dead by their PID, so only their details are sent back.
+    -- The caller's boot id and PID namespace: only holders that ran in the same PID
+    -- namespace since the same boot can be judged dead by their PID (the caller then
+    -- checks host and boot id too), so only their details are sent back.
     v_boot text := nullif(p_holder_json::json ->> 'boot_id', '');
     i integer;
     r record;
@@ -331,7 +336,8 @@ BEGIN
            AND v_seq >= 0 AND v_delay >= 0 AND NOT (p_check_lim AND v_lim <> p_lim) THEN
             v_now := clock_timestamp();
             FOR r IN SELECT l.slot AS slot, l.token AS token, l.renewals AS renewals,
-                            l.ttl_ms AS ttl_ms, l.lost AS lost, l.holder_json AS holder_json
+                            l.ttl_ms AS ttl_ms, l.lost AS lost, l.holder_json AS holder_json,
+                            l.pid_ns AS pid_ns
                      FROM {s}.leases l WHERE l.key = p_key ORDER BY l.slot LOOP
                 v_live := v_live + 1;
                 IF r.slot IS NULL OR r.slot < 0 OR r.token IS NULL OR r.token < 1
@@ -341,7 +347,8 @@ BEGIN
                 ELSE
                     v_rows := v_rows || ARRAY[r.slot::bigint, r.token, r.renewals, r.ttl_ms,
                                               CASE WHEN r.lost THEN 1 ELSE 0 END];
-                    v_holders := v_holders || CASE WHEN strpos(r.holder_json, v_boot) > 0
+                    v_holders := v_holders || CASE WHEN r.pid_ns = p_pid_ns
+                                                        AND strpos(r.holder_json, v_boot) > 0
                                                    THEN r.holder_json END;
                 END IF;
             END LOOP;
@@ -435,6 +442,7 @@ BEGIN
     -- finds the row gone or held back (its renew answers lost).
     FOR r IN SELECT l.slot AS slot, l.token AS token, l.renewals AS renewals,
                     l.ttl_ms AS ttl_ms, l.lost AS lost, l.holder_json AS holder_json,
+                    l.pid_ns AS pid_ns,
                     pg_typeof(l.slot)::text || ' ' || pg_typeof(l.token)::text || ' '
                     || pg_typeof(l.renewals)::text || ' ' || pg_typeof(l.ttl_ms)::text
                     || ' ' || pg_typeof(l.lost)::text AS types
@@ -471,7 +479,8 @@ BEGIN
             v_live := v_live + 1;
             v_slots := v_slots || r.slot;
             v_rows := v_rows || ARRAY[r.slot::bigint, r.token, r.renewals, r.ttl_ms, 1];
-            v_holders := v_holders || CASE WHEN strpos(r.holder_json, v_boot) > 0
+            v_holders := v_holders || CASE WHEN r.pid_ns = p_pid_ns
+                                                AND strpos(r.holder_json, v_boot) > 0
                                            THEN r.holder_json END;
         ELSIF v_claimed THEN
             DELETE FROM {s}.leases l WHERE l.key = p_key AND l.slot = r.slot;
@@ -481,7 +490,8 @@ BEGIN
             v_slots := v_slots || r.slot;
             v_rows := v_rows || ARRAY[r.slot::bigint, r.token, r.renewals, r.ttl_ms,
                                       CASE WHEN r.lost THEN 1 ELSE 0 END];
-            v_holders := v_holders || CASE WHEN strpos(r.holder_json, v_boot) > 0
+            v_holders := v_holders || CASE WHEN r.pid_ns = p_pid_ns
+                                                AND strpos(r.holder_json, v_boot) > 0
                                            THEN r.holder_json END;
         END IF;
     END LOOP;
@@ -528,9 +538,9 @@ BEGIN
         v_token := v_max + 1;
         UPDATE {s}.keys k SET seq = v_token WHERE k.key = p_key;
         INSERT INTO {s}.leases (key, slot, token, holder_id, holder_json, acquired_at,
-                                renewed_at, expires_at, renewals, ttl_ms, lost)
+                                renewed_at, expires_at, renewals, ttl_ms, lost, pid_ns)
         VALUES (p_key, v_slot, v_token, p_holder_id, p_holder_json, v_now, v_now,
-                v_now + p_ttl_ms * interval '1 millisecond', 0, p_ttl_ms, false);
+                v_now + p_ttl_ms * interval '1 millisecond', 0, p_ttl_ms, false, p_pid_ns);
         IF p_ticket IS NOT NULL THEN
             DELETE FROM {s}.waiters w WHERE w.ticket = p_ticket;
             PERFORM pg_advisory_unlock(p_magic, (p_ticket % 2147483647)::integer);

@@ -159,6 +159,9 @@ struct Inner {
     magic: i32,
     /// The NOTIFY channel.
     channel: String,
+    /// This process's PID namespace (`pid:[inode]`), written with every grant: a waiter
+    /// judges a holder's PID only when it shares the holder's namespace and boot.
+    pid_ns: Option<String>,
     pool: Mutex<Vec<Conn>>,
     schema_ready: AtomicBool,
     setup: tokio::sync::Mutex<()>,
@@ -277,8 +280,9 @@ struct Looked {
 /// back: that look read the row after the renewal that wrote it committed, which was
 /// after the holder sent it, so the holder's keeper (deadline `sent + TTL × (1 − drift) −
 /// margin`) has given the lease up before this waiter's TTL runs out. A row held back by a
-/// lock-delay is freed once seen unchanged for the delay. A holder on this host whose
-/// process is gone ([`Holder::liveness`]) is stale at once. The observations live only in
+/// lock-delay is freed once seen unchanged for the delay. A holder on this host, boot and
+/// PID namespace whose process is gone ([`Holder::liveness`]) is stale at once (the
+/// server sends holder details only for rows of the caller's boot and PID namespace). The observations live only in
 /// this waiter: one that dies takes them along, and the next waiter starts counting anew.
 #[derive(Default)]
 struct Watch {
@@ -780,6 +784,7 @@ impl Inner {
                     (&enc.lock_delay_ms, Type::INT8),
                     (&claims, Type::INT8_ARRAY),
                     (&self.channel.as_str(), Type::TEXT),
+                    (&self.pid_ns, Type::TEXT),
                 ],
             )
             .await?;
@@ -1212,12 +1217,12 @@ impl Inner {
         let mut slots = Vec::with_capacity(lim as usize);
         for s in 0..lim {
             slots.push(match leases.iter().find(|l| l.slot == s) {
-                Some(l) => slot_status(l, delay),
+                Some(l) => slot_status(l, delay, self.pid_ns.as_deref()),
                 None => SlotStatus::free(s),
             });
         }
         for l in leases.iter().filter(|l| l.slot >= lim && !l.lost) {
-            let mut st = slot_status(l, delay);
+            let mut st = slot_status(l, delay, self.pid_ns.as_deref());
             st.note = Some(format!(
                 "above the limit of {lim} (the key was resized down): held until released"
             ));
@@ -1521,6 +1526,8 @@ struct LeaseRow {
     lost: bool,
     /// The server's clock says a TTL passed since the last renewal (a hint for display).
     overdue: bool,
+    /// The holder's PID namespace.
+    pid_ns: Option<String>,
 }
 
 fn key_row(row: &Row, key: &str) -> Result<(u32, u64, u64), Fail> {
@@ -1565,6 +1572,7 @@ fn lease_row(r: &Row, key: &str) -> Result<LeaseRow, Fail> {
     let expires: Option<f64> = col(r, 6)?;
     let lost: Option<bool> = col(r, 7)?;
     let overdue: Option<bool> = col(r, 8)?;
+    let pid_ns: Option<String> = col(r, 9)?;
     match (
         slot.and_then(|s| u32::try_from(s).ok()),
         token
@@ -1583,6 +1591,7 @@ fn lease_row(r: &Row, key: &str) -> Result<LeaseRow, Fail> {
             expires_ms: unix_ms_of(expires),
             lost,
             overdue: overdue.unwrap_or(false),
+            pid_ns,
         }),
         _ => Err(corrupt(format!(
             "a leases row of {key} holds slot {}, token {}: not a lease baton wrote",
@@ -1595,7 +1604,7 @@ fn lease_row(r: &Row, key: &str) -> Result<LeaseRow, Fail> {
 /// A slot as `status` shows it. What it says about staleness comes from the server's
 /// clock and this host's process table, for display: only a waiter's own observations
 /// (or a dead process on its host) take a lease over.
-fn slot_status(l: &LeaseRow, delay_ms: u64) -> SlotStatus {
+fn slot_status(l: &LeaseRow, delay_ms: u64, pid_ns: Option<&str>) -> SlotStatus {
     if l.lost {
         let mut st = SlotStatus::free(l.slot);
         st.note = Some(format!(
@@ -1606,7 +1615,9 @@ fn slot_status(l: &LeaseRow, delay_ms: u64) -> SlotStatus {
         ));
         return st;
     }
-    let dead = Holder::from_json(&l.holder_json).is_some_and(|h| h.liveness() == Liveness::Dead);
+    let dead = pid_ns.is_some()
+        && l.pid_ns.as_deref() == pid_ns
+        && Holder::from_json(&l.holder_json).is_some_and(|h| h.liveness() == Liveness::Dead);
     let mut st = SlotStatus::of_record(
         l.slot,
         l.token,
@@ -1713,6 +1724,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// This process's PID namespace as the kernel names it (`pid:[4026531836]`). Two
+/// processes with the same boot id but different namespaces (containers sharing the host's
+/// name, as with host networking) cannot see each other's PIDs: a PID missing from our
+/// `/proc` then proves nothing.
+fn pid_namespace() -> Option<String> {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .map(|p| p.display().to_string())
+}
+
 /// A stable 31-bit number from the schema name (FNV-1a), the first half of the
 /// advisory locks baton takes in it; stable across processes and releases.
 fn magic(schema: &str) -> i32 {
@@ -1746,6 +1767,7 @@ impl PostgresStore {
             url: url.clone(),
             magic: magic(&cfg.schema),
             channel: format!("baton_{}", cfg.schema),
+            pid_ns: pid_namespace(),
             cfg,
             handle,
             sql,

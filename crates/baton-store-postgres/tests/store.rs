@@ -1002,7 +1002,7 @@ async fn a_takeover_and_a_renewal_never_both_win() {
     };
     let attempt = format!(
         "SELECT o_outcome FROM {schema}.attempt($1, 1, false, NULL, false, 'claimant', \
-         '{{}}', 60000, 0, 10000, false, 0, $2, 'baton_{schema}')"
+         '{{}}', 60000, 0, 10000, false, 0, $2, 'baton_{schema}', NULL)"
     );
     // The renewal came first: the claim names a count that is gone.
     let outcome: String = c
@@ -1146,4 +1146,65 @@ async fn a_version_1_schema_is_upgraded_in_place() {
     c.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .await
         .expect("drop");
+}
+
+/// A holder whose process is gone is taken over at once only by a waiter that can see
+/// its PID: the same host, boot and PID namespace. The same dead PID recorded from
+/// another PID namespace (a container sharing the host's name) proves nothing: the slot
+/// stays held until a waiter has seen it unrenewed for the TTL.
+#[tokio::test(flavor = "current_thread")]
+async fn a_dead_holder_is_taken_over_at_once_only_from_its_own_pid_namespace() {
+    let Some(base) =
+        base_url("a_dead_holder_is_taken_over_at_once_only_from_its_own_pid_namespace")
+    else {
+        return;
+    };
+    let schema = "baton_storetest";
+    let store = open(&with_schema(&base, schema));
+    let c = raw(&base).await;
+    let mut child = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    child.wait().expect("reap true");
+    let mut gone = Holder::current(vec!["pgtest".into()]);
+    gone.pid = child.id();
+    let long = Duration::from_secs(60);
+    let own_ns = std::fs::read_link("/proc/self/ns/pid")
+        .expect("our PID namespace")
+        .display()
+        .to_string();
+    for (ns, at_once) in [("pid:[1]", false), (own_ns.as_str(), true)] {
+        let k = key("dead");
+        let mut req = request(&k, 1, Wait::NoWait, long);
+        req.holder = gone.clone();
+        let held = store.acquire(&req).await.expect("grant");
+        c.execute(
+            &format!("UPDATE {schema}.leases SET pid_ns = $2 WHERE key = $1"),
+            &[&k.as_str(), &ns],
+        )
+        .await
+        .expect("set the namespace");
+        let got = store.acquire(&request(&k, 1, Wait::NoWait, long)).await;
+        match (at_once, got) {
+            (true, Ok(l)) => {
+                assert!(l.token > held.token);
+                assert_eq!(
+                    store.release(&held).await.expect("release"),
+                    Released::NotHeld
+                );
+                store.release(&l).await.expect("release");
+            }
+            (false, Err(e)) if e.kind() == ErrorKind::Busy => {
+                let st = store.inspect(&k).await.expect("inspect");
+                assert_eq!(st.held(), 1, "{st:?}");
+                assert_eq!(
+                    store.release(&held).await.expect("release"),
+                    Released::Released
+                );
+            }
+            (at_once, got) => {
+                panic!("namespace {ns}: taken over at once should be {at_once}: {got:?}")
+            }
+        }
+    }
 }
