@@ -1208,3 +1208,53 @@ async fn a_dead_holder_is_taken_over_at_once_only_from_its_own_pid_namespace() {
         }
     }
 }
+
+/// Several waiters watch a lease whose holder stopped renewing (it lives on, so only a
+/// TTL of silence can free it): whichever claims the stale row, the slot goes to the
+/// first in line; the second is granted only after the first releases.
+#[tokio::test(flavor = "current_thread")]
+async fn a_stale_lease_goes_to_the_first_waiter_in_line() {
+    let Some(base) = base_url("a_stale_lease_goes_to_the_first_waiter_in_line") else {
+        return;
+    };
+    let store = open(&with_schema(&base, "baton_storetest"));
+    let k = key("stale-fifo");
+    let silent = store
+        .acquire(&request(&k, 1, Wait::NoWait, Duration::from_millis(500)))
+        .await
+        .expect("grant");
+    let first = {
+        let (s, r) = (
+            Arc::clone(&store),
+            request(&k, 1, Wait::Timeout(LIVENESS), Duration::from_secs(60)),
+        );
+        tokio::spawn(async move { s.acquire(&r).await })
+    };
+    until_waiters(&store, &k, 1).await;
+    let second = {
+        let (s, r) = (
+            Arc::clone(&store),
+            request(&k, 1, Wait::Timeout(LIVENESS), Duration::from_secs(60)),
+        );
+        tokio::spawn(async move { s.acquire(&r).await })
+    };
+    until_waiters(&store, &k, 2).await;
+    let first = first
+        .await
+        .expect("join")
+        .expect("the first in line is granted");
+    assert!(first.token > silent.token);
+    assert!(!second.is_finished(), "the second waiter was granted too");
+    let e = store.renew(&silent).await.expect_err("taken over");
+    assert_eq!(e.kind(), ErrorKind::Lost, "{e:#}");
+    assert_eq!(
+        store.release(&first).await.expect("release"),
+        Released::Released
+    );
+    let second = second
+        .await
+        .expect("join")
+        .expect("granted after the release");
+    assert!(second.token > first.token);
+    store.release(&second).await.expect("release");
+}
