@@ -63,6 +63,7 @@ mod lease;
 mod lock_delay;
 mod network;
 mod properties;
+mod server_clock;
 /// The fault proxy (it lives in `baton-stress`, whose `partition` scenario uses it too).
 pub use baton_stress::proxy;
 pub mod servers;
@@ -85,6 +86,7 @@ pub use lease::*;
 pub use lock_delay::*;
 pub use network::*;
 pub use properties::*;
+pub use server_clock::*;
 
 /// Opens a store from its URL. The suite calls it in the test process and in every worker.
 pub type OpenFn = fn(&StoreUrl) -> Result<Arc<dyn Store>>;
@@ -389,6 +391,7 @@ macro_rules! network_suite {
             stopping_group_is_dead_before_regrant,
             partition_loses_before_regrant,
             lock_delay_holds_back_lost_slots,
+            server_clock_step_keeps_lease,
         );
     };
 }

@@ -40,12 +40,25 @@ pub struct Server {
     stop: &'static str,
     dir: tempfile::TempDir,
     vars: Vec<(String, String)>,
+    env: Vec<(String, String)>,
 }
 
 impl Server {
     /// Runs `scripts/server-NAME START DIR` in a fresh temporary directory; `stop` is the
     /// subcommand that stops it again. The script prints `NAME=VALUE` lines (URLs).
     pub fn start(name: &str, start: &str, stop: &'static str) -> io::Result<Server> {
+        Server::start_with_env(name, start, stop, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables for the script, here and in every
+    /// later [`Server::run`] (such as `BATON_SERVER_FAKETIME`, which the PostgreSQL and etcd
+    /// scripts take to run the server under libfaketime).
+    pub fn start_with_env(
+        name: &str,
+        start: &str,
+        stop: &'static str,
+        env: &[(String, String)],
+    ) -> io::Result<Server> {
         let script = scripts_dir().join(format!("server-{name}"));
         let dir = tempfile::Builder::new()
             .prefix(&format!("baton-{name}-"))
@@ -55,6 +68,7 @@ impl Server {
             stop,
             dir,
             vars: Vec::new(),
+            env: env.to_vec(),
         };
         let out = server.run(start)?;
         server.vars = out
@@ -73,6 +87,12 @@ impl Server {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The directory the server keeps its data (and, under libfaketime, its clock's
+    /// offset file) in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// The first URL the start printed.
     pub fn url(&self) -> &str {
         self.vars.first().map(|(_, v)| v.as_str()).unwrap_or("")
@@ -85,6 +105,7 @@ impl Server {
             .arg(&self.script)
             .arg(subcommand)
             .arg(self.dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()?;
         if !out.status.success() {
             return Err(io::Error::other(format!(

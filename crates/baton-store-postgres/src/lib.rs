@@ -2,8 +2,12 @@
 //! leases as rows in one schema of a PostgreSQL database, shared by every host that can
 //! reach it.
 //!
-//! Each granted slot is a row whose expiry the server's own clock decides; a holder
-//! renews it, and a dead holder's slot comes back when the TTL runs out. Every grant is
+//! Each granted slot is a row with a renewal counter that its holder's renewals raise. The
+//! server's clock (a wall clock, which may step) never ends a lease: a waiter takes a slot
+//! over only after it has seen the row's counter stand still for the lease's TTL on its own
+//! monotonic clock (or its holder's process gone on the waiter's own host), by a
+//! compare-and-swap on slot, token and counter. A key may have a lock-delay: a lease lost
+//! rather than released holds its slot back for that long. Every grant is
 //! one call of a server-side function that locks the key's row, so the limit holds
 //! whatever the number of clients. Waiters queue first come, first served by ticket,
 //! are woken by `LISTEN`/`NOTIFY`, and leave the queue when their session ends. Fencing

@@ -3,13 +3,20 @@
 //!
 //! Guarantees:
 //! - Limit: every grant is one call of the server-side function `attempt`, which locks
-//!   the key's row (`FOR UPDATE`), counts the key's unexpired leases and grants only if
-//!   fewer than the limit are live. Expired leases are deleted in the same transaction as
-//!   the grant that reuses their slot, and their rows are locked first, so a renewal
-//!   racing the takeover either lands before it (and the lease stays) or finds it gone.
-//! - Expiry: decided by the server's `clock_timestamp()` alone; no client clock is
-//!   compared with it. The holder's keeper counts from the instant before the request
-//!   was sent, which precedes the server's start of the TTL.
+//!   the key's row (`FOR UPDATE`), counts the key's lease rows and grants only if fewer
+//!   than the limit are there. A row goes only by release, break, or a claim.
+//! - Expiry: no clock of the server's decides it (`now()` is a wall clock). Every renewal
+//!   raises the row's renewal counter; a waiter ([`Watch`]) takes a slot over only after it
+//!   has seen the same token and counter for the lease's TTL on its own monotonic clock,
+//!   counted from when the look that showed them came back (after the renewal that wrote
+//!   them was sent, so after the holder's keeper gave up: its deadline is `sent + TTL ×
+//!   (1 − drift) − margin`), or at once when the holder ran on the waiter's host and its
+//!   process is gone. The claim names slot, token, counter and state, and `attempt` checks
+//!   them under the rows' locks: a renewal racing it either commits first (the counter
+//!   moved, the claim fails) or finds the row gone or held back and answers `Lost`.
+//! - Lock-delay: a key created with one keeps a lost lease's row (taken over, broken),
+//!   marked lost, until a waiter has seen it so for the delay on its own clock; releases
+//!   delete the row at once.
 //! - Tokens: `seq` in the key's row, raised in the granting transaction to
 //!   `max(seq, every token in the table) + 1`, committed durably, so they survive a
 //!   server restart.
@@ -17,8 +24,9 @@
 //!   the free slots outnumber the live tickets ahead of it.
 //! - Waking: a release (and an abandoned wait) sends `NOTIFY` on the schema's channel
 //!   with the key as payload; one listening connection per store handle wakes that key's
-//!   waiters. A waiter also looks again when the earliest live lease expires (by the
-//!   server's clock) and at a slow backstop interval.
+//!   waiters. A waiter also looks every quarter of the shortest TTL it watches (to see
+//!   renewals soon after they happen), when its first observation matures, and at a slow
+//!   backstop interval.
 //! - No residue: a waiter's ticket is guarded by a session advisory lock taken on the
 //!   waiter's own connection before the ticket becomes visible; a waiter whose process
 //!   or connection dies loses the lock with its session, and the next look at the queue
@@ -41,8 +49,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use baton_core::{
     format_duration, AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error, ErrorKind,
-    Holder, HolderId, Key, KeyStatus, Lease, Op, Released, SlotState, SlotStatus, Store, StoreUrl,
-    Token, Wait,
+    Holder, HolderId, Key, KeyStatus, Lease, Liveness, Op, Released, SlotState, SlotStatus, Store,
+    StoreUrl, Token, Wait,
 };
 use futures_util::StreamExt;
 use tokio::sync::{broadcast, oneshot, watch};
@@ -55,7 +63,7 @@ mod barrier;
 
 use crate::config::PostgresConfig;
 use crate::schema::{
-    Sql, CORRUPT_STATE, FUNCTIONS, LOCK_TAKEN, SCHEMA_VERSION, SESSION_CHANGED, SHAPE,
+    Sql, ADDED_IN_2, CORRUPT_STATE, FUNCTIONS, LOCK_TAKEN, SCHEMA_VERSION, SESSION_CHANGED, SHAPE,
 };
 
 /// The TTL of a lease whose request gives none.
@@ -151,6 +159,9 @@ struct Inner {
     magic: i32,
     /// The NOTIFY channel.
     channel: String,
+    /// This process's PID namespace (`pid:[inode]`), written with every grant: a waiter
+    /// judges a holder's PID only when it shares the holder's namespace and boot.
+    pid_ns: Option<String>,
     pool: Mutex<Vec<Conn>>,
     schema_ready: AtomicBool,
     setup: tokio::sync::Mutex<()>,
@@ -223,18 +234,131 @@ enum Attempt {
         lim: u32,
         held: u32,
         ahead: u32,
+        /// The key's lease rows at the look.
+        rows: Vec<Looked>,
+        delay: Duration,
     },
     Mismatch {
         lim: u32,
     },
     Queued {
         ticket: i64,
-        next: Option<Duration>,
         /// Live tickets ahead of this one.
         ahead: u32,
         /// Slots free at the look.
         free: u32,
+        /// The key's lease rows at the look.
+        rows: Vec<Looked>,
+        delay: Duration,
     },
+}
+
+/// The identity of a lease row as a claim names it: any renewal, release, break or
+/// takeover changes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RowId {
+    slot: u32,
+    token: i64,
+    renewals: i64,
+    /// Held back by the key's lock-delay after the lease was lost.
+    lost: bool,
+}
+
+/// A lease row as a look saw it.
+#[derive(Clone, Debug)]
+struct Looked {
+    id: RowId,
+    ttl: Duration,
+    holder: Option<Holder>,
+}
+
+/// What a waiting acquire has seen of a key's lease rows, on its own monotonic clock
+/// (DESIGN, contract point 7: the server's clock is a wall clock and decides nothing).
+///
+/// A row is stale once this waiter has seen it unchanged (same token, same renewal count)
+/// for the lease's whole TTL, counted from the moment the look that first showed it came
+/// back: that look read the row after the renewal that wrote it committed, which was
+/// after the holder sent it, so the holder's keeper (deadline `sent + TTL × (1 − drift) −
+/// margin`) has given the lease up before this waiter's TTL runs out. A row held back by a
+/// lock-delay is freed once seen unchanged for the delay. A holder on this host, boot and
+/// PID namespace whose process is gone ([`Holder::liveness`]) is stale at once (the
+/// server sends holder details only for rows of the caller's boot and PID namespace). The observations live only in
+/// this waiter: one that dies takes them along, and the next waiter starts counting anew.
+#[derive(Default)]
+struct Watch {
+    seen: HashMap<u32, Observed>,
+}
+
+struct Observed {
+    id: RowId,
+    since: Instant,
+    /// How long the row must stay unchanged: the lease's TTL, or the key's lock-delay.
+    wait: Duration,
+    holder: Option<Holder>,
+}
+
+impl Watch {
+    /// Records a look's rows, which came back at `at`.
+    fn update(&mut self, rows: &[Looked], delay: Duration, at: Instant) {
+        self.seen
+            .retain(|slot, _| rows.iter().any(|r| r.id.slot == *slot));
+        for r in rows {
+            let wait = if r.id.lost { delay } else { r.ttl };
+            match self.seen.get(&r.id.slot) {
+                Some(o) if o.id == r.id => {}
+                _ => {
+                    self.seen.insert(
+                        r.id.slot,
+                        Observed {
+                            id: r.id,
+                            since: at,
+                            wait,
+                            holder: r.holder.clone(),
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// The rows that may be claimed now, as the flat `(slot, token, renewals, lost)`
+    /// array `attempt` takes.
+    fn claims(&self, now: Instant) -> Vec<i64> {
+        let mut out = Vec::new();
+        for o in self.seen.values() {
+            let dead = !o.id.lost
+                && o.holder
+                    .as_ref()
+                    .is_some_and(|h| h.liveness() == Liveness::Dead);
+            if dead || now.duration_since(o.since) >= o.wait {
+                out.extend([
+                    i64::from(o.id.slot),
+                    o.id.token,
+                    o.id.renewals,
+                    i64::from(o.id.lost),
+                ]);
+            }
+        }
+        out
+    }
+
+    /// How long until the next row may be claimed, if any is watched.
+    fn next(&self, now: Instant) -> Option<Duration> {
+        self.seen
+            .values()
+            .map(|o| (o.since + o.wait).saturating_duration_since(now))
+            .min()
+    }
+
+    /// How often to look so that a renewal is seen soon after it happens (a late sight
+    /// only delays a takeover): a quarter of the shortest TTL watched.
+    fn cadence(&self) -> Option<Duration> {
+        self.seen
+            .values()
+            .filter(|o| !o.id.lost)
+            .map(|o| (o.wait / 4).max(Duration::from_millis(20)))
+            .min()
+    }
 }
 
 /// A boxed future borrowing the store and a connection.
@@ -519,6 +643,7 @@ impl Inner {
                              it is not baton's table (use another ?schema=)"
                         )))
                     }
+                    None if ADDED_IN_2.contains(&(*table, *col)) => missing_table = true,
                     None => {
                         return Err(corrupt(format!(
                             "table \"{schema}\".{table} has no column {col}: it is not baton's \
@@ -529,9 +654,9 @@ impl Inner {
             }
         }
         if missing_table {
-            // A table this baton knows is missing (for one, the barrier tables in a
-            // schema made before them): it is created, unless a newer baton made the
-            // schema (its functions must not be replaced).
+            // A table or column this baton knows is missing (the barrier tables in a
+            // schema made before them, version 1's tables): it is created, unless a newer
+            // baton made the schema (its functions must not be replaced).
             if tables.iter().any(|t| t == "meta") {
                 let rows = self.query(conn, &self.sql.version, &[]).await?;
                 if let Some(r) = rows.first() {
@@ -558,6 +683,8 @@ impl Inner {
         let want = SCHEMA_VERSION.to_string();
         match version.as_deref() {
             Some(v) if v == want => {}
+            // Version 1 is upgraded in place (see SCHEMA_VERSION).
+            Some("1") => return Ok(false),
             Some(v) if v.parse::<i32>().is_ok_and(|n| n > SCHEMA_VERSION) => {
                 return Err(Fail::Err(Error::new(
                     ErrorKind::Unsupported,
@@ -621,6 +748,7 @@ impl Inner {
         ticket: Option<i64>,
         queue: bool,
         refresh: bool,
+        claims: &[i64],
         sent_at: Instant,
     ) -> Result<Attempt, Fail> {
         let key = req.key.as_str();
@@ -653,6 +781,10 @@ impl Inner {
                     (&self.magic, Type::INT4),
                     (&ticket_ttl, Type::INT8),
                     (&refresh, Type::BOOL),
+                    (&enc.lock_delay_ms, Type::INT8),
+                    (&claims, Type::INT8_ARRAY),
+                    (&self.channel.as_str(), Type::TEXT),
+                    (&self.pid_ns, Type::TEXT),
                 ],
             )
             .await?;
@@ -667,7 +799,7 @@ impl Inner {
                 let token = col::<Option<i64>>(row, 2)?
                     .and_then(|t| u64::try_from(t).ok())
                     .ok_or_else(|| corrupt("the attempt function granted no token"))?;
-                let now_ms = col::<Option<i64>>(row, 8)?
+                let now_ms = col::<Option<i64>>(row, 7)?
                     .and_then(|t| u64::try_from(t).ok())
                     .unwrap_or(0);
                 Ok(Attempt::Granted(Box::new(Lease {
@@ -685,20 +817,21 @@ impl Inner {
                 lim,
                 held: u32_of(col::<Option<i32>>(row, 5)?, "held count")?,
                 ahead: u32_of(col::<Option<i32>>(row, 6)?, "queue length")?,
+                rows: looked(row)?,
+                delay: delay_of(row)?,
             }),
             "mismatch" => Ok(Attempt::Mismatch { lim }),
             "queued" => {
                 let ticket = col::<Option<i64>>(row, 4)?
                     .ok_or_else(|| corrupt("the attempt function queued without a ticket"))?;
-                let next =
-                    col::<Option<i64>>(row, 7)?.map(|ms| Duration::from_millis(ms.max(0) as u64));
                 let held = u32_of(col::<Option<i32>>(row, 5)?, "held count")?;
                 let ahead = u32_of(col::<Option<i32>>(row, 6)?, "queue position")?;
                 Ok(Attempt::Queued {
                     ticket,
-                    next,
                     ahead,
                     free: lim.saturating_sub(held),
+                    rows: looked(row)?,
+                    delay: delay_of(row)?,
                 })
             }
             other => Err(corrupt(format!(
@@ -792,6 +925,8 @@ impl Inner {
         let mut ticket: Option<i64> = None;
         let mut first = true;
         let mut refreshed = Instant::now();
+        let mut watch = Watch::default();
+        let mut claims: Vec<i64> = Vec::new();
         loop {
             let sent_at = Instant::now();
             let check_lim = first;
@@ -803,16 +938,35 @@ impl Inner {
             }
             let outcome = self
                 .attempt(
-                    &conn, &req, &enc, check_lim, ticket, queue, refresh, sent_at,
+                    &conn, &req, &enc, check_lim, ticket, queue, refresh, &claims, sent_at,
                 )
                 .await;
+            // A row this look shows was written before the look read it: its TTL counts
+            // from now, when the answer is here.
+            let seen_at = Instant::now();
             first = false;
-            let (next, mut skip) = match outcome {
+            let sent_claims = std::mem::take(&mut claims);
+            let mut skip = match outcome {
                 Ok(Attempt::Granted(lease)) => {
                     self.checkin(conn);
                     return Ok(*lease);
                 }
-                Ok(Attempt::Busy { lim, held, ahead }) => {
+                Ok(Attempt::Busy {
+                    lim,
+                    held,
+                    ahead,
+                    rows,
+                    delay,
+                }) => {
+                    // A no-wait request has seen nothing for long: it can only take over
+                    // from a holder on this host whose process is gone.
+                    watch.update(&rows, delay, seen_at);
+                    let now = Instant::now();
+                    let dead = watch.claims(now);
+                    if !dead.is_empty() && dead != sent_claims {
+                        claims = dead;
+                        continue;
+                    }
                     self.checkin(conn);
                     return Err(self.err(
                         ErrorKind::Busy,
@@ -843,16 +997,25 @@ impl Inner {
                 }
                 Ok(Attempt::Queued {
                     ticket: t,
-                    next,
                     ahead,
                     free,
+                    rows,
+                    delay,
                 }) => {
                     ticket = Some(t);
+                    watch.update(&rows, delay, seen_at);
+                    // Every waiter watches, not only the first in line: whoever sees a row
+                    // stale first claims it, and the slot then goes to the first in line.
+                    let stale = watch.claims(Instant::now());
+                    if !stale.is_empty() && stale != sent_claims {
+                        claims = stale;
+                        continue;
+                    }
                     // Each wake-up (a release, an abandoned wait) lets at most one more
                     // request in; with `ahead` live requests before this one and `free`
                     // slots, the first `ahead - free` wake-ups are for others. A waiter
                     // ahead that died sends none: the backstop look covers that.
-                    (next, ahead.saturating_sub(free))
+                    ahead.saturating_sub(free)
                 }
                 Err(f) if ticket.is_none() && conn.reused && f.never_sent() => {
                     // A pooled connection that died with a server restart: the request
@@ -885,8 +1048,11 @@ impl Inner {
                 return Err(req.timed_out("every slot stayed held", &self.url));
             }
             let mut pause = BACKSTOP.min(TICKET_TTL / 3);
-            if let Some(n) = next {
+            if let Some(n) = watch.next(now) {
                 pause = pause.min(n + Duration::from_millis(2));
+            }
+            if let Some(c) = watch.cadence() {
+                pause = pause.min(c);
             }
             if let Some(d) = deadline {
                 pause = pause.min(d - now);
@@ -1016,7 +1182,7 @@ impl Inner {
                     let Some(row) = rows.first() else {
                         return Ok(None);
                     };
-                    let (lim, seq) = key_row(row, &k)?;
+                    let (lim, seq, delay) = key_row(row, &k)?;
                     let leases = inner
                         .query(conn, &inner.sql.lease_rows, &[(&k, Type::TEXT)])
                         .await?;
@@ -1035,12 +1201,12 @@ impl Inner {
                         Some(r) => col::<i64>(r, 0)?,
                         None => 0,
                     };
-                    Ok(Some((lim, seq, out, waiters)))
+                    Ok(Some((lim, seq, delay, out, waiters)))
                 })
             })
             .await
             .map_err(|f| self.map(f, op, Some(key)))?;
-        let Some((lim, seq, leases, waiters)) = found else {
+        let Some((lim, seq, delay, leases, waiters)) = found else {
             return Err(self.err(
                 ErrorKind::NotFound,
                 op,
@@ -1051,12 +1217,12 @@ impl Inner {
         let mut slots = Vec::with_capacity(lim as usize);
         for s in 0..lim {
             slots.push(match leases.iter().find(|l| l.slot == s) {
-                Some(l) => slot_status(l),
+                Some(l) => slot_status(l, delay, self.pid_ns.as_deref()),
                 None => SlotStatus::free(s),
             });
         }
-        for l in leases.iter().filter(|l| l.slot >= lim && l.live) {
-            let mut st = slot_status(l);
+        for l in leases.iter().filter(|l| l.slot >= lim && !l.lost) {
+            let mut st = slot_status(l, delay, self.pid_ns.as_deref());
             st.note = Some(format!(
                 "above the limit of {lim} (the key was resized down): held until released"
             ));
@@ -1069,7 +1235,7 @@ impl Inner {
             slots,
             waiters: Some(u32::try_from(waiters).unwrap_or(u32::MAX)),
             last_token: Some(Token(last)),
-            lock_delay_ms: None,
+            lock_delay_ms: (delay > 0).then_some(delay),
         })
     }
 
@@ -1138,7 +1304,7 @@ impl Inner {
                         let token: Option<i64> = col(r, 1)?;
                         let json: Option<String> = col(r, 2)?;
                         let since: Option<f64> = col(r, 3)?;
-                        let live: Option<bool> = col(r, 4)?;
+                        let held_back: Option<bool> = col(r, 4)?;
                         freed.push(SlotStatus {
                             slot: slot.and_then(|s| u32::try_from(s).ok()).unwrap_or(u32::MAX),
                             state: SlotState::Free,
@@ -1147,10 +1313,12 @@ impl Inner {
                             since_unix_ms: since.filter(|s| *s >= 0.0).map(|s| s as u64),
                             renewed_unix_ms: None,
                             expires_unix_ms: None,
-                            note: Some(if live == Some(true) {
-                                "freed by break; its holder's next renew answers lost".into()
+                            note: Some(if held_back == Some(true) {
+                                "broken; held back by the key's lock-delay before it is granted \
+                                 again; its holder's next renew answers lost"
+                                    .into()
                             } else {
-                                "had already expired; removed by break".into()
+                                "freed by break; its holder's next renew answers lost".into()
                             }),
                         });
                     }
@@ -1309,6 +1477,42 @@ async fn listen(
     }
 }
 
+/// The lease rows a look returned (`o_rows`, five numbers a row, and `o_holders`: the
+/// holder's JSON for holders that share the caller's boot id, NULL for the others, whose
+/// process this host cannot judge).
+fn looked(row: &Row) -> Result<Vec<Looked>, Fail> {
+    let nums: Vec<i64> = col::<Option<Vec<i64>>>(row, 9)?.unwrap_or_default();
+    let holders: Vec<Option<String>> =
+        col::<Option<Vec<Option<String>>>>(row, 10)?.unwrap_or_default();
+    if nums.len() % 5 != 0 || nums.len() / 5 != holders.len() {
+        return Err(corrupt(
+            "the attempt function answered a malformed list of lease rows",
+        ));
+    }
+    let mut out = Vec::with_capacity(holders.len());
+    for (n, h) in nums.chunks_exact(5).zip(holders) {
+        let slot = u32::try_from(n[0])
+            .map_err(|_| corrupt(format!("the attempt function answered slot {}", n[0])))?;
+        out.push(Looked {
+            id: RowId {
+                slot,
+                token: n[1],
+                renewals: n[2],
+                lost: n[4] != 0,
+            },
+            ttl: Duration::from_millis(u64::try_from(n[3]).unwrap_or(0).max(1)),
+            holder: h.as_deref().and_then(Holder::from_json),
+        });
+    }
+    Ok(out)
+}
+
+/// The key's lock-delay a look returned (`o_delay_ms`).
+fn delay_of(row: &Row) -> Result<Duration, Fail> {
+    let ms: Option<i64> = col(row, 8)?;
+    Ok(Duration::from_millis(ms.unwrap_or(0).max(0) as u64))
+}
+
 /// A lease row as read, types checked.
 struct LeaseRow {
     slot: u32,
@@ -1316,12 +1520,20 @@ struct LeaseRow {
     holder_id: String,
     holder_json: String,
     since_ms: Option<u64>,
-    live: bool,
+    renewed_ms: Option<u64>,
+    expires_ms: Option<u64>,
+    /// Held back by the lock-delay after it was lost.
+    lost: bool,
+    /// The server's clock says a TTL passed since the last renewal (a hint for display).
+    overdue: bool,
+    /// The holder's PID namespace.
+    pid_ns: Option<String>,
 }
 
-fn key_row(row: &Row, key: &str) -> Result<(u32, u64), Fail> {
+fn key_row(row: &Row, key: &str) -> Result<(u32, u64, u64), Fail> {
     let lim: Option<i32> = col(row, 0)?;
     let seq: Option<i64> = col(row, 1)?;
+    let delay: Option<i64> = col(row, 2)?;
     let lim = lim
         .and_then(|l| u32::try_from(l).ok())
         .filter(|l| (1..=MAX_LIMIT).contains(l))
@@ -1337,7 +1549,17 @@ fn key_row(row: &Row, key: &str) -> Result<(u32, u64), Fail> {
             seq.map_or("NULL".into(), |s| s.to_string())
         ))
     })?;
-    Ok((lim, seq))
+    let delay = delay.and_then(|d| u64::try_from(d).ok()).ok_or_else(|| {
+        corrupt(format!(
+            "the keys row of {key} holds the lock-delay {}, not a number of milliseconds",
+            delay.map_or("NULL".into(), |d| d.to_string())
+        ))
+    })?;
+    Ok((lim, seq, delay))
+}
+
+fn unix_ms_of(v: Option<f64>) -> Option<u64> {
+    v.filter(|s| s.is_finite() && *s >= 0.0).map(|s| s as u64)
 }
 
 fn lease_row(r: &Row, key: &str) -> Result<LeaseRow, Fail> {
@@ -1346,24 +1568,30 @@ fn lease_row(r: &Row, key: &str) -> Result<LeaseRow, Fail> {
     let holder_id: Option<String> = col(r, 2)?;
     let holder_json: Option<String> = col(r, 3)?;
     let since: Option<f64> = col(r, 4)?;
-    let live: Option<bool> = col(r, 5)?;
+    let renewed: Option<f64> = col(r, 5)?;
+    let expires: Option<f64> = col(r, 6)?;
+    let lost: Option<bool> = col(r, 7)?;
+    let overdue: Option<bool> = col(r, 8)?;
+    let pid_ns: Option<String> = col(r, 9)?;
     match (
         slot.and_then(|s| u32::try_from(s).ok()),
         token
             .and_then(|t| u64::try_from(t).ok())
             .filter(|t| *t >= 1),
         holder_id,
-        live,
+        lost,
     ) {
-        (Some(slot), Some(token), Some(holder_id), Some(live)) => Ok(LeaseRow {
+        (Some(slot), Some(token), Some(holder_id), Some(lost)) => Ok(LeaseRow {
             slot,
             token,
             holder_id,
             holder_json: holder_json.unwrap_or_default(),
-            since_ms: since
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .map(|s| s as u64),
-            live,
+            since_ms: unix_ms_of(since),
+            renewed_ms: unix_ms_of(renewed),
+            expires_ms: unix_ms_of(expires),
+            lost,
+            overdue: overdue.unwrap_or(false),
+            pid_ns,
         }),
         _ => Err(corrupt(format!(
             "a leases row of {key} holds slot {}, token {}: not a lease baton wrote",
@@ -1373,15 +1601,43 @@ fn lease_row(r: &Row, key: &str) -> Result<LeaseRow, Fail> {
     }
 }
 
-fn slot_status(l: &LeaseRow) -> SlotStatus {
-    SlotStatus::of_record(
+/// A slot as `status` shows it. What it says about staleness comes from the server's
+/// clock and this host's process table, for display: only a waiter's own observations
+/// (or a dead process on its host) take a lease over.
+fn slot_status(l: &LeaseRow, delay_ms: u64, pid_ns: Option<&str>) -> SlotStatus {
+    if l.lost {
+        let mut st = SlotStatus::free(l.slot);
+        st.note = Some(format!(
+            "held back by the key's lock-delay of {}: the lease with token {} was lost (taken \
+             over or broken); granted again once a waiter has seen it held back that long",
+            format_duration(Duration::from_millis(delay_ms)),
+            l.token
+        ));
+        return st;
+    }
+    let dead = pid_ns.is_some()
+        && l.pid_ns.as_deref() == pid_ns
+        && Holder::from_json(&l.holder_json).is_some_and(|h| h.liveness() == Liveness::Dead);
+    let mut st = SlotStatus::of_record(
         l.slot,
         l.token,
         &l.holder_id,
         &l.holder_json,
         l.since_ms,
-        (!l.live).then_some("expired without being renewed or released"),
-    )
+        dead.then_some("has a holder whose process on this host is gone"),
+    );
+    if st.state == SlotState::Held {
+        st.renewed_unix_ms = l.renewed_ms;
+        st.expires_unix_ms = l.expires_ms;
+        if l.overdue && st.note.is_none() {
+            st.note = Some(
+                "not renewed within its TTL by the server's clock: its holder may be dead; a \
+                 waiter takes it over once it has seen no renewal for the TTL"
+                    .into(),
+            );
+        }
+    }
+    st
 }
 
 /// Column `i` of a row, or corrupt state when its type is not the one baton wrote (a
@@ -1411,6 +1667,8 @@ struct Encoded {
     holder_json: String,
     ttl: Duration,
     ttl_ms: i64,
+    /// The lock-delay a new key gets (0: none).
+    lock_delay_ms: i64,
 }
 
 impl Encoded {
@@ -1418,11 +1676,24 @@ impl Encoded {
         let ttl = req.ttl.unwrap_or(DEFAULT_TTL);
         let ttl_ms = ttl_ms(ttl)?;
         let holder_json = req.holder.to_json()?;
+        let lock_delay_ms = match req.lock_delay {
+            Some(d) if !d.is_zero() => i64::try_from(d.as_millis().max(1))
+                .ok()
+                .filter(|ms| *ms <= 100 * 365 * 24 * 3600 * 1000)
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::InvalidInput,
+                        "the lock-delay is too large (over 100 years)",
+                    )
+                })?,
+            _ => 0,
+        };
         Ok(Encoded {
             holder_id: req.holder.id.to_string(),
             holder_json,
             ttl,
             ttl_ms,
+            lock_delay_ms,
         })
     }
 }
@@ -1451,6 +1722,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The guarded values are plain containers; a panic while holding one cannot leave it
     // inconsistent.
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// This process's PID namespace as the kernel names it (`pid:[4026531836]`). Two
+/// processes with the same boot id but different namespaces (containers sharing the host's
+/// name, as with host networking) cannot see each other's PIDs: a PID missing from our
+/// `/proc` then proves nothing.
+fn pid_namespace() -> Option<String> {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .map(|p| p.display().to_string())
 }
 
 /// A stable 31-bit number from the schema name (FNV-1a), the first half of the
@@ -1486,6 +1767,7 @@ impl PostgresStore {
             url: url.clone(),
             magic: magic(&cfg.schema),
             channel: format!("baton_{}", cfg.schema),
+            pid_ns: pid_namespace(),
             cfg,
             handle,
             sql,
@@ -1540,13 +1822,16 @@ impl Store for PostgresStore {
 
     fn capabilities(&self) -> Capabilities {
         let mut c = Capabilities::new(
-            "within the lease's TTL (30s unless the request sets one) after its holder dies, \
-             by the server's clock",
+            "at once when its holder ran on the waiter's host and its process is gone; \
+             otherwise once a waiter has seen no renewal for the lease's TTL (30s unless the \
+             request sets one) on its own clock, so a TTL after the next request when nobody \
+             was waiting",
         );
         c.renew = true;
         c.break_lease = true;
         c.resize = true;
         c.fifo = true;
+        c.lock_delay = true;
         c
     }
 

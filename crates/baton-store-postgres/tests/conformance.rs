@@ -96,8 +96,8 @@ fn garbage_lease_row(url: &str, key: &Key) -> std::io::Result<Vec<PathBuf>> {
         url,
         format!(
             "INSERT INTO {SCHEMA}.leases (key, slot, token, holder_id, holder_json, acquired_at, \
-             renewed_at, expires_at) VALUES ($1, -1, -5, 'x', '{{not json', now(), now(), \
-             now() + interval '1 hour')"
+             renewed_at, expires_at, ttl_ms) VALUES ($1, -1, -5, 'x', '{{not json', now(), now(), \
+             now() + interval '1 hour', 1000)"
         ),
         key,
     )

@@ -14,7 +14,7 @@ use baton_conformance::servers::{url_from_env, Server};
 use baton_core::{
     AcquireRequest, BarrierRequest, ErrorKind, Holder, Key, Lease, Released, Store, StoreUrl, Wait,
 };
-use baton_store_postgres::PostgresStore;
+use baton_store_postgres::{PostgresStore, SCHEMA_VERSION};
 use tokio_postgres::{Client, NoTls};
 
 /// Anything that must happen does so within this (a liveness bound, not a speed check).
@@ -592,7 +592,7 @@ async fn tables_baton_did_not_write_are_corrupt() {
 
     // A column retyped under a handle that already checked the schema.
     c.batch_execute(&format!(
-        "UPDATE {schema}.meta SET value = '1' WHERE name = 'schema_version'; \
+        "UPDATE {schema}.meta SET value = '{SCHEMA_VERSION}' WHERE name = 'schema_version'; \
          ALTER TABLE {schema}.keys ALTER COLUMN seq TYPE text"
     ))
     .await
@@ -607,7 +607,7 @@ async fn tables_baton_did_not_write_are_corrupt() {
 
     // A limit no key can have (status would list two billion slots).
     c.batch_execute(&format!(
-        "UPDATE {schema}.meta SET value = '1' WHERE name = 'schema_version'; \
+        "UPDATE {schema}.meta SET value = '{SCHEMA_VERSION}' WHERE name = 'schema_version'; \
          ALTER TABLE {schema}.keys ALTER COLUMN seq TYPE bigint USING seq::bigint; \
          UPDATE {schema}.keys SET lim = 2147483647"
     ))
@@ -840,4 +840,421 @@ async fn barrier_parties_meet_generation_after_generation() {
             "every party, every round"
         );
     }
+}
+
+fn with_delay(mut r: AcquireRequest, delay: Duration) -> AcquireRequest {
+    r.lock_delay = Some(delay);
+    r
+}
+
+/// Lock-delay (DESIGN, contract point 8): a lease that is lost (broken, or taken over
+/// after a waiter saw no renewal for its TTL) holds its slot back for the key's delay,
+/// and its holder's renew answers lost and its release not held; a released lease frees
+/// its slot at once. The only time checked is "not before the delay".
+#[tokio::test(flavor = "current_thread")]
+async fn lock_delay_holds_a_lost_slot_back_and_a_released_one_does_not() {
+    let Some(base) = base_url("lock_delay_holds_a_lost_slot_back_and_a_released_one_does_not")
+    else {
+        return;
+    };
+    let store = open(&with_schema(&base, "baton_storetest"));
+    assert!(store.capabilities().lock_delay);
+    let delay = Duration::from_millis(1500);
+    let long = Duration::from_secs(60);
+    let k = key("delay");
+
+    // The request that creates the key sets its delay; status shows it.
+    let first = store
+        .acquire(&with_delay(request(&k, 1, Wait::NoWait, long), delay))
+        .await
+        .expect("first grant");
+    let st = store.inspect(&k).await.expect("inspect");
+    assert_eq!(st.lock_delay_ms, Some(1500), "{st:?}");
+
+    // A clean release never waits.
+    assert_eq!(
+        store.release(&first).await.expect("release"),
+        Released::Released
+    );
+    let second = store
+        .acquire(&request(&k, 1, Wait::NoWait, long))
+        .await
+        .expect("a released slot is granted at once");
+
+    // A broken lease holds the slot back.
+    let freed = store.break_lease(&k, None).await.expect("break");
+    let broken_at = Instant::now();
+    assert_eq!(freed.len(), 1, "{freed:?}");
+    let e = store
+        .renew(&second)
+        .await
+        .expect_err("a broken lease is not renewed");
+    assert_eq!(e.kind(), ErrorKind::Lost, "{e:#}");
+    assert_eq!(
+        store.release(&second).await.expect("release"),
+        Released::NotHeld
+    );
+    let e = store
+        .acquire(&request(&k, 1, Wait::NoWait, long))
+        .await
+        .expect_err("held back by the lock-delay");
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e:#}");
+    let st = store.inspect(&k).await.expect("inspect");
+    assert_eq!(st.held(), 0, "{st:?}");
+    assert!(
+        st.slots[0]
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("lock-delay")),
+        "{st:?}"
+    );
+    let third = store
+        .acquire(&request(&k, 1, Wait::Timeout(LIVENESS), long))
+        .await
+        .expect("granted after the delay");
+    let granted_at = Instant::now();
+    assert!(
+        granted_at >= broken_at + delay,
+        "granted {:?} after the break, before the {delay:?} lock-delay",
+        granted_at - broken_at
+    );
+    assert!(third.token > second.token);
+
+    // A lease taken over after its TTL (it is never renewed) is lost, not released: the
+    // slot is held back again, for the delay after the takeover.
+    assert_eq!(
+        store.release(&third).await.expect("release"),
+        Released::Released
+    );
+    let ttl = Duration::from_millis(300);
+    let silent = store
+        .acquire(&request(&k, 1, Wait::NoWait, ttl))
+        .await
+        .expect("a released slot is granted at once");
+    let acquired_at = Instant::now();
+    let next = store
+        .acquire(&request(&k, 1, Wait::Timeout(LIVENESS), long))
+        .await
+        .expect("taken over, then granted after the delay");
+    let granted_at = Instant::now();
+    assert!(
+        granted_at >= acquired_at + ttl + delay,
+        "granted {:?} after the silent holder's grant, before its TTL and the lock-delay",
+        granted_at - acquired_at
+    );
+    let e = store.renew(&silent).await.expect_err("taken over");
+    assert_eq!(e.kind(), ErrorKind::Lost, "{e:#}");
+    assert_eq!(
+        store.release(&silent).await.expect("release"),
+        Released::NotHeld
+    );
+    assert_eq!(
+        store.release(&next).await.expect("release"),
+        Released::Released
+    );
+
+    // A key created without a delay has none: a break frees the slot at once.
+    let plain = key("no-delay");
+    let l = store
+        .acquire(&request(&plain, 1, Wait::NoWait, long))
+        .await
+        .expect("grant");
+    assert_eq!(
+        store.inspect(&plain).await.expect("inspect").lock_delay_ms,
+        None
+    );
+    store.break_lease(&plain, None).await.expect("break");
+    let l2 = store
+        .acquire(&request(&plain, 1, Wait::NoWait, long))
+        .await
+        .expect("a broken slot without a lock-delay is free at once");
+    assert!(l2.token > l.token);
+    store.release(&l2).await.expect("release");
+}
+
+/// The compare-and-swap a takeover is: a claim naming a renewal count that a renewal has
+/// since raised changes nothing (the lease stays, its renewals go on); a claim naming the
+/// current count takes the slot, and the old holder's renew then answers lost and its
+/// release not held. `attempt` is called by hand to put the two in either order.
+#[tokio::test(flavor = "current_thread")]
+async fn a_takeover_and_a_renewal_never_both_win() {
+    let Some(base) = base_url("a_takeover_and_a_renewal_never_both_win") else {
+        return;
+    };
+    let schema = "baton_storetest";
+    let store = open(&with_schema(&base, schema));
+    let k = key("cas");
+    let long = Duration::from_secs(60);
+    let held = store
+        .acquire(&request(&k, 1, Wait::NoWait, long))
+        .await
+        .expect("grant");
+    let c = raw(&base).await;
+    let read = format!("SELECT renewals FROM {schema}.leases WHERE key = $1");
+    let seen: i64 = c
+        .query_one(&read, &[&k.as_str()])
+        .await
+        .expect("the lease row")
+        .get(0);
+    let held = store.renew(&held).await.expect("renew");
+    let claim = |renewals: i64| -> Vec<i64> {
+        vec![i64::from(held.slot), held.token.0 as i64, renewals, 0]
+    };
+    let attempt = format!(
+        "SELECT o_outcome FROM {schema}.attempt($1, 1, false, NULL, false, 'claimant', \
+         '{{}}', 60000, 0, 10000, false, 0, $2, 'baton_{schema}', NULL)"
+    );
+    // The renewal came first: the claim names a count that is gone.
+    let outcome: String = c
+        .query_one(&attempt, &[&k.as_str(), &claim(seen)])
+        .await
+        .expect("a stale claim")
+        .get(0);
+    assert_eq!(outcome, "busy");
+    let held = store
+        .renew(&held)
+        .await
+        .expect("the lease is still its holder's");
+    // The claim comes first: the renewal after it finds the lease gone.
+    let now: i64 = c
+        .query_one(&read, &[&k.as_str()])
+        .await
+        .expect("the lease row")
+        .get(0);
+    assert_eq!(now, seen + 2, "every renewal raises the count by one");
+    let outcome: String = c
+        .query_one(&attempt, &[&k.as_str(), &claim(now)])
+        .await
+        .expect("a current claim")
+        .get(0);
+    assert_eq!(outcome, "granted");
+    let e = store.renew(&held).await.expect_err("taken over");
+    assert_eq!(e.kind(), ErrorKind::Lost, "{e:#}");
+    assert_eq!(
+        store.release(&held).await.expect("release"),
+        Released::NotHeld
+    );
+    let st = store.inspect(&k).await.expect("inspect");
+    assert_eq!(st.held(), 1, "the claimant holds it: {st:?}");
+    store.break_lease(&k, None).await.expect("clean up");
+}
+
+/// The server's clock ends no lease: a lease row whose stamps say it expired two hours ago
+/// (as after the server's clock stepped forward) is still its holder's, renewed, and not
+/// granted to anyone else; `status` shows it held, with a note.
+#[tokio::test(flavor = "current_thread")]
+async fn a_lease_the_server_clock_calls_expired_stays_held() {
+    let Some(base) = base_url("a_lease_the_server_clock_calls_expired_stays_held") else {
+        return;
+    };
+    let schema = "baton_storetest";
+    let store = open(&with_schema(&base, schema));
+    let k = key("stamps");
+    let held = store
+        .acquire(&request(&k, 1, Wait::NoWait, Duration::from_secs(60)))
+        .await
+        .expect("grant");
+    let c = raw(&base).await;
+    c.execute(
+        &format!(
+            "UPDATE {schema}.leases SET renewed_at = now() - interval '2 hours', \
+             expires_at = now() - interval '2 hours' WHERE key = $1"
+        ),
+        &[&k.as_str()],
+    )
+    .await
+    .expect("back-date the stamps");
+    let st = store.inspect(&k).await.expect("inspect");
+    assert_eq!(st.held(), 1, "{st:?}");
+    assert!(st.slots[0].note.is_some(), "{st:?}");
+    let e = store
+        .acquire(&request(&k, 1, Wait::NoWait, Duration::from_secs(60)))
+        .await
+        .expect_err("still held");
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e:#}");
+    let held = store.renew(&held).await.expect("renewed");
+    let st = store.inspect(&k).await.expect("inspect");
+    let slot = &st.slots[0];
+    assert!(
+        slot.renewed_unix_ms.is_some() && slot.expires_unix_ms > slot.renewed_unix_ms,
+        "{st:?}"
+    );
+    assert_eq!(
+        store.release(&held).await.expect("release"),
+        Released::Released
+    );
+}
+
+/// A schema version 1 made (leases that expired by the server's clock) is upgraded in
+/// place by the first use: its live lease stays its holder's (its TTL taken from its
+/// stamps), tokens go on from its sequence, and the version row says 2.
+#[tokio::test(flavor = "current_thread")]
+async fn a_version_1_schema_is_upgraded_in_place() {
+    let Some(base) = base_url("a_version_1_schema_is_upgraded_in_place") else {
+        return;
+    };
+    let schema = format!("baton_v1_{}", suffix());
+    let c = raw(&base).await;
+    c.batch_execute(&format!(
+        "CREATE SCHEMA {schema};
+         CREATE TABLE {schema}.meta (name text PRIMARY KEY, value text NOT NULL);
+         INSERT INTO {schema}.meta VALUES ('schema_version', '1');
+         CREATE TABLE {schema}.keys (key text PRIMARY KEY, lim integer NOT NULL, seq bigint NOT NULL);
+         CREATE TABLE {schema}.leases (key text NOT NULL, slot integer NOT NULL,
+             token bigint NOT NULL, holder_id text NOT NULL, holder_json text NOT NULL,
+             acquired_at timestamptz NOT NULL, renewed_at timestamptz NOT NULL,
+             expires_at timestamptz NOT NULL, PRIMARY KEY (key, slot));
+         CREATE TABLE {schema}.waiters (ticket bigserial PRIMARY KEY, key text NOT NULL,
+             holder_id text NOT NULL, pid integer NOT NULL, expires_at timestamptz NOT NULL);
+         INSERT INTO {schema}.keys VALUES ('old/key', 1, 5);
+         INSERT INTO {schema}.leases VALUES ('old/key', 0, 5, 'h', '{{}}', now(), now(),
+             now() + interval '60 seconds');"
+    ))
+    .await
+    .expect("a version 1 schema");
+    let store = open(&with_schema(&base, &schema));
+    let k = Key::new("old/key").expect("key");
+    let e = store
+        .acquire(&request(&k, 1, Wait::NoWait, Duration::from_secs(60)))
+        .await
+        .expect_err("the version 1 lease is still held");
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e:#}");
+    let version: String = c
+        .query_one(
+            &format!("SELECT value FROM {schema}.meta WHERE name = 'schema_version'"),
+            &[],
+        )
+        .await
+        .expect("version")
+        .get(0);
+    assert_eq!(version, SCHEMA_VERSION.to_string());
+    let ttl: i64 = c
+        .query_one(&format!("SELECT ttl_ms FROM {schema}.leases"), &[])
+        .await
+        .expect("ttl")
+        .get(0);
+    assert_eq!(ttl, 60_000);
+    let st = store.inspect(&k).await.expect("inspect");
+    assert_eq!(st.held(), 1, "{st:?}");
+    store.break_lease(&k, None).await.expect("break");
+    let l = store
+        .acquire(&request(&k, 1, Wait::NoWait, Duration::from_secs(60)))
+        .await
+        .expect("grant after the upgrade");
+    assert_eq!(l.token.0, 6);
+    store.release(&l).await.expect("release");
+    c.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .expect("drop");
+}
+
+/// A holder whose process is gone is taken over at once only by a waiter that can see
+/// its PID: the same host, boot and PID namespace. The same dead PID recorded from
+/// another PID namespace (a container sharing the host's name) proves nothing: the slot
+/// stays held until a waiter has seen it unrenewed for the TTL.
+#[tokio::test(flavor = "current_thread")]
+async fn a_dead_holder_is_taken_over_at_once_only_from_its_own_pid_namespace() {
+    let Some(base) =
+        base_url("a_dead_holder_is_taken_over_at_once_only_from_its_own_pid_namespace")
+    else {
+        return;
+    };
+    let schema = "baton_storetest";
+    let store = open(&with_schema(&base, schema));
+    let c = raw(&base).await;
+    let mut child = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    child.wait().expect("reap true");
+    let mut gone = Holder::current(vec!["pgtest".into()]);
+    gone.pid = child.id();
+    let long = Duration::from_secs(60);
+    let own_ns = std::fs::read_link("/proc/self/ns/pid")
+        .expect("our PID namespace")
+        .display()
+        .to_string();
+    for (ns, at_once) in [("pid:[1]", false), (own_ns.as_str(), true)] {
+        let k = key("dead");
+        let mut req = request(&k, 1, Wait::NoWait, long);
+        req.holder = gone.clone();
+        let held = store.acquire(&req).await.expect("grant");
+        c.execute(
+            &format!("UPDATE {schema}.leases SET pid_ns = $2 WHERE key = $1"),
+            &[&k.as_str(), &ns],
+        )
+        .await
+        .expect("set the namespace");
+        let got = store.acquire(&request(&k, 1, Wait::NoWait, long)).await;
+        match (at_once, got) {
+            (true, Ok(l)) => {
+                assert!(l.token > held.token);
+                assert_eq!(
+                    store.release(&held).await.expect("release"),
+                    Released::NotHeld
+                );
+                store.release(&l).await.expect("release");
+            }
+            (false, Err(e)) if e.kind() == ErrorKind::Busy => {
+                let st = store.inspect(&k).await.expect("inspect");
+                assert_eq!(st.held(), 1, "{st:?}");
+                assert_eq!(
+                    store.release(&held).await.expect("release"),
+                    Released::Released
+                );
+            }
+            (at_once, got) => {
+                panic!("namespace {ns}: taken over at once should be {at_once}: {got:?}")
+            }
+        }
+    }
+}
+
+/// Several waiters watch a lease whose holder stopped renewing (it lives on, so only a
+/// TTL of silence can free it): whichever claims the stale row, the slot goes to the
+/// first in line; the second is granted only after the first releases.
+#[tokio::test(flavor = "current_thread")]
+async fn a_stale_lease_goes_to_the_first_waiter_in_line() {
+    let Some(base) = base_url("a_stale_lease_goes_to_the_first_waiter_in_line") else {
+        return;
+    };
+    let store = open(&with_schema(&base, "baton_storetest"));
+    let k = key("stale-fifo");
+    let silent = store
+        .acquire(&request(&k, 1, Wait::NoWait, Duration::from_millis(500)))
+        .await
+        .expect("grant");
+    let first = {
+        let (s, r) = (
+            Arc::clone(&store),
+            request(&k, 1, Wait::Timeout(LIVENESS), Duration::from_secs(60)),
+        );
+        tokio::spawn(async move { s.acquire(&r).await })
+    };
+    until_waiters(&store, &k, 1).await;
+    let second = {
+        let (s, r) = (
+            Arc::clone(&store),
+            request(&k, 1, Wait::Timeout(LIVENESS), Duration::from_secs(60)),
+        );
+        tokio::spawn(async move { s.acquire(&r).await })
+    };
+    until_waiters(&store, &k, 2).await;
+    let first = first
+        .await
+        .expect("join")
+        .expect("the first in line is granted");
+    assert!(first.token > silent.token);
+    assert!(!second.is_finished(), "the second waiter was granted too");
+    let e = store.renew(&silent).await.expect_err("taken over");
+    assert_eq!(e.kind(), ErrorKind::Lost, "{e:#}");
+    assert_eq!(
+        store.release(&first).await.expect("release"),
+        Released::Released
+    );
+    let second = second
+        .await
+        .expect("join")
+        .expect("granted after the release");
+    assert!(second.token > first.token);
+    store.release(&second).await.expect("release");
 }
