@@ -968,18 +968,22 @@ impl Inner {
                         continue;
                     }
                     self.checkin(conn);
-                    return Err(self.err(
-                        ErrorKind::Busy,
-                        op,
-                        Some(&key),
-                        if held >= lim {
-                            format!("all {lim} slot(s) are held")
-                        } else {
-                            format!(
-                                "{held} of {lim} slot(s) are held and {ahead} earlier request(s) wait for the rest"
-                            )
-                        },
-                    ));
+                    let held_back = rows.iter().filter(|r| r.id.lost).count();
+                    let mut why = if held >= lim {
+                        format!("all {lim} slot(s) are held")
+                    } else {
+                        format!(
+                            "{held} of {lim} slot(s) are held and {ahead} earlier request(s) wait for the rest"
+                        )
+                    };
+                    if held_back > 0 {
+                        why.push_str(&format!(
+                            " ({held_back} of them held back by the key's lock-delay of {} \
+                             after a lost lease)",
+                            format_duration(delay)
+                        ));
+                    }
+                    return Err(self.err(ErrorKind::Busy, op, Some(&key), why));
                 }
                 Ok(Attempt::Mismatch { lim }) => {
                     self.checkin(conn);
