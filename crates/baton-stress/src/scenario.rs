@@ -459,9 +459,12 @@ impl<'c> Orchestra<'c> {
         }
     }
 
-    fn note(&self, event: Event) {
+    /// Records what the orchestrator did; a line that cannot be written fails the run
+    /// (the checkers would judge a history that misses a kill or a pause).
+    fn note(&mut self, event: Event) {
         if let Err(e) = self.rec.record(&event) {
-            eprintln!("baton: stress: cannot record {event:?}: {e}");
+            self.errors
+                .push(format!("cannot record {event:?} to the history: {e}"));
         }
     }
 
@@ -564,7 +567,6 @@ impl<'c> Orchestra<'c> {
                     continue;
                 }
                 let t_ns = monotonic_ns();
-                let proxies = ids.get(&pid).and_then(|id| self.proxies.get(id));
                 match action {
                     Action::Signal(libc::SIGKILL) => {
                         self.note(Event::Killed { pid, t_ns });
@@ -577,13 +579,13 @@ impl<'c> Orchestra<'c> {
                     Action::Signal(_) => self.note(Event::Resumed { pid, t_ns }),
                     Action::Cut => {
                         self.note(Event::Partitioned { pid, t_ns });
-                        if let Some(p) = proxies {
+                        if let Some(p) = ids.get(&pid).and_then(|id| self.proxies.get(id)) {
                             p.set(Fault::Partition);
                         }
                     }
                     Action::Heal => {
                         self.note(Event::Healed { pid, t_ns });
-                        if let Some(p) = proxies {
+                        if let Some(p) = ids.get(&pid).and_then(|id| self.proxies.get(id)) {
                             p.set(Fault::Pass);
                         }
                     }

@@ -104,6 +104,47 @@ mod tests {
     }
 
     #[test]
+    fn a_renewal_recorded_before_the_keeper_saw_it_extends_the_lease() {
+        // Pid 1 (TTL 100ms: validity 89ms) renewed at 50ms and was stopped before its
+        // `held` line; its last recorded deadline is 89ms, but the renewal gave it until
+        // 139ms. Pid 2's grant at 120ms is a re-grant before that deadline.
+        let mut first = grant(1, 0, 10, 0, 1);
+        if let Event::Grant { lease, .. } = &mut first {
+            lease.ttl = Some(std::time::Duration::from_millis(100));
+        }
+        let renewed = |ok| Event::Renewed {
+            pid: 1,
+            t_ns: 51_000_000,
+            t_sent_ns: 50_000_000,
+            key: key(),
+            token: Token(1),
+            ok,
+            kind: None,
+            error: None,
+        };
+        let h = vec![
+            Event::Held {
+                pid: 1,
+                t_ns: 9,
+                key: key(),
+                token: Token(1),
+                deadline_ns: 89_000_000,
+            },
+            first,
+            renewed(true),
+            grant(2, 5, 120_000_000, 0, 2),
+            release(2, 130_000_000, 0, 2),
+        ];
+        let v = limit::check(&h, &key(), 1, Ends::Deadlines);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].pids, vec![1, 2]);
+        // A renewal that failed gave no new deadline.
+        let mut failed = h.clone();
+        failed[2] = renewed(false);
+        assert!(limit::check(&failed, &key(), 1, Ends::Deadlines).is_empty());
+    }
+
+    #[test]
     fn every_overlap_is_listed() {
         let h = vec![
             grant(1, 0, 10, 0, 1),
