@@ -120,6 +120,38 @@ pub struct Config {
     pub replay: String,
 }
 
+impl Config {
+    /// How long the whole run may take before the harness stops it and fails it: a store
+    /// that hangs must not hang the run forever. Derived from the scenario, generously
+    /// (timing is not what it judges): the last scheduled start, plus
+    /// `ceil(events / slots) × (hold + 1s)` of serial work (workflow: per stage,
+    /// `ceil(jobs / slots) × (hold + 1s)`), plus per planned kill `2 × TTL + 5s` and per
+    /// planned pause or partition `pause_for + 2 × TTL + 5s` (the store's recovery), plus
+    /// 60s. `last_start` comes from the seeded schedule.
+    pub fn time_bound(&self, last_start: Duration, faults: u64) -> Duration {
+        let per_event = self.hold + Duration::from_secs(1);
+        let slots = u64::from(self.slots.max(1));
+        let serial = match self.scenario {
+            Scenario::Workflow => u64::from(self.stages) * self.jobs.div_ceil(slots),
+            Scenario::Single => 1,
+            _ => self.events.div_ceil(slots),
+        };
+        let per_fault = match self.scenario {
+            Scenario::Crash => self.ttl * 2 + Duration::from_secs(5),
+            Scenario::Pause | Scenario::Partition => {
+                self.pause_for + self.ttl * 2 + Duration::from_secs(5)
+            }
+            _ => Duration::ZERO,
+        };
+        let wait = self.wait.unwrap_or(Duration::ZERO);
+        last_start
+            + per_event.saturating_mul(u32::try_from(serial).unwrap_or(u32::MAX))
+            + per_fault.saturating_mul(u32::try_from(faults).unwrap_or(u32::MAX))
+            + wait
+            + Duration::from_secs(60)
+    }
+}
+
 /// Wait-time statistics, in ms.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Waits {
@@ -486,8 +518,28 @@ impl<'c> Orchestra<'c> {
         let mut tail = Tail::new(&self.history);
         let mut done = 0u64;
         let pause_for = self.config.pause_for;
+        let last_start = self.schedule.iter().map(|s| s.0).max().unwrap_or_default();
+        let faults = self.schedule.iter().filter(|s| s.2.is_some()).count() as u64;
+        let bound = self.config.time_bound(last_start, faults);
         loop {
             let now = Instant::now();
+            if now > start + bound {
+                // Whatever is still running is stuck (or the store is): stop it and let
+                // the checkers say which events never ended.
+                self.errors.push(format!(
+                    "the run did not finish within its bound of {:.0}s ({} worker(s) still \
+                     running, {} not started); they were killed",
+                    bound.as_secs_f64(),
+                    children.len(),
+                    self.schedule.len() - next
+                ));
+                for (_, child) in children.values_mut() {
+                    // A stopped worker dies of SIGKILL too.
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                break;
+            }
             while next < self.schedule.len() && start + self.schedule[next].0 <= now {
                 let (_, id, plan) = self.schedule[next];
                 if let Some(Plan::Partition(_)) = plan {
@@ -791,6 +843,20 @@ fn analyze(
         add(vs);
         stage_transition_ms = Some(waits(times));
     }
+    let expected_events = match config.scenario {
+        Scenario::Workflow => u64::from(config.stages) * config.jobs,
+        Scenario::Single => 1,
+        _ => config.events,
+    };
+    let (complete, n) = check::completeness::check(
+        events,
+        check::completeness::Expected {
+            events: expected_events,
+            wait_forever: config.wait.is_none(),
+        },
+    );
+    count += n;
+    violations.extend(complete);
     let known = check::unknown::outcomes(events);
     let mut outcomes: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut errors = Vec::new();

@@ -6,11 +6,14 @@
 //! - [`results`]: every event's result recorded exactly once (no lost, no doubled results);
 //! - [`stale`]: no stale write accepted by the fenced resource;
 //! - [`barrier`]: workflow stages never overlap and every party passes every stage;
+//! - [`completeness`]: every event started and ended, and the store granted what it had
+//!   to (every event when workers wait forever; at least one with `--wait`);
 //! - [`recovery`]: a killed holder's slot comes back within the store's bound;
 //! - [`unknown`]: which events' outcomes are unknown (timed out, killed), so the others
 //!   treat them as neither success nor failure.
 
 pub mod barrier;
+pub mod completeness;
 pub mod limit;
 pub mod recovery;
 pub mod results;
@@ -28,7 +31,8 @@ pub const MAX_LISTED: usize = 50;
 /// One violation of a property, with the processes whose events show it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Violation {
-    /// The property: `limit`, `tokens`, `results`, `stale`, `recovery`.
+    /// The property: `limit`, `tokens`, `results`, `stale`, `recovery`, `barrier`,
+    /// `completeness`, `liveness`.
     pub property: &'static str,
     /// What happened, naming the violating events (several lines for several events).
     pub message: String,
