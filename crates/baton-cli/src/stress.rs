@@ -126,8 +126,10 @@ pub struct CrashArgs {
     /// The share of holders SIGKILLed (0 to 1).
     #[arg(long, value_name = "F", default_value_t = 0.3)]
     kill_fraction: f64,
-    /// How soon a killed holder's slot must come back (default: 2s for kernel locks,
-    /// TTL + 2s for lease stores).
+    /// How soon a killed holder's slot must come back, counted from the kill (or from a
+    /// later request). Default: the store's documented bound — 500ms for kernel locks
+    /// (dir:), TTL + 1s for dir:?mode=lease, sqlite: and postgres://, max(TTL, 2s) + 1.5s
+    /// for etcd://, TTL + 2s for other lease stores.
     #[arg(long, value_name = "DURATION")]
     recovery_bound: Option<String>,
 }

@@ -243,6 +243,17 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         message: Option<String>,
     },
+    /// A probe worker began: it is not one of the run's events, only an acquire (or, at the
+    /// end of a `crash` run, one per slot) that shows how soon a killed holder's slot came
+    /// back. Its grants are checked like any other; its pid counts no event.
+    Probe {
+        /// The probe.
+        pid: u32,
+        /// When.
+        t_ns: u64,
+        /// How many slots it takes (and holds until it has them all).
+        slots: u32,
+    },
     /// A party is about to arrive at a barrier.
     Arrive {
         /// The party.
@@ -289,6 +300,7 @@ impl Event {
             | Event::Healed { pid, .. }
             | Event::Start { pid, .. }
             | Event::Done { pid, .. }
+            | Event::Probe { pid, .. }
             | Event::Arrive { pid, .. }
             | Event::Passed { pid, .. } => *pid,
         }
@@ -316,6 +328,7 @@ impl Event {
             | Event::Healed { t_ns, .. }
             | Event::Start { t_ns, .. }
             | Event::Done { t_ns, .. }
+            | Event::Probe { t_ns, .. }
             | Event::Arrive { t_ns, .. }
             | Event::Passed { t_ns, .. } => *t_ns,
         }

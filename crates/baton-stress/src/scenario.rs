@@ -144,7 +144,15 @@ impl Config {
             _ => Duration::ZERO,
         };
         let wait = self.wait.unwrap_or(Duration::ZERO);
+        // Crash: the final probe waits for every slot.
+        let probes = match self.scenario {
+            Scenario::Crash => {
+                (self.ttl * 2 + Duration::from_secs(10)).saturating_mul(self.slots.max(1))
+            }
+            _ => Duration::ZERO,
+        };
         last_start
+            + probes
             + per_event.saturating_mul(u32::try_from(serial).unwrap_or(u32::MAX))
             + per_fault.saturating_mul(u32::try_from(faults).unwrap_or(u32::MAX))
             + wait
@@ -208,9 +216,19 @@ pub struct Summary {
     /// Pause: paused holders whose slot another holder was granted while they were
     /// stopped (their late writes are the ones the fence must refuse).
     pub superseded: u64,
-    /// Crash: death → next grant of the slot, in ms (max, p50), when measured.
+    /// Crash: death (or the request, if later) → next grant of the slot, in ms, when
+    /// measured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recovery_ms: Option<Waits>,
+    /// Crash: the recovery bound enforced, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_bound_ms: Option<f64>,
+    /// Crash: where that bound comes from (the store's documented bound, or the flag).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_bound_basis: Option<String>,
+    /// Crash: probe workers run (one after each kill, one taking every slot at the end);
+    /// their grants are checked but not counted in `grants`.
+    pub probes: u64,
     /// Workflow: last arrival → first pass of each stage's barrier, in ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stage_transition_ms: Option<Waits>,
@@ -326,7 +344,11 @@ pub fn run(config: &Config, open: OpenFn) -> Result<RunOutput, Error> {
                 format!("cannot open the worker log: {e}"),
             )
         })?;
-    let mut orchestra = Orchestra::new(config, &history, &results, log)?;
+    let (recovery_bound, recovery_basis) = match config.recovery_bound {
+        Some(b) => (b, "--recovery-bound".to_owned()),
+        None => check::recovery::store_bound(&url, caps.renew, config.ttl),
+    };
+    let mut orchestra = Orchestra::new(config, &history, &results, log, recovery_bound)?;
     orchestra.play()?;
     let events = {
         let mut events = read_history(&history).map_err(|e| {
@@ -340,6 +362,17 @@ pub fn run(config: &Config, open: OpenFn) -> Result<RunOutput, Error> {
     };
     let rows = resource::rows(&results)?;
     let mut summary = analyze(config, &url, caps.renew, &events, &rows);
+    if config.scenario == Scenario::Crash {
+        summary.recovery_bound_ms = Some(recovery_bound.as_secs_f64() * 1e3);
+        summary.recovery_bound_basis = Some(recovery_basis);
+        let (times, vs) =
+            check::recovery::check(&events, &config.key, recovery_bound.as_nanos() as u64);
+        summary.violation_count += vs.len();
+        summary.violations.extend(vs);
+        if !times.is_empty() {
+            summary.recovery_ms = Some(waits(times));
+        }
+    }
     summary.errors.extend(orchestra.errors);
     summary.dir = config.dir.as_ref().map(|d| d.display().to_string());
     Ok(RunOutput { summary, events })
@@ -375,7 +408,16 @@ struct Orchestra<'c> {
     errors: Vec<String>,
     /// Partition: the fault proxies of the workers planned to be cut off, by worker id.
     proxies: HashMap<u64, ProxySet>,
+    /// Crash: the recovery bound (probes wait that long, plus [`PROBE_SLACK`]).
+    recovery_bound: Duration,
 }
+
+/// The id a probe worker runs under (it runs no event).
+const PROBE_ID: u64 = u64::MAX;
+
+/// How much longer than the recovery bound a probe waits for a slot: the probe only has to
+/// outlast the bound for the checker to judge it.
+const PROBE_SLACK: Duration = Duration::from_secs(5);
 
 impl<'c> Orchestra<'c> {
     fn new(
@@ -383,6 +425,7 @@ impl<'c> Orchestra<'c> {
         history: &Path,
         results: &Path,
         log: std::fs::File,
+        recovery_bound: Duration,
     ) -> Result<Orchestra<'c>, Error> {
         let rec = Recorder::open(history).map_err(|e| {
             fail(
@@ -430,6 +473,7 @@ impl<'c> Orchestra<'c> {
             schedule,
             errors: Vec::new(),
             proxies: HashMap::new(),
+            recovery_bound,
         })
     }
 
@@ -449,6 +493,7 @@ impl<'c> Orchestra<'c> {
             wait_ms: c.wait.map(|w| w.as_millis() as u64),
             id,
             parent: std::process::id(),
+            probe: None,
             workflow: (c.scenario == Scenario::Workflow).then(|| WorkflowJob {
                 stages: c.stages,
                 jobs: c.jobs,
@@ -458,8 +503,22 @@ impl<'c> Orchestra<'c> {
         }
     }
 
+    /// A probe that takes `slots` slots, waiting up to the recovery bound plus
+    /// [`PROBE_SLACK`] for each.
+    fn probe_job(&self, slots: u32) -> Job {
+        Job {
+            probe: Some(slots),
+            wait_ms: Some((self.recovery_bound + PROBE_SLACK).as_millis() as u64),
+            ..self.job(PROBE_ID)
+        }
+    }
+
     fn spawn(&self, id: u64) -> Result<Child, Error> {
-        let job = serde_json::to_string(&self.job(id))
+        self.spawn_job(&self.job(id))
+    }
+
+    fn spawn_job(&self, job: &Job) -> Result<Child, Error> {
+        let job = serde_json::to_string(job)
             .map_err(|e| fail(ErrorKind::InvalidInput, format!("cannot encode a job: {e}")))?;
         let stderr = self
             .log
@@ -521,6 +580,7 @@ impl<'c> Orchestra<'c> {
         let last_start = self.schedule.iter().map(|s| s.0).max().unwrap_or_default();
         let faults = self.schedule.iter().filter(|s| s.2.is_some()).count() as u64;
         let bound = self.config.time_bound(last_start, faults);
+        let mut final_probe = false;
         loop {
             let now = Instant::now();
             if now > start + bound {
@@ -645,6 +705,16 @@ impl<'c> Orchestra<'c> {
                 if let Action::Signal(sig) = action {
                     self.signal(pid, sig);
                 }
+                if action == Action::Signal(libc::SIGKILL) {
+                    // Someone must ask for the slot after the kill, or its recovery
+                    // cannot be measured.
+                    match self.spawn_job(&self.probe_job(1)) {
+                        Ok(child) => {
+                            children.insert(child.id(), (PROBE_ID, child));
+                        }
+                        Err(e) => self.errors.push(format!("cannot start a probe: {e:#}")),
+                    }
+                }
             }
             let mut ended = Vec::new();
             for (pid, (id, child)) in children.iter_mut() {
@@ -675,6 +745,17 @@ impl<'c> Orchestra<'c> {
                 }
             }
             if next == self.schedule.len() && children.is_empty() {
+                if self.config.scenario == Scenario::Crash && !final_probe {
+                    // Every slot must come back, even one no waiter needed.
+                    final_probe = true;
+                    match self.spawn_job(&self.probe_job(self.config.slots)) {
+                        Ok(child) => {
+                            children.insert(child.id(), (PROBE_ID, child));
+                            continue;
+                        }
+                        Err(e) => self.errors.push(format!("cannot start a probe: {e:#}")),
+                    }
+                }
                 break;
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -824,19 +905,6 @@ fn analyze(
     add(check::results::check(events, rows));
     let (stale, fenced_writes) = check::stale::check(events, rows);
     add(stale);
-    let mut recovery_ms = None;
-    if config.scenario == Scenario::Crash {
-        let bound = config.recovery_bound.unwrap_or(if lease_store {
-            config.ttl + Duration::from_secs(2)
-        } else {
-            Duration::from_secs(2)
-        });
-        let (times, vs) = check::recovery::check(events, key, bound.as_nanos() as u64);
-        add(vs);
-        if !times.is_empty() {
-            recovery_ms = Some(waits(times));
-        }
-    }
     let mut stage_transition_ms = None;
     if config.scenario == Scenario::Workflow {
         let (times, vs) = check::barrier::check(events, config.jobs, config.stages, config.procs);
@@ -878,7 +946,18 @@ fn analyze(
             errors.push(format!("{ok} of {expected} workflow jobs completed"));
         }
     }
-    let ivs = intervals_ending(events, key, Ends::Release);
+    let probe_pids: std::collections::HashSet<u32> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Probe { pid, .. } => Some(*pid),
+            _ => None,
+        })
+        .collect();
+    let probes = probe_pids.len() as u64;
+    let ivs: Vec<_> = intervals_ending(events, key, Ends::Release)
+        .into_iter()
+        .filter(|iv| !probe_pids.contains(&iv.pid))
+        .collect();
     let grants = ivs.len() as u64;
     let t_first = events
         .iter()
@@ -929,7 +1008,10 @@ fn analyze(
         partitioned: count_of(&|e| matches!(e, Event::Partitioned { .. })),
         fenced_writes: fenced_writes as u64,
         superseded: superseded(events, key),
-        recovery_ms,
+        recovery_ms: None,
+        recovery_bound_ms: None,
+        recovery_bound_basis: None,
+        probes,
         stage_transition_ms,
         violation_count: count,
         violations,

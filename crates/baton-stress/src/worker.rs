@@ -45,6 +45,10 @@ pub struct Job {
     pub id: u64,
     /// The orchestrator's pid: the worker exits if it is gone.
     pub parent: u32,
+    /// For a probe (`crash`): how many slots to take, holding each until it has them all,
+    /// then release; no event, no writes to the resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<u32>,
     /// For `workflow`: the stages to run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow: Option<WorkflowJob>,
@@ -174,9 +178,10 @@ async fn run(open: OpenFn, job: &Job) -> Result<(), String> {
         pid,
         holder: Holder::current(vec!["baton-stress-worker".into(), job.id.to_string()]),
     };
-    match &job.workflow {
-        None => event(&ctx, job.id).await,
-        Some(w) => workflow(&ctx, w).await,
+    match (&job.workflow, job.probe) {
+        (_, Some(slots)) => probe(&ctx, slots).await,
+        (None, None) => event(&ctx, job.id).await,
+        (Some(w), None) => workflow(&ctx, w).await,
     }
 }
 
@@ -199,6 +204,31 @@ async fn event(ctx: &Ctx<'_>, id: u64) -> Result<(), String> {
     }
     release(ctx, &lease).await?;
     ctx.done(id, outcome, message)
+}
+
+/// A probe: takes `slots` slots one after another (keeping each), then releases them all.
+/// A refusal (the job's wait passed) ends it; the history shows what it got.
+async fn probe(ctx: &Ctx<'_>, slots: u32) -> Result<(), String> {
+    ctx.record(Event::Probe {
+        pid: ctx.pid,
+        t_ns: monotonic_ns(),
+        slots,
+    })?;
+    let mut held = Vec::new();
+    for _ in 0..slots {
+        let Ok((lease, sent)) = acquire(ctx).await? else {
+            break;
+        };
+        let kept = keep(ctx, &lease, sent)?;
+        held.push((lease, kept));
+    }
+    for (lease, kept) in held {
+        if let Some(k) = kept {
+            k.stop().await?;
+        }
+        release(ctx, &lease).await?;
+    }
+    Ok(())
 }
 
 /// Acquires a slot, recording `request` and `grant` or `refused`; returns the lease and

@@ -265,6 +265,75 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_that_never_comes_back_is_caught_even_when_another_slot_served() {
+        // A semaphore of 2: pid 1 dies holding slot 0; pid 2 waited and got slot 1; a
+        // probe (pid 3) asked after the kill and got slot 1 again. Slot 0 never came back.
+        let h = vec![
+            grant(1, 0, 10, 0, 1),
+            grant(4, 0, 11, 1, 2),
+            Event::Request {
+                pid: 2,
+                t_ns: 15,
+                key: key(),
+            },
+            Event::Killed { pid: 1, t_ns: 20 },
+            release(4, 30, 1, 2),
+            grant(2, 15, 31, 1, 3),
+            release(2, 40, 1, 3),
+            Event::Request {
+                pid: 3,
+                t_ns: 50,
+                key: key(),
+            },
+            grant(3, 50, 51, 1, 4),
+        ];
+        let (times, v) = recovery::check(&h, &key(), 1_000_000_000);
+        assert!(times.is_empty(), "{times:?}");
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("slot 0") && v[0].message.contains("never came back"));
+        // Nobody asked after the kill: nothing to judge.
+        let quiet = vec![grant(1, 0, 10, 0, 1), Event::Killed { pid: 1, t_ns: 20 }];
+        assert!(recovery::check(&quiet, &key(), 1).1.is_empty());
+    }
+
+    #[test]
+    fn recovery_counts_from_a_request_made_after_the_kill() {
+        // No waiter at the kill (20); a probe asked at 1_000 and got the slot at 1_500.
+        let h = vec![
+            grant(1, 0, 10, 0, 1),
+            Event::Killed { pid: 1, t_ns: 20 },
+            grant(3, 1_000, 1_500, 0, 2),
+        ];
+        let (times, v) = recovery::check(&h, &key(), 600);
+        assert_eq!(times, vec![500]);
+        assert!(v.is_empty(), "{v:?}");
+        let (_, v) = recovery::check(&h, &key(), 400);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("asked at"), "{}", v[0].message);
+    }
+
+    #[test]
+    fn each_store_has_its_own_recovery_bound() {
+        use baton_core::StoreUrl;
+        use std::time::Duration;
+        let ttl = Duration::from_millis(500);
+        let bound = |url: &str, lease| {
+            recovery::store_bound(&StoreUrl::parse(url).expect("url"), lease, ttl).0
+        };
+        assert_eq!(bound("dir:/tmp/x", false), Duration::from_millis(500));
+        assert_eq!(
+            bound("dir:/tmp/x?mode=lease", true),
+            ttl + Duration::from_secs(1)
+        );
+        assert_eq!(
+            bound("sqlite:/tmp/x.db", true),
+            ttl + Duration::from_secs(1)
+        );
+        assert_eq!(bound("postgres://h/db", true), ttl + Duration::from_secs(1));
+        assert_eq!(bound("etcd://h:2379", true), Duration::from_millis(3500));
+    }
+
+    #[test]
     fn a_stage_that_starts_early_breaks_the_barrier() {
         let arrive = |pid, t_ns| Event::Arrive {
             pid,
