@@ -50,6 +50,153 @@ fn storm_on_noop_fails_naming_the_overlaps() {
     assert_eq!(first["pids"].as_array().expect("pids").len(), 2, "{v}");
 }
 
+/// Runs `baton stress ARGS` on a faulty noop store and checks that it fails (exit 1)
+/// naming `violation`.
+fn fails_naming(dir: &Dir, args: &[&str], violation: &str) {
+    let out = dir.bare(args).output();
+    out.code(1).stdout_has(violation).stderr_has("violation(s)");
+}
+
+#[test]
+fn falling_or_repeated_tokens_fail_end_to_end() {
+    let dir = Dir::new();
+    let storm = |store: &str| {
+        vec![
+            "stress", "storm", "-s", store, "--events", "4", "--stddev", "0.2", "--hold", "0.01",
+            "--seed", "2", "-q",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>()
+    };
+    let args = storm("noop:?tokens=falling");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fails_naming(&dir, &args, "tokens: token of 'stress/storm' did not rise");
+    let args = storm("noop:?tokens=repeat");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fails_naming(
+        &dir,
+        &args,
+        "tokens: token 1 of 'stress/storm' granted twice",
+    );
+}
+
+#[test]
+fn a_store_that_never_grants_fails_the_liveness_check() {
+    let dir = Dir::new();
+    let base = [
+        "stress",
+        "storm",
+        "-s",
+        "noop:?acquire=busy",
+        "--events",
+        "3",
+        "--stddev",
+        "0",
+        "--hold",
+        "0",
+        "-q",
+    ];
+    // Waiting forever, every event must be granted.
+    fails_naming(&dir, &base, "liveness: event 0 (pid");
+    // With a wait, timeouts are legitimate, but not a run without a single grant.
+    let mut waiting = base.to_vec();
+    waiting.extend(["-w", "10ms"]);
+    fails_naming(&dir, &waiting, "liveness: nothing was granted in 3 events");
+}
+
+#[test]
+fn a_slot_that_never_comes_back_or_comes_back_late_fails_recovery() {
+    let dir = Dir::new();
+    let crash = |store: &'static str| {
+        [
+            "stress",
+            "crash",
+            "-s",
+            store,
+            "--events",
+            "2",
+            "--stddev",
+            "0",
+            "--hold",
+            "0.3",
+            "--kill-fraction",
+            "1",
+            "--seed",
+            "4",
+            "-q",
+        ]
+    };
+    fails_naming(
+        &dir,
+        &crash("noop:?slot=never-frees"),
+        "never came back after pid",
+    );
+    // Every grant takes 1s: twice the 500ms bound of a store that holds nothing.
+    fails_naming(&dir, &crash("noop:?delay=1s"), "(bound 500.000ms)");
+}
+
+#[test]
+fn a_barrier_that_does_not_wait_fails_end_to_end() {
+    let dir = Dir::new();
+    // Worker 2 has one job fewer than the others in each stage, so it arrives a whole hold
+    // (200ms) before them and, the barrier not waiting, passes and starts the next stage.
+    fails_naming(
+        &dir,
+        &[
+            "stress",
+            "workflow",
+            "-s",
+            "noop:?barrier=early",
+            "--stages",
+            "2",
+            "--jobs",
+            "8",
+            "--workers",
+            "8",
+            "--procs",
+            "3",
+            "--hold",
+            "200ms",
+            "-q",
+        ],
+        "barrier: stage 0: a party passed at",
+    );
+}
+
+#[test]
+fn a_regrant_before_a_paused_holders_deadline_fails_end_to_end() {
+    let dir = Dir::new();
+    // noop:?leases=on is a lease store, so the checkers end each lease at its holder's
+    // keeper deadline (not at its release); it grants the paused holder's slot at once,
+    // long before that deadline.
+    fails_naming(
+        &dir,
+        &[
+            "stress",
+            "pause",
+            "-s",
+            "noop:?leases=on",
+            "--events",
+            "2",
+            "--stddev",
+            "0",
+            "--hold",
+            "0.2",
+            "--ttl",
+            "300ms",
+            "--pause-fraction",
+            "1",
+            "--pause-for",
+            "1s",
+            "--seed",
+            "5",
+            "-q",
+        ],
+        "limit: slot 0 of 'stress/pause' held twice",
+    );
+}
+
 #[test]
 fn storm_passes_on_every_local_store() {
     let dir = Dir::new();
