@@ -82,6 +82,44 @@ fn falling_or_repeated_tokens_fail_end_to_end() {
 }
 
 #[test]
+fn a_broken_resource_fails_the_stale_and_results_checks_end_to_end() {
+    // No store fault reaches these two checkers while the fence works (it refuses every
+    // lower token, which is what they verify), so the harness's resource is broken on
+    // purpose through its test-only fault variable.
+    let dir = Dir::new();
+    let storm = [
+        "stress",
+        "storm",
+        "-s",
+        "noop:?tokens=falling",
+        "--events",
+        "3",
+        "--stddev",
+        "0.2",
+        "--hold",
+        "0.05",
+        "--seed",
+        "2",
+        "-q",
+    ];
+    // Falling tokens with writes the fence never sees: lower tokens are accepted.
+    dir.bare(&storm)
+        .env("BATON_STRESS_RESOURCE_FAULT", "unfenced")
+        .output()
+        .code(1)
+        .stdout_has("stale: stale write accepted on 'stress/storm#0'");
+    // Results reported written but never committed.
+    dir.bare(&[
+        "stress", "storm", "-s", "noop:", "--events", "3", "--stddev", "0", "--hold", "0", "-q",
+    ])
+    .env("BATON_STRESS_RESOURCE_FAULT", "lost-result")
+    .output()
+    .code(1)
+    .stdout_has("results: event 0 (pid")
+    .stdout_has("succeeded but has 0 result rows");
+}
+
+#[test]
 fn a_store_that_never_grants_fails_the_liveness_check() {
     let dir = Dir::new();
     let base = [
