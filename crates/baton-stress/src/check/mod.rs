@@ -213,6 +213,63 @@ mod tests {
     }
 
     #[test]
+    fn a_doubled_event_or_outcome_is_reported() {
+        // Event 0 started by two workers; event 1 recorded its outcome twice.
+        let h = vec![
+            start(1, 0, 0),
+            start(2, 1, 0),
+            done(1, 10, 0, "ok"),
+            start(3, 0, 1),
+            done(3, 10, 1, "ok"),
+            done(3, 11, 1, "ok"),
+        ];
+        let rows = vec![row(0, 1, 1, RESULT), row(1, 3, 2, RESULT)];
+        let text: Vec<String> = results::check(&h, &rows)
+            .into_iter()
+            .map(|v| v.message)
+            .collect();
+        assert_eq!(text.len(), 2, "{text:#?}");
+        assert_eq!(text[0], "event 0 was started 2 times (pids [1, 2])");
+        assert_eq!(text[1], "event 1 (pid 3) recorded its outcome 2 times");
+        assert_eq!(unknown::outcomes(&h)[&0].started_by, vec![1, 2]);
+    }
+
+    #[test]
+    fn every_party_must_pass_and_none_before_the_last_arrives() {
+        let arrive = |pid, t_ns| Event::Arrive {
+            pid,
+            t_ns,
+            key: key(),
+        };
+        let passed = |pid, t_ns| Event::Passed {
+            pid,
+            t_ns,
+            key: key(),
+            generation: 0,
+        };
+        // Party 2 never passed stage 0.
+        let h = vec![arrive(1, 10), arrive(2, 20), passed(1, 25)];
+        let (_, v) = barrier::check(&h, 1, 1, 2);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].message, "stage 0: 1 of 2 parties passed the barrier");
+        assert_eq!(
+            v[0].pids,
+            vec![2],
+            "the party that arrived but never passed"
+        );
+        // Party 1 passed at 15, before party 2 arrived at 20.
+        let h = vec![arrive(1, 10), passed(1, 15), arrive(2, 20), passed(2, 21)];
+        let (times, v) = barrier::check(&h, 1, 1, 2);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(
+            v[0].message.contains("passed at") && v[0].message.contains("before the last"),
+            "{}",
+            v[0].message
+        );
+        assert!(times.is_empty());
+    }
+
+    #[test]
     fn a_stale_write_accepted_is_caught() {
         let rows = vec![
             row(0, 1, 5, CLAIM),
@@ -472,6 +529,10 @@ mod suite_tests {
         ];
         let err = lim(&h, 3).expect_err("slot 1 twice");
         assert!(err.contains("slot 1"), "{err}");
+        // A slot outside the limit, though only one lease is held.
+        let h = vec![grant(1, 0, 10, 3, 1), release(1, 20, 3, 1)];
+        let err = lim(&h, 3).expect_err("slot 3 of 3");
+        assert!(err.contains("outside its limit of 3"), "{err}");
     }
 
     #[test]
