@@ -638,26 +638,38 @@ impl<'c> Orchestra<'c> {
                 .map_err(|e| fail(ErrorKind::Corrupt, format!("cannot read the history: {e}")))?;
             for e in &fresh {
                 match e {
-                    Event::Grant { pid, .. } => {
-                        if let Some(plan) = plans.remove(pid) {
-                            let hold = self.config.hold;
-                            match plan {
-                                Plan::Kill(f) => due.push((
-                                    now + hold.mul_f64(f),
-                                    *pid,
-                                    Action::Signal(libc::SIGKILL),
-                                )),
-                                Plan::Pause(f) => {
-                                    let at = now + hold.mul_f64(f);
-                                    due.push((at, *pid, Action::Signal(libc::SIGSTOP)));
-                                    due.push((at + pause_for, *pid, Action::Signal(libc::SIGCONT)));
-                                }
-                                Plan::Partition(f) => {
-                                    let at = now + hold.mul_f64(f);
-                                    due.push((at, *pid, Action::Cut));
-                                    due.push((at + pause_for, *pid, Action::Heal));
-                                }
+                    // A kill is timed from the grant. A pause or a partition is timed
+                    // from the holder's accepted claim on the fence, the start of its
+                    // hold: stopped before its claim, a holder would claim after its
+                    // successor and its late write would not be the one the fence must
+                    // refuse.
+                    Event::Grant { pid, .. } if matches!(plans.get(pid), Some(Plan::Kill(_))) => {
+                        if let Some(Plan::Kill(f)) = plans.remove(pid) {
+                            due.push((
+                                now + self.config.hold.mul_f64(f),
+                                *pid,
+                                Action::Signal(libc::SIGKILL),
+                            ));
+                        }
+                    }
+                    Event::FenceWrite {
+                        pid,
+                        accepted: true,
+                        ..
+                    } if matches!(plans.get(pid), Some(Plan::Pause(_) | Plan::Partition(_))) => {
+                        let hold = self.config.hold;
+                        match plans.remove(pid) {
+                            Some(Plan::Pause(f)) => {
+                                let at = now + hold.mul_f64(f);
+                                due.push((at, *pid, Action::Signal(libc::SIGSTOP)));
+                                due.push((at + pause_for, *pid, Action::Signal(libc::SIGCONT)));
                             }
+                            Some(Plan::Partition(f)) => {
+                                let at = now + hold.mul_f64(f);
+                                due.push((at, *pid, Action::Cut));
+                                due.push((at + pause_for, *pid, Action::Heal));
+                            }
+                            _ => {}
                         }
                     }
                     Event::Done { .. } => {
