@@ -1032,3 +1032,68 @@ fn analyze(
         replay: config.replay.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::testutil::{grant, key, release};
+
+    #[test]
+    fn a_paused_holder_is_superseded_only_by_a_grant_of_its_slot_while_stopped() {
+        let paused = Event::Paused { pid: 1, t_ns: 20 };
+        let resumed = Event::Resumed { pid: 1, t_ns: 100 };
+        let h = vec![
+            grant(1, 0, 10, 0, 1),
+            paused.clone(),
+            grant(2, 5, 50, 0, 2),
+            release(2, 60, 0, 2),
+            resumed.clone(),
+            release(1, 110, 0, 1),
+        ];
+        assert_eq!(superseded(&h, &key()), 1);
+        // Another slot, or a grant after the resume, supersedes nobody.
+        let h = vec![
+            grant(1, 0, 10, 0, 1),
+            paused,
+            grant(2, 5, 50, 1, 2),
+            resumed,
+            grant(3, 5, 120, 0, 3),
+        ];
+        assert_eq!(superseded(&h, &key()), 0);
+    }
+
+    #[test]
+    fn the_time_bound_grows_with_the_work_and_the_faults() {
+        let config = Config {
+            scenario: Scenario::Crash,
+            url: "noop:".into(),
+            key: key(),
+            slots: 2,
+            seed: 1,
+            events: 10,
+            stddev: Duration::ZERO,
+            hold: Duration::from_secs(1),
+            ttl: Duration::from_secs(2),
+            wait: None,
+            fraction: 0.5,
+            pause_for: Duration::ZERO,
+            recovery_bound: None,
+            stages: 0,
+            jobs: 0,
+            procs: 0,
+            dir: None,
+            worker: WorkerCommand {
+                program: PathBuf::from("baton"),
+                args: Vec::new(),
+            },
+            progress: Progress::Off,
+            replay: String::new(),
+        };
+        // 3s of starts + 5 × 2s of serial work + 2 kills × 9s + the final probe's
+        // 2 × 14s + 60s.
+        assert_eq!(
+            config.time_bound(Duration::from_secs(3), 2),
+            Duration::from_secs(3 + 10 + 18 + 28 + 60)
+        );
+    }
+}
