@@ -265,6 +265,18 @@ fn a_semaphore_storm_passes() {
         .output()
         .code(0)
         .stdout_has("violations            0");
+        // Every event was granted and wrote its result (waiting forever, none may give up).
+        let out = dir
+            .bare(&[
+                "stress", "storm", "-s", &store, "-k", "sem", "-n", "3", "--events", "12",
+                "--stddev", "0.1", "--hold", "0.05", "--json",
+            ])
+            .output();
+        out.code(0);
+        let v = summary(&out);
+        assert_eq!(v["grants"], 12, "{store}: {v}");
+        assert_eq!(v["outcomes"]["ok"], 12, "{store}: {v}");
+        assert_eq!(v["slots"], 3, "{store}: {v}");
     }
 }
 
