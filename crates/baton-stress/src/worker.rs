@@ -215,18 +215,27 @@ async fn probe(ctx: &Ctx<'_>, slots: u32) -> Result<(), String> {
         slots,
     })?;
     let mut held = Vec::new();
-    for _ in 0..slots {
-        let Ok((lease, sent)) = acquire(ctx).await? else {
+    for slot in 0..slots {
+        // One holder per slot: several leases of one key are never one holder's.
+        let one = Ctx {
+            job: ctx.job,
+            rec: Recorder::open(&ctx.job.history)
+                .map_err(|e| format!("cannot open the history: {e}"))?,
+            store: Arc::clone(&ctx.store),
+            pid: ctx.pid,
+            holder: Holder::current(vec!["baton-stress-probe".into(), slot.to_string()]),
+        };
+        let Ok((lease, sent)) = acquire(&one).await? else {
             break;
         };
-        let kept = keep(ctx, &lease, sent)?;
-        held.push((lease, kept));
+        let kept = keep(&one, &lease, sent)?;
+        held.push((one, lease, kept));
     }
-    for (lease, kept) in held {
+    for (one, lease, kept) in held {
         if let Some(k) = kept {
             k.stop().await?;
         }
-        release(ctx, &lease).await?;
+        release(&one, &lease).await?;
     }
     Ok(())
 }
