@@ -326,10 +326,11 @@ fn pause_supersedes_paused_holders_and_the_fence_refuses_them() {
     let dir = Dir::new();
     let lease_stores = &stores(&dir)[1..];
     for store in lease_stores {
-        // Every holder is paused early in its hold for far longer than its TTL, and the
-        // next one is already waiting (all start at once), so every holder but the last is
-        // superseded while stopped and its late write comes after its successor's claim:
-        // the fence must refuse it. This holds on every run, whatever the seed.
+        // Every holder is paused early in its hold (after its claim) for far longer than
+        // its TTL, and the next one is already waiting (all start at once), so every holder
+        // but the last is superseded while stopped and its late write comes after its
+        // successor's claim: the fence must refuse it. This holds on every run, whatever
+        // the seed; a 1s TTL keeps a loaded machine from losing a lease before the pause.
         let out = dir
             .bare(&[
                 "stress",
@@ -343,7 +344,7 @@ fn pause_supersedes_paused_holders_and_the_fence_refuses_them() {
                 "--hold",
                 "0.2",
                 "--ttl",
-                "300ms",
+                "1s",
                 "--pause-fraction",
                 "1",
                 "--pause-for",
@@ -491,11 +492,12 @@ fn partition_cuts_holders_off_and_the_fence_refuses_them() {
     let dir = Dir::new();
     for store in networked_stores() {
         let key = format!("stress/partition-{}", std::process::id());
-        // Both holders are cut off in the first half of an 8s hold, for 5s: longer than the
-        // store takes to let the waiter in (etcd's lease TTL is at least 2s, plus its expiry
-        // check), so the first is superseded while cut off, and its successor's claim
-        // comes before the first one's late write at the end of its hold, which the fence
-        // must refuse.
+        // Both holders are cut off in the first half of a 10s hold, for 6s: longer than the
+        // store takes to let the waiter in after a 2s TTL (at most about 3s, with etcd's
+        // expiry check or PostgreSQL's TTL of watching), so the first is superseded while
+        // cut off, and its successor's claim comes before the first one's late write at
+        // the end of its hold, which the fence must refuse. A 2s TTL also keeps a loaded
+        // machine from losing a lease before the cut.
         let out = dir
             .bare(&[
                 "stress",
@@ -509,13 +511,13 @@ fn partition_cuts_holders_off_and_the_fence_refuses_them() {
                 "--stddev",
                 "0",
                 "--hold",
-                "8s",
+                "10s",
                 "--ttl",
-                "500ms",
+                "2s",
                 "--partition-fraction",
                 "1",
                 "--partition-for",
-                "5s",
+                "6s",
                 "--seed",
                 "5",
                 "--json",
