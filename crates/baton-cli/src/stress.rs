@@ -17,6 +17,27 @@ use clap::{Args as ClapArgs, Subcommand};
 use crate::common::{print, print_json, store_url, Failure};
 use crate::exit_code;
 
+/// What every run checks, for `--help`.
+const CHECKS: &str = "\
+What a run checks (exit 1 on any violation):
+  limit         never more than -n holders, no slot held twice, every slot in 0..N; on
+                lease stores a lease ends at its keeper's deadline, recorded before the
+                keeper acts on a renewal
+  tokens        tokens distinct and rising
+  results       each event started once, its result recorded exactly once
+  stale         the fenced resource accepted no write with a lower token
+  completeness  every --events event started and ended
+  liveness      waiting forever (no -w), every event was granted; with -w, at least one
+  recovery      crash: a killed holder's slot comes back within the store's bound (500ms
+                for dir: kernel locks; TTL + 1s for dir:?mode=lease, sqlite:, postgres://;
+                max(TTL, 2s) + 1.5s for etcd://), measured by a probe after every kill
+                and one that takes every slot at the end
+  barrier       workflow: stages never overlap, every party passes every stage
+A run that outlives its bound (last start + ceil(events/slots) x (hold + 1s) + each
+planned fault's recovery + the wait + 60s) is stopped and fails.
+noop:?FAULTS breaks a store on purpose to show each checker failing (the baton-stress
+README lists them).";
+
 /// Options of `baton stress`.
 #[derive(Debug, ClapArgs)]
 pub struct Args {
@@ -30,20 +51,26 @@ pub struct Args {
 pub enum Cmd {
     /// N processes start at Gaussian times, each acquires, holds, and writes its result
     /// through the fence.
+    #[command(after_help = CHECKS)]
     Storm(StormArgs),
     /// A storm whose holders are SIGKILLed at random points while holding; measures death
     /// to next grant.
+    #[command(after_help = CHECKS)]
     Crash(CrashArgs),
     /// A storm whose holders are SIGSTOPped past their TTL, then resumed (lease stores);
     /// their late writes must be refused by the fence.
+    #[command(after_help = CHECKS)]
     Pause(PauseArgs),
     /// A storm whose holders are cut off their server through a fault proxy past their TTL,
     /// then healed (networked lease stores); they must give up before anyone else is
     /// granted, and their late writes must be refused by the fence.
+    #[command(after_help = CHECKS)]
     Partition(PartitionArgs),
     /// S stages of J jobs on a W-slot semaphore, a barrier between stages.
+    #[command(after_help = CHECKS)]
     Workflow(WorkflowArgs),
     /// One process acquiring, holding and recording, for debugging a store.
+    #[command(after_help = CHECKS)]
     Single(SingleArgs),
     /// Internal: one worker process of a run (the job comes in the environment).
     #[command(name = "__worker", hide = true)]
@@ -82,7 +109,8 @@ pub struct Common {
     #[arg(long, value_name = "DURATION", default_value = "2s")]
     pub ttl: String,
 
-    /// How long each worker waits for a slot (default: forever).
+    /// How long each worker waits for a slot (default: forever, and then every event must
+    /// be granted; with a wait, timeouts are legitimate).
     #[arg(short = 'w', long, value_name = "DURATION")]
     pub wait: Option<String>,
 
@@ -126,8 +154,10 @@ pub struct CrashArgs {
     /// The share of holders SIGKILLed (0 to 1).
     #[arg(long, value_name = "F", default_value_t = 0.3)]
     kill_fraction: f64,
-    /// How soon a killed holder's slot must come back (default: 2s for kernel locks,
-    /// TTL + 2s for lease stores).
+    /// How soon a killed holder's slot must come back, counted from the kill (or from a
+    /// later request). Default: the store's documented bound — 500ms for kernel locks
+    /// (dir:), TTL + 1s for dir:?mode=lease, sqlite: and postgres://, max(TTL, 2s) + 1.5s
+    /// for etcd://, TTL + 2s for other lease stores.
     #[arg(long, value_name = "DURATION")]
     recovery_bound: Option<String>,
 }

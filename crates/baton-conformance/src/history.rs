@@ -11,7 +11,9 @@
 
 use baton_core::Key;
 
-pub use baton_stress::history::{read_history, record_keeper, Event, Recorder};
+pub use baton_stress::history::{
+    read_history, read_history_so_far, record_keeper, Event, Recorder,
+};
 pub use baton_stress::intervals::{intervals, Interval};
 
 /// Checks contract point 1 on a history: at no instant were more than `limit` leases of

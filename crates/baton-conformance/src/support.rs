@@ -12,7 +12,7 @@ use baton_core::{
 };
 use tempfile::TempDir;
 
-use crate::history::{read_history, Event, Recorder};
+use crate::history::{read_history_so_far, Event, Recorder};
 use crate::worker::{Job, Task, Worker};
 use crate::{monotonic_ns, Harness, LeaseTiming, LIVENESS_BOUND};
 
@@ -308,7 +308,7 @@ impl<'h> Lab<'h> {
 
     /// The history so far.
     pub fn events(&self) -> Vec<Event> {
-        read_history(&self.history).expect("read the history")
+        read_history_so_far(&self.history).expect("read the history")
     }
 
     /// Waits until the history has an event of `worker` matching `pred`; panics if the

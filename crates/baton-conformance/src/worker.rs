@@ -11,11 +11,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use async_trait::async_trait;
 use baton_core::supervisor::{self, StopPolicy};
 use baton_core::{
-    AcquireRequest, Capabilities, Holder, HolderId, Keeper, KeeperConfig, Key, KeyStatus, Lease,
-    LeaseState, Released, SlotStatus, Store, StoreUrl, Wait,
+    AcquireRequest, Holder, Keeper, KeeperConfig, Key, Lease, LeaseState, Released, Store,
+    StoreUrl, Wait,
 };
 use serde::{Deserialize, Serialize};
 
@@ -517,87 +516,9 @@ async fn keep(
 }
 
 /// The store as the keeper of a [`Task::Keep`] worker sees it: every renewal is recorded
-/// (`renewed`) before its answer reaches the keeper, so the history holds every renewal
-/// the keeper acted on, even if the process is stopped right after.
-#[derive(Debug)]
-pub(crate) struct RecordingStore {
-    inner: Arc<dyn Store>,
-    rec: Recorder,
-}
-
-impl RecordingStore {
-    /// `inner`, recording its renewals to the history at `history`.
-    pub(crate) fn new(inner: Arc<dyn Store>, history: &Path) -> Result<RecordingStore, String> {
-        Ok(RecordingStore {
-            inner,
-            rec: Recorder::open(history).map_err(|e| format!("cannot open history: {e}"))?,
-        })
-    }
-}
-
-#[async_trait]
-impl Store for RecordingStore {
-    fn url(&self) -> &StoreUrl {
-        self.inner.url()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-
-    async fn acquire(&self, req: &AcquireRequest) -> baton_core::Result<Lease> {
-        self.inner.acquire(req).await
-    }
-
-    async fn release(&self, lease: &Lease) -> baton_core::Result<Released> {
-        self.inner.release(lease).await
-    }
-
-    async fn inspect(&self, key: &Key) -> baton_core::Result<KeyStatus> {
-        self.inner.inspect(key).await
-    }
-
-    async fn list(&self) -> baton_core::Result<Vec<Key>> {
-        self.inner.list().await
-    }
-
-    async fn renew(&self, lease: &Lease) -> baton_core::Result<Lease> {
-        let t_sent_ns = monotonic_ns();
-        let result = self.inner.renew(lease).await;
-        let event = Event::Renewed {
-            pid: std::process::id(),
-            t_ns: monotonic_ns(),
-            t_sent_ns,
-            key: lease.key.clone(),
-            token: lease.token,
-            ok: result.is_ok(),
-            kind: result.as_ref().err().map(|e| e.kind().as_str().into()),
-            error: result.as_ref().err().map(|e| format!("{e:#}")),
-        };
-        // A renewal the history does not show must not count: the test bounds the keeper's
-        // deadline by the renewals it sees.
-        self.rec.record(&event).map_err(|e| {
-            baton_core::Error::new(
-                baton_core::ErrorKind::Unavailable,
-                "cannot record a renewal to the conformance history",
-            )
-            .with_source(e)
-        })?;
-        result
-    }
-
-    async fn break_lease(
-        &self,
-        key: &Key,
-        holder: Option<HolderId>,
-    ) -> baton_core::Result<Vec<SlotStatus>> {
-        self.inner.break_lease(key, holder).await
-    }
-
-    async fn resize(&self, key: &Key, limit: u32) -> baton_core::Result<KeyStatus> {
-        self.inner.resize(key, limit).await
-    }
-}
+/// (`renewed`) before its answer reaches the keeper (the stress harness's write-ahead
+/// lease ends, shared).
+pub(crate) use baton_stress::recording::RecordingStore;
 
 async fn wait_for_file(path: &Path, bound: Duration) -> Result<(), String> {
     let start = std::time::Instant::now();

@@ -243,6 +243,17 @@ pub enum Event {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         message: Option<String>,
     },
+    /// A probe worker began: it is not one of the run's events, only an acquire (or, at the
+    /// end of a `crash` run, one per slot) that shows how soon a killed holder's slot came
+    /// back. Its grants are checked like any other; its pid counts no event.
+    Probe {
+        /// The probe.
+        pid: u32,
+        /// When.
+        t_ns: u64,
+        /// How many slots it takes (and holds until it has them all).
+        slots: u32,
+    },
     /// A party is about to arrive at a barrier.
     Arrive {
         /// The party.
@@ -289,6 +300,7 @@ impl Event {
             | Event::Healed { pid, .. }
             | Event::Start { pid, .. }
             | Event::Done { pid, .. }
+            | Event::Probe { pid, .. }
             | Event::Arrive { pid, .. }
             | Event::Passed { pid, .. } => *pid,
         }
@@ -316,6 +328,7 @@ impl Event {
             | Event::Healed { t_ns, .. }
             | Event::Start { t_ns, .. }
             | Event::Done { t_ns, .. }
+            | Event::Probe { t_ns, .. }
             | Event::Arrive { t_ns, .. }
             | Event::Passed { t_ns, .. } => *t_ns,
         }
@@ -344,14 +357,19 @@ impl Event {
 }
 
 /// Records every state a lease's keeper publishes (`held` with each new deadline, then
-/// `lost`) until the keeper stops or declares the lease lost. Spawn it beside the keeper.
+/// `lost`) until the keeper stops or declares the lease lost. Spawn it beside the keeper
+/// and await it after stopping the keeper: it ends with the first line it cannot write,
+/// and the holder must then stop with that error (its history is incomplete).
+///
+/// These lines come after the keeper has acted on them; the write-ahead record of a
+/// lease's end is [`crate::recording::RecordingStore`]'s `renewed` lines.
 pub async fn record_keeper(
     rec: Recorder,
     mut rx: tokio::sync::watch::Receiver<LeaseState>,
     pid: u32,
     key: Key,
     token: Token,
-) {
+) -> io::Result<()> {
     loop {
         let state = rx.borrow_and_update().clone();
         let event = match &state {
@@ -370,13 +388,12 @@ pub async fn record_keeper(
                 at_ns: instant_ns(*at),
                 reason: reason.clone(),
             },
-            LeaseState::Stopped => return,
+            LeaseState::Stopped => return Ok(()),
         };
-        if let Err(e) = rec.record(&event) {
-            eprintln!("baton: cannot record {event:?} to the history: {e}");
-        }
+        rec.record(&event)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot record {event:?}: {e}")))?;
         if !matches!(state, LeaseState::Held { .. }) || rx.changed().await.is_err() {
-            return;
+            return Ok(());
         }
     }
 }
@@ -432,19 +449,45 @@ impl Recorder {
     }
 }
 
-/// Reads a history. A last line without its newline is still being written and is left
-/// out; any other line that does not parse is an error.
+/// Reads a finished history: one whose writers have all exited. Every line must be whole
+/// and parse; a last line without its newline is data lost (a writer died mid-line or a
+/// write failed), so it is an error, not something to skip. A missing file has no events.
 pub fn read_history(path: &Path) -> io::Result<Vec<Event>> {
-    let text = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
+    let Some(text) = read_bytes(path)? else {
+        return Ok(Vec::new());
     };
-    let complete = match text.iter().rposition(|&b| b == b'\n') {
-        Some(end) => &text[..end],
-        None => return Ok(Vec::new()),
+    if !text.is_empty() && text.last() != Some(&b'\n') {
+        let start = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the history {} ends in a torn line {:?} though every writer has exited",
+                path.display(),
+                String::from_utf8_lossy(&text[start..])
+            ),
+        ));
+    }
+    parse_lines(&text)
+}
+
+/// Reads a history that may still be growing: a last line without its newline is still
+/// being written and is left out; any other line that does not parse is an error.
+pub fn read_history_so_far(path: &Path) -> io::Result<Vec<Event>> {
+    let Some(text) = read_bytes(path)? else {
+        return Ok(Vec::new());
     };
-    parse_lines(complete)
+    match text.iter().rposition(|&b| b == b'\n') {
+        Some(end) => parse_lines(&text[..end]),
+        None => Ok(Vec::new()),
+    }
+}
+
+fn read_bytes(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Reads a history as it grows: each [`Tail::poll`] returns the complete lines appended
@@ -496,7 +539,7 @@ mod tests {
     use std::io::Write;
 
     #[test]
-    fn histories_round_trip_and_skip_a_partial_last_line() {
+    fn histories_round_trip_and_a_partial_last_line_is_skipped_only_while_growing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("history.jsonl");
         let rec = Recorder::open(&path).expect("open");
@@ -515,12 +558,16 @@ mod tests {
         for e in &events {
             rec.record(e).expect("record");
         }
+        assert_eq!(read_history(&path).expect("whole"), events);
         std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
             .and_then(|mut f| f.write_all(b"{\"type\":\"rea"))
             .expect("partial");
-        assert_eq!(read_history(&path).expect("read"), events);
+        assert_eq!(read_history_so_far(&path).expect("read so far"), events);
+        // Once every writer has exited, a torn last line is lost data.
+        let err = read_history(&path).expect_err("torn");
+        assert!(err.to_string().contains("torn line"), "{err}");
         assert!(read_history(&dir.path().join("none"))
             .expect("missing")
             .is_empty());

@@ -4,9 +4,17 @@
 //! moment its holder was about to be SIGKILLed. With [`Ends::Deadlines`], it ends no later
 //! than its holder's last loss deadline (a lease store's keeper declares the lease lost
 //! then; contract point 3), so a holder paused past its TTL holds only until its deadline.
-//! A lease with a TTL whose keeper recorded no deadline (its holder was stopped at once)
-//! ends at the earliest deadline its keeper could have had: request time + validity.
-//! Recorded intervals lie inside the store's real ones, so two that overlap really did.
+//!
+//! That deadline is the latest of what the history shows the keeper could have had: the
+//! deadlines it published (`held`), and for each renewal recorded as successful
+//! (`renewed`, written before the keeper saw the answer: see [`crate::recording`]) the
+//! renewal's call time plus the keeper's validity, an upper bound of the deadline that
+//! renewal gave. So a holder stopped between a renewal and its `held` line still holds
+//! until the renewal's deadline, never less. A lease with a TTL and neither (its holder was
+//! stopped at once) ends at the earliest deadline its keeper could have had: the request
+//! time plus the validity; stress workers write their first deadline before their grant, so this
+//! fallback is for histories without one. Recorded intervals lie inside the store's real
+//! ones, so two that overlap really did.
 
 use std::collections::HashMap;
 
@@ -131,22 +139,47 @@ pub fn intervals_ending(events: &[Event], key: &Key, ends: Ends) -> Vec<Interval
         }
     }
     if ends == Ends::Deadlines {
-        // The last deadline each lease's keeper published: deadlines only move later while
-        // the lease is held, so the greatest one is the last.
-        let mut last: HashMap<(u32, Token), u64> = HashMap::new();
+        // The validity of each lease's keeper, to bound the deadline a renewal gave.
+        let mut validity: HashMap<(u32, Token), u64> = HashMap::new();
         for event in events {
-            if let Event::Held {
-                pid,
-                key: k,
-                token,
-                deadline_ns,
-                ..
-            } = event
-            {
-                if k == key {
-                    let d = last.entry((*pid, *token)).or_insert(*deadline_ns);
-                    *d = (*d).max(*deadline_ns);
+            if let Event::Grant { pid, lease, .. } = event {
+                if &lease.key == key {
+                    if let Some(ttl) = lease.ttl {
+                        let v = KeeperConfig::for_ttl(ttl).validity().as_nanos() as u64;
+                        validity.insert((*pid, lease.token), v);
+                    }
                 }
+            }
+        }
+        // The last deadline each lease's keeper can have had: deadlines only move later
+        // while the lease is held, so the greatest one is the last.
+        let mut last: HashMap<(u32, Token), u64> = HashMap::new();
+        let mut later = |pid: u32, token: Token, deadline: u64| {
+            let d = last.entry((pid, token)).or_insert(deadline);
+            *d = (*d).max(deadline);
+        };
+        for event in events {
+            match event {
+                Event::Held {
+                    pid,
+                    key: k,
+                    token,
+                    deadline_ns,
+                    ..
+                } if k == key => later(*pid, *token, *deadline_ns),
+                Event::Renewed {
+                    pid,
+                    key: k,
+                    token,
+                    t_sent_ns,
+                    ok: true,
+                    ..
+                } if k == key => {
+                    if let Some(v) = validity.get(&(*pid, *token)) {
+                        later(*pid, *token, t_sent_ns + v);
+                    }
+                }
+                _ => {}
             }
         }
         for (iv, first) in out.iter_mut().zip(first_deadline) {

@@ -9,6 +9,8 @@
 //! - [`resource`]: the fenced results database the workers write;
 //! - [`scenario`]: the orchestrator (storm, crash, pause, workflow, single);
 //! - [`worker`]: what each worker process does;
+//! - [`recording`]: the store as a holder's keeper sees it, recording every renewal
+//!   before the keeper acts on it (write-ahead lease ends);
 //! - [`proxy`]: the fault proxy that cuts a holder off its server (`partition`, and the
 //!   conformance suite's network properties);
 //! - [`report`]: the self-contained HTML report;
@@ -27,6 +29,7 @@ pub mod clock;
 pub mod history;
 pub mod intervals;
 pub mod proxy;
+pub mod recording;
 pub mod report;
 pub mod resource;
 pub mod rng;

@@ -75,19 +75,45 @@ pub fn create(db: &Path) -> Result<(), Error> {
     })
 }
 
+/// The environment variable that breaks the resource on purpose, **for testing the
+/// checkers only** (the CLI tests set it to show that the `stale` and `results` checkers
+/// fail end to end; no store fault can reach them while the fence works):
+///
+/// - `unfenced`: every write is committed without asking the fence (so with falling
+///   tokens a stale write is accepted);
+/// - `lost-result`: a `result` write is reported accepted but not committed.
+pub const FAULT_ENV: &str = "BATON_STRESS_RESOURCE_FAULT";
+
 /// Writes one row through the fence for `fence_key` and returns the `fence_write` event
 /// that records how it went (its `key` is the lock's key).
 pub fn write(db: &Path, key: &Key, slot: u32, token: Token, id: u64, kind: &str) -> Event {
     let pid = std::process::id();
     let fkey = fence_key(key, slot);
+    let fault = std::env::var(FAULT_ENV).unwrap_or_default();
+    let insert = |tx: &rusqlite::Transaction<'_>| {
+        if fault == "lost-result" && kind == RESULT {
+            return Ok(0);
+        }
+        tx.execute(
+            "INSERT INTO stress_writes(id, pid, fence_key, token, kind)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            rusqlite::params![id as i64, pid, fkey, token.0 as i64, kind],
+        )
+    };
     let result = open(db).and_then(|mut conn| {
-        Fence::new(FenceRule::SameOrNewer).write(&mut conn, &fkey, token, |tx| {
-            tx.execute(
-                "INSERT INTO stress_writes(id, pid, fence_key, token, kind)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                rusqlite::params![id as i64, pid, fkey, token.0 as i64, kind],
-            )
-        })
+        if fault == "unfenced" {
+            let unavailable =
+                |e| Error::new(ErrorKind::Unavailable, "unfenced write failed").with_source(e);
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            insert(&tx).map_err(unavailable)?;
+            tx.commit().map_err(unavailable)
+        } else {
+            Fence::new(FenceRule::SameOrNewer)
+                .write(&mut conn, &fkey, token, |tx| insert(tx))
+                .map(|_| ())
+        }
     });
     Event::fence_write(pid, key, token, &result)
 }

@@ -120,6 +120,46 @@ pub struct Config {
     pub replay: String,
 }
 
+impl Config {
+    /// How long the whole run may take before the harness stops it and fails it: a store
+    /// that hangs must not hang the run forever. Derived from the scenario, generously
+    /// (timing is not what it judges): the last scheduled start, plus
+    /// `ceil(events / slots) × (hold + 1s)` of serial work (workflow: per stage,
+    /// `ceil(jobs / slots) × (hold + 1s)`), plus per planned kill `2 × TTL + 5s` and per
+    /// planned pause or partition `pause_for + 2 × TTL + 5s` (the store's recovery), plus
+    /// 60s. `last_start` comes from the seeded schedule.
+    pub fn time_bound(&self, last_start: Duration, faults: u64) -> Duration {
+        let per_event = self.hold + Duration::from_secs(1);
+        let slots = u64::from(self.slots.max(1));
+        let serial = match self.scenario {
+            Scenario::Workflow => u64::from(self.stages) * self.jobs.div_ceil(slots),
+            Scenario::Single => 1,
+            _ => self.events.div_ceil(slots),
+        };
+        let per_fault = match self.scenario {
+            Scenario::Crash => self.ttl * 2 + Duration::from_secs(5),
+            Scenario::Pause | Scenario::Partition => {
+                self.pause_for + self.ttl * 2 + Duration::from_secs(5)
+            }
+            _ => Duration::ZERO,
+        };
+        let wait = self.wait.unwrap_or(Duration::ZERO);
+        // Crash: the final probe waits for every slot.
+        let probes = match self.scenario {
+            Scenario::Crash => {
+                (self.ttl * 2 + Duration::from_secs(10)).saturating_mul(self.slots.max(1))
+            }
+            _ => Duration::ZERO,
+        };
+        last_start
+            + probes
+            + per_event.saturating_mul(u32::try_from(serial).unwrap_or(u32::MAX))
+            + per_fault.saturating_mul(u32::try_from(faults).unwrap_or(u32::MAX))
+            + wait
+            + Duration::from_secs(60)
+    }
+}
+
 /// Wait-time statistics, in ms.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Waits {
@@ -176,9 +216,19 @@ pub struct Summary {
     /// Pause: paused holders whose slot another holder was granted while they were
     /// stopped (their late writes are the ones the fence must refuse).
     pub superseded: u64,
-    /// Crash: death → next grant of the slot, in ms (max, p50), when measured.
+    /// Crash: death (or the request, if later) → next grant of the slot, in ms, when
+    /// measured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recovery_ms: Option<Waits>,
+    /// Crash: the recovery bound enforced, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_bound_ms: Option<f64>,
+    /// Crash: where that bound comes from (the store's documented bound, or the flag).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_bound_basis: Option<String>,
+    /// Crash: probe workers run (one after each kill, one taking every slot at the end);
+    /// their grants are checked but not counted in `grants`.
+    pub probes: u64,
     /// Workflow: last arrival → first pass of each stage's barrier, in ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stage_transition_ms: Option<Waits>,
@@ -294,7 +344,11 @@ pub fn run(config: &Config, open: OpenFn) -> Result<RunOutput, Error> {
                 format!("cannot open the worker log: {e}"),
             )
         })?;
-    let mut orchestra = Orchestra::new(config, &history, &results, log)?;
+    let (recovery_bound, recovery_basis) = match config.recovery_bound {
+        Some(b) => (b, "--recovery-bound".to_owned()),
+        None => check::recovery::store_bound(&url, caps.renew, config.ttl),
+    };
+    let mut orchestra = Orchestra::new(config, &history, &results, log, recovery_bound)?;
     orchestra.play()?;
     let events = {
         let mut events = read_history(&history).map_err(|e| {
@@ -308,6 +362,17 @@ pub fn run(config: &Config, open: OpenFn) -> Result<RunOutput, Error> {
     };
     let rows = resource::rows(&results)?;
     let mut summary = analyze(config, &url, caps.renew, &events, &rows);
+    if config.scenario == Scenario::Crash {
+        summary.recovery_bound_ms = Some(recovery_bound.as_secs_f64() * 1e3);
+        summary.recovery_bound_basis = Some(recovery_basis);
+        let (times, vs) =
+            check::recovery::check(&events, &config.key, recovery_bound.as_nanos() as u64);
+        summary.violation_count += vs.len();
+        summary.violations.extend(vs);
+        if !times.is_empty() {
+            summary.recovery_ms = Some(waits(times));
+        }
+    }
     summary.errors.extend(orchestra.errors);
     summary.dir = config.dir.as_ref().map(|d| d.display().to_string());
     Ok(RunOutput { summary, events })
@@ -343,7 +408,16 @@ struct Orchestra<'c> {
     errors: Vec<String>,
     /// Partition: the fault proxies of the workers planned to be cut off, by worker id.
     proxies: HashMap<u64, ProxySet>,
+    /// Crash: the recovery bound (probes wait that long, plus [`PROBE_SLACK`]).
+    recovery_bound: Duration,
 }
+
+/// The id a probe worker runs under (it runs no event).
+const PROBE_ID: u64 = u64::MAX;
+
+/// How much longer than the recovery bound a probe waits for a slot: the probe only has to
+/// outlast the bound for the checker to judge it.
+const PROBE_SLACK: Duration = Duration::from_secs(5);
 
 impl<'c> Orchestra<'c> {
     fn new(
@@ -351,6 +425,7 @@ impl<'c> Orchestra<'c> {
         history: &Path,
         results: &Path,
         log: std::fs::File,
+        recovery_bound: Duration,
     ) -> Result<Orchestra<'c>, Error> {
         let rec = Recorder::open(history).map_err(|e| {
             fail(
@@ -398,6 +473,7 @@ impl<'c> Orchestra<'c> {
             schedule,
             errors: Vec::new(),
             proxies: HashMap::new(),
+            recovery_bound,
         })
     }
 
@@ -417,6 +493,7 @@ impl<'c> Orchestra<'c> {
             wait_ms: c.wait.map(|w| w.as_millis() as u64),
             id,
             parent: std::process::id(),
+            probe: None,
             workflow: (c.scenario == Scenario::Workflow).then(|| WorkflowJob {
                 stages: c.stages,
                 jobs: c.jobs,
@@ -426,8 +503,22 @@ impl<'c> Orchestra<'c> {
         }
     }
 
+    /// A probe that takes `slots` slots, waiting up to the recovery bound plus
+    /// [`PROBE_SLACK`] for each.
+    fn probe_job(&self, slots: u32) -> Job {
+        Job {
+            probe: Some(slots),
+            wait_ms: Some((self.recovery_bound + PROBE_SLACK).as_millis() as u64),
+            ..self.job(PROBE_ID)
+        }
+    }
+
     fn spawn(&self, id: u64) -> Result<Child, Error> {
-        let job = serde_json::to_string(&self.job(id))
+        self.spawn_job(&self.job(id))
+    }
+
+    fn spawn_job(&self, job: &Job) -> Result<Child, Error> {
+        let job = serde_json::to_string(job)
             .map_err(|e| fail(ErrorKind::InvalidInput, format!("cannot encode a job: {e}")))?;
         let stderr = self
             .log
@@ -459,9 +550,12 @@ impl<'c> Orchestra<'c> {
         }
     }
 
-    fn note(&self, event: Event) {
+    /// Records what the orchestrator did; a line that cannot be written fails the run
+    /// (the checkers would judge a history that misses a kill or a pause).
+    fn note(&mut self, event: Event) {
         if let Err(e) = self.rec.record(&event) {
-            eprintln!("baton: stress: cannot record {event:?}: {e}");
+            self.errors
+                .push(format!("cannot record {event:?} to the history: {e}"));
         }
     }
 
@@ -483,8 +577,29 @@ impl<'c> Orchestra<'c> {
         let mut tail = Tail::new(&self.history);
         let mut done = 0u64;
         let pause_for = self.config.pause_for;
+        let last_start = self.schedule.iter().map(|s| s.0).max().unwrap_or_default();
+        let faults = self.schedule.iter().filter(|s| s.2.is_some()).count() as u64;
+        let bound = self.config.time_bound(last_start, faults);
+        let mut final_probe = false;
         loop {
             let now = Instant::now();
+            if now > start + bound {
+                // Whatever is still running is stuck (or the store is): stop it and let
+                // the checkers say which events never ended.
+                self.errors.push(format!(
+                    "the run did not finish within its bound of {:.0}s ({} worker(s) still \
+                     running, {} not started); they were killed",
+                    bound.as_secs_f64(),
+                    children.len(),
+                    self.schedule.len() - next
+                ));
+                for (_, child) in children.values_mut() {
+                    // A stopped worker dies of SIGKILL too.
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                break;
+            }
             while next < self.schedule.len() && start + self.schedule[next].0 <= now {
                 let (_, id, plan) = self.schedule[next];
                 if let Some(Plan::Partition(_)) = plan {
@@ -523,26 +638,38 @@ impl<'c> Orchestra<'c> {
                 .map_err(|e| fail(ErrorKind::Corrupt, format!("cannot read the history: {e}")))?;
             for e in &fresh {
                 match e {
-                    Event::Grant { pid, .. } => {
-                        if let Some(plan) = plans.remove(pid) {
-                            let hold = self.config.hold;
-                            match plan {
-                                Plan::Kill(f) => due.push((
-                                    now + hold.mul_f64(f),
-                                    *pid,
-                                    Action::Signal(libc::SIGKILL),
-                                )),
-                                Plan::Pause(f) => {
-                                    let at = now + hold.mul_f64(f);
-                                    due.push((at, *pid, Action::Signal(libc::SIGSTOP)));
-                                    due.push((at + pause_for, *pid, Action::Signal(libc::SIGCONT)));
-                                }
-                                Plan::Partition(f) => {
-                                    let at = now + hold.mul_f64(f);
-                                    due.push((at, *pid, Action::Cut));
-                                    due.push((at + pause_for, *pid, Action::Heal));
-                                }
+                    // A kill is timed from the grant. A pause or a partition is timed
+                    // from the holder's accepted claim on the fence, the start of its
+                    // hold: stopped before its claim, a holder would claim after its
+                    // successor and its late write would not be the one the fence must
+                    // refuse.
+                    Event::Grant { pid, .. } if matches!(plans.get(pid), Some(Plan::Kill(_))) => {
+                        if let Some(Plan::Kill(f)) = plans.remove(pid) {
+                            due.push((
+                                now + self.config.hold.mul_f64(f),
+                                *pid,
+                                Action::Signal(libc::SIGKILL),
+                            ));
+                        }
+                    }
+                    Event::FenceWrite {
+                        pid,
+                        accepted: true,
+                        ..
+                    } if matches!(plans.get(pid), Some(Plan::Pause(_) | Plan::Partition(_))) => {
+                        let hold = self.config.hold;
+                        match plans.remove(pid) {
+                            Some(Plan::Pause(f)) => {
+                                let at = now + hold.mul_f64(f);
+                                due.push((at, *pid, Action::Signal(libc::SIGSTOP)));
+                                due.push((at + pause_for, *pid, Action::Signal(libc::SIGCONT)));
                             }
+                            Some(Plan::Partition(f)) => {
+                                let at = now + hold.mul_f64(f);
+                                due.push((at, *pid, Action::Cut));
+                                due.push((at + pause_for, *pid, Action::Heal));
+                            }
+                            _ => {}
                         }
                     }
                     Event::Done { .. } => {
@@ -564,7 +691,6 @@ impl<'c> Orchestra<'c> {
                     continue;
                 }
                 let t_ns = monotonic_ns();
-                let proxies = ids.get(&pid).and_then(|id| self.proxies.get(id));
                 match action {
                     Action::Signal(libc::SIGKILL) => {
                         self.note(Event::Killed { pid, t_ns });
@@ -577,19 +703,29 @@ impl<'c> Orchestra<'c> {
                     Action::Signal(_) => self.note(Event::Resumed { pid, t_ns }),
                     Action::Cut => {
                         self.note(Event::Partitioned { pid, t_ns });
-                        if let Some(p) = proxies {
+                        if let Some(p) = ids.get(&pid).and_then(|id| self.proxies.get(id)) {
                             p.set(Fault::Partition);
                         }
                     }
                     Action::Heal => {
                         self.note(Event::Healed { pid, t_ns });
-                        if let Some(p) = proxies {
+                        if let Some(p) = ids.get(&pid).and_then(|id| self.proxies.get(id)) {
                             p.set(Fault::Pass);
                         }
                     }
                 }
                 if let Action::Signal(sig) = action {
                     self.signal(pid, sig);
+                }
+                if action == Action::Signal(libc::SIGKILL) {
+                    // Someone must ask for the slot after the kill, or its recovery
+                    // cannot be measured.
+                    match self.spawn_job(&self.probe_job(1)) {
+                        Ok(child) => {
+                            children.insert(child.id(), (PROBE_ID, child));
+                        }
+                        Err(e) => self.errors.push(format!("cannot start a probe: {e:#}")),
+                    }
                 }
             }
             let mut ended = Vec::new();
@@ -621,6 +757,17 @@ impl<'c> Orchestra<'c> {
                 }
             }
             if next == self.schedule.len() && children.is_empty() {
+                if self.config.scenario == Scenario::Crash && !final_probe {
+                    // Every slot must come back, even one no waiter needed.
+                    final_probe = true;
+                    match self.spawn_job(&self.probe_job(self.config.slots)) {
+                        Ok(child) => {
+                            children.insert(child.id(), (PROBE_ID, child));
+                            continue;
+                        }
+                        Err(e) => self.errors.push(format!("cannot start a probe: {e:#}")),
+                    }
+                }
                 break;
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -770,25 +917,26 @@ fn analyze(
     add(check::results::check(events, rows));
     let (stale, fenced_writes) = check::stale::check(events, rows);
     add(stale);
-    let mut recovery_ms = None;
-    if config.scenario == Scenario::Crash {
-        let bound = config.recovery_bound.unwrap_or(if lease_store {
-            config.ttl + Duration::from_secs(2)
-        } else {
-            Duration::from_secs(2)
-        });
-        let (times, vs) = check::recovery::check(events, key, bound.as_nanos() as u64);
-        add(vs);
-        if !times.is_empty() {
-            recovery_ms = Some(waits(times));
-        }
-    }
     let mut stage_transition_ms = None;
     if config.scenario == Scenario::Workflow {
         let (times, vs) = check::barrier::check(events, config.jobs, config.stages, config.procs);
         add(vs);
         stage_transition_ms = Some(waits(times));
     }
+    let expected_events = match config.scenario {
+        Scenario::Workflow => u64::from(config.stages) * config.jobs,
+        Scenario::Single => 1,
+        _ => config.events,
+    };
+    let (complete, n) = check::completeness::check(
+        events,
+        check::completeness::Expected {
+            events: expected_events,
+            wait_forever: config.wait.is_none(),
+        },
+    );
+    count += n;
+    violations.extend(complete);
     let known = check::unknown::outcomes(events);
     let mut outcomes: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut errors = Vec::new();
@@ -810,7 +958,18 @@ fn analyze(
             errors.push(format!("{ok} of {expected} workflow jobs completed"));
         }
     }
-    let ivs = intervals_ending(events, key, Ends::Release);
+    let probe_pids: std::collections::HashSet<u32> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Probe { pid, .. } => Some(*pid),
+            _ => None,
+        })
+        .collect();
+    let probes = probe_pids.len() as u64;
+    let ivs: Vec<_> = intervals_ending(events, key, Ends::Release)
+        .into_iter()
+        .filter(|iv| !probe_pids.contains(&iv.pid))
+        .collect();
     let grants = ivs.len() as u64;
     let t_first = events
         .iter()
@@ -861,12 +1020,80 @@ fn analyze(
         partitioned: count_of(&|e| matches!(e, Event::Partitioned { .. })),
         fenced_writes: fenced_writes as u64,
         superseded: superseded(events, key),
-        recovery_ms,
+        recovery_ms: None,
+        recovery_bound_ms: None,
+        recovery_bound_basis: None,
+        probes,
         stage_transition_ms,
         violation_count: count,
         violations,
         errors,
         dir: None,
         replay: config.replay.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::testutil::{grant, key, release};
+
+    #[test]
+    fn a_paused_holder_is_superseded_only_by_a_grant_of_its_slot_while_stopped() {
+        let paused = Event::Paused { pid: 1, t_ns: 20 };
+        let resumed = Event::Resumed { pid: 1, t_ns: 100 };
+        let h = vec![
+            grant(1, 0, 10, 0, 1),
+            paused.clone(),
+            grant(2, 5, 50, 0, 2),
+            release(2, 60, 0, 2),
+            resumed.clone(),
+            release(1, 110, 0, 1),
+        ];
+        assert_eq!(superseded(&h, &key()), 1);
+        // Another slot, or a grant after the resume, supersedes nobody.
+        let h = vec![
+            grant(1, 0, 10, 0, 1),
+            paused,
+            grant(2, 5, 50, 1, 2),
+            resumed,
+            grant(3, 5, 120, 0, 3),
+        ];
+        assert_eq!(superseded(&h, &key()), 0);
+    }
+
+    #[test]
+    fn the_time_bound_grows_with_the_work_and_the_faults() {
+        let config = Config {
+            scenario: Scenario::Crash,
+            url: "noop:".into(),
+            key: key(),
+            slots: 2,
+            seed: 1,
+            events: 10,
+            stddev: Duration::ZERO,
+            hold: Duration::from_secs(1),
+            ttl: Duration::from_secs(2),
+            wait: None,
+            fraction: 0.5,
+            pause_for: Duration::ZERO,
+            recovery_bound: None,
+            stages: 0,
+            jobs: 0,
+            procs: 0,
+            dir: None,
+            worker: WorkerCommand {
+                program: PathBuf::from("baton"),
+                args: Vec::new(),
+            },
+            progress: Progress::Off,
+            replay: String::new(),
+        };
+        // 3s of starts + 5 × 2s of serial work + 2 kills × 9s + the final probe's
+        // 2 × 14s + 60s.
+        assert_eq!(
+            config.time_bound(Duration::from_secs(3), 2),
+            Duration::from_secs(3 + 10 + 18 + 28 + 60)
+        );
     }
 }

@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_core::{
-    AcquireRequest, BarrierRequest, ErrorKind, Holder, Keeper, KeeperConfig, Key, Lease,
-    LeaseState, Store, StoreUrl, Wait,
+    AcquireRequest, BarrierRequest, ErrorKind, Holder, Keeper, KeeperConfig, Key, Lease, Store,
+    StoreUrl, Wait,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::clock::{instant_ns, monotonic_ns};
 use crate::history::{record_keeper, Event, Recorder};
+use crate::recording::RecordingStore;
 use crate::resource::{self, CLAIM, RESULT};
 use crate::OpenFn;
 
@@ -44,6 +45,10 @@ pub struct Job {
     pub id: u64,
     /// The orchestrator's pid: the worker exits if it is gone.
     pub parent: u32,
+    /// For a probe (`crash`): how many slots to take, holding each until it has them all,
+    /// then release; no event, no writes to the resource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<u32>,
     /// For `workflow`: the stages to run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow: Option<WorkflowJob>,
@@ -153,14 +158,16 @@ async fn run(open: OpenFn, job: &Job) -> Result<(), String> {
                 t_ns: monotonic_ns(),
                 id: job.id,
             };
-            let _ = rec.record(&event);
-            let _ = rec.record(&Event::Done {
+            let cannot = |w: std::io::Error| format!("cannot record to the history: {w}");
+            rec.record(&event).map_err(cannot)?;
+            rec.record(&Event::Done {
                 pid,
                 t_ns: monotonic_ns(),
                 id: job.id,
                 outcome: "error".into(),
                 message: Some(format!("cannot open the store: {e:#}")),
-            });
+            })
+            .map_err(cannot)?;
             return Ok(());
         }
     };
@@ -171,9 +178,10 @@ async fn run(open: OpenFn, job: &Job) -> Result<(), String> {
         pid,
         holder: Holder::current(vec!["baton-stress-worker".into(), job.id.to_string()]),
     };
-    match &job.workflow {
-        None => event(&ctx, job.id).await,
-        Some(w) => workflow(&ctx, w).await,
+    match (&job.workflow, job.probe) {
+        (_, Some(slots)) => probe(&ctx, slots).await,
+        (None, None) => event(&ctx, job.id).await,
+        (Some(w), None) => workflow(&ctx, w).await,
     }
 }
 
@@ -185,23 +193,64 @@ async fn event(ctx: &Ctx<'_>, id: u64) -> Result<(), String> {
         t_ns: monotonic_ns(),
         id,
     })?;
-    let lease = match acquire(ctx).await? {
-        Ok(lease) => lease,
+    let (lease, sent) = match acquire(ctx).await? {
+        Ok(granted) => granted,
         Err((outcome, message)) => return ctx.done(id, outcome, Some(message)),
     };
-    let keeper = keep(ctx, &lease)?;
+    let kept = keep(ctx, &lease, sent)?;
     let (outcome, message) = hold_and_write(ctx, &lease, id).await?;
-    if let Some(k) = keeper {
-        k.stop();
+    if let Some(k) = kept {
+        k.stop().await?;
     }
     release(ctx, &lease).await?;
     ctx.done(id, outcome, message)
 }
 
-/// Acquires a slot, recording `request` and `grant` or `refused`. The inner error is the
-/// event's outcome when no slot was granted: `unknown` for a timeout (the outcome of a
-/// timed-out operation is not known), `error` otherwise.
-async fn acquire(ctx: &Ctx<'_>) -> Result<Result<Lease, (&'static str, String)>, String> {
+/// A probe: takes `slots` slots one after another (keeping each), then releases them all.
+/// A refusal (the job's wait passed) ends it; the history shows what it got.
+async fn probe(ctx: &Ctx<'_>, slots: u32) -> Result<(), String> {
+    ctx.record(Event::Probe {
+        pid: ctx.pid,
+        t_ns: monotonic_ns(),
+        slots,
+    })?;
+    let mut held = Vec::new();
+    for slot in 0..slots {
+        // One holder per slot: several leases of one key are never one holder's.
+        let one = Ctx {
+            job: ctx.job,
+            rec: Recorder::open(&ctx.job.history)
+                .map_err(|e| format!("cannot open the history: {e}"))?,
+            store: Arc::clone(&ctx.store),
+            pid: ctx.pid,
+            holder: Holder::current(vec!["baton-stress-probe".into(), slot.to_string()]),
+        };
+        let Ok((lease, sent)) = acquire(&one).await? else {
+            break;
+        };
+        let kept = keep(&one, &lease, sent)?;
+        held.push((one, lease, kept));
+    }
+    for (one, lease, kept) in held {
+        if let Some(k) = kept {
+            k.stop().await?;
+        }
+        release(&one, &lease).await?;
+    }
+    Ok(())
+}
+
+/// Acquires a slot, recording `request` and `grant` or `refused`; returns the lease and
+/// the instant just before the request was sent. The inner error is the event's outcome
+/// when no slot was granted: `unknown` for a timeout (the outcome of a timed-out operation
+/// is not known), `error` otherwise.
+///
+/// On a lease store the keeper's first deadline is recorded (`held`) *before* the grant:
+/// a holder stopped right after its `grant` line still shows how long it may hold.
+#[allow(clippy::type_complexity)]
+async fn acquire(
+    ctx: &Ctx<'_>,
+) -> Result<Result<(Lease, Instant), (&'static str, String)>, String> {
     let job = ctx.job;
     let req = AcquireRequest {
         key: job.key.clone(),
@@ -213,6 +262,7 @@ async fn acquire(ctx: &Ctx<'_>) -> Result<Result<Lease, (&'static str, String)>,
         holder: ctx.holder.clone(),
         lock_delay: None,
     };
+    let sent = Instant::now();
     let t_request_ns = monotonic_ns();
     ctx.record(Event::Request {
         pid: ctx.pid,
@@ -221,13 +271,22 @@ async fn acquire(ctx: &Ctx<'_>) -> Result<Result<Lease, (&'static str, String)>,
     })?;
     match ctx.store.acquire(&req).await {
         Ok(lease) => {
+            if let Some(deadline) = first_deadline(ctx, &lease, sent) {
+                ctx.record(Event::Held {
+                    pid: ctx.pid,
+                    t_ns: monotonic_ns(),
+                    key: lease.key.clone(),
+                    token: lease.token,
+                    deadline_ns: instant_ns(deadline),
+                })?;
+            }
             ctx.record(Event::Grant {
                 pid: ctx.pid,
                 t_ns: monotonic_ns(),
                 t_request_ns,
                 lease: lease.clone(),
             })?;
-            Ok(Ok(lease))
+            Ok(Ok((lease, sent)))
         }
         Err(e) => {
             ctx.record(Event::Refused {
@@ -247,40 +306,75 @@ async fn acquire(ctx: &Ctx<'_>) -> Result<Result<Lease, (&'static str, String)>,
     }
 }
 
-/// On a lease store, starts a keeper for `lease` and records its deadlines (`held`) and a
-/// loss (`lost`) from a task.
-fn keep(ctx: &Ctx<'_>, lease: &Lease) -> Result<Option<Keeper>, String> {
+/// The TTL the keeper of `lease` keeps it for.
+fn keeper_ttl(ctx: &Ctx<'_>, lease: &Lease) -> Duration {
+    lease.ttl.unwrap_or(Duration::from_millis(ctx.job.ttl_ms))
+}
+
+/// On a lease store, the first deadline the keeper of `lease` will have (as
+/// [`Keeper::start`] computes it).
+fn first_deadline(ctx: &Ctx<'_>, lease: &Lease, sent: Instant) -> Option<Instant> {
+    if !ctx.store.capabilities().renew {
+        return None;
+    }
+    let validity = KeeperConfig::for_ttl(keeper_ttl(ctx, lease)).validity();
+    Some(lease.sent_at.unwrap_or(sent) + validity)
+}
+
+/// A lease being kept: its keeper, whose renewals go through a [`RecordingStore`], and the
+/// task that records the keeper's deadlines.
+struct Kept {
+    keeper: Keeper,
+    recording: Arc<RecordingStore>,
+    watcher: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Kept {
+    /// Stops the keeper; fails if any of its renewals or deadlines could not be recorded.
+    async fn stop(self) -> Result<(), String> {
+        self.keeper.stop();
+        let watched = self.watcher.await;
+        if let Some(why) = self.recording.failure() {
+            return Err(why);
+        }
+        match watched {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("cannot record the keeper's state: {e}")),
+            Err(e) => Err(format!("the keeper's recorder failed: {e}")),
+        }
+    }
+}
+
+/// On a lease store, starts a keeper for `lease` (its renewals recorded before it sees
+/// them) and records its later deadlines (`held`) and a loss (`lost`) from a task.
+fn keep(ctx: &Ctx<'_>, lease: &Lease, sent: Instant) -> Result<Option<Kept>, String> {
     if !ctx.store.capabilities().renew {
         return Ok(None);
     }
-    let ttl = lease.ttl.unwrap_or(Duration::from_millis(ctx.job.ttl_ms));
-    let keeper = Keeper::start(
+    let recording = Arc::new(RecordingStore::new(
         Arc::clone(&ctx.store),
+        &ctx.job.history,
+    )?);
+    let keeper = Keeper::start(
+        Arc::clone(&recording) as Arc<dyn Store>,
         lease.clone(),
-        KeeperConfig::for_ttl(ttl),
-        Instant::now(),
+        KeeperConfig::for_ttl(keeper_ttl(ctx, lease)),
+        sent,
     )
     .map_err(|e| format!("cannot start a keeper: {e:#}"))?;
-    // The first deadline goes in now, before anything can stop this process; the
-    // recorder task records the later ones.
-    if let LeaseState::Held { deadline } = keeper.state() {
-        ctx.record(Event::Held {
-            pid: ctx.pid,
-            t_ns: monotonic_ns(),
-            key: lease.key.clone(),
-            token: lease.token,
-            deadline_ns: instant_ns(deadline),
-        })?;
-    }
     let rec = Recorder::open(&ctx.job.history).map_err(|e| format!("cannot open history: {e}"))?;
-    tokio::spawn(record_keeper(
+    let watcher = tokio::spawn(record_keeper(
         rec,
         keeper.watch(),
         ctx.pid,
         lease.key.clone(),
         lease.token,
     ));
-    Ok(Some(keeper))
+    Ok(Some(Kept {
+        keeper,
+        recording,
+        watcher,
+    }))
 }
 
 /// Claims the fence right after the grant (so older holders' late writes are refused),

@@ -80,10 +80,14 @@ pub fn check(events: &[Event], jobs: u64, stages: u32, parties: u32) -> (Vec<u64
                     message: format!(
                         "stage {stage}: {passed} of {parties} parties passed the barrier"
                     ),
-                    pids: passes
-                        .iter()
-                        .filter(|(_, p)| p.len() <= stage)
-                        .map(|(pid, _)| *pid)
+                    // Parties that arrived (or passed earlier stages) but not this one.
+                    pids: arrivals
+                        .keys()
+                        .chain(passes.keys())
+                        .copied()
+                        .collect::<std::collections::BTreeSet<u32>>()
+                        .into_iter()
+                        .filter(|pid| passes.get(pid).is_none_or(|p| p.len() <= stage))
                         .collect(),
                 },
             );

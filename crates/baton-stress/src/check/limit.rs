@@ -1,5 +1,6 @@
 //! Property: at no instant are more than `limit` leases of a key held, and no slot is held
-//! by two leases at once (contract point 1).
+//! by two leases at once, and every slot granted is one of the key's (`0..limit`)
+//! (contract point 1).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -78,6 +79,21 @@ pub fn check(events: &[Event], key: &Key, limit: u32, ends: Ends) -> Vec<Violati
                 },
             );
         }
+    }
+    // A slot must be one of the key's: 0..limit (listed after the overlaps).
+    for iv in ivs.iter().filter(|iv| iv.slot >= limit) {
+        push(
+            &mut out,
+            Violation {
+                property: "limit",
+                message: format!(
+                    "slot {} of '{key}' granted, outside its limit of {limit}:\n  {}",
+                    iv.slot,
+                    iv.describe(t0)
+                ),
+                pids: vec![iv.pid],
+            },
+        );
     }
     out
 }

@@ -6,11 +6,14 @@
 //! - [`results`]: every event's result recorded exactly once (no lost, no doubled results);
 //! - [`stale`]: no stale write accepted by the fenced resource;
 //! - [`barrier`]: workflow stages never overlap and every party passes every stage;
+//! - [`completeness`]: every event started and ended, and the store granted what it had
+//!   to (every event when workers wait forever; at least one with `--wait`);
 //! - [`recovery`]: a killed holder's slot comes back within the store's bound;
 //! - [`unknown`]: which events' outcomes are unknown (timed out, killed), so the others
 //!   treat them as neither success nor failure.
 
 pub mod barrier;
+pub mod completeness;
 pub mod limit;
 pub mod recovery;
 pub mod results;
@@ -28,7 +31,8 @@ pub const MAX_LISTED: usize = 50;
 /// One violation of a property, with the processes whose events show it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Violation {
-    /// The property: `limit`, `tokens`, `results`, `stale`, `recovery`.
+    /// The property: `limit`, `tokens`, `results`, `stale`, `recovery`, `barrier`,
+    /// `completeness`, `liveness`.
     pub property: &'static str,
     /// What happened, naming the violating events (several lines for several events).
     pub message: String,
@@ -104,6 +108,47 @@ mod tests {
     }
 
     #[test]
+    fn a_renewal_recorded_before_the_keeper_saw_it_extends_the_lease() {
+        // Pid 1 (TTL 100ms: validity 89ms) renewed at 50ms and was stopped before its
+        // `held` line; its last recorded deadline is 89ms, but the renewal gave it until
+        // 139ms. Pid 2's grant at 120ms is a re-grant before that deadline.
+        let mut first = grant(1, 0, 10, 0, 1);
+        if let Event::Grant { lease, .. } = &mut first {
+            lease.ttl = Some(std::time::Duration::from_millis(100));
+        }
+        let renewed = |ok| Event::Renewed {
+            pid: 1,
+            t_ns: 51_000_000,
+            t_sent_ns: 50_000_000,
+            key: key(),
+            token: Token(1),
+            ok,
+            kind: None,
+            error: None,
+        };
+        let h = vec![
+            Event::Held {
+                pid: 1,
+                t_ns: 9,
+                key: key(),
+                token: Token(1),
+                deadline_ns: 89_000_000,
+            },
+            first,
+            renewed(true),
+            grant(2, 5, 120_000_000, 0, 2),
+            release(2, 130_000_000, 0, 2),
+        ];
+        let v = limit::check(&h, &key(), 1, Ends::Deadlines);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].pids, vec![1, 2]);
+        // A renewal that failed gave no new deadline.
+        let mut failed = h.clone();
+        failed[2] = renewed(false);
+        assert!(limit::check(&failed, &key(), 1, Ends::Deadlines).is_empty());
+    }
+
+    #[test]
     fn every_overlap_is_listed() {
         let h = vec![
             grant(1, 0, 10, 0, 1),
@@ -168,6 +213,63 @@ mod tests {
     }
 
     #[test]
+    fn a_doubled_event_or_outcome_is_reported() {
+        // Event 0 started by two workers; event 1 recorded its outcome twice.
+        let h = vec![
+            start(1, 0, 0),
+            start(2, 1, 0),
+            done(1, 10, 0, "ok"),
+            start(3, 0, 1),
+            done(3, 10, 1, "ok"),
+            done(3, 11, 1, "ok"),
+        ];
+        let rows = vec![row(0, 1, 1, RESULT), row(1, 3, 2, RESULT)];
+        let text: Vec<String> = results::check(&h, &rows)
+            .into_iter()
+            .map(|v| v.message)
+            .collect();
+        assert_eq!(text.len(), 2, "{text:#?}");
+        assert_eq!(text[0], "event 0 was started 2 times (pids [1, 2])");
+        assert_eq!(text[1], "event 1 (pid 3) recorded its outcome 2 times");
+        assert_eq!(unknown::outcomes(&h)[&0].started_by, vec![1, 2]);
+    }
+
+    #[test]
+    fn every_party_must_pass_and_none_before_the_last_arrives() {
+        let arrive = |pid, t_ns| Event::Arrive {
+            pid,
+            t_ns,
+            key: key(),
+        };
+        let passed = |pid, t_ns| Event::Passed {
+            pid,
+            t_ns,
+            key: key(),
+            generation: 0,
+        };
+        // Party 2 never passed stage 0.
+        let h = vec![arrive(1, 10), arrive(2, 20), passed(1, 25)];
+        let (_, v) = barrier::check(&h, 1, 1, 2);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].message, "stage 0: 1 of 2 parties passed the barrier");
+        assert_eq!(
+            v[0].pids,
+            vec![2],
+            "the party that arrived but never passed"
+        );
+        // Party 1 passed at 15, before party 2 arrived at 20.
+        let h = vec![arrive(1, 10), passed(1, 15), arrive(2, 20), passed(2, 21)];
+        let (times, v) = barrier::check(&h, 1, 1, 2);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(
+            v[0].message.contains("passed at") && v[0].message.contains("before the last"),
+            "{}",
+            v[0].message
+        );
+        assert!(times.is_empty());
+    }
+
+    #[test]
     fn a_stale_write_accepted_is_caught() {
         let rows = vec![
             row(0, 1, 5, CLAIM),
@@ -217,6 +319,75 @@ mod tests {
         // Nobody waiting at the kill: nothing to measure.
         let (times, v) = recovery::check(&h[..1], &key(), 1);
         assert!(times.is_empty() && v.is_empty());
+    }
+
+    #[test]
+    fn a_slot_that_never_comes_back_is_caught_even_when_another_slot_served() {
+        // A semaphore of 2: pid 1 dies holding slot 0; pid 2 waited and got slot 1; a
+        // probe (pid 3) asked after the kill and got slot 1 again. Slot 0 never came back.
+        let h = vec![
+            grant(1, 0, 10, 0, 1),
+            grant(4, 0, 11, 1, 2),
+            Event::Request {
+                pid: 2,
+                t_ns: 15,
+                key: key(),
+            },
+            Event::Killed { pid: 1, t_ns: 20 },
+            release(4, 30, 1, 2),
+            grant(2, 15, 31, 1, 3),
+            release(2, 40, 1, 3),
+            Event::Request {
+                pid: 3,
+                t_ns: 50,
+                key: key(),
+            },
+            grant(3, 50, 51, 1, 4),
+        ];
+        let (times, v) = recovery::check(&h, &key(), 1_000_000_000);
+        assert!(times.is_empty(), "{times:?}");
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("slot 0") && v[0].message.contains("never came back"));
+        // Nobody asked after the kill: nothing to judge.
+        let quiet = vec![grant(1, 0, 10, 0, 1), Event::Killed { pid: 1, t_ns: 20 }];
+        assert!(recovery::check(&quiet, &key(), 1).1.is_empty());
+    }
+
+    #[test]
+    fn recovery_counts_from_a_request_made_after_the_kill() {
+        // No waiter at the kill (20); a probe asked at 1_000 and got the slot at 1_500.
+        let h = vec![
+            grant(1, 0, 10, 0, 1),
+            Event::Killed { pid: 1, t_ns: 20 },
+            grant(3, 1_000, 1_500, 0, 2),
+        ];
+        let (times, v) = recovery::check(&h, &key(), 600);
+        assert_eq!(times, vec![500]);
+        assert!(v.is_empty(), "{v:?}");
+        let (_, v) = recovery::check(&h, &key(), 400);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("asked at"), "{}", v[0].message);
+    }
+
+    #[test]
+    fn each_store_has_its_own_recovery_bound() {
+        use baton_core::StoreUrl;
+        use std::time::Duration;
+        let ttl = Duration::from_millis(500);
+        let bound = |url: &str, lease| {
+            recovery::store_bound(&StoreUrl::parse(url).expect("url"), lease, ttl).0
+        };
+        assert_eq!(bound("dir:/tmp/x", false), Duration::from_millis(500));
+        assert_eq!(
+            bound("dir:/tmp/x?mode=lease", true),
+            ttl + Duration::from_secs(1)
+        );
+        assert_eq!(
+            bound("sqlite:/tmp/x.db", true),
+            ttl + Duration::from_secs(1)
+        );
+        assert_eq!(bound("postgres://h/db", true), ttl + Duration::from_secs(1));
+        assert_eq!(bound("etcd://h:2379", true), Duration::from_millis(3500));
     }
 
     #[test]
@@ -358,6 +529,10 @@ mod suite_tests {
         ];
         let err = lim(&h, 3).expect_err("slot 1 twice");
         assert!(err.contains("slot 1"), "{err}");
+        // A slot outside the limit, though only one lease is held.
+        let h = vec![grant(1, 0, 10, 3, 1), release(1, 20, 3, 1)];
+        let err = lim(&h, 3).expect_err("slot 3 of 3");
+        assert!(err.contains("outside its limit of 3"), "{err}");
     }
 
     #[test]

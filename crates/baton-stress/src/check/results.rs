@@ -3,7 +3,8 @@
 //!
 //! An event that succeeded has exactly one `result` row in the resource; one refused by the
 //! fence or failed before writing has none; one whose outcome is unknown (see
-//! [`super::unknown`]) has at most one. Every worker records its outcome once (`done`).
+//! [`super::unknown`]) has at most one. Every event is started by one worker, which records
+//! its outcome once (`done`).
 
 use std::collections::BTreeMap;
 
@@ -43,6 +44,20 @@ pub fn check(events: &[Event], rows: &[Row]) -> Vec<Violation> {
                     property: "results",
                     message: format!("event {id} (pid {}) {p}", o.pid),
                     pids,
+                },
+            );
+        }
+        if o.started_by.len() > 1 {
+            push(
+                &mut out,
+                Violation {
+                    property: "results",
+                    message: format!(
+                        "event {id} was started {} times (pids {:?})",
+                        o.started_by.len(),
+                        o.started_by
+                    ),
+                    pids: o.started_by.clone(),
                 },
             );
         }

@@ -42,23 +42,30 @@ pub struct EventOutcome {
     pub outcome: Outcome,
     /// How many `done` records the worker wrote (exactly one unless killed).
     pub done: usize,
+    /// Every process that recorded a `start` of this event, in order: exactly one. A
+    /// doubled event id is kept here (and reported by [`super::results`]), never folded
+    /// into one.
+    pub started_by: Vec<u32>,
 }
 
-/// The outcome of every event (`start` record) in a history, by event number.
+/// The outcome of every event (`start` record) in a history, by event number. An event
+/// started twice keeps its first worker as `pid` and lists every starter in
+/// `started_by`.
 pub fn outcomes(events: &[Event]) -> BTreeMap<u64, EventOutcome> {
     let mut out: BTreeMap<u64, EventOutcome> = BTreeMap::new();
     let mut pid_of: BTreeMap<u32, u64> = BTreeMap::new();
     for e in events {
         if let Event::Start { pid, id, .. } = e {
             pid_of.insert(*pid, *id);
-            out.insert(
-                *id,
-                EventOutcome {
+            out.entry(*id)
+                .or_insert_with(|| EventOutcome {
                     pid: *pid,
                     outcome: Outcome::Unknown("the worker ended without saying how".into()),
                     done: 0,
-                },
-            );
+                    started_by: Vec::new(),
+                })
+                .started_by
+                .push(*pid);
         }
     }
     for e in events {
