@@ -235,7 +235,7 @@ impl Store for NoopStore {
         if !self.faults.early_barrier {
             return Err(Error::new(
                 ErrorKind::Unsupported,
-                "noop: has no barrier unless ?barrier=early (testing only)",
+                "the noop store does not support barriers unless ?barrier=early (testing only)",
             )
             .with_op(Op::Barrier)
             .with_store(&self.url));

@@ -233,7 +233,7 @@ fn a_broken_lease_holds_its_slot_back_for_the_lock_delay() {
             "--ttl",
             "600ms",
             "--kill-grace",
-            "2s",
+            "200ms",
             "-k",
             "k",
             "--",
