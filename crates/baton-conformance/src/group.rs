@@ -14,6 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use baton_core::{pid_start_ticks, KeeperConfig, Lease, Wait};
+use baton_stress::command::slow_to_stop;
 
 use crate::support::{Keep, Lab};
 use crate::worker::Worker;
@@ -38,19 +39,9 @@ enum Fault {
     Kill,
 }
 
-/// A child whose group is slow to stop: the shell traps SIGTERM and takes half the grace
-/// to exit; one grandchild ignores SIGTERM (only SIGKILL ends it); another is an ordinary
-/// background process. Each writes its pid (and the shell its own) to `pids`.
+/// The command slow to stop, naming its three processes in `pids`.
 pub(crate) fn stubborn_script(pids: &Path, half_grace: Duration) -> String {
-    let p = pids.display();
-    let half = half_grace.as_secs_f64();
-    format!(
-        "(trap '' TERM; exec sleep 3600) & echo $! >> {p}\n\
-         sleep 3600 & echo $! >> {p}\n\
-         trap 'sleep {half:.3}; exit 0' TERM\n\
-         echo $$ >> {p}\n\
-         while :; do sleep 0.05; done\n"
-    )
+    slow_to_stop(half_grace, Some(pids))
 }
 
 /// The processes named in `pids` with their start times, once all three have written.
@@ -76,10 +67,9 @@ async fn group_of(pids: &Path, holder: &mut Worker) -> Vec<(u32, Option<u64>)> {
     }
 }
 
-/// The largest kill grace `baton run` accepts for `config`'s TTL, so that a stop takes as
-/// long as the contract allows.
+/// The largest kill grace `baton run` accepts for `config`'s TTL.
 pub(crate) fn largest_grace(config: &KeeperConfig) -> Duration {
-    config.max_stop_lead().saturating_sub(config.kill_reserve())
+    baton_stress::command::largest_grace(config.ttl)
 }
 
 /// Whether `pid` (started at `ticks`) still runs: a zombie, a missing process and a pid

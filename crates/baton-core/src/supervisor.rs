@@ -124,6 +124,8 @@ pub struct Child {
     done: bool,
     /// The supervisor stopped the group itself (a deadline, or a stop request).
     stopped: bool,
+    /// When the supervisor found the group empty, on the monotonic clock in ns.
+    gone_ns: Option<u64>,
 }
 
 /// A message to the supervisor: a tag and two values, [`MSG_LEN`] bytes.
@@ -417,6 +419,7 @@ impl Supervisor {
             tty: me.tty,
             done: false,
             stopped: false,
+            gone_ns: None,
         };
         child.send(
             MSG_GO,
@@ -475,6 +478,25 @@ impl Child {
         self.stopped
     }
 
+    /// When the supervisor found the command's whole process group gone (every process
+    /// of it exited and reaped), on the monotonic clock in nanoseconds ([`monotonic_ns`]);
+    /// known once [`Child::try_wait`] has returned the exit. It is the supervisor's own
+    /// reading, taken even while the caller was paused.
+    pub fn gone_at_ns(&self) -> Option<u64> {
+        self.gone_ns
+    }
+
+    /// A handle that tells the supervisor deadlines and "stop now" from another task
+    /// (a duplicate of the control pipe's write end).
+    pub fn control(&self) -> io::Result<Control> {
+        // SAFETY: fcntl F_DUPFD_CLOEXEC on a descriptor this struct owns.
+        let fd = unsafe { libc::fcntl(self.control, libc::F_DUPFD_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Control { fd })
+    }
+
     /// The command's pid, which is also its process group id.
     pub fn pid(&self) -> libc::pid_t {
         self.pid
@@ -505,15 +527,7 @@ impl Child {
     }
 
     fn send(&self, tag: u64, a: u64, b: u64) {
-        let mut msg = [0u8; MSG_LEN];
-        msg[..8].copy_from_slice(&tag.to_ne_bytes());
-        msg[8..16].copy_from_slice(&a.to_ne_bytes());
-        msg[16..].copy_from_slice(&b.to_ne_bytes());
-        // SAFETY: writing a small buffer; a pipe write of up to PIPE_BUF bytes is
-        // atomic. An error (the supervisor is gone) is harmless.
-        unsafe {
-            libc::write(self.control, msg.as_ptr().cast(), msg.len());
-        }
+        send_on(self.control, tag, a, b);
     }
 
     /// Tells the supervisor the instant by which the whole group must be dead.
@@ -568,8 +582,13 @@ impl Child {
     /// reporting (killed outright) leaves the group to baton: it is killed and reaped here
     /// before the error is returned.
     fn command_exit(&mut self, supervisor_status: libc::c_int) -> io::Result<Exit> {
-        let mut msg = [0u8; 8];
+        let mut msg = [0u8; 16];
         let reported = read_full(self.report, &mut msg).unwrap_or(false);
+        if reported {
+            let mut at = [0u8; 8];
+            at.copy_from_slice(&msg[8..]);
+            self.gone_ns = Some(u64::from_ne_bytes(at));
+        }
         let tag = i32::from_ne_bytes([msg[0], msg[1], msg[2], msg[3]]);
         let status = i32::from_ne_bytes([msg[4], msg[5], msg[6], msg[7]]);
         if reported && (tag == REPORT_STATUS || tag == REPORT_STOPPED) {
@@ -653,6 +672,47 @@ impl Drop for Child {
         unsafe {
             libc::close(self.control);
             libc::close(self.report);
+        }
+    }
+}
+
+/// Writes one message to the supervisor's control pipe.
+fn send_on(fd: libc::c_int, tag: u64, a: u64, b: u64) {
+    let mut msg = [0u8; MSG_LEN];
+    msg[..8].copy_from_slice(&tag.to_ne_bytes());
+    msg[8..16].copy_from_slice(&a.to_ne_bytes());
+    msg[16..].copy_from_slice(&b.to_ne_bytes());
+    // SAFETY: writing a small buffer; a pipe write of up to PIPE_BUF bytes is atomic. An
+    // error (the supervisor is gone) is harmless.
+    unsafe {
+        libc::write(fd, msg.as_ptr().cast(), msg.len());
+    }
+}
+
+/// Tells a running command's supervisor deadlines and "stop now" from any thread
+/// ([`Child::control`]).
+#[derive(Debug)]
+pub struct Control {
+    fd: libc::c_int,
+}
+
+impl Control {
+    /// As [`Child::deadline`].
+    pub fn deadline(&self, by: Instant) {
+        send_on(self.fd, MSG_DEADLINE, instant_ns(by), 0);
+    }
+
+    /// As [`Child::stop_now`].
+    pub fn stop_now(&self) {
+        send_on(self.fd, MSG_STOP, 0, 0);
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        // SAFETY: closing the duplicate this struct owns.
+        unsafe {
+            libc::close(self.fd);
         }
     }
 }
@@ -870,7 +930,11 @@ unsafe fn supervise(p: &Prepared, control: [libc::c_int; 2], report: [libc::c_in
                 } else {
                     REPORT_STATUS
                 };
-                write_all_raw(report, &report_pair(tag, st));
+                // The status, then when the group was found empty (monotonic ns).
+                let mut msg = [0u8; 16];
+                msg[..8].copy_from_slice(&report_pair(tag, st));
+                msg[8..].copy_from_slice(&monotonic_ns().to_ne_bytes());
+                write_all_raw(report, &msg);
                 libc::_exit(0);
             }
             if status.is_some() && !said_waiting && p.verbose {

@@ -100,6 +100,22 @@ pub enum Event {
         /// When, just before the signal was sent.
         t_ns: u64,
     },
+    /// A holder's command (run under [`baton_core::supervisor`], as `baton run` runs it)
+    /// is gone: every process of its group exited and was reaped. `t_ns` is the
+    /// supervisor's own reading, taken even while the holder was paused.
+    CommandGone {
+        /// The holder.
+        pid: u32,
+        /// When the group was found empty.
+        t_ns: u64,
+        /// The lease's key.
+        key: Key,
+        /// The lease's token.
+        token: Token,
+        /// The supervisor had to stop the group (a deadline or a loss), rather than the
+        /// holder ending it after its hold.
+        stopped: bool,
+    },
     /// A worker gave up on its job.
     Failed {
         /// The process.
@@ -288,6 +304,7 @@ impl Event {
             | Event::Release { pid, .. }
             | Event::Released { pid, .. }
             | Event::Killed { pid, .. }
+            | Event::CommandGone { pid, .. }
             | Event::Failed { pid, .. }
             | Event::Clock { pid, .. }
             | Event::Held { pid, .. }
@@ -316,6 +333,7 @@ impl Event {
             | Event::Release { t_ns, .. }
             | Event::Released { t_ns, .. }
             | Event::Killed { t_ns, .. }
+            | Event::CommandGone { t_ns, .. }
             | Event::Failed { t_ns, .. }
             | Event::Clock { t_ns, .. }
             | Event::Held { t_ns, .. }

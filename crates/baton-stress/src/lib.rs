@@ -26,6 +26,7 @@ use baton_core::{Result, Store, StoreUrl};
 
 pub mod check;
 pub mod clock;
+pub mod command;
 pub mod history;
 pub mod intervals;
 pub mod proxy;

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::check::{self, Violation};
 use crate::clock::monotonic_ns;
+use crate::command;
 use crate::history::{read_history, Event, Recorder, Tail};
 use crate::intervals::{intervals_ending, Ends};
 use crate::proxy::{Fault, ProxySet};
@@ -216,6 +217,10 @@ pub struct Summary {
     /// Pause: paused holders whose slot another holder was granted while they were
     /// stopped (their late writes are the ones the fence must refuse).
     pub superseded: u64,
+    /// Pause and partition: holders' commands (slow to stop) that their supervisor had
+    /// stopped on its own, at the lease's deadline or on its loss, before the holder came
+    /// back to end them; every command is checked gone by its lease's end (`stopped`).
+    pub commands_stopped: u64,
     /// Crash: death (or the request, if later) → next grant of the slot, in ms, when
     /// measured.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -500,7 +505,22 @@ impl<'c> Orchestra<'c> {
                 workers: c.procs,
                 barrier: barrier_key(&c.key),
             }),
+            // Holders that are paused or cut off run a command slow to stop under the
+            // largest grace their TTL allows: its whole group must be dead by the lease's
+            // deadline (the `stopped` checker).
+            command: matches!(c.scenario, Scenario::Pause | Scenario::Partition)
+                .then(|| command::slow_to_stop(self.grace() / 2, None)),
+            grace_ms: if matches!(c.scenario, Scenario::Pause | Scenario::Partition) {
+                self.grace().as_millis() as u64
+            } else {
+                0
+            },
         }
+    }
+
+    /// The kill grace of the holders' commands.
+    fn grace(&self) -> Duration {
+        command::largest_grace(self.config.ttl)
     }
 
     /// A probe that takes `slots` slots, waiting up to the recovery bound plus
@@ -915,6 +935,7 @@ fn analyze(
     add(check::limit::check(events, key, config.slots, ends));
     add(check::tokens::check(events, key, config.slots));
     add(check::results::check(events, rows));
+    add(check::stopped::check(events, key, ends));
     let (stale, fenced_writes) = check::stale::check(events, rows);
     add(stale);
     let mut stage_transition_ms = None;
@@ -1020,6 +1041,10 @@ fn analyze(
         partitioned: count_of(&|e| matches!(e, Event::Partitioned { .. })),
         fenced_writes: fenced_writes as u64,
         superseded: superseded(events, key),
+        commands_stopped: events
+            .iter()
+            .filter(|e| matches!(e, Event::CommandGone { stopped: true, .. }))
+            .count() as u64,
         recovery_ms: None,
         recovery_bound_ms: None,
         recovery_bound_basis: None,

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use baton_core::supervisor::{self, StopPolicy, Supervisor};
 use baton_core::{
-    AcquireRequest, BarrierRequest, ErrorKind, Holder, Keeper, KeeperConfig, Key, Lease, Store,
-    StoreUrl, Wait,
+    AcquireRequest, BarrierRequest, ErrorKind, Holder, Keeper, KeeperConfig, Key, Lease,
+    LeaseState, Store, StoreUrl, Wait,
 };
 use serde::{Deserialize, Serialize};
 
@@ -52,6 +53,14 @@ pub struct Job {
     /// For `workflow`: the stages to run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workflow: Option<WorkflowJob>,
+    /// A command (`sh -c`) each event runs while it holds, under the supervisor `baton
+    /// run` uses, stopped with `grace_ms` between SIGTERM and SIGKILL: when it is gone,
+    /// `command_gone` is recorded with the supervisor's own time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// The command's kill grace, in ms.
+    #[serde(default)]
+    pub grace_ms: u64,
 }
 
 /// A workflow worker's share: in each stage, jobs `id, id + workers, id + 2·workers, …`
@@ -193,17 +202,134 @@ async fn event(ctx: &Ctx<'_>, id: u64) -> Result<(), String> {
         t_ns: monotonic_ns(),
         id,
     })?;
+    // With a command, its supervisor exists before the acquire, so that the holder record
+    // names it (as `baton run` does).
+    let grace = Duration::from_millis(ctx.job.grace_ms);
+    let supervisor = match &ctx.job.command {
+        Some(script) => Some(start_command(ctx, script, grace)?),
+        None => None,
+    };
+    let own;
+    let ctx = match &supervisor {
+        Some(s) => {
+            let mut holder = ctx.holder.clone();
+            holder.supervisor = s.process();
+            own = Ctx {
+                job: ctx.job,
+                rec: Recorder::open(&ctx.job.history)
+                    .map_err(|e| format!("cannot open the history: {e}"))?,
+                store: Arc::clone(&ctx.store),
+                pid: ctx.pid,
+                holder,
+            };
+            &own
+        }
+        None => ctx,
+    };
     let (lease, sent) = match acquire(ctx).await? {
         Ok(granted) => granted,
         Err((outcome, message)) => return ctx.done(id, outcome, Some(message)),
     };
-    let kept = keep(ctx, &lease, sent)?;
+    let lead = supervisor.as_ref().map(|_| grace);
+    let kept = keep(ctx, &lease, sent, lead)?;
+    let command = match supervisor {
+        Some(s) => Some(run_command(s, &lease, kept.as_ref())?),
+        None => None,
+    };
     let (outcome, message) = hold_and_write(ctx, &lease, id).await?;
+    if let Some(c) = command {
+        c.finish(ctx, &lease).await?;
+    }
     if let Some(k) = kept {
         k.stop().await?;
     }
     release(ctx, &lease).await?;
     ctx.done(id, outcome, message)
+}
+
+/// Forks the supervisor of an event's command (it waits for the grant).
+fn start_command(ctx: &Ctx<'_>, script: &str, grace: Duration) -> Result<Supervisor, String> {
+    let policy = StopPolicy {
+        grace,
+        reserve: KeeperConfig::for_ttl(Duration::from_millis(ctx.job.ttl_ms)).kill_reserve(),
+    };
+    let argv = ["sh".into(), "-c".into(), script.into()];
+    Supervisor::start(&argv, &[], &["BATON_TOKEN"], None, policy, false)
+        .map_err(|e| format!("cannot start the command's supervisor: {e}"))
+}
+
+/// A running command, and the task that tells its supervisor the keeper's deadlines.
+struct Command {
+    child: supervisor::Child,
+    forward: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Starts the command of a granted lease; its supervisor follows the keeper's deadlines.
+fn run_command(s: Supervisor, lease: &Lease, kept: Option<&Kept>) -> Result<Command, String> {
+    let child = s
+        .run(&[lease.token.0])
+        .map_err(|e| format!("cannot start the command: {e}"))?;
+    let forward = match kept {
+        Some(k) => {
+            let control = child
+                .control()
+                .map_err(|e| format!("cannot talk to the command's supervisor: {e}"))?;
+            let mut watch = k.keeper.watch();
+            Some(tokio::spawn(async move {
+                loop {
+                    let state = watch.borrow_and_update().clone();
+                    match state {
+                        LeaseState::Held { deadline } => control.deadline(deadline),
+                        LeaseState::Lost { .. } => {
+                            control.stop_now();
+                            return;
+                        }
+                        LeaseState::Stopped => return,
+                    }
+                    if watch.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }))
+        }
+        None => None,
+    };
+    Ok(Command { child, forward })
+}
+
+impl Command {
+    /// Ends the command after the hold (if its supervisor has not stopped it already),
+    /// waits until its whole group is gone, and records `command_gone`.
+    async fn finish(mut self, ctx: &Ctx<'_>, lease: &Lease) -> Result<(), String> {
+        if let Some(f) = self.forward.take() {
+            f.abort();
+        }
+        let wait = |c: &mut supervisor::Child| {
+            c.try_wait()
+                .map(|e| e.is_some())
+                .map_err(|e| format!("cannot wait for the command: {e}"))
+        };
+        // Gone already: its supervisor stopped it on its own (the deadline came while this
+        // holder was paused or cut off).
+        let on_its_own = wait(&mut self.child)?;
+        if !on_its_own {
+            self.child.stop_now();
+            while !wait(&mut self.child)? {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        let t_ns = self
+            .child
+            .gone_at_ns()
+            .ok_or("the command's supervisor did not say when the group was gone")?;
+        ctx.record(Event::CommandGone {
+            pid: ctx.pid,
+            t_ns,
+            key: lease.key.clone(),
+            token: lease.token,
+            stopped: on_its_own && self.child.was_stopped(),
+        })
+    }
 }
 
 /// A probe: takes `slots` slots one after another (keeping each), then releases them all.
@@ -228,7 +354,7 @@ async fn probe(ctx: &Ctx<'_>, slots: u32) -> Result<(), String> {
         let Ok((lease, sent)) = acquire(&one).await? else {
             break;
         };
-        let kept = keep(&one, &lease, sent)?;
+        let kept = keep(&one, &lease, sent, None)?;
         held.push((one, lease, kept));
     }
     for (one, lease, kept) in held {
@@ -347,7 +473,15 @@ impl Kept {
 
 /// On a lease store, starts a keeper for `lease` (its renewals recorded before it sees
 /// them) and records its later deadlines (`held`) and a loss (`lost`) from a task.
-fn keep(ctx: &Ctx<'_>, lease: &Lease, sent: Instant) -> Result<Option<Kept>, String> {
+///
+/// With `grace` (a command that takes that long to stop), the keeper declares loss that
+/// much (plus the reaping reserve) before the deadline, as `baton run`'s does.
+fn keep(
+    ctx: &Ctx<'_>,
+    lease: &Lease,
+    sent: Instant,
+    grace: Option<Duration>,
+) -> Result<Option<Kept>, String> {
     if !ctx.store.capabilities().renew {
         return Ok(None);
     }
@@ -355,10 +489,15 @@ fn keep(ctx: &Ctx<'_>, lease: &Lease, sent: Instant) -> Result<Option<Kept>, Str
         Arc::clone(&ctx.store),
         &ctx.job.history,
     )?);
+    let config = KeeperConfig::for_ttl(keeper_ttl(ctx, lease));
+    let config = match grace {
+        Some(g) => config.with_stop_lead(g + config.kill_reserve()),
+        None => config,
+    };
     let keeper = Keeper::start(
         Arc::clone(&recording) as Arc<dyn Store>,
         lease.clone(),
-        KeeperConfig::for_ttl(keeper_ttl(ctx, lease)),
+        config,
         sent,
     )
     .map_err(|e| format!("cannot start a keeper: {e:#}"))?;

@@ -366,6 +366,13 @@ fn pause_supersedes_paused_holders_and_the_fence_refuses_them() {
             v["fenced_writes"].as_u64().expect("fenced") >= 2,
             "{store}: {v}"
         );
+        // Each superseded holder's command (slow to stop) was stopped by its supervisor,
+        // and the `stopped` property found it gone by its lease's end.
+        assert!(
+            v["commands_stopped"].as_u64().expect("commands_stopped")
+                >= v["superseded"].as_u64().expect("superseded"),
+            "{store}: {v}"
+        );
         assert!(
             v["outcomes"]["fenced"].as_u64().unwrap_or(0) >= 2,
             "{store}: {v}"
@@ -534,6 +541,11 @@ fn partition_cuts_holders_off_and_the_fence_refuses_them() {
         );
         assert!(
             v["fenced_writes"].as_u64().expect("fenced") >= 1,
+            "{store}: {v}"
+        );
+        assert!(
+            v["commands_stopped"].as_u64().expect("commands_stopped")
+                >= v["superseded"].as_u64().expect("superseded"),
             "{store}: {v}"
         );
     }

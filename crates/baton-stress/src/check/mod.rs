@@ -9,6 +9,8 @@
 //! - [`completeness`]: every event started and ended, and the store granted what it had
 //!   to (every event when workers wait forever; at least one with `--wait`);
 //! - [`recovery`]: a killed holder's slot comes back within the store's bound;
+//! - [`stopped`]: a holder's command (its whole process group) is gone by the end of its
+//!   lease (`pause` and `partition` holders run one that is slow to stop);
 //! - [`unknown`]: which events' outcomes are unknown (timed out, killed), so the others
 //!   treat them as neither success nor failure.
 
@@ -18,6 +20,7 @@ pub mod limit;
 pub mod recovery;
 pub mod results;
 pub mod stale;
+pub mod stopped;
 pub mod tokens;
 pub mod unknown;
 
@@ -32,7 +35,7 @@ pub const MAX_LISTED: usize = 50;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Violation {
     /// The property: `limit`, `tokens`, `results`, `stale`, `recovery`, `barrier`,
-    /// `completeness`, `liveness`.
+    /// `completeness`, `liveness`, `stopped`.
     pub property: &'static str,
     /// What happened, naming the violating events (several lines for several events).
     pub message: String,
