@@ -390,3 +390,87 @@ pub async fn leader_kill_keeps_limit(h: &Harness, cluster: &Server) -> LeaderKil
     ));
     measured
 }
+
+/// Contract point 3 against a frozen server (SIGSTOPped: it stops answering without
+/// closing a connection, as a paused VM or a stuck disk does), on a private server.
+///
+/// A holder keeps its lease and runs a command slow to stop (a slow SIGTERM handler, a
+/// grandchild that ignores SIGTERM) under the largest grace its TTL allows. The server is
+/// frozen: renewals hang, the holder's keeper declares the lease lost by its deadline, and
+/// its command's whole group is stopped — all while the server cannot answer. The server
+/// is thawed and a new holder acquires the key. Checked: the old command's group was gone
+/// (as the holder recorded it, after the reap) before the new lease's send time, and the
+/// new token is higher.
+pub async fn frozen_server_loses_before_regrant(h: &Harness, server: &Server) {
+    let mut lab = Lab::new(h, "frozen_server_loses_before_regrant");
+    let timing = lab.lease_timing();
+    let grace = largest_grace(&KeeperConfig::for_ttl(timing.ttl));
+    let key = lab.key("frozen");
+    let mut old = lab.spawn_keeper(
+        &key,
+        1,
+        Keep {
+            child: true,
+            child_script: Some(stubborn_script(&lab.path("pids"), grace / 2)),
+            grace,
+            ..Keep::default()
+        },
+    );
+    let old_lease = lab.lease_of(&mut old).await;
+    lab.wait_for(&mut old, "a renewal", |e| {
+        matches!(e, Event::Renewed { ok: true, .. } | Event::Lost { .. })
+    })
+    .await;
+    server
+        .run("freeze")
+        .unwrap_or_else(|e| panic!("cannot freeze the server: {e}"));
+    // The worker records its command's death (after the reap) as `killed` with the
+    // command's pid; nothing else in this history is killed.
+    let waited = Instant::now();
+    let gone = loop {
+        if let Some(e) = lab
+            .events()
+            .into_iter()
+            .find(|e| matches!(e, Event::Killed { .. }))
+        {
+            break e;
+        }
+        assert!(
+            waited.elapsed() < timing.ttl + LIVENESS_BOUND,
+            "the holder's command was not stopped while the server was frozen: {}",
+            old.stderr_text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    server
+        .run("thaw")
+        .unwrap_or_else(|e| panic!("cannot thaw the server: {e}"));
+    let bound = timing.recovery() + LIVENESS_BOUND;
+    let req = lab.lease_request(&key, 1, Wait::Timeout(bound));
+    let new_lease = until_available("acquire after the server thawed", || lab.acquire(&req)).await;
+    assert!(
+        new_lease.token > old_lease.token,
+        "the new token {} is not above the frozen-out holder's {}",
+        new_lease.token,
+        old_lease.token
+    );
+    let regrant_ns = instant_ns(
+        new_lease
+            .sent_at
+            .unwrap_or_else(|| panic!("a lease store's lease has no sent_at (Lease::sent_at)")),
+    );
+    assert!(
+        gone.t_ns() <= regrant_ns,
+        "the old holder's command group was gone only {:?} after the new lease was sent",
+        Duration::from_nanos(gone.t_ns() - regrant_ns)
+    );
+    assert_eq!(lab.release(&new_lease).await, Released::Released);
+    old.finish(LIVENESS_BOUND).await;
+    report(&format!(
+        "frozen_server_loses_before_regrant on {}: the command's group was gone {:?} before the \
+         re-grant (grace {grace:?}, TTL {:?})",
+        h.url(),
+        Duration::from_nanos(regrant_ns - gone.t_ns()),
+        timing.ttl
+    ));
+}

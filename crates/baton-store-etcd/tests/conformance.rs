@@ -18,3 +18,22 @@ fn harness() -> Harness {
 }
 
 baton_conformance::network_suite!(open, harness);
+
+/// A frozen (SIGSTOPped) private server: the holder's command group is gone before the
+/// slot is granted again after the thaw.
+#[test]
+fn frozen_server_loses_before_regrant() {
+    if baton_conformance::servers::url_from_env("BATON_TEST_ETCD").is_err() {
+        baton_conformance::skipped(
+            "etcd frozen_server_loses_before_regrant",
+            "BATON_TEST_ETCD is not set (bash scripts/test sets it)",
+        );
+        return;
+    }
+    let server =
+        baton_conformance::servers::Server::start("etcd", "start", "stop").expect("a private etcd");
+    let h = Harness::__in_module(common::harness_at(server.url()), module_path!());
+    baton_conformance::__private::runtime().block_on(
+        baton_conformance::frozen_server_loses_before_regrant(&h, &server),
+    );
+}

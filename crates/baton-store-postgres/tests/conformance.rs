@@ -104,3 +104,25 @@ fn garbage_lease_row(url: &str, key: &Key) -> std::io::Result<Vec<PathBuf>> {
 }
 
 baton_conformance::network_suite!(open, harness);
+
+/// A frozen (SIGSTOPped) private server: the holder's command group is gone before the
+/// slot is granted again after the thaw.
+#[test]
+fn frozen_server_loses_before_regrant() {
+    if let Err(why) = url_from_env("BATON_TEST_POSTGRES") {
+        baton_conformance::skipped("postgres frozen_server_loses_before_regrant", &why);
+        return;
+    }
+    let server = baton_conformance::servers::Server::start("postgres", "start", "stop")
+        .expect("a private server");
+    let h = Harness::new(server.url(), open)
+        .ttl(TTL)
+        .lease(LeaseTiming {
+            ttl: Duration::from_secs(1),
+            detection: Duration::from_secs(2),
+        });
+    let h = Harness::__in_module(h, module_path!());
+    baton_conformance::__private::runtime().block_on(
+        baton_conformance::frozen_server_loses_before_regrant(&h, &server),
+    );
+}
