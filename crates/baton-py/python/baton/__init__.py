@@ -1,0 +1,397 @@
+"""baton: mutexes, counting semaphores and leader leases, each grant carrying a fencing
+token, over a store chosen by URL -- the same stores, locks and tokens as the ``baton``
+CLI and Rust library.
+
+    import baton
+    store = baton.open("sqlite:/var/lib/app/locks.db")   # baton.open(): the default store
+    with store.lock("nightly", ttl="30s", wait="10s") as lease:
+        print(lease.token)                               # strictly increasing per key
+
+    async with store.lock("pool", slots=4) as lease:     # asyncio: the loop never blocks
+        ...
+
+Stores: ``dir:PATH`` (kernel locks; the default directory when no URL is given),
+``dir:PATH?mode=lease`` (lease files), ``sqlite:PATH``, ``postgres://...``,
+``etcd://h1:2379,h2:2379``. Waits release the GIL; Ctrl-C and asyncio cancellation cancel
+a wait and leave nothing queued in the store. On lease stores a keeper thread renews each
+lease every TTL/3; a lost lease sets ``lease.lost``, runs ``lease.on_lost`` callbacks and
+raises ``LostError`` at the end of the ``with`` block. A forked child's copy of a lease is
+inert: it never renews or releases the parent's lease.
+"""
+
+import asyncio
+import os
+from contextvars import ContextVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+from . import _baton
+from ._errors import (
+    BusyError,
+    CorruptError,
+    Error,
+    FencedError,
+    InvalidInputError,
+    InvalidKeyError,
+    LimitMismatchError,
+    LostError,
+    NotFoundError,
+    NotHeldError,
+    TimeoutError,
+    UnavailableError,
+    UnsupportedError,
+)
+from .fence import fenced
+
+__version__ = _baton.__version__
+
+__all__ = [
+    "open",
+    "Store",
+    "Lock",
+    "Lease",
+    "parse_duration",
+    "fenced",
+    "Error",
+    "BusyError",
+    "TimeoutError",
+    "LostError",
+    "NotHeldError",
+    "NotFoundError",
+    "InvalidKeyError",
+    "InvalidInputError",
+    "LimitMismatchError",
+    "UnavailableError",
+    "CorruptError",
+    "UnsupportedError",
+    "FencedError",
+]
+
+Duration = Union[str, int, float, Any]  # "500ms", "1m30s", seconds, or a timedelta
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_baton._after_fork_in_child)
+
+
+def parse_duration(value: Duration) -> float:
+    """Seconds from a duration as ``ttl=``/``wait=`` take it: ``"500ms"``, ``"2s"``,
+    ``"1m30s"``, ``2.5`` (seconds), or a ``datetime.timedelta``."""
+    return _baton.parse_duration(value)
+
+
+def open(url: Optional[str] = None) -> "Store":  # noqa: A001 - the package's entry point
+    """Opens the store ``url`` names. Without a URL: ``$BATON_STORE`` if set, else the
+    default directory store (``$XDG_RUNTIME_DIR/baton``, else ``/tmp/baton-$UID``).
+    A bare absolute path means ``dir:PATH``."""
+    return Store(_baton.open(url))
+
+
+async def _run(start: Callable[[Any, Callable[[Any, Any], None]], Any]) -> Any:
+    """Runs a native operation for asyncio and awaits its one report.
+
+    On cancellation the native operation is cancelled (its Rust future dropped: the
+    library's cancel) and this waits for that to be complete before re-raising, so the
+    store holds nothing of the wait when ``CancelledError`` reaches the caller. A lease
+    that was granted in the same instant is released first.
+    """
+    loop = asyncio.get_running_loop()
+    done: "asyncio.Future[Tuple[Any, Any]]" = loop.create_future()
+
+    def report(value: Any, error: Any) -> None:
+        if not done.done():
+            done.set_result((value, error))
+
+    op = start(loop, report)
+    try:
+        value, error = await asyncio.shield(done)
+    except asyncio.CancelledError:
+        op.cancel()
+        while True:
+            try:
+                value, error = await asyncio.shield(done)
+                break
+            except asyncio.CancelledError:
+                continue
+        if isinstance(value, _baton.Lease):
+            try:
+                await _run(value._release_start)
+            except Error:
+                pass
+        raise
+    if error is not None:
+        raise error
+    return value
+
+
+class Lease:
+    """One granted slot of a key. Returned by ``Lock.acquire()`` and by ``with``/``async
+    with`` a Lock.
+
+    key, slot, limit: what was granted; token: the fencing token, an int strictly greater
+    than every earlier grant's for this key in this store (pass it to what you write, and
+    have that refuse lower ones: see ``baton.fenced``); holder: the holder id (32 hex
+    digits) that ``status`` shows; ttl: seconds (lease stores) or None; acquired: when, in
+    Unix seconds; store: the store URL without secrets.
+    """
+
+    __slots__ = ("_lease",)
+
+    def __init__(self, native: Any) -> None:
+        self._lease = native
+
+    @property
+    def key(self) -> str:
+        return self._lease.key
+
+    @property
+    def slot(self) -> int:
+        return self._lease.slot
+
+    @property
+    def limit(self) -> int:
+        return self._lease.limit
+
+    @property
+    def token(self) -> int:
+        return self._lease.token
+
+    @property
+    def holder(self) -> str:
+        return self._lease.holder
+
+    @property
+    def ttl(self) -> Optional[float]:
+        return self._lease.ttl
+
+    @property
+    def acquired(self) -> float:
+        return self._lease.acquired
+
+    @property
+    def store(self) -> str:
+        return self._lease.store
+
+    @property
+    def lost(self) -> bool:
+        """True once the keeper declared the lease lost (it could not renew it in time, or
+        the store said it was taken), once release found it no longer held, and in a
+        forked child (the parent holds it). Always false on kernel-lock stores while this
+        process holds the lock."""
+        return self._lease.lost
+
+    @property
+    def lost_reason(self) -> Optional[str]:
+        """Why the lease was lost, or None."""
+        return self._lease.lost_reason
+
+    @property
+    def held(self) -> bool:
+        """True while the lease is neither released nor lost."""
+        return self._lease.held
+
+    def on_lost(self, callback: Callable[[], Any]) -> None:
+        """Calls ``callback()`` once when the keeper declares the lease lost.
+
+        It runs on a thread of baton's, with the GIL (from asyncio, hand over with
+        ``loop.call_soon_threadsafe``); at once, in this thread, if the lease is lost
+        already. Never on kernel-lock stores, whose lock cannot be lost while the process
+        lives, nor in a forked child. An exception in the callback is printed, not raised.
+        """
+        self._lease.on_lost(callback)
+
+    def release(self) -> None:
+        """Releases the lease. Idempotent. Raises ``LostError`` if the lease was lost
+        (the slot is then someone else's, or free: nothing of theirs is touched)."""
+        self._lease.release()
+
+    async def release_async(self) -> None:
+        """``release()`` for asyncio, without blocking the loop."""
+        await _run(self._lease._release_start)
+
+    def __repr__(self) -> str:
+        return repr(self._lease)
+
+
+# The leases each Lock holds, per thread and per asyncio task: {id(lock): (lease, ...)}.
+# A fresh dict is set on every change (contexts are copied shallowly), so a task or thread
+# never sees another's leases.
+_HELD: "ContextVar[Dict[int, Tuple[Lease, ...]]]" = ContextVar("baton_held", default={})
+
+
+class Lock:
+    """A request for one slot of a key: ``with``, ``async with``, or ``acquire()`` /
+    ``release()``.
+
+    One Lock may be used by many threads and asyncio tasks at once (a pool shared by
+    tasks): each ``with`` holds its own lease, and ``release()`` releases the lease this
+    thread or task acquired last through this Lock.
+    """
+
+    __slots__ = ("_req", "_id")
+
+    def __init__(self, request: Any) -> None:
+        self._req = request
+        self._id = id(self)
+
+    @property
+    def key(self) -> str:
+        return self._req.key
+
+    def _push(self, lease: Lease) -> None:
+        held = dict(_HELD.get())
+        held[self._id] = held.get(self._id, ()) + (lease,)
+        _HELD.set(held)
+
+    def _pop(self) -> Lease:
+        held = dict(_HELD.get())
+        mine = held.get(self._id, ())
+        if not mine:
+            raise RuntimeError(
+                "baton: release() of a Lock that holds nothing in this thread or task"
+            )
+        lease = mine[-1]
+        if len(mine) == 1:
+            del held[self._id]
+        else:
+            held[self._id] = mine[:-1]
+        _HELD.set(held)
+        return lease
+
+    def acquire(self) -> Lease:
+        """Acquires a slot, waiting as ``wait=`` said (None: forever; 0: not at all).
+
+        The GIL is released while waiting; Ctrl-C cancels the wait (nothing stays queued
+        in the store) and raises KeyboardInterrupt. Raises BusyError (``wait=0`` and every
+        slot held), TimeoutError, LimitMismatchError, UnavailableError, CorruptError.
+        """
+        lease = Lease(self._req.acquire())
+        self._push(lease)
+        return lease
+
+    async def acquire_async(self) -> Lease:
+        """``acquire()`` for asyncio: the loop keeps running while it waits, and
+        cancelling the task cancels the wait (nothing stays queued in the store)."""
+        lease = Lease(await _run(self._req._acquire_start))
+        self._push(lease)
+        return lease
+
+    def release(self) -> None:
+        """Releases the lease this thread or task acquired last through this Lock.
+        Raises LostError if it was lost."""
+        self._pop().release()
+
+    async def release_async(self) -> None:
+        """``release()`` for asyncio."""
+        await self._pop().release_async()
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        lease = self._pop()
+        try:
+            lease.release()
+        except LostError:
+            # A lost lease is reported unless the block failed already: its own
+            # exception is the one to see.
+            if exc_type is None:
+                raise
+
+    async def __aenter__(self) -> Lease:
+        return await self.acquire_async()
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        lease = self._pop()
+        try:
+            await lease.release_async()
+        except LostError:
+            if exc_type is None:
+                raise
+
+    def __repr__(self) -> str:
+        return f"<baton.Lock key={self.key!r}>"
+
+
+class Store:
+    """A store opened by ``baton.open(url)``."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, native: Any) -> None:
+        self._store = native
+
+    @property
+    def url(self) -> str:
+        """The store's URL, without secrets."""
+        return self._store.url
+
+    @property
+    def capabilities(self) -> Dict[str, Any]:
+        """What the store can do: renew, break_lease, resize, fifo, lock_delay (bools) and
+        recovery (how soon a dead holder's slot comes back, in words)."""
+        return self._store.capabilities
+
+    def lock(
+        self,
+        key: str,
+        slots: int = 1,
+        ttl: Optional[Duration] = None,
+        wait: Optional[Duration] = None,
+    ) -> Lock:
+        """A Lock on ``key``: a mutex (``slots=1``) or a semaphore of ``slots`` slots.
+
+        ttl: the lease's time to live on lease stores (default 30s; at least 100ms),
+        renewed every TTL/3 by a keeper thread; kernel-lock stores ignore it.
+        wait: None waits forever, 0 not at all (BusyError), else at most that long
+        (TimeoutError). Durations: ``"500ms"``, ``"1m30s"``, seconds, a timedelta.
+        Raises InvalidKeyError / InvalidInputError at once for a bad key or duration.
+        """
+        return Lock(self._store.request(key, slots, ttl, wait))
+
+    def status(self, key: str) -> Dict[str, Any]:
+        """A key's state: ``key``, ``limit``, ``held`` (count), ``waiters`` (None when the
+        store cannot tell), ``last_token``, ``lock_delay``, ``holders`` (one dict per held
+        slot: slot, token, holder, pid, host, user, command, started, created, heartbeat,
+        expires, note; times in Unix seconds) and ``slots`` (slot, state, token, note).
+        Raises NotFoundError for a key never used (on stores that can tell)."""
+        return self._store.status(key)
+
+    def leader(self, key: str) -> Optional[Dict[str, Any]]:
+        """Who leads ``key`` (holds its one slot): a dict with key, token, since, holder,
+        pid, host, user, command, started; None when nobody does. Only reads: never decide
+        that you lead from it; hold the lock. Raises LimitMismatchError on a semaphore."""
+        return self._store.leader(key)
+
+    def resize(self, key: str, limit: int) -> Dict[str, Any]:
+        """Changes a key's limit (lease stores) and returns its status. Lowering it never
+        evicts a holder. Raises UnsupportedError on kernel-lock stores."""
+        return self._store.resize(key, limit)
+
+    def keys(self) -> List[str]:
+        """Every key in the store, sorted."""
+        return self._store.keys()
+
+    def break_lease(self, key: str, holder: Optional[str] = None) -> int:
+        """Frees the slots of ``key`` held by ``holder`` (every holder's when None) on
+        lease stores; returns how many it freed. The broken holder's keeper finds out at
+        its next renewal."""
+        return self._store.break_lease(key, holder)
+
+    def barrier(
+        self, key: str, parties: int, wait: Optional[Duration] = None
+    ) -> Dict[str, Any]:
+        """Arrives at barrier ``key`` and waits until ``parties`` parties have arrived;
+        returns ``{"key", "generation", "parties"}``. A timeout withdraws the arrival and
+        raises TimeoutError."""
+        return self._store.barrier(key, parties, wait)
+
+    async def barrier_async(
+        self, key: str, parties: int, wait: Optional[Duration] = None
+    ) -> Dict[str, Any]:
+        """``barrier()`` for asyncio; cancelling the task withdraws the arrival."""
+        store = self._store
+        return await _run(
+            lambda loop, report: store._barrier_start(key, parties, wait, loop, report)
+        )
+
+    def __repr__(self) -> str:
+        return f"<baton.Store {self.url}>"
