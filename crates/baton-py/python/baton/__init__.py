@@ -89,9 +89,10 @@ async def _run(start: Callable[[Any, Callable[[Any, Any], None]], Any]) -> Any:
     """Runs a native operation for asyncio and awaits its one report.
 
     On cancellation the native operation is cancelled (its Rust future dropped: the
-    library's cancel) and this waits for that to be complete before re-raising, so the
-    store holds nothing of the wait when ``CancelledError`` reaches the caller. A lease
-    that was granted in the same instant is released first.
+    library's cancel, after which the store keeps nothing of the wait) and this waits
+    until the drop has happened before re-raising. SQLite, PostgreSQL and etcd finish
+    removing the withdrawn waiter on their own threads just after. A lease that was
+    granted in the same instant is released first.
     """
     loop = asyncio.get_running_loop()
     done: "asyncio.Future[Tuple[Any, Any]]" = loop.create_future()
