@@ -31,8 +31,13 @@ struct OnLost {
     watching: bool,
 }
 
-/// One granted slot of a key. See the package docs.
-#[pyclass(module = "baton._baton", frozen)]
+/// One granted slot of a key: returned by `Lock.acquire()` and by `with` / `async with`
+/// a Lock.
+///
+/// `token` is the fencing token, an int strictly greater than every earlier grant's for
+/// this key in this store: pass it to what you write, and have that refuse lower ones
+/// (`baton.fenced`).
+#[pyclass(module = "baton", frozen)]
 pub struct Lease {
     /// The key.
     #[pyo3(get)]
@@ -93,7 +98,7 @@ impl Lease {
             _ => None,
         };
         let state = keeper.as_ref().map(Keeper::watch);
-        let pid = std::process::id();
+        let pid = runtime::pid();
         let out = Lease {
             key: lease.key.as_str().to_owned(),
             slot: lease.slot,
@@ -119,7 +124,7 @@ impl Lease {
     }
 
     fn foreign(&self) -> bool {
-        self.pid != std::process::id()
+        self.pid != runtime::pid()
     }
 
     fn keeper_lost(&self) -> Option<String> {
@@ -210,6 +215,16 @@ impl Lease {
             }
             Err(e) => Err(to_py(e)),
         }
+    }
+
+    /// `release()` for asyncio, without blocking the loop (a coroutine).
+    fn release_async(slf: Py<Self>, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let start = slf.bind(py).getattr("_release_start")?;
+        Ok(py
+            .import("baton")?
+            .getattr("_run")?
+            .call1((start,))?
+            .unbind())
     }
 
     /// Releases in the background, reporting to `callback(None, error_or_None)` through
@@ -372,7 +387,7 @@ impl Drop for Lease {
         let Some(held) = lock(&self.held).take() else {
             return;
         };
-        if held.pid != std::process::id() {
+        if held.pid != runtime::pid() {
             runtime::disown(held);
             return;
         }

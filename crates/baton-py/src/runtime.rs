@@ -15,7 +15,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Once, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -35,6 +36,34 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// This process's id, cached (0: not known yet). A fork clears it in the child, through
+/// `pthread_atfork`, so that the child looks its own pid up: every fork, whoever calls it.
+static PID: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn forget_pid_in_child() {
+    PID.store(0, Ordering::Relaxed);
+}
+
+/// The current process id, without a system call on the hot path.
+pub fn pid() -> u32 {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        // SAFETY: registers a child handler that only stores to an atomic, which is
+        // async-signal-safe; no other handlers.
+        unsafe {
+            libc::pthread_atfork(None, None, Some(forget_pid_in_child));
+        }
+    });
+    match PID.load(Ordering::Relaxed) {
+        0 => {
+            let pid = std::process::id();
+            PID.store(pid, Ordering::Relaxed);
+            pid
+        }
+        pid => pid,
+    }
+}
+
 struct PerProcess {
     pid: u32,
     runtime: &'static tokio::runtime::Runtime,
@@ -44,7 +73,7 @@ struct PerProcess {
 static PROCESS: Mutex<Option<PerProcess>> = Mutex::new(None);
 
 fn per_process<T>(f: impl FnOnce(&PerProcess) -> T) -> PyResult<T> {
-    let pid = std::process::id();
+    let pid = pid();
     let mut slot = lock(&PROCESS);
     match &*slot {
         Some(p) if p.pid == pid => {}
@@ -147,9 +176,18 @@ pub fn wait_interruptible<T: Send + 'static>(py: Python<'_>, fut: BoxFuture<T>) 
 
 /// Runs `fut` to completion with the GIL released, ignoring signals (a release must not
 /// be cut in half).
-pub fn wait_quietly<T: Send + 'static>(py: Python<'_>, fut: BoxFuture<T>) -> PyResult<T> {
+pub fn wait_quietly<T: Send + 'static>(py: Python<'_>, mut fut: BoxFuture<T>) -> PyResult<T> {
     let rt = handle()?;
-    Ok(py.detach(move || rt.block_on(fut)))
+    Ok(py.detach(move || {
+        {
+            let _enter = rt.enter();
+            let mut cx = Context::from_waker(Waker::noop());
+            if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                return v;
+            }
+        }
+        rt.block_on(fut)
+    }))
 }
 
 /// What a lease holds in this process: the store, the lease, its keeper.
@@ -234,7 +272,7 @@ pub fn disown(held: Held) {
 /// `os.register_at_fork(after_in_child=...)`; a mutex held by a thread of the parent at
 /// the fork is skipped (the pid check on next use catches what this misses).
 pub fn after_fork_in_child() {
-    let pid = std::process::id();
+    let pid = pid();
     let Ok(mut r) = REGISTRY.try_lock() else {
         return;
     };

@@ -102,7 +102,7 @@ impl Store {
 
     /// This process's store object (reopened after a fork).
     pub fn inner(&self) -> PyResult<Arc<dyn baton::Store>> {
-        let pid = std::process::id();
+        let pid = runtime::pid();
         let mut cell = lock(&self.cell);
         if let Some((p, s)) = &*cell {
             if *p == pid {

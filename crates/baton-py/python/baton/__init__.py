@@ -123,99 +123,14 @@ async def _run(start: Callable[[Any, Callable[[Any, Any], None]], Any]) -> Any:
     return value
 
 
-class Lease:
-    """One granted slot of a key. Returned by ``Lock.acquire()`` and by ``with``/``async
-    with`` a Lock.
-
-    key, slot, limit: what was granted; token: the fencing token, an int strictly greater
-    than every earlier grant's for this key in this store (pass it to what you write, and
-    have that refuse lower ones: see ``baton.fenced``); holder: the holder id (32 hex
-    digits) that ``status`` shows; ttl: seconds (lease stores) or None; acquired: when, in
-    Unix seconds; store: the store URL without secrets.
-    """
-
-    __slots__ = ("_lease",)
-
-    def __init__(self, native: Any) -> None:
-        self._lease = native
-
-    @property
-    def key(self) -> str:
-        return self._lease.key
-
-    @property
-    def slot(self) -> int:
-        return self._lease.slot
-
-    @property
-    def limit(self) -> int:
-        return self._lease.limit
-
-    @property
-    def token(self) -> int:
-        return self._lease.token
-
-    @property
-    def holder(self) -> str:
-        return self._lease.holder
-
-    @property
-    def ttl(self) -> Optional[float]:
-        return self._lease.ttl
-
-    @property
-    def acquired(self) -> float:
-        return self._lease.acquired
-
-    @property
-    def store(self) -> str:
-        return self._lease.store
-
-    @property
-    def lost(self) -> bool:
-        """True once the keeper declared the lease lost (it could not renew it in time, or
-        the store said it was taken), once release found it no longer held, and in a
-        forked child (the parent holds it). Always false on kernel-lock stores while this
-        process holds the lock."""
-        return self._lease.lost
-
-    @property
-    def lost_reason(self) -> Optional[str]:
-        """Why the lease was lost, or None."""
-        return self._lease.lost_reason
-
-    @property
-    def held(self) -> bool:
-        """True while the lease is neither released nor lost."""
-        return self._lease.held
-
-    def on_lost(self, callback: Callable[[], Any]) -> None:
-        """Calls ``callback()`` once when the keeper declares the lease lost.
-
-        It runs on a thread of baton's, with the GIL (from asyncio, hand over with
-        ``loop.call_soon_threadsafe``); at once, in this thread, if the lease is lost
-        already. Never on kernel-lock stores, whose lock cannot be lost while the process
-        lives, nor in a forked child. An exception in the callback is printed, not raised.
-        """
-        self._lease.on_lost(callback)
-
-    def release(self) -> None:
-        """Releases the lease. Idempotent. Raises ``LostError`` if the lease was lost
-        (the slot is then someone else's, or free: nothing of theirs is touched)."""
-        self._lease.release()
-
-    async def release_async(self) -> None:
-        """``release()`` for asyncio, without blocking the loop."""
-        await _run(self._lease._release_start)
-
-    def __repr__(self) -> str:
-        return repr(self._lease)
+Lease = _baton.Lease
 
 
 # The leases each Lock holds, per thread and per asyncio task: {id(lock): (lease, ...)}.
 # A fresh dict is set on every change (contexts are copied shallowly), so a task or thread
 # never sees another's leases.
-_HELD: "ContextVar[Dict[int, Tuple[Lease, ...]]]" = ContextVar("baton_held", default={})
+_NOTHING: Dict[int, Tuple[Any, ...]] = {}
+_HELD: "ContextVar[Dict[int, Tuple[Any, ...]]]" = ContextVar("baton_held", default=_NOTHING)
 
 
 class Lock:
@@ -237,19 +152,27 @@ class Lock:
     def key(self) -> str:
         return self._req.key
 
-    def _push(self, lease: Lease) -> None:
-        held = dict(_HELD.get())
+    def _push(self, lease: Any) -> None:
+        held = _HELD.get()
+        if not held:
+            _HELD.set({self._id: (lease,)})
+            return
+        held = dict(held)
         held[self._id] = held.get(self._id, ()) + (lease,)
         _HELD.set(held)
 
-    def _pop(self) -> Lease:
-        held = dict(_HELD.get())
+    def _pop(self) -> Any:
+        held = _HELD.get()
         mine = held.get(self._id, ())
         if not mine:
             raise RuntimeError(
                 "baton: release() of a Lock that holds nothing in this thread or task"
             )
         lease = mine[-1]
+        if len(held) == 1 and len(mine) == 1:
+            _HELD.set(_NOTHING)
+            return lease
+        held = dict(held)
         if len(mine) == 1:
             del held[self._id]
         else:
@@ -257,21 +180,21 @@ class Lock:
         _HELD.set(held)
         return lease
 
-    def acquire(self) -> Lease:
+    def acquire(self) -> Any:
         """Acquires a slot, waiting as ``wait=`` said (None: forever; 0: not at all).
 
         The GIL is released while waiting; Ctrl-C cancels the wait (nothing stays queued
         in the store) and raises KeyboardInterrupt. Raises BusyError (``wait=0`` and every
         slot held), TimeoutError, LimitMismatchError, UnavailableError, CorruptError.
         """
-        lease = Lease(self._req.acquire())
+        lease = self._req.acquire()
         self._push(lease)
         return lease
 
-    async def acquire_async(self) -> Lease:
+    async def acquire_async(self) -> Any:
         """``acquire()`` for asyncio: the loop keeps running while it waits, and
         cancelling the task cancels the wait (nothing stays queued in the store)."""
-        lease = Lease(await _run(self._req._acquire_start))
+        lease = await _run(self._req._acquire_start)
         self._push(lease)
         return lease
 
@@ -284,7 +207,7 @@ class Lock:
         """``release()`` for asyncio."""
         await self._pop().release_async()
 
-    def __enter__(self) -> Lease:
+    def __enter__(self) -> Any:
         return self.acquire()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -297,7 +220,7 @@ class Lock:
             if exc_type is None:
                 raise
 
-    async def __aenter__(self) -> Lease:
+    async def __aenter__(self) -> Any:
         return await self.acquire_async()
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
