@@ -215,3 +215,31 @@ def test_the_default_store_is_the_directory(tmp_path, monkeypatch):
     assert store.url.startswith("dir:")
     with store.lock("default-store-test"):
         assert (tmp_path / "baton").is_dir()
+
+
+def test_one_lock_shared_by_threads_and_nested(store, key):
+    import threading
+
+    pool = store.lock(key, slots=3, wait="60s")
+    with pool as outer:
+        with pool as inner:
+            assert outer.token != inner.token and store.status(key)["held"] == 2
+        assert not inner.held and outer.held
+    assert not outer.held
+
+    seen = []
+
+    def worker():
+        for _ in range(10):
+            with pool as lease:
+                assert lease.held
+                seen.append(lease.token)
+            assert not lease.held
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(seen)) == 40
+    assert store.status(key)["held"] == 0

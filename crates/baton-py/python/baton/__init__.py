@@ -208,10 +208,23 @@ class Lock:
         await self._pop().release_async()
 
     def __enter__(self) -> Any:
-        return self.acquire()
+        lease = self._req.acquire()
+        # _push, inlined for the common case: this context holds nothing yet.
+        if _HELD.get():
+            self._push(lease)
+        else:
+            _HELD.set({self._id: (lease,)})
+        return lease
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        lease = self._pop()
+        held = _HELD.get()
+        mine = held.get(self._id)
+        # _pop, inlined for the common case: this is the context's only lease.
+        if len(held) == 1 and mine is not None and len(mine) == 1:
+            _HELD.set(_NOTHING)
+            lease = mine[0]
+        else:
+            lease = self._pop()
         try:
             lease.release()
         except LostError:
