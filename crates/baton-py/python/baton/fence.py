@@ -20,9 +20,11 @@ from typing import Any, Iterator, Optional, Union
 
 from ._errors import FencedError
 
+# The same table as the Rust fence; STRICT where this Python's SQLite has it (3.37+).
 _TABLE = (
     "CREATE TABLE IF NOT EXISTS baton_fence ("
-    " key TEXT PRIMARY KEY NOT NULL, token INTEGER NOT NULL) STRICT"
+    " key TEXT PRIMARY KEY NOT NULL, token INTEGER NOT NULL)"
+    + (" STRICT" if sqlite3.sqlite_version_info >= (3, 37) else "")
 )
 
 
