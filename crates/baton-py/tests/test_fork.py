@@ -56,10 +56,13 @@ def test_a_forked_child_does_not_keep_a_kernel_lock_alive(tmp_path, key):
         import os, sys, time, baton
         store = baton.open(sys.argv[1])
         lease = store.lock(sys.argv[2]).acquire()
+        r, w = os.pipe()
         child = os.fork()
-        if child == 0:
+        if child == 0:             # fork's after-in-child hooks have run by now
+            os.write(w, b"x")
             time.sleep(300)        # outlives the holder; the test kills it
             os._exit(0)
+        os.read(r, 1)
         print(lease.token, child, flush=True)
         sys.stdin.readline()
         os._exit(0)                # no release: the kernel drops the holder's lock
