@@ -243,3 +243,17 @@ def test_one_lock_shared_by_threads_and_nested(store, key):
         t.join()
     assert len(set(seen)) == 40
     assert store.status(key)["held"] == 0
+
+
+def test_a_lock_never_sees_another_locks_leases(store, key):
+    """Leases released directly (not through their Lock) must not be found by a later
+    Lock, even one that reuses the first one's memory."""
+    import gc
+
+    for _ in range(50):
+        store.lock(key, wait=0).acquire().release()
+        gc.collect()
+        with pytest.raises(RuntimeError):
+            store.lock(key).release()
+    with store.lock(key, wait=0) as lease:
+        assert lease.held

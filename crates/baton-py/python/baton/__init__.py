@@ -126,9 +126,11 @@ async def _run(start: Callable[[Any, Callable[[Any, Any], None]], Any]) -> Any:
 Lease = _baton.Lease
 
 
-# The leases each Lock holds, per thread and per asyncio task: {id(lock): (lease, ...)}.
+# The leases each Lock holds, per thread and per asyncio task: {lock: (lease, ...)}.
 # A fresh dict is set on every change (contexts are copied shallowly), so a task or thread
-# never sees another's leases.
+# never sees another's leases. Keyed by the Lock itself, never by id(): an entry left by a
+# Lock whose lease was released directly must not be found by a new Lock at the same
+# address; such entries are dropped once none of their leases is held.
 _NOTHING: Dict[int, Tuple[Any, ...]] = {}
 _HELD: "ContextVar[Dict[int, Tuple[Any, ...]]]" = ContextVar("baton_held", default=_NOTHING)
 
@@ -142,11 +144,10 @@ class Lock:
     thread or task acquired last through this Lock.
     """
 
-    __slots__ = ("_req", "_id")
+    __slots__ = ("_req", "__weakref__")
 
     def __init__(self, request: Any) -> None:
         self._req = request
-        self._id = id(self)
 
     @property
     def key(self) -> str:
@@ -155,15 +156,15 @@ class Lock:
     def _push(self, lease: Any) -> None:
         held = _HELD.get()
         if not held:
-            _HELD.set({self._id: (lease,)})
+            _HELD.set({self: (lease,)})
             return
-        held = dict(held)
-        held[self._id] = held.get(self._id, ()) + (lease,)
+        held = {k: v for k, v in held.items() if k is self or any(l.held for l in v)}
+        held[self] = held.get(self, ()) + (lease,)
         _HELD.set(held)
 
     def _pop(self) -> Any:
         held = _HELD.get()
-        mine = held.get(self._id, ())
+        mine = held.get(self, ())
         if not mine:
             raise RuntimeError(
                 "baton: release() of a Lock that holds nothing in this thread or task"
@@ -174,9 +175,9 @@ class Lock:
             return lease
         held = dict(held)
         if len(mine) == 1:
-            del held[self._id]
+            del held[self]
         else:
-            held[self._id] = mine[:-1]
+            held[self] = mine[:-1]
         _HELD.set(held)
         return lease
 
@@ -213,12 +214,12 @@ class Lock:
         if _HELD.get():
             self._push(lease)
         else:
-            _HELD.set({self._id: (lease,)})
+            _HELD.set({self: (lease,)})
         return lease
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         held = _HELD.get()
-        mine = held.get(self._id)
+        mine = held.get(self)
         # _pop, inlined for the common case: this is the context's only lease.
         if len(held) == 1 and mine is not None and len(mine) == 1:
             _HELD.set(_NOTHING)
