@@ -29,7 +29,7 @@ fn server_url(var: &str) -> Option<String> {
     match url_from_env(var) {
         Ok(u) => Some(u),
         Err(why) => {
-            eprintln!("SKIPPED: {why}");
+            baton_conformance::skipped("etcd store test", &why);
             None
         }
     }

@@ -25,7 +25,7 @@ fn base_url(test: &str) -> Option<String> {
     match url_from_env("BATON_TEST_POSTGRES") {
         Ok(u) => Some(u),
         Err(why) => {
-            eprintln!("SKIPPED {test}: {why}");
+            baton_conformance::skipped(&format!("postgres store test {test}"), &why);
             None
         }
     }

@@ -488,7 +488,10 @@ fn networked_stores() -> Vec<String> {
             _ if std::env::var("CI").as_deref() == Ok("true") => {
                 panic!("CI=true and {var} is not set: run the suite with `bash scripts/test`")
             }
-            _ => eprintln!("SKIPPED stress on {var}: it is not set (bash scripts/test sets it)"),
+            _ => crate::util::skipped(
+                &format!("CLI stress test on {var}"),
+                "it is not set (bash scripts/test sets it)",
+            ),
         }
     }
     urls

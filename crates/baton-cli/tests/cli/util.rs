@@ -309,3 +309,16 @@ pub fn read_pid(path: &Path) -> i32 {
     );
     pid
 }
+
+/// Says that `what` was skipped and why: on the stderr descriptor (libtest captures
+/// `eprintln!`) and, when `BATON_TEST_SKIPS` names a file (`bash scripts/test` sets it), as
+/// a line of the test command's skip summary.
+pub fn skipped(what: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED {what}: {why}");
+    if let Some(path) = std::env::var_os("BATON_TEST_SKIPS") {
+        if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = f.write_all(format!("{what}: {why}\n").as_bytes());
+        }
+    }
+}
