@@ -165,7 +165,18 @@ impl Root {
                     Err(e) => return Err(self.io_err(op, key, "cannot record the key's limit", e)),
                 }
             }
-            None => self.read_limit(&dir, key, op)?,
+            None => {
+                // A directory without its limit file is a key being created right now
+                // (the directory comes first, then the limit file in one `link`): not
+                // there yet for a reader, never a guess at its limit.
+                if fs::open_existing_ro(dir.as_fd(), "limit")
+                    .map_err(|e| self.io_err(op, key, "cannot open the key's limit file", e))?
+                    .is_none()
+                {
+                    return Ok(None);
+                }
+                self.read_limit(&dir, key, op)?
+            }
         };
         let dir = Arc::new(dir);
         lock(&self.keys).insert(
