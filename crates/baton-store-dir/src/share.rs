@@ -85,7 +85,7 @@ impl Sharing {
     pub fn denied_hint(self, root: &std::path::Path) -> String {
         match self {
             Sharing::Group(gid) if !is_member(gid) => format!(
-                "the store {} is shared by group {}, which {} is not in (members need read and write)",
+                "the store {} is shared by group {}, which {} is not in; members need read and write",
                 root.display(),
                 group_label(gid),
                 me()
