@@ -1381,9 +1381,10 @@ impl SqliteStore {
             let denied = e.kind() == std::io::ErrorKind::PermissionDenied;
             match group {
                 Some(gid) if denied && !sys::is_member(gid) => format!(
-                    " (the directory {} is shared by group {}, which you are not in; members need read and write)",
+                    " (the directory {} is shared by group {}, which {} is not in; members need read and write)",
                     parent.display(),
-                    sys::group_label(gid)
+                    sys::group_label(gid),
+                    sys::user_label()
                 ),
                 _ if denied => format!(
                     " (to share a database with a group: chgrp GROUP {0} && chmod 2770 {0})",

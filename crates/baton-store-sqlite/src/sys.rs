@@ -172,6 +172,34 @@ pub(crate) fn is_member(gid: u32) -> bool {
     }
 }
 
+/// This user, for messages: `user 'alice' (uid 1000)`, or `uid 1000` without a name.
+pub(crate) fn user_label() -> String {
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: zeroed passwd is a valid out-parameter; buf outlives the call and its length
+    // is passed; result points to pw or is null.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    let rc = unsafe {
+        libc::getpwuid_r(
+            uid,
+            &mut pw,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() || pw.pw_name.is_null() {
+        return format!("uid {uid}");
+    }
+    // SAFETY: pw_name points to a NUL-terminated string inside buf.
+    match unsafe { std::ffi::CStr::from_ptr(pw.pw_name) }.to_str() {
+        Ok(name) => format!("user '{name}' (uid {uid})"),
+        Err(_) => format!("uid {uid}"),
+    }
+}
+
 /// `'team' (gid 1001)`, or `gid 1001` for a group without a name.
 pub(crate) fn group_label(gid: u32) -> String {
     let mut buf = vec![0u8; 16 * 1024];
