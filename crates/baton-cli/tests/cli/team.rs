@@ -518,3 +518,101 @@ fn relative_store_paths_resolve_against_the_working_directory() {
     assert!(dir.path().join("locks/rel").is_dir());
     assert!(dir.path().join("jobs.db").is_file());
 }
+
+/// Polls `status --json KEY` as this process until `n` slots are held.
+fn wait_held(team: &Team, cwd: &Path, url: &str, key: &str, n: u64) {
+    crate::util::wait_until(&format!("{n} slot(s) of {key} held on {url}"), || {
+        let Ok(out) = team
+            .baton(None, cwd, &["-s", url, "status", "--json", key])
+            .output()
+        else {
+            return false;
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str::<serde_json::Value>(text.trim())
+            .ok()
+            .and_then(|v| v["held"].as_u64())
+            .is_some_and(|h| h >= n)
+    });
+}
+
+#[test]
+fn a_member_breaks_another_members_lease_but_never_signals_their_process() {
+    let team = match team() {
+        Ok(t) => t,
+        Err(why) => return skip("team::break", &why),
+    };
+    let place = team.place(0o2770);
+    let [(_, _, kernel), (_, _, lease), _] = <[_; 3]>::try_from(stores(&place)).expect("3");
+    let (a, b) = (Some(MEMBERS[0]), Some(MEMBERS[1]));
+    let cwd = place.dir.path();
+
+    // Kernel locks: --kill may only signal what the caller could signal anyway.
+    let mut holder = team
+        .baton(
+            a,
+            cwd,
+            &["-s", &kernel, "run", "-k", "team/held", "--", "sleep", "60"],
+        )
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn holder");
+    wait_held(team, cwd, &kernel, "team/held", 1);
+    let out = team
+        .baton(b, cwd, &["-s", &kernel, "break", "--kill", "team/held"])
+        .output()
+        .expect("break");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!("runs as user '{}'", MEMBERS[0])),
+        "{stdout}"
+    );
+    assert!(
+        holder.try_wait().expect("try_wait").is_none(),
+        "not signalled"
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+
+    // Lease files: a member may break another member's lease; its baton stops the command.
+    let mut holder = team
+        .baton(
+            a,
+            cwd,
+            &[
+                "-s",
+                &lease,
+                "run",
+                "--ttl",
+                "3s",
+                "-k",
+                "team/held",
+                "--",
+                "sleep",
+                "60",
+            ],
+        )
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn holder");
+    wait_held(team, cwd, &lease, "team/held", 1);
+    let out = team
+        .baton(b, cwd, &["-s", &lease, "break", "team/held"])
+        .output()
+        .expect("break");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = holder.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(started.elapsed() < BOUND, "the broken holder did not stop");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(76), "lost: {status}");
+}
