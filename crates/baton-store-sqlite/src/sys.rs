@@ -119,7 +119,9 @@ pub(crate) fn create_shared(path: &Path, gid: u32) -> io::Result<()> {
         return Ok(());
     }
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".baton-tmp.{}", std::process::id()));
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tmp.push(format!(".baton-tmp.{}.{seq}", std::process::id()));
     let tmp = std::path::PathBuf::from(tmp);
     let c = cstring(&tmp)?;
     // SAFETY: c is NUL-terminated; open returns a new descriptor or -1.
