@@ -1404,11 +1404,7 @@ impl SqliteStore {
                 })?;
             }
         }
-        if let Err(e) = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-        {
+        if let Err(e) = sys::check_writable(&path) {
             // SQLite would say only "unable to open database file": say who may.
             if e.kind() == std::io::ErrorKind::PermissionDenied {
                 return Err(fail(

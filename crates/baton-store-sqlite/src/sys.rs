@@ -138,15 +138,19 @@ pub(crate) fn create_shared(path: &Path, gid: u32) -> io::Result<()> {
     // SAFETY: fd is a fresh descriptor that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let fixed = (|| {
-        let st = std::fs::File::from(fd.try_clone()?).metadata()?;
-        // SAFETY: fd is open; uid -1 keeps the owner.
-        if st.gid() != gid && unsafe { libc::fchown(fd.as_raw_fd(), u32::MAX, gid) } != 0 {
+        let file = std::fs::File::from(fd);
+        let st = file.metadata()?;
+        // SAFETY: the descriptor is open; uid -1 keeps the owner.
+        if st.gid() != gid && unsafe { libc::fchown(file.as_raw_fd(), u32::MAX, gid) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: fd is open.
-        if unsafe { libc::fchmod(fd.as_raw_fd(), 0o660) } != 0 {
+        // SAFETY: the descriptor is open.
+        if unsafe { libc::fchmod(file.as_raw_fd(), 0o660) } != 0 {
             return Err(io::Error::last_os_error());
         }
+        // Closed before the file becomes the database: closing any descriptor of a
+        // database drops every POSIX lock this process's SQLite connections hold on it.
+        drop(file);
         match std::fs::hard_link(&tmp, path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
@@ -155,6 +159,30 @@ pub(crate) fn create_shared(path: &Path, gid: u32) -> io::Result<()> {
     })();
     let _ = std::fs::remove_file(&tmp);
     fixed
+}
+
+/// Whether this process may read and write `path`, by its effective ids, asked without
+/// opening it (closing a descriptor of a database would drop the POSIX locks this
+/// process's SQLite connections hold on it). A missing file answers `Ok`.
+pub(crate) fn check_writable(path: &Path) -> io::Result<()> {
+    let c = cstring(path)?;
+    // SAFETY: c is NUL-terminated; faccessat only reads it.
+    let rc = unsafe {
+        libc::faccessat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::R_OK | libc::W_OK,
+            libc::AT_EACCESS,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.kind() {
+        io::ErrorKind::NotFound => Ok(()),
+        _ => Err(e),
+    }
 }
 
 /// Whether this process may act as a member of group `gid`.
