@@ -616,3 +616,74 @@ fn a_member_breaks_another_members_lease_but_never_signals_their_process() {
     };
     assert_eq!(status.code(), Some(76), "lost: {status}");
 }
+
+/// `sh -c SCRIPT` in a mount namespace of its own whose /proc hides other users'
+/// processes (`hidepid=invisible`), as hardened hosts mount it; the host's /proc is not
+/// touched.
+fn with_hidden_proc(script: &str) -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(format!(
+            "mount -t proc -o hidepid=invisible proc /proc || exit 99; {script}"
+        ))
+        .stdin(Stdio::null());
+    cmd
+}
+
+#[test]
+fn a_member_who_cannot_see_another_members_process_never_takes_its_live_lease() {
+    let team = match team() {
+        Ok(t) => t,
+        Err(why) => return skip("team::hidepid", &why),
+    };
+    let probe = with_hidden_proc("true").output().expect("unshare");
+    if !probe.status.success() {
+        return skip(
+            "team::hidepid",
+            &format!(
+                "cannot mount a private /proc with hidepid: {}",
+                String::from_utf8_lossy(&probe.stderr).trim()
+            ),
+        );
+    }
+    let place = team.place(0o2770);
+    let [_, (_, _, lease), _] = <[_; 3]>::try_from(stores(&place)).expect("3");
+    let cwd = place.dir.path();
+    let mut holder = team
+        .baton(
+            Some(MEMBERS[0]),
+            cwd,
+            &[
+                "-s",
+                &lease,
+                "run",
+                "-k",
+                "team/hidden",
+                "--",
+                "sleep",
+                "60",
+            ],
+        )
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn holder");
+    wait_held(team, cwd, &lease, "team/hidden", 1);
+    // To the other member, /proc/PID of the holder does not exist; the holder is alive.
+    let out = with_hidden_proc(&format!(
+        "exec setpriv --reuid={} --regid={GROUP} --init-groups -- {} -s '{lease}' run --no-wait -k team/hidden -- true",
+        MEMBERS[1],
+        team.bin.display()
+    ))
+    .current_dir(cwd)
+    .env_remove("BATON_STORE")
+    .output()
+    .expect("second member");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "busy, not granted: {stderr}");
+    assert!(
+        holder.try_wait().expect("try_wait").is_none(),
+        "holder alive"
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
