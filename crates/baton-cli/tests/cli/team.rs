@@ -128,13 +128,26 @@ fn team() -> Result<&'static Team, String> {
             })
             .ok_or_else(|| format!("cannot read the gid of {GROUP}"))?;
         // The baton under test lives under target/, which other users may not reach: a
-        // world-readable copy, for the whole run.
-        let bin_dir = std::env::temp_dir().join(format!("baton-team-bin-{}", std::process::id()));
+        // world-readable link or copy, for the whole run. Copies left by earlier runs
+        // (a static has no destructor) are removed once their process is gone.
+        let tmp = std::env::temp_dir();
+        for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("baton-team-bin-") {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        let bin_dir = tmp.join(format!("baton-team-bin-{}", std::process::id()));
         std::fs::create_dir_all(&bin_dir).map_err(|e| e.to_string())?;
         std::fs::set_permissions(&bin_dir, std::fs::Permissions::from_mode(0o755))
             .map_err(|e| e.to_string())?;
         let bin = bin_dir.join("baton");
-        std::fs::copy(baton_bin(), &bin).map_err(|e| format!("copy baton: {e}"))?;
+        let _ = std::fs::remove_file(&bin);
+        if std::fs::hard_link(baton_bin(), &bin).is_err() {
+            std::fs::copy(baton_bin(), &bin).map_err(|e| format!("copy baton: {e}"))?;
+        }
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))
             .map_err(|e| e.to_string())?;
         Ok(Team { gid, bin })
