@@ -700,3 +700,70 @@ fn a_member_who_cannot_see_another_members_process_never_takes_its_live_lease() 
     let _ = holder.kill();
     let _ = holder.wait();
 }
+
+#[test]
+fn a_member_resizes_a_key_another_member_made_on_the_lease_stores() {
+    let team = match team() {
+        Ok(t) => t,
+        Err(why) => return skip("team::resize", &why),
+    };
+    let place = team.place(0o2770);
+    let cwd = place.dir.path();
+    for (name, _, url) in stores(&place).into_iter().skip(1) {
+        let made = team
+            .baton(
+                Some(MEMBERS[0]),
+                cwd,
+                &[
+                    "-s",
+                    &url,
+                    "run",
+                    "-k",
+                    "team/size",
+                    "-n",
+                    "2",
+                    "--",
+                    "true",
+                ],
+            )
+            .output()
+            .expect("make the key");
+        assert!(made.status.success(), "{name}: {made:?}");
+        let out = team
+            .baton(
+                Some(MEMBERS[1]),
+                cwd,
+                &["-s", &url, "resize", "team/size", "3"],
+            )
+            .output()
+            .expect("resize");
+        assert!(
+            out.status.success(),
+            "{name}: resize by the other member: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = team
+            .baton(
+                Some(MEMBERS[0]),
+                cwd,
+                &[
+                    "-s",
+                    &url,
+                    "run",
+                    "-k",
+                    "team/size",
+                    "-n",
+                    "3",
+                    "--",
+                    "true",
+                ],
+            )
+            .output()
+            .expect("run at the new limit");
+        assert!(
+            out.status.success(),
+            "{name}: the first member sees the new limit: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
