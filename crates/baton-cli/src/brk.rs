@@ -123,6 +123,12 @@ fn signal_holders(
                 match signal_exact(holder.pid, start, libc::SIGTERM) {
                     Ok(true) => None,
                     Ok(false) => Some("it exited just now".to_owned()),
+                    // The kernel's own rule, as for kill(1): never another user's
+                    // process unless this caller could signal it anyway (root).
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => Some(format!(
+                        "it runs as user '{}', whose processes only that user or root may signal ({e})",
+                        holder.user
+                    )),
                     Err(e) => Some(format!("cannot signal it: {e}")),
                 }
             }

@@ -71,10 +71,19 @@ impl From<baton::Error> for Failure {
 }
 
 /// The store URL: `-s/--store` (or `BATON_STORE`, which clap fills in), else the
-/// default directory store.
+/// default directory store. A relative file path (`-s ./locks`, `-s sqlite:jobs.db`) is
+/// made absolute against the working directory, so the child's `BATON_STORE` names the
+/// same store wherever the child goes.
 pub fn store_url(arg: Option<&str>) -> Result<StoreUrl, Failure> {
     match arg {
-        Some(text) if !text.trim().is_empty() => Ok(StoreUrl::parse(text)?),
+        Some(text) if !text.trim().is_empty() => {
+            let url = StoreUrl::parse(text)?;
+            Ok(match std::env::current_dir() {
+                Ok(cwd) => url.resolve_against(&cwd),
+                // The store refuses the relative path and says so.
+                Err(_) => url,
+            })
+        }
         _ => Ok(baton::default_url()?),
     }
 }

@@ -163,7 +163,8 @@ fn store_help() -> String {
         text.push_str(&format!("Not built yet: {}.\n", planned.join(", ")));
     }
     text.push_str(
-        "A bare absolute path means dir:PATH. Default: $BATON_STORE, else \
+        "A bare path (/abs, ./rel, ../rel) means dir:PATH; a relative dir: or sqlite: path \
+         is resolved against the working directory. Default: $BATON_STORE, else \
          $XDG_RUNTIME_DIR/baton, else /tmp/baton-$UID (created 0700).",
     );
     text

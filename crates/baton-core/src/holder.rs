@@ -211,9 +211,33 @@ fn process_liveness(pid: u32, start: u64) -> Liveness {
     match read_pid_start(pid) {
         Ok(have) if have == start => Liveness::Alive,
         Ok(_) => Liveness::Dead,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Liveness::Dead,
+        // /proc mounted with hidepid=invisible hides another user's live process as if
+        // it did not exist (a team sharing a store on one host): only the kernel's own
+        // answer to kill(pid, 0), which hidepid does not change, says it is gone.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if pid_absent(pid) {
+                Liveness::Dead
+            } else {
+                Liveness::Unknown
+            }
+        }
         Err(_) => Liveness::Unknown,
     }
+}
+
+/// Whether no process `pid` exists at all: `kill(pid, 0)` answers `ESRCH`. (`EPERM` is
+/// another user's process, alive.)
+fn pid_absent(pid: u32) -> bool {
+    // No process can have a PID beyond pid_t.
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists and may be signalled.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
 }
 
 /// The start time of process `pid`; `NotFound` only when the process does not exist.

@@ -101,6 +101,30 @@ impl StoreUrl {
         &self.raw
     }
 
+    /// The URL with a relative file path made absolute against `cwd`: `dir:./locks`,
+    /// `./locks` and `sqlite:jobs.db` name files as people type them, relative to where
+    /// they stand, and every process that is handed the URL afterwards (a child's
+    /// `BATON_STORE`, another directory) must name the same files. Only the file stores'
+    /// schemes (`dir`, `sqlite`) have paths; every other URL, an empty path (`dir:`, the
+    /// default directory) and an absolute path are returned as they are. `.` components
+    /// are dropped; `..` is kept (it means what the filesystem says through symlinks).
+    pub fn resolve_against(&self, cwd: &std::path::Path) -> StoreUrl {
+        let path = self.path();
+        if !matches!(self.scheme(), "dir" | "sqlite") || path.is_empty() || path.starts_with('/') {
+            return self.clone();
+        }
+        if !cwd.is_absolute() {
+            return self.clone();
+        }
+        let joined: std::path::PathBuf = cwd.join(path).components().collect();
+        let Some(joined) = joined.to_str() else {
+            return self.clone();
+        };
+        let query = &self.rest()[path.len()..];
+        StoreUrl::parse(&format!("{}:{joined}{query}", self.scheme()))
+            .unwrap_or_else(|_| self.clone())
+    }
+
     /// The URL with secrets replaced by `***`; the same as `Display`.
     pub fn redacted(&self) -> &str {
         &self.redacted
@@ -215,6 +239,36 @@ mod tests {
         assert_eq!(amqp.to_string(), "amqp://guest:***@h:5672/vh");
         let err = StoreUrl::parse("nonsense//u:pw@h").expect_err("no scheme");
         assert!(!err.to_string().contains("pw"), "{err}");
+    }
+
+    #[test]
+    fn relative_file_paths_resolve_against_the_working_directory() {
+        let cwd = std::path::Path::new("/home/ann/work");
+        for (given, want) in [
+            ("dir:./locks", "dir:/home/ann/work/locks"),
+            ("./locks", "dir:/home/ann/work/locks"),
+            (
+                "dir:locks?mode=lease",
+                "dir:/home/ann/work/locks?mode=lease",
+            ),
+            ("../shared/locks", "dir:/home/ann/work/../shared/locks"),
+            ("sqlite:jobs.db", "sqlite:/home/ann/work/jobs.db"),
+            (
+                "sqlite:./db/jobs.db?unsafe_network_fs=1",
+                "sqlite:/home/ann/work/db/jobs.db?unsafe_network_fs=1",
+            ),
+            ("dir:", "dir:"),
+            ("dir:/abs", "dir:/abs"),
+            ("sqlite:///abs.db", "sqlite:///abs.db"),
+            ("postgres://h/db", "postgres://h/db"),
+            ("etcd://h:2379/prefix", "etcd://h:2379/prefix"),
+        ] {
+            let got = StoreUrl::parse(given).expect(given).resolve_against(cwd);
+            assert_eq!(got.expose_secret(), want, "{given}");
+        }
+        // A relative working directory resolves nothing (the store then refuses the path).
+        let rel = StoreUrl::parse("dir:x").expect("p");
+        assert_eq!(rel.resolve_against(std::path::Path::new("w")), rel);
     }
 
     #[test]

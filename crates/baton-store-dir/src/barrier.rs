@@ -32,6 +32,7 @@ use rustix::fs::{AtFlags, Mode as FileMode, OFlags};
 
 use crate::fs;
 use crate::root::Root;
+use crate::share::Sharing;
 
 /// How long an arrival lives in lease mode without a heartbeat.
 pub const ARRIVAL_TTL: Duration = Duration::from_secs(10);
@@ -69,8 +70,9 @@ pub(crate) async fn barrier(
     let req2 = req.clone();
     let url2 = url.clone();
     let flag = Arc::clone(&cancel);
+    let share = root.share;
     match tokio::task::spawn_blocking(move || {
-        Party::new(dir, &url2, liveness, &req2).and_then(|mut p| p.run(&flag))
+        Party::new(dir, &url2, liveness, &req2, share).and_then(|mut p| p.run(&flag))
     })
     .await
     {
@@ -89,6 +91,7 @@ struct Party<'a> {
     liveness: Liveness,
     req: &'a BarrierRequest,
     me: String,
+    share: Sharing,
     lock: OwnedFd,
     inotify: Option<OwnedFd>,
     /// Lease mode: what each arrival held when first seen so, and since when.
@@ -101,13 +104,14 @@ impl<'a> Party<'a> {
         url: &'a StoreUrl,
         liveness: Liveness,
         req: &'a BarrierRequest,
+        share: Sharing,
     ) -> Result<Party<'a>, Error> {
         let io_err = |what: &str, e: io::Error| {
             Error::new(ErrorKind::Unavailable, what.to_owned())
                 .with_source(e)
                 .context(Op::Barrier, Some(&req.key), url)
         };
-        let lock = fs::open_file(dir.as_fd(), "lock", true)
+        let lock = fs::open_file(dir.as_fd(), "lock", true, share)
             .map_err(|e| io_err("cannot open the barrier's lock file", e))?;
         let inotify = watch(dir.as_fd()).ok();
         Ok(Party {
@@ -116,6 +120,7 @@ impl<'a> Party<'a> {
             liveness,
             req,
             me: req.holder.id.to_string(),
+            share,
             lock,
             inotify,
             seen: HashMap::new(),
@@ -258,8 +263,13 @@ impl<'a> Party<'a> {
     fn pass(&self, g: u64, list: &[String]) -> Result<(), Error> {
         let mut text = list.join("\n");
         text.push('\n');
-        fs::create_once(self.dir.as_fd(), &format!("gen.{g}"), text.as_bytes())
-            .map_err(|e| self.io("cannot record a passed generation", e))?;
+        fs::create_once(
+            self.dir.as_fd(),
+            &format!("gen.{g}"),
+            text.as_bytes(),
+            self.share,
+        )
+        .map_err(|e| self.io("cannot record a passed generation", e))?;
         // Keep the last few generations for slow readers; older ones are residue.
         if g >= 8 {
             let _ = fs::remove(self.dir.as_fd(), &format!("gen.{}", g - 8));
@@ -279,7 +289,10 @@ impl<'a> Party<'a> {
             FileMode::from_raw_mode(0o644),
         )
         .map_err(|e| self.io("cannot create an arrival", e.into()))?;
-        let made = fs::try_lock(fd.as_fd())
+        let made = self
+            .share
+            .fix(fd.as_fd(), false)
+            .and_then(|()| fs::try_lock(fd.as_fd()))
             .and_then(|_| self.beat(fd.as_fd(), 0))
             .and_then(|()| {
                 rustix::fs::linkat(

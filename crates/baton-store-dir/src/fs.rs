@@ -4,12 +4,18 @@
 //! open file, not to the process (so two opens in one process conflict, as two processes
 //! do), the kernel drops them when the last descriptor closes (process death included),
 //! and `F_OFD_GETLK` tests a lock without taking it.
+//!
+//! Every file and directory is created under a temporary name, given the store's group and
+//! mode ([`Sharing`]), and only then linked or renamed to its real name, so nobody can open
+//! a new file while the creator's umask is still on it, and a failed create leaves nothing.
 
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+
+pub use crate::share::Sharing;
 
 /// The largest file baton reads from the store (holder info, limit, counter).
 pub const MAX_SMALL_FILE: usize = 64 * 1024;
@@ -35,15 +41,71 @@ fn open_errno(e: rustix::io::Errno, name: &str) -> io::Error {
 
 /// Opens (creating if `create`) the regular file `name` in `dir`, read-write, without
 /// following symlinks. Anything but a regular file is refused with `InvalidData`.
-pub fn open_file(dir: BorrowedFd<'_>, name: &str, create: bool) -> io::Result<OwnedFd> {
-    let mut flags = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
-    if create {
-        flags |= OFlags::CREATE;
+///
+/// A new file is made under a temporary name, given `share`'s group and mode, and only
+/// then linked into place: nobody ever opens it with the creator's umask still on it.
+pub fn open_file(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    create: bool,
+    share: Sharing,
+) -> io::Result<OwnedFd> {
+    let flags = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+    loop {
+        match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+            Ok(fd) => {
+                check_regular(&fd, name)?;
+                return Ok(fd);
+            }
+            Err(rustix::io::Errno::NOENT) if create => {}
+            Err(e) => return Err(open_errno(e, name)),
+        }
+        let tmp = temp_name(name);
+        let fd = create_temp(dir, &tmp, 0o666, share)?;
+        let linked = link_into_place(dir, &tmp, name, &fd);
+        let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
+        match linked {
+            Ok(true) => return Ok(fd),
+            // Someone else created it meanwhile: open theirs.
+            Ok(false) => continue,
+            Err(e) => return Err(e),
+        }
     }
-    let fd = rustix::fs::openat(dir, name, flags, Mode::from_raw_mode(0o666))
-        .map_err(|e| open_errno(e, name))?;
-    check_regular(&fd, name)?;
+}
+
+/// Creates the temporary file `tmp` in `dir` (read-write, exclusive, not following a
+/// symlink) with `mode` for a private store and `share`'s group and mode otherwise.
+fn create_temp(dir: BorrowedFd<'_>, tmp: &str, mode: u32, share: Sharing) -> io::Result<OwnedFd> {
+    let fd = rustix::fs::openat(
+        dir,
+        tmp,
+        OFlags::RDWR
+            | OFlags::CREATE
+            | OFlags::EXCL
+            | OFlags::NOFOLLOW
+            | OFlags::CLOEXEC
+            | OFlags::NONBLOCK,
+        Mode::from_raw_mode(mode),
+    )
+    .map_err(errno)?;
+    if let Err(e) = share.fix(fd.as_fd(), false) {
+        let _ = rustix::fs::unlinkat(dir, tmp, AtFlags::empty());
+        return Err(e);
+    }
     Ok(fd)
+}
+
+/// Links the temporary file `tmp` (open as `fd`) to `name`: `Ok(false)` when `name`
+/// exists already.
+fn link_into_place(dir: BorrowedFd<'_>, tmp: &str, name: &str, fd: &OwnedFd) -> io::Result<bool> {
+    match rustix::fs::linkat(dir, tmp, dir, name, AtFlags::empty()) {
+        Ok(()) => Ok(true),
+        // Over NFS a retransmitted LINK can fail although the first one worked: the
+        // temporary file's link count says what really happened.
+        Err(_) if rustix::fs::fstat(fd).is_ok_and(|st| st.st_nlink >= 2) => Ok(true),
+        Err(rustix::io::Errno::EXIST) => Ok(false),
+        Err(e) => Err(errno(e)),
+    }
 }
 
 /// Opens `name` in `dir` read-only if it exists (`Ok(None)` if not), without following
@@ -73,34 +135,134 @@ fn check_regular(fd: &OwnedFd, name: &str) -> io::Result<()> {
 
 /// Opens the directory `name` in `dir`, creating it if `create`, without following a
 /// symlink. `Ok(None)` when it does not exist and `create` is false.
-pub fn open_dir(dir: BorrowedFd<'_>, name: &str, create: bool) -> io::Result<Option<OwnedFd>> {
-    if create {
-        match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o777)) {
-            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+///
+/// A new directory is made under a temporary name, given `share`'s group and mode, filled
+/// by `fill` (the key's limit file, so that no key is ever seen without it), and only
+/// then renamed into place (never over an existing one). Should `fill` fail, nothing is
+/// left behind.
+pub fn open_dir(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    create: bool,
+    share: Sharing,
+    fill: &dyn Fn(BorrowedFd<'_>) -> io::Result<()>,
+) -> io::Result<Option<OwnedFd>> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut made = false;
+    loop {
+        match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+            Ok(fd) => return Ok(Some(fd)),
+            Err(rustix::io::Errno::NOENT) if create && !made => {}
+            Err(rustix::io::Errno::NOENT) if !create => return Ok(None),
+            Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
+                // O_NOFOLLOW | O_DIRECTORY answers ENOTDIR for a symlink: say which it is.
+                let is_link = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+                    .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
+                    .unwrap_or(false);
+                let what = if is_link {
+                    "a symlink (refusing to follow it)"
+                } else {
+                    "not a directory"
+                };
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("'{name}' is {what}"),
+                ));
+            }
             Err(e) => return Err(errno(e)),
         }
+        made = true;
+        create_dir(dir, name, share, fill)?;
     }
+}
+
+/// Creates directory `name` in `dir` by way of a temporary one (see [`open_dir`]); an
+/// existing `name` is left as it is.
+fn create_dir(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    share: Sharing,
+    fill: &dyn Fn(BorrowedFd<'_>) -> io::Result<()>,
+) -> io::Result<()> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    match rustix::fs::openat(dir, name, flags, Mode::empty()) {
-        Ok(fd) => Ok(Some(fd)),
-        Err(rustix::io::Errno::NOENT) if !create => Ok(None),
-        Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
-            // O_NOFOLLOW | O_DIRECTORY answers ENOTDIR for a symlink: say which it is.
-            let is_link = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
-                .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
-                .unwrap_or(false);
-            let what = if is_link {
-                "a symlink (refusing to follow it)"
-            } else {
-                "not a directory"
-            };
-            Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("'{name}' is {what}"),
-            ))
+    let tmp = temp_name(name);
+    rustix::fs::mkdirat(dir, tmp.as_str(), Mode::from_raw_mode(0o777)).map_err(errno)?;
+    let result = rustix::fs::openat(dir, tmp.as_str(), flags, Mode::empty())
+        .map_err(errno)
+        .and_then(|fd| {
+            share.fix(fd.as_fd(), true)?;
+            fill(fd.as_fd())?;
+            Ok(fd)
+        })
+        .and_then(|fd| {
+            match rustix::fs::renameat_with(
+                dir,
+                tmp.as_str(),
+                dir,
+                name,
+                rustix::fs::RenameFlags::NOREPLACE,
+            ) {
+                Ok(()) => Ok(None),
+                Err(rustix::io::Errno::EXIST) => Ok(Some(fd)),
+                // A filesystem without RENAME_NOREPLACE: create it in place instead.
+                Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+                    match rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(0o777)) {
+                        Ok(()) => {
+                            let made = rustix::fs::openat(dir, name, flags, Mode::empty())
+                                .map_err(errno)?;
+                            share.fix(made.as_fd(), true)?;
+                            fill(made.as_fd())?;
+                        }
+                        Err(rustix::io::Errno::EXIST) => {}
+                        Err(e) => return Err(errno(e)),
+                    }
+                    Ok(Some(fd))
+                }
+                Err(e) => Err(errno(e)),
+            }
+        });
+    match result {
+        // Renamed into place: nothing left to clean.
+        Ok(None) => Ok(()),
+        Ok(Some(fd)) => {
+            remove_tree(dir, &tmp, fd.as_fd());
+            Ok(())
         }
-        Err(e) => Err(errno(e)),
+        Err(e) => {
+            if let Ok(fd) = rustix::fs::openat(dir, tmp.as_str(), flags, Mode::empty()) {
+                remove_tree(dir, &tmp, fd.as_fd());
+            } else {
+                let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::REMOVEDIR);
+            }
+            Err(e)
+        }
     }
+}
+
+/// Removes the temporary directory `tmp` of `dir` (open as `fd`) and the files in it.
+fn remove_tree(dir: BorrowedFd<'_>, tmp: &str, fd: BorrowedFd<'_>) {
+    if let Ok(all) = entries_of_all(fd) {
+        for name in all {
+            let _ = rustix::fs::unlinkat(fd, name.as_str(), AtFlags::empty());
+        }
+    }
+    let _ = rustix::fs::unlinkat(dir, tmp, AtFlags::REMOVEDIR);
+}
+
+/// Every name in `dir` but `.` and `..`.
+fn entries_of_all(dir: BorrowedFd<'_>) -> io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut entries = rustix::fs::Dir::read_from(dir).map_err(errno)?;
+    while let Some(entry) = entries.read() {
+        let entry = entry.map_err(errno)?;
+        let Ok(name) = entry.file_name().to_str() else {
+            continue;
+        };
+        if name != "." && name != ".." {
+            out.push(name.to_owned());
+        }
+    }
+    Ok(out)
 }
 
 /// Reads a whole small file (at most [`MAX_SMALL_FILE`] bytes), in 4 KiB chunks, so that
@@ -125,15 +287,14 @@ pub fn read_small(fd: BorrowedFd<'_>, name: &str) -> io::Result<Vec<u8>> {
 
 /// Writes `contents` to `name` in `dir` atomically: a temporary file in the same
 /// directory, then `rename` over the target. Readers see the old or the new file whole.
-pub fn write_atomic(dir: BorrowedFd<'_>, name: &str, contents: &[u8]) -> io::Result<()> {
+pub fn write_atomic(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    contents: &[u8],
+    share: Sharing,
+) -> io::Result<()> {
     let tmp = temp_name(name);
-    let fd = rustix::fs::openat(
-        dir,
-        tmp.as_str(),
-        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o644),
-    )
-    .map_err(errno)?;
+    let fd = create_temp(dir, &tmp, 0o644, share)?;
     let result = write_all(fd.as_fd(), contents)
         .and_then(|()| rustix::fs::renameat(dir, tmp.as_str(), dir, name).map_err(errno));
     if result.is_err() {
@@ -145,28 +306,16 @@ pub fn write_atomic(dir: BorrowedFd<'_>, name: &str, contents: &[u8]) -> io::Res
 /// Creates `name` in `dir` with `contents` only if it does not exist yet, atomically
 /// (temporary file, then `link`, which fails if the target exists). Returns `false` when
 /// the file existed already; its contents are then someone else's.
-pub fn create_once(dir: BorrowedFd<'_>, name: &str, contents: &[u8]) -> io::Result<bool> {
+pub fn create_once(
+    dir: BorrowedFd<'_>,
+    name: &str,
+    contents: &[u8],
+    share: Sharing,
+) -> io::Result<bool> {
     let tmp = temp_name(name);
-    let fd = rustix::fs::openat(
-        dir,
-        tmp.as_str(),
-        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o644),
-    )
-    .map_err(errno)?;
-    let result = write_all(fd.as_fd(), contents).and_then(|()| {
-        match rustix::fs::linkat(dir, tmp.as_str(), dir, name, AtFlags::empty()) {
-            Ok(()) => Ok(true),
-            // Over NFS a retransmitted LINK can fail although the first one worked: the
-            // temporary file's link count says what really happened.
-            Err(e) if rustix::fs::fstat(&fd).is_ok_and(|st| st.st_nlink >= 2) => {
-                let _ = e;
-                Ok(true)
-            }
-            Err(rustix::io::Errno::EXIST) => Ok(false),
-            Err(e) => Err(errno(e)),
-        }
-    });
+    let fd = create_temp(dir, &tmp, 0o644, share)?;
+    let result =
+        write_all(fd.as_fd(), contents).and_then(|()| link_into_place(dir, &tmp, name, &fd));
     let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
     result
 }

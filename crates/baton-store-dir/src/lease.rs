@@ -294,7 +294,7 @@ impl LeaseStore {
     fn take_token(&self, dir: BorrowedFd<'_>) -> io::Result<Token> {
         loop {
             let next = Listing::read(dir)?.last_token() + 1;
-            if !fs::create_once(dir, &token_file(next), b"")? {
+            if !fs::create_once(dir, &token_file(next), b"", self.root.share)? {
                 continue;
             }
             let after = Listing::read(dir)?;
@@ -315,7 +315,7 @@ impl LeaseStore {
     fn claim(&self, dir: BorrowedFd<'_>, record: &LeaseRecord) -> io::Result<bool> {
         let name = slot_file(record.slot, record.gen);
         let json = serde_json::to_vec(record).map_err(io::Error::other)?;
-        if !fs::create_once(dir, &name, &json)? {
+        if !fs::create_once(dir, &name, &json, self.root.share)? {
             return Ok(false);
         }
         let after = Listing::read(dir)?;
@@ -393,7 +393,8 @@ impl LeaseStore {
         }
         let name = seen_file(slot, gen, &boot);
         let now = monotonic_ns();
-        let since = if fs::create_once(dir, &name, format!("{now}\n").as_bytes())? {
+        let since = if fs::create_once(dir, &name, format!("{now}\n").as_bytes(), self.root.share)?
+        {
             now
         } else {
             let fd = fs::open_existing_ro(dir, &name)?.ok_or_else(|| {
@@ -677,7 +678,13 @@ impl LeaseStore {
                 e.to_string(),
             )
         })?;
-        fs::write_atomic(dir.as_fd(), &slot_file(record.slot, record.gen), &json).map_err(|e| {
+        fs::write_atomic(
+            dir.as_fd(),
+            &slot_file(record.slot, record.gen),
+            &json,
+            self.root.share,
+        )
+        .map_err(|e| {
             self.root
                 .io_err(Op::Release, &lease.key, "cannot write the lease file", e)
         })?;
@@ -793,7 +800,13 @@ impl Store for LeaseStore {
             self.root
                 .err(ErrorKind::Unavailable, Op::Renew, &lease.key, e.to_string())
         })?;
-        fs::write_atomic(dir.as_fd(), &slot_file(record.slot, record.gen), &json).map_err(|e| {
+        fs::write_atomic(
+            dir.as_fd(),
+            &slot_file(record.slot, record.gen),
+            &json,
+            self.root.share,
+        )
+        .map_err(|e| {
             self.root
                 .io_err(Op::Renew, &lease.key, "cannot write the heartbeat", e)
         })?;

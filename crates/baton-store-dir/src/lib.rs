@@ -21,6 +21,7 @@ mod config;
 mod fs;
 mod lease;
 mod root;
+mod share;
 mod store;
 mod wait;
 

@@ -12,12 +12,16 @@ use baton_core::{AcquireRequest, Error, ErrorKind, Key, Op, StoreUrl};
 
 use crate::config::{DirConfig, Mode};
 use crate::fs;
+use crate::share::{self, Sharing};
 
 /// An open store directory.
 #[derive(Debug)]
 pub(crate) struct Root {
     pub url: StoreUrl,
     pub config: DirConfig,
+    /// Who the files this store creates are for: its directory's group, when the
+    /// directory says it is shared (see `share.rs`).
+    pub share: Sharing,
     fd: OwnedFd,
     keys: Mutex<HashMap<Key, KeyDir>>,
 }
@@ -60,13 +64,26 @@ impl Root {
             Some(e) => fail(kind, msg).with_source(e),
             None => fail(kind, msg),
         })?;
-        check_mode(&fd, config.mode).map_err(|(kind, msg, e)| match e {
+        // The default directory is this user's alone, whatever its bits say.
+        let share = if config.is_default {
+            Sharing::Private
+        } else {
+            Sharing::of_dir(fd.as_fd()).map_err(|e| {
+                fail(
+                    ErrorKind::Unavailable,
+                    format!("cannot stat the store directory {}", config.root.display()),
+                )
+                .with_source(e)
+            })?
+        };
+        check_mode(&fd, config.mode, share, &config.root).map_err(|(kind, msg, e)| match e {
             Some(e) => fail(kind, msg).with_source(e),
             None => fail(kind, msg),
         })?;
         Ok(Root {
             url: shown,
             config,
+            share,
             fd,
             keys: Mutex::new(HashMap::new()),
         })
@@ -88,6 +105,12 @@ impl Root {
         } else {
             ErrorKind::Unavailable
         };
+        if share::is_denied(&e) {
+            let hint = self.share.denied_hint(&self.config.root);
+            return self
+                .err(kind, op, key, format!("{what} ({hint})"))
+                .with_source(e);
+        }
         self.err(kind, op, key, what.to_owned()).with_source(e)
     }
 
@@ -151,15 +174,25 @@ impl Root {
             }
         }
         let name = dir_name(key);
-        let dir = fs::open_dir(self.fd.as_fd(), &name, create.is_some())
+        let record = create.map(|(want, delay_ms)| limit_record(want, delay_ms));
+        // A new key's directory gets its limit file before it gets its name: nobody sees
+        // the key without its limit, and a create that fails leaves no key behind.
+        let fill = |new: std::os::fd::BorrowedFd<'_>| -> io::Result<()> {
+            match &record {
+                Some(r) => fs::create_once(new, "limit", r.as_bytes(), self.share).map(|_| ()),
+                None => Ok(()),
+            }
+        };
+        let dir = fs::open_dir(self.fd.as_fd(), &name, create.is_some(), self.share, &fill)
             .map_err(|e| self.io_err(op, key, "cannot open the key's directory", e))?;
         let Some(dir) = dir else { return Ok(None) };
         let limit = match create {
-            Some((want, delay_ms)) => {
+            Some((want, _)) => {
                 // The lock-delay lives in the limit file, so that a key is created with
                 // both at once (one `link`) and no reader ever sees one without the other.
-                let record = limit_record(want, delay_ms);
-                match fs::create_once(dir.as_fd(), "limit", record.as_bytes()) {
+                // A directory left without one (by a crash of an older baton) gets it here.
+                let record = record.unwrap_or_default();
+                match fs::create_once(dir.as_fd(), "limit", record.as_bytes(), self.share) {
                     Ok(true) => want,
                     Ok(false) => self.read_limit(&dir, key, op)?,
                     Err(e) => return Err(self.io_err(op, key, "cannot record the key's limit", e)),
@@ -239,6 +272,7 @@ impl Root {
             dir.as_fd(),
             "limit",
             limit_record(limit, delay_ms).as_bytes(),
+            self.share,
         )
         .map_err(|e| self.io_err(Op::Resize, key, "cannot write the key's limit", e))
     }
@@ -246,7 +280,8 @@ impl Root {
     /// The directory of barrier `key` (`+barriers/<key>`: `+` is never in a key, so
     /// `list` never mistakes it for one), created if needed.
     pub fn barrier_dir(&self, key: &Key) -> Result<OwnedFd, Error> {
-        let top = fs::open_dir(self.fd.as_fd(), "+barriers", true)
+        let none = |_: std::os::fd::BorrowedFd<'_>| Ok(());
+        let top = fs::open_dir(self.fd.as_fd(), "+barriers", true, self.share, &none)
             .map_err(|e| self.io_err(Op::Barrier, key, "cannot open the barriers directory", e))?
             .ok_or_else(|| {
                 self.err(
@@ -256,7 +291,7 @@ impl Root {
                     "the barriers directory vanished",
                 )
             })?;
-        fs::open_dir(top.as_fd(), &dir_name(key), true)
+        fs::open_dir(top.as_fd(), &dir_name(key), true, self.share, &none)
             .map_err(|e| self.io_err(Op::Barrier, key, "cannot open the barrier's directory", e))?
             .ok_or_else(|| {
                 self.err(
@@ -329,7 +364,12 @@ fn dir_name(key: &Key) -> String {
 type RootError = (ErrorKind, String, Option<io::Error>);
 
 /// Records the store's mode on first use and refuses a store used in the other mode.
-fn check_mode(root: &OwnedFd, mode: Mode) -> Result<(), RootError> {
+fn check_mode(
+    root: &OwnedFd,
+    mode: Mode,
+    share: Sharing,
+    path: &std::path::Path,
+) -> Result<(), RootError> {
     let want = format!("{}\n", mode.as_str());
     let read = |root: &OwnedFd| -> io::Result<Option<Vec<u8>>> {
         match fs::open_existing_ro(root.as_fd(), MODE_FILE)? {
@@ -338,6 +378,16 @@ fn check_mode(root: &OwnedFd, mode: Mode) -> Result<(), RootError> {
         }
     };
     let unreadable = |e: io::Error| {
+        if share::is_denied(&e) {
+            return (
+                ErrorKind::Unavailable,
+                format!(
+                    "cannot read the store's mode file {MODE_FILE} ({})",
+                    share.denied_hint(path)
+                ),
+                Some(e),
+            );
+        }
         (
             ErrorKind::Corrupt,
             format!("cannot read the store's mode file {MODE_FILE}"),
@@ -346,15 +396,20 @@ fn check_mode(root: &OwnedFd, mode: Mode) -> Result<(), RootError> {
     };
     let found = match read(root).map_err(unreadable)? {
         Some(found) => found,
-        None => match fs::create_once(root.as_fd(), MODE_FILE, want.as_bytes()) {
+        None => match fs::create_once(root.as_fd(), MODE_FILE, want.as_bytes(), share) {
             Ok(true) => return Ok(()),
             Ok(false) => read(root).map_err(unreadable)?.unwrap_or_default(),
             Err(e) => {
+                let hint = if share::is_denied(&e) {
+                    format!(" ({})", share.denied_hint(path))
+                } else {
+                    String::new()
+                };
                 return Err((
                     ErrorKind::Unavailable,
-                    format!("cannot record the store's mode in {MODE_FILE}"),
+                    format!("cannot record the store's mode in {MODE_FILE}{hint}"),
                     Some(e),
-                ))
+                ));
             }
         },
     };
@@ -444,10 +499,19 @@ fn open_root(config: &DirConfig) -> Result<OwnedFd, RootError> {
         flags |= OFlags::NOFOLLOW;
     }
     rustix::fs::open(root, flags, Mode::empty()).map_err(|e| {
+        let e = io::Error::from(e);
+        // A member-only directory refuses outsiders here: say whose it is.
+        let hint = match rustix::fs::stat(root) {
+            Ok(st) if share::is_denied(&e) => format!(
+                " ({})",
+                Sharing::of_mode(st.st_mode, st.st_gid).denied_hint(root)
+            ),
+            _ => String::new(),
+        };
         (
             ErrorKind::Unavailable,
-            format!("cannot open the store directory {}", root.display()),
-            Some(e.into()),
+            format!("cannot open the store directory {}{hint}", root.display()),
+            Some(e),
         )
     })
 }

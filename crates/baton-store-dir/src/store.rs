@@ -199,7 +199,7 @@ impl DirStore {
     }
 
     fn open_slot(&self, dir: &OwnedFd, key: &Key, slot: u32) -> Result<OwnedFd, Error> {
-        fs::open_file(dir.as_fd(), &Self::slot_name(slot), true).map_err(|e| {
+        fs::open_file(dir.as_fd(), &Self::slot_name(slot), true, self.root.share).map_err(|e| {
             self.root.io_err(
                 Op::Acquire,
                 key,
@@ -214,7 +214,7 @@ impl DirStore {
         let io_err = |what: &str, e| self.root.io_err(Op::Acquire, key, what, e);
         let mut cached = lock(&files.token);
         if cached.is_none() {
-            let fd = fs::open_file(files.dir.as_fd(), "token", true)
+            let fd = fs::open_file(files.dir.as_fd(), "token", true, self.root.share)
                 .map_err(|e| io_err("cannot open the token counter", e))?;
             *cached = Some(fd);
         }
@@ -303,7 +303,7 @@ impl DirStore {
                 fd: self.open_slot(dir, key, 0)?,
             }
         } else {
-            let gate = fs::open_file(dir.as_fd(), "gate", true).map_err(|e| {
+            let gate = fs::open_file(dir.as_fd(), "gate", true, self.root.share).map_err(|e| {
                 self.root
                     .io_err(Op::Acquire, key, "cannot open the gate file", e)
             })?;
@@ -376,7 +376,7 @@ impl DirStore {
     fn poke_gate(&self, files: &KeyFiles) {
         let mut gate = lock(&files.gate);
         if gate.is_none() {
-            *gate = fs::open_file(files.dir.as_fd(), "gate", true).ok();
+            *gate = fs::open_file(files.dir.as_fd(), "gate", true, self.root.share).ok();
         }
         if let Some(fd) = gate.as_ref() {
             let _ = rustix::io::pwrite(fd, b"\n", 0);

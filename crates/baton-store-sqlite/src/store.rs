@@ -1370,6 +1370,54 @@ impl SqliteStore {
                 ));
             }
         }
+        // A setgid, group-writable directory shares the database with its group: create
+        // the file (and the waiter file) group-writable before SQLite opens it, whatever
+        // this user's umask; SQLite then gives -wal and -shm the database file's mode.
+        let mut lock_path = path.clone().into_os_string();
+        lock_path.push("-baton-waiters");
+        let lock_path = PathBuf::from(lock_path);
+        let group = sys::shared_group(&parent).ok().flatten();
+        let denied_hint = |e: &std::io::Error| -> String {
+            let denied = e.kind() == std::io::ErrorKind::PermissionDenied;
+            match group {
+                Some(gid) if denied && !sys::is_member(gid) => format!(
+                    " (the directory {} is shared by group {}, which {} is not in; members need read and write)",
+                    parent.display(),
+                    sys::group_label(gid),
+                    sys::user_label()
+                ),
+                _ if denied => format!(
+                    " (to share a database with a group: chgrp GROUP {0} && chmod 2770 {0})",
+                    parent.display()
+                ),
+                _ => String::new(),
+            }
+        };
+        if let Some(gid) = group {
+            for file in [&path, &lock_path] {
+                sys::create_shared(file, gid).map_err(|e| {
+                    fail(
+                        ErrorKind::Unavailable,
+                        format!("cannot create {}{}", file.display(), denied_hint(&e)),
+                    )
+                    .with_source(e)
+                })?;
+            }
+        }
+        if let Err(e) = sys::check_writable(&path) {
+            // SQLite would say only "unable to open database file": say who may.
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                return Err(fail(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "cannot open {} for writing{}",
+                        path.display(),
+                        denied_hint(&e)
+                    ),
+                )
+                .with_source(e));
+            }
+        }
         let boot_id = baton_core::boot_id().ok_or_else(|| {
             fail(
                 ErrorKind::Unavailable,
@@ -1405,13 +1453,11 @@ impl SqliteStore {
             .with_source(e),
             Stop::Cancelled => fail(ErrorKind::Cancelled, "cancelled".into()),
         })?;
-        let mut lock_path = path.clone().into_os_string();
-        lock_path.push("-baton-waiters");
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 url: url.clone(),
                 config,
-                lock_path: PathBuf::from(lock_path),
+                lock_path,
                 boot_id,
                 pool: Mutex::new(vec![conn]),
             }),

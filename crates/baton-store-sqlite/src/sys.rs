@@ -99,6 +99,163 @@ fn open_lock_file(path: &Path) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// The group that shares directory `dir`: its group when it has the setgid bit and the
+/// group may read, write and search it (`install -d -m 2770 -g team /srv/db`), as the
+/// directory store decides. `None` for a private directory.
+pub(crate) fn shared_group(dir: &Path) -> io::Result<Option<u32>> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir)?;
+    Ok((meta.mode() & 0o2070 == 0o2070).then_some(meta.gid()))
+}
+
+/// Creates `path` empty, owned by group `gid` and mode 0660, before it gets its name (a
+/// temporary file, fixed, then linked into place), so no member ever finds it with the
+/// creator's umask on it. An existing file is left as it is. SQLite gives the `-wal` and
+/// `-shm` files it creates later the database file's mode (and, in a setgid directory,
+/// the directory's group).
+pub(crate) fn create_shared(path: &Path, gid: u32) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Ok(());
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tmp.push(format!(".baton-tmp.{}.{seq}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let c = cstring(&tmp)?;
+    // SAFETY: c is NUL-terminated; open returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            0o600 as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let fixed = (|| {
+        let file = std::fs::File::from(fd);
+        let st = file.metadata()?;
+        // SAFETY: the descriptor is open; uid -1 keeps the owner.
+        if st.gid() != gid && unsafe { libc::fchown(file.as_raw_fd(), u32::MAX, gid) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the descriptor is open.
+        if unsafe { libc::fchmod(file.as_raw_fd(), 0o660) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Closed before the file becomes the database: closing any descriptor of a
+        // database drops every POSIX lock this process's SQLite connections hold on it.
+        drop(file);
+        match std::fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
+        }
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    fixed
+}
+
+/// Whether this process may read and write `path`, by its effective ids, asked without
+/// opening it (closing a descriptor of a database would drop the POSIX locks this
+/// process's SQLite connections hold on it). A missing file answers `Ok`.
+pub(crate) fn check_writable(path: &Path) -> io::Result<()> {
+    let c = cstring(path)?;
+    // SAFETY: c is NUL-terminated; faccessat only reads it.
+    let rc = unsafe {
+        libc::faccessat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::R_OK | libc::W_OK,
+            libc::AT_EACCESS,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.kind() {
+        io::ErrorKind::NotFound => Ok(()),
+        _ => Err(e),
+    }
+}
+
+/// Whether this process may act as a member of group `gid`.
+pub(crate) fn is_member(gid: u32) -> bool {
+    // SAFETY: these calls cannot fail; getgroups writes at most `n` entries.
+    unsafe {
+        if libc::geteuid() == 0 || libc::getegid() == gid {
+            return true;
+        }
+        let n = libc::getgroups(0, std::ptr::null_mut());
+        if n <= 0 {
+            return false;
+        }
+        let mut groups = vec![0 as libc::gid_t; n as usize];
+        let n = libc::getgroups(n, groups.as_mut_ptr());
+        n > 0 && groups[..n as usize].contains(&gid)
+    }
+}
+
+/// This user, for messages: `user 'alice' (uid 1000)`, or `uid 1000` without a name.
+pub(crate) fn user_label() -> String {
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: zeroed passwd is a valid out-parameter; buf outlives the call and its length
+    // is passed; result points to pw or is null.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    let rc = unsafe {
+        libc::getpwuid_r(
+            uid,
+            &mut pw,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() || pw.pw_name.is_null() {
+        return format!("uid {uid}");
+    }
+    // SAFETY: pw_name points to a NUL-terminated string inside buf.
+    match unsafe { std::ffi::CStr::from_ptr(pw.pw_name) }.to_str() {
+        Ok(name) => format!("user '{name}' (uid {uid})"),
+        Err(_) => format!("uid {uid}"),
+    }
+}
+
+/// `'team' (gid 1001)`, or `gid 1001` for a group without a name.
+pub(crate) fn group_label(gid: u32) -> String {
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: zeroed group is a valid out-parameter; buf outlives the call and its length
+    // is passed; result points to grp or is null.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    let rc = unsafe {
+        libc::getgrgid_r(
+            gid,
+            &mut grp,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() || grp.gr_name.is_null() {
+        return format!("gid {gid}");
+    }
+    // SAFETY: gr_name points to a NUL-terminated string inside buf.
+    match unsafe { std::ffi::CStr::from_ptr(grp.gr_name) }.to_str() {
+        Ok(name) => format!("'{name}' (gid {gid})"),
+        Err(_) => format!("gid {gid}"),
+    }
+}
+
 fn flock_at(kind: libc::c_int, offset: i64) -> libc::flock {
     // SAFETY: an all-zero flock is valid (l_pid must be 0 for OFD locks).
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };

@@ -9,5 +9,6 @@ mod lease;
 mod manage;
 mod run;
 mod stress;
+mod team;
 mod usage;
 mod util;
