@@ -50,6 +50,15 @@ fn a_password_file_others_can_reach_is_refused() {
     std::os::unix::fs::symlink(&open, &link).expect("symlink");
     let err = read_password_file(&link).expect_err("symlink to an open file");
     assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+
+    // Owned by another user (who could rewrite it): only root can set that up.
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        let theirs = write(dir.path(), "theirs", "s3cret", 0o600);
+        std::os::unix::fs::chown(&theirs, Some(65534), None).expect("chown");
+        let err = read_password_file(&theirs).expect_err("another owner");
+        assert!(err.to_string().contains("owned by uid 65534"), "{err}");
+    }
 }
 
 #[test]
