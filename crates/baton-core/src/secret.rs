@@ -294,6 +294,34 @@ impl PasswordSources {
     }
 }
 
+/// Refuses a `scheme://user:password@host/…` URL whose user info is ambiguous: one where
+/// a `/`, `?` or `#` comes before the first `@`, or where the host part holds two `@`.
+/// Then either the password holds one of them unencoded (`u:pa/ss@h`, `u:p@ss@h`), which
+/// the redaction of [`StoreUrl`] (the last `@` before the first `/`) and a driver that
+/// splits at the first `@` (the PostgreSQL driver does) read differently, or an `@`
+/// follows the host (`h/db?name=a@b`), which such a driver takes for the user info. The
+/// error names neither the URL nor any part of it: it might print the password.
+pub fn check_user_info(url: &StoreUrl) -> Result<(), Error> {
+    let Some(after) = url.rest().strip_prefix("//") else {
+        return Ok(());
+    };
+    let Some(at) = after.find('@') else {
+        return Ok(());
+    };
+    let host_end = after.find(['/', '?', '#']).unwrap_or(after.len());
+    if at > host_end || after[..host_end].matches('@').count() > 1 {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "the user info of the URL is ambiguous: percent-encode a '/', '?', '#' or '@' in \
+             the user or password (%2F, %3F, %23, %40) and an '@' after the host, or \
+             better, keep the password out of the URL (password_file)",
+        )
+        .with_op(Op::Open)
+        .with_store(format!("{}://…", url.scheme())));
+    }
+    Ok(())
+}
+
 /// Whether a URL carries a password itself: in its user info (`//user:password@`) or in a
 /// secret query parameter (`?password=`).
 pub fn url_has_password(url: &StoreUrl) -> bool {

@@ -70,6 +70,7 @@ impl EtcdConfig {
                 url.scheme()
             )));
         }
+        secret::check_user_info(url)?;
         let Some(rest) = url.path().strip_prefix("//") else {
             return Err(bad(
                 "an etcd URL names its members after '//' (example: etcd://10.0.0.1:2379,10.0.0.2:2379/baton)"

@@ -125,3 +125,20 @@ fn ambiguous_or_unsafe_credentials_are_refused() {
         );
     }
 }
+
+#[test]
+fn ambiguous_user_info_is_refused_without_echoing_it() {
+    for url in [
+        "etcd://bob:x/S3CR3T@h1:2379/baton",
+        "etcd://bob:x?S3CR3T@h1:2379/baton",
+        "etcd://bob:p@S3CR3T@h1:2379/baton",
+        "etcd://h1:2379/baton?password_file=/a@S3CR3T",
+    ] {
+        let err = parse(url, &[]).expect_err(url);
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{url}: {err}");
+        let shown = format!("{err:#} {err:?}");
+        assert!(!shown.contains("S3CR3T"), "{shown}");
+    }
+    let c = parse("etcd://bob:x%2FS3CR3T@h1:2379/baton", &[]).expect("encoded");
+    assert_eq!(user(&c), Some(("bob", "x/S3CR3T")));
+}

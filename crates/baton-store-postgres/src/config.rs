@@ -76,6 +76,7 @@ impl PostgresConfig {
                 url.scheme()
             )));
         }
+        secret::check_user_info(url)?;
         let raw = url.expose_secret();
         let (main, query) = match raw.split_once('?') {
             Some((m, q)) => (m, Some(q)),

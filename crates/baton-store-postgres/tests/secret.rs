@@ -134,3 +134,23 @@ fn the_password_file_parameter_does_not_reach_the_driver() {
     assert_eq!(c.pg.get_application_name(), Some("x"));
     assert_eq!(password(&c).as_deref(), Some("s3cret"));
 }
+
+#[test]
+fn ambiguous_user_info_is_refused_without_echoing_it() {
+    for url in [
+        "postgres://bob:pa/S3CR3T@db1/locks",
+        "postgres://bob:pa?S3CR3T@db1/locks",
+        "postgres://bob:pa#S3CR3T@db1/locks",
+        "postgres://bob:@S3CR3T@db1/locks",
+        // The driver would take `db1/locks?application_name=a` for the user info.
+        "postgres://db1/locks?application_name=a@S3CR3T",
+        "postgres:///locks?@host=/run/postgresql&user=bob&password=S3CR3T",
+    ] {
+        let err = parse(url, &[]).expect_err(url);
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{url}: {err}");
+        let shown = format!("{err:#} {err:?}");
+        assert!(!shown.contains("S3CR3T"), "{shown}");
+    }
+    let c = parse("postgres://bob:pa%2FS3CR3T%40x@db1/locks", &[]).expect("encoded");
+    assert_eq!(password(&c).as_deref(), Some("pa/S3CR3T@x"));
+}
