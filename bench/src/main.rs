@@ -1,5 +1,8 @@
-//! `baton-bench`: side-by-side benchmarks of baton against raw `flock(2)`, Python's
-//! fasteners and filelock, and util-linux `flock(1)`. See `bench/README.md`.
+//! `baton-bench`: side-by-side benchmarks of baton's stores against what their users run
+//! without baton: for the directory store, raw `flock(2)`, Python's fasteners and
+//! filelock, and util-linux `flock(1)` (benchmarks 1–4); for SQLite, raw `BEGIN IMMEDIATE`
+//! transactions (5–6); for PostgreSQL, advisory locks and a lease table (7–8); for etcd,
+//! `etcdctl lock` and python-etcd3 (9–11). See `bench/README.md`.
 //!
 //! `baton-bench run` runs every benchmark, writes raw results as JSON Lines and prints a
 //! Markdown report on stdout (progress goes to stderr). The hidden subcommands are the

@@ -1,7 +1,7 @@
-//! The properties: one public async function per point of the contract (DESIGN.md, "The
-//! contract") that a kernel-lock store must keep. Each makes its own keys, so they can run
-//! in parallel against one store, and panics with the offending history when the store
-//! breaks the contract.
+//! The base properties: one public async function per point of the contract (DESIGN.md,
+//! "The contract") that every store runs, kernel-lock and lease stores alike. Each makes
+//! its own keys, so they can run in parallel against one store, and panics with the
+//! offending history when the store breaks the contract.
 //!
 //! The lease properties (a paused holder, loss before re-grant, clocks, break, resize,
 //! damaged state) live in the `lease` module and take the same [`Harness`].

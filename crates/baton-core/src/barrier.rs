@@ -11,7 +11,10 @@
 //!   the pass): nothing of it stays behind (contract point 6).
 //! - **Dead parties.** A party that dies while waiting leaves no permanent phantom
 //!   arrival. Each store states its bound (the directory store: at once with kernel locks,
-//!   within the lease TTL in lease mode; SQLite: within the arrival TTL).
+//!   within the lease TTL in lease mode; SQLite: within the arrival TTL; PostgreSQL: at
+//!   the next arrival once the party's session is gone, within the ticket TTL while a
+//!   stopped party's session lingers; etcd: when etcd expires the arrival's lease, within
+//!   the arrival TTL).
 //! - **No tight polling.** Waiters sleep until something changes (a file closed, the
 //!   database written), with a slow backstop.
 //! - **Same count.** A generation's parties must agree on `parties`; a different count

@@ -87,9 +87,14 @@ impl LockRequest {
 /// A held lease that is released when the guard goes.
 ///
 /// [`LeaseGuard::release`] is the reliable path: it reports what the store did. `Drop` is
-/// a best-effort fallback: stores that can release synchronously (the directory store)
-/// do so at once; others are released by a task spawned on the current Tokio runtime, if
-/// there is one, and otherwise only when the process exits or the lease expires.
+/// a best-effort fallback that calls [`Store::release_now`](crate::Store::release_now).
+/// The directory store releases at once; SQLite, PostgreSQL and etcd release on their own
+/// runtime and **block the dropping thread** until the store answers (bounded: a few
+/// seconds, or the PostgreSQL store's `timeout` plus one second), so do not drop a guard
+/// where blocking hurts (inside a tight async loop) — call `release().await` instead.
+/// When `release_now` gives up or the store has none, the lease is released by a task
+/// spawned on the current Tokio runtime, if there is one, and otherwise only when the
+/// process exits or the lease expires.
 #[must_use = "the lease is released when the guard is dropped"]
 #[derive(Debug)]
 pub struct LeaseGuard {

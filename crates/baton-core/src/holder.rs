@@ -262,7 +262,7 @@ pub fn boot_id() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-fn user_name() -> String {
+pub(crate) fn user_name() -> String {
     // SAFETY: geteuid cannot fail.
     let uid = unsafe { libc::geteuid() };
     let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };

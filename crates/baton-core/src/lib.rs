@@ -18,6 +18,8 @@
 //! - [`barrier`](mod@barrier): a reusable barrier of N parties over any store that has one;
 //! - [`supervisor`](mod@supervisor): runs a command under a supervisor that keeps its
 //!   whole process group from outliving the lease (used by `baton run`);
+//! - [`secret`](mod@secret): passwords kept out of `ps` (a password file named in the URL,
+//!   the store's own environment and files) and the warning for one on the command line;
 //! - [`parse_duration`]: `500ms`, `2s`, `1m30s`.
 
 pub mod barrier;
@@ -31,6 +33,7 @@ mod keeper;
 mod key;
 pub mod leader;
 mod lease;
+pub mod secret;
 mod store;
 pub mod supervisor;
 mod url;

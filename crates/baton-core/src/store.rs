@@ -1,8 +1,11 @@
 //! The `Store` trait: the small set of operations every store implements.
 //!
 //! Convenience built on it (guards, `try_acquire`, `acquire_timeout`) lives in
-//! [`crate::StoreExt`]. Capabilities a store may lack (renew, break, resize) have default
-//! bodies that answer [`ErrorKind::Unsupported`].
+//! [`crate::StoreExt`]. Operations a store may lack (renew, break, resize, barrier) have
+//! default bodies that answer [`ErrorKind::Unsupported`]; [`Capabilities`] says which of
+//! them a store has (renew, break, resize), whether it queues waiters (fifo) and whether a
+//! key can have a lock-delay. It has no field for barriers yet: a store without one answers
+//! `Unsupported` from [`Store::barrier`].
 
 use std::fmt;
 use std::time::{Duration, Instant};

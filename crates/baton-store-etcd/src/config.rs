@@ -1,9 +1,17 @@
-//! `etcd://[user:password@]h1:2379[,h2:2379...][/prefix][?options]`, parsed from the store
-//! URL.
+//! `etcd://[user[:password]@]h1:2379[,h2:2379...][/prefix][?options]`, parsed from the
+//! store URL.
+//!
+//! The credentials, as etcdctl reads them and by [`baton_core::secret`]'s order: the user
+//! is the URL's, else the one `ETCDCTL_USER` names (`user` or `user:password`); the
+//! password is the URL's, else the file `?password_file=PATH` names (private to its owner,
+//! or refused), else the one `ETCDCTL_USER` gives with its user (only when the URL names
+//! no other user), else `ETCDCTL_PASSWORD`. A user without a password, or a password
+//! without a user, is refused.
 
 use std::fmt;
 use std::time::Duration;
 
+use baton_core::secret::{self, EnvLookup, PasswordSource, PasswordSources, Secret};
 use baton_core::{parse_duration, Error, ErrorKind, Op, StoreUrl};
 
 /// The key prefix when the URL names none.
@@ -17,8 +25,11 @@ pub struct EtcdConfig {
     pub endpoints: Vec<String>,
     /// Every key baton writes lies under this prefix (no trailing `/`).
     pub prefix: String,
-    /// User and password for etcd's authentication, if the URL has them.
+    /// User and password for etcd's authentication, from the URL, its password file or
+    /// etcdctl's environment (see the module doc).
     pub user: Option<(String, String)>,
+    /// Where the password came from (`None`: no authentication).
+    pub password_source: Option<PasswordSource>,
     /// The bound on one request to one member (`?timeout=`, default 5s).
     pub timeout: Duration,
     /// The bound on opening a connection to one member (`?connect_timeout=`, default 2s).
@@ -31,6 +42,7 @@ impl fmt::Debug for EtcdConfig {
             .field("endpoints", &self.endpoints)
             .field("prefix", &self.prefix)
             .field("user", &self.user.as_ref().map(|(u, _)| (u, "***")))
+            .field("password_source", &self.password_source)
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
             .finish()
@@ -39,8 +51,14 @@ impl fmt::Debug for EtcdConfig {
 
 impl EtcdConfig {
     /// Parses an `etcd://` URL. Options: `timeout` and `connect_timeout` (durations such
-    /// as `500ms`, `5s`).
+    /// as `500ms`, `5s`) and `password_file`.
     pub fn from_url(url: &StoreUrl) -> Result<EtcdConfig, Error> {
+        EtcdConfig::from_url_env(url, &secret::process_env)
+    }
+
+    /// [`EtcdConfig::from_url`] reading `ETCDCTL_USER` and `ETCDCTL_PASSWORD` through
+    /// `env` instead of the process environment.
+    pub fn from_url_env(url: &StoreUrl, env: EnvLookup<'_>) -> Result<EtcdConfig, Error> {
         let bad = |why: String| {
             Error::new(ErrorKind::InvalidInput, why)
                 .with_op(Op::Open)
@@ -52,6 +70,7 @@ impl EtcdConfig {
                 url.scheme()
             )));
         }
+        secret::check_user_info(url)?;
         let Some(rest) = url.path().strip_prefix("//") else {
             return Err(bad(
                 "an etcd URL names its members after '//' (example: etcd://10.0.0.1:2379,10.0.0.2:2379/baton)"
@@ -62,25 +81,28 @@ impl EtcdConfig {
             Some(i) => rest.split_at(i),
             None => (rest, ""),
         };
-        let (user, hosts) = match authority.rsplit_once('@') {
+        let (url_user, url_password, hosts) = match authority.rsplit_once('@') {
             Some((userinfo, hosts)) => {
-                let (u, p) = userinfo.split_once(':').ok_or_else(|| {
-                    bad(
-                        "the user in an etcd URL needs a password (etcd://user:password@host:2379)"
-                            .into(),
-                    )
-                })?;
+                let (u, p) = match userinfo.split_once(':') {
+                    Some((u, p)) => (u, Some(p)),
+                    None => (userinfo, None),
+                };
                 let u = percent_decode(u).ok_or_else(|| {
                     bad("the user name is not valid percent-encoded UTF-8".into())
                 })?;
-                let p = percent_decode(p)
-                    .ok_or_else(|| bad("the password is not valid percent-encoded UTF-8".into()))?;
+                let p = p
+                    .map(|p| {
+                        percent_decode(p).ok_or_else(|| {
+                            bad("the password is not valid percent-encoded UTF-8".into())
+                        })
+                    })
+                    .transpose()?;
                 if u.is_empty() {
                     return Err(bad("the user name is empty".into()));
                 }
-                (Some((u, p)), hosts)
+                (Some(u), p, hosts)
             }
-            None => (None, authority),
+            None => (None, None, authority),
         };
         let mut endpoints = Vec::new();
         for h in hosts.split(',') {
@@ -123,10 +145,13 @@ impl EtcdConfig {
             }
             prefix.to_owned()
         };
+        let (user, password_source) = credentials(url, url_user, url_password, env)
+            .map_err(|e| e.context(Op::Open, None, url))?;
         let mut config = EtcdConfig {
             endpoints,
             prefix,
             user,
+            password_source,
             timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(2),
         };
@@ -144,14 +169,95 @@ impl EtcdConfig {
             match name {
                 "timeout" => config.timeout = d()?,
                 "connect_timeout" => config.connect_timeout = d()?,
+                secret::PASSWORD_FILE_PARAM => {}
                 other => {
                     return Err(bad(format!(
-                        "unknown parameter '{other}' (known: timeout, connect_timeout)"
+                        "unknown parameter '{other}' (known: timeout, connect_timeout, \
+                         password_file)"
                     )))
                 }
             }
         }
         Ok(config)
+    }
+}
+
+/// The user and password by the documented order, and where the password came from.
+type Credentials = (Option<(String, String)>, Option<PasswordSource>);
+
+fn credentials(
+    url: &StoreUrl,
+    url_user: Option<String>,
+    url_password: Option<String>,
+    env: EnvLookup<'_>,
+) -> Result<Credentials, Error> {
+    let bad = |why: String| Error::new(ErrorKind::InvalidInput, why).with_op(Op::Open);
+    let text = |name: &str| {
+        env(name)
+            .map(|v| {
+                v.into_string()
+                    .map_err(|_| bad(format!("{name} is not valid UTF-8")))
+            })
+            .transpose()
+    };
+    // etcdctl: `--user user[:password]`, `--password` only with a bare user.
+    let env_user = text("ETCDCTL_USER")?.map(|u| match u.split_once(':') {
+        Some((u, p)) => (u.to_owned(), Some(p.to_owned())),
+        None => (u, None),
+    });
+    let env_password = text("ETCDCTL_PASSWORD")?;
+    if let Some((_, Some(_))) = &env_user {
+        if env_password.is_some() {
+            return Err(bad(
+                "ETCDCTL_USER gives a password and ETCDCTL_PASSWORD another; give one".into(),
+            ));
+        }
+    }
+    let (user, env_pair_password) = match (url_user, env_user) {
+        (Some(u), Some((eu, ep))) => {
+            let p = if eu == u { ep } else { None };
+            (Some(u), p)
+        }
+        (Some(u), None) => (Some(u), None),
+        (None, Some((eu, ep))) => (Some(eu), ep),
+        (None, None) => (None, None),
+    };
+    if user.as_deref() == Some("") {
+        return Err(bad("ETCDCTL_USER names an empty user".into()));
+    }
+    let file = secret::password_file_param(url)?;
+    let sources = PasswordSources {
+        url: url_password.map(Secret::new),
+        file,
+        env: Vec::new(),
+    };
+    let mut found = sources.resolve(env)?;
+    // A password from the environment alone, with no user anywhere, is not for us (etcdctl
+    // ignores it too): it must not stop an unauthenticated store from opening.
+    if found.is_none() && user.is_some() {
+        found = env_pair_password
+            .map(|p| (Secret::new(p), PasswordSource::Env("ETCDCTL_USER")))
+            .or_else(|| {
+                env_password.map(|p| (Secret::new(p), PasswordSource::Env("ETCDCTL_PASSWORD")))
+            });
+    }
+    match (user, found) {
+        (None, None) => Ok((None, None)),
+        (Some(u), Some((p, source))) => Ok((Some((u, p.expose().to_owned())), Some(source))),
+        (Some(u), None) => Err(bad(format!(
+            "user '{u}' needs a password: ?password_file=PATH, ETCDCTL_PASSWORD, or \
+             etcd://user:password@host:2379 in BATON_STORE"
+        ))),
+        (None, Some((_, source))) => Err(bad(format!(
+            "a password ({}) but no user: name one in the URL (etcd://user@host:2379) or in \
+             ETCDCTL_USER",
+            match source {
+                PasswordSource::Url => "in the URL".to_owned(),
+                PasswordSource::File(f) => format!("from {}", f.display()),
+                PasswordSource::Env(v) => format!("from {v}"),
+                PasswordSource::StoreFile(f) => format!("from {}", f.display()),
+            }
+        ))),
     }
 }
 
@@ -163,6 +269,10 @@ fn percent_decode(s: &str) -> Option<String> {
     while i < b.len() {
         if b[i] == b'%' {
             let hex = s.get(i + 1..i + 3)?;
+            // from_str_radix would take a sign (`%+1`).
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
         } else {
@@ -178,7 +288,7 @@ mod tests {
     use super::*;
 
     fn parse(u: &str) -> Result<EtcdConfig, Error> {
-        EtcdConfig::from_url(&StoreUrl::parse(u).expect("url"))
+        EtcdConfig::from_url_env(&StoreUrl::parse(u).expect("url"), &|_| None)
     }
 
     #[test]
@@ -208,6 +318,7 @@ mod tests {
             "etcd://h1:2379?timeout=forever",
             "etcd://h1:2379?color=blue",
             "etcd://bob@h1:2379",
+            "etcd://bob:a%+1@h1:2379",
             "etcd://h 1:2379",
             "dir:/x",
         ] {

@@ -2,7 +2,7 @@
 //! properties, on the one-member server `scripts/test` starts (`BATON_TEST_ETCD`), each
 //! test under a prefix of its own.
 //!
-//! The kernel-lock-era properties' workers hold leases without a keeper, so their TTL
+//! The base properties' workers hold leases without a keeper, so their TTL
 //! outlasts every hold by a wide margin; the lease properties use etcd's shortest TTL
 //! (2 s with default settings: etcd counts whole seconds and raises shorter ones) and run
 //! a keeper.

@@ -3,10 +3,18 @@
 //! baton's own parameters (`schema`, `timeout`) are taken out; every other parameter goes
 //! to the driver as libpq would read it (`connect_timeout`, `application_name`,
 //! `keepalives_idle`, `tcp_user_timeout`, `options`, `sslmode=disable|prefer`, ...).
+//!
+//! The password, by [`baton_core::secret`]'s order: the URL's (`user:password@` or
+//! `?password=`), else the file `?password_file=PATH` names (private to its owner, or
+//! refused), else `PGPASSWORD`, else the first matching entry of `PGPASSFILE` or
+//! `~/.pgpass` (libpq's format; ignored when its group or others can read it). The
+//! `.pgpass` entry is looked up for the first host and port of the URL, its database and
+//! its user (this user's name when the URL names none).
 
 use std::fmt;
 use std::time::Duration;
 
+use baton_core::secret::{self, EnvLookup, PasswordSource, PasswordSources, PgHost, PgTarget};
 use baton_core::{parse_duration, Error, ErrorKind, Op, StoreUrl};
 use tokio_postgres::config::SslMode;
 
@@ -31,6 +39,8 @@ pub struct PostgresConfig {
     /// connection is dropped and the operation fails as unavailable. The server is told
     /// the same bound as its `statement_timeout`.
     pub timeout: Duration,
+    /// Where the password came from (`None`: no password; the server may not ask).
+    pub password_source: Option<PasswordSource>,
 }
 
 impl fmt::Debug for PostgresConfig {
@@ -40,13 +50,21 @@ impl fmt::Debug for PostgresConfig {
             .field("pg", &self.pg)
             .field("schema", &self.schema)
             .field("timeout", &self.timeout)
+            .field("password_source", &self.password_source)
             .finish()
     }
 }
 
 impl PostgresConfig {
-    /// Parses a `postgres://` or `postgresql://` URL.
+    /// Parses a `postgres://` or `postgresql://` URL, taking a password the URL does not
+    /// carry from its `password_file`, `PGPASSWORD` or `.pgpass` (see the module doc).
     pub fn from_url(url: &StoreUrl) -> Result<PostgresConfig, Error> {
+        PostgresConfig::from_url_env(url, &secret::process_env)
+    }
+
+    /// [`PostgresConfig::from_url`] reading environment variables (`PGPASSWORD`,
+    /// `PGPASSFILE`, `HOME`) through `env` instead of the process environment.
+    pub fn from_url_env(url: &StoreUrl, env: EnvLookup<'_>) -> Result<PostgresConfig, Error> {
         let bad = |why: String| {
             Error::new(ErrorKind::InvalidInput, why)
                 .with_op(Op::Open)
@@ -58,6 +76,7 @@ impl PostgresConfig {
                 url.scheme()
             )));
         }
+        secret::check_user_info(url)?;
         let raw = url.expose_secret();
         let (main, query) = match raw.split_once('?') {
             Some((m, q)) => (m, Some(q)),
@@ -66,6 +85,7 @@ impl PostgresConfig {
         let mut schema = DEFAULT_SCHEMA.to_owned();
         let mut timeout = DEFAULT_TIMEOUT;
         let mut passed = Vec::new();
+        let password_file = secret::password_file_param(url)?;
         for part in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (name, value) = part.split_once('=').unwrap_or((part, ""));
             match name {
@@ -95,6 +115,7 @@ impl PostgresConfig {
                          tunnel)"
                     )));
                 }
+                secret::PASSWORD_FILE_PARAM => {}
                 _ => passed.push(part),
             }
         }
@@ -117,6 +138,8 @@ impl PostgresConfig {
                 "no database given (example: postgres://user@db.example:5432/baton)".into(),
             ));
         }
+        let password_source = resolve_password(&mut pg, password_file, env)
+            .map_err(|e| e.context(Op::Open, None, url))?;
         if pg.get_ssl_mode() == SslMode::Prefer {
             // Without TLS support `prefer` falls back to plain text anyway; say it plainly.
             pg.ssl_mode(SslMode::Disable);
@@ -156,8 +179,60 @@ impl PostgresConfig {
             pg,
             schema,
             timeout,
+            password_source,
         })
     }
+}
+
+/// Sets `pg`'s password by the documented order and says where it came from.
+fn resolve_password(
+    pg: &mut tokio_postgres::Config,
+    file: Option<std::path::PathBuf>,
+    env: EnvLookup<'_>,
+) -> Result<Option<PasswordSource>, Error> {
+    let sources = PasswordSources {
+        url: pg
+            .get_password()
+            .map(|p| secret::Secret::new(String::from_utf8_lossy(p))),
+        file,
+        env: vec!["PGPASSWORD"],
+    };
+    if let Some((password, source)) = sources.resolve(env)? {
+        if source != PasswordSource::Url {
+            pg.password(password.expose());
+        }
+        return Ok(Some(source));
+    }
+    let user = pg
+        .get_user()
+        .map_or_else(secret::current_user, str::to_owned);
+    let dbname = pg.get_dbname().unwrap_or_default().to_owned();
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let found = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => secret::pgpass_lookup(
+            &PgTarget {
+                host: PgHost::Tcp(h),
+                port,
+                dbname: &dbname,
+                user: &user,
+            },
+            env,
+        ),
+        Some(tokio_postgres::config::Host::Unix(p)) => secret::pgpass_lookup(
+            &PgTarget {
+                host: PgHost::Unix(p),
+                port,
+                dbname: &dbname,
+                user: &user,
+            },
+            env,
+        ),
+        None => None,
+    };
+    Ok(found.map(|(password, path)| {
+        pg.password(password.expose());
+        PasswordSource::StoreFile(path)
+    }))
 }
 
 fn valid_schema(s: &str) -> bool {
@@ -176,7 +251,7 @@ mod tests {
     use super::*;
 
     fn parse(u: &str) -> Result<PostgresConfig, Error> {
-        PostgresConfig::from_url(&StoreUrl::parse(u).expect("url"))
+        PostgresConfig::from_url_env(&StoreUrl::parse(u).expect("url"), &|_| None)
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! whole suite plus the lease properties (pause, kill, wall-clock jump, break, resize,
 //! a corrupt database).
 //!
-//! The kernel-lock-era properties' workers hold leases without a keeper, so their TTL
+//! The base properties' workers hold leases without a keeper, so their TTL
 //! outlasts every hold by a wide margin; the lease properties use a short TTL of their own
 //! and run a keeper.
 

@@ -7,7 +7,7 @@
 //! - [`check`]: one checker per property (limit, tokens, results, stale writes, recovery,
 //!   barrier, unknown outcomes); the conformance suite uses the same ones;
 //! - [`resource`]: the fenced results database the workers write;
-//! - [`scenario`]: the orchestrator (storm, crash, pause, workflow, single);
+//! - [`scenario`]: the orchestrator (storm, crash, pause, partition, workflow, single);
 //! - [`worker`]: what each worker process does;
 //! - [`recording`]: the store as a holder's keeper sees it, recording every renewal
 //!   before the keeper acts on it (write-ahead lease ends);

@@ -17,7 +17,7 @@ pub fn open(url: &StoreUrl) -> Result<Arc<dyn Store>> {
     Ok(Arc::new(EtcdStore::open(url)?))
 }
 
-/// The TTL of the suite's leases: the kernel-lock-era properties' workers hold leases
+/// The TTL of the suite's leases: the base properties' workers hold leases
 /// without a keeper, so it outlasts every hold by a wide margin.
 pub const TTL: Duration = Duration::from_secs(10);
 
