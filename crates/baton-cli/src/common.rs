@@ -78,6 +78,11 @@ pub fn store_url(arg: Option<&str>) -> Result<StoreUrl, Failure> {
     match arg {
         Some(text) if !text.trim().is_empty() => {
             let url = StoreUrl::parse(text)?;
+            // `-s` may come from BATON_STORE (clap fills it): warn only when the URL with
+            // its password is really on the command line, where `ps` shows it.
+            if std::env::args_os().any(|a| a.to_string_lossy().contains(text)) {
+                baton::secret::warn_if_password_on_command_line(&url);
+            }
             Ok(match std::env::current_dir() {
                 Ok(cwd) => url.resolve_against(&cwd),
                 // The store refuses the relative path and says so.

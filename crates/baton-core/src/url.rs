@@ -151,7 +151,28 @@ impl std::str::FromStr for StoreUrl {
 }
 
 /// Redacts `//user:password@` and secret query parameters in the part after the scheme.
+///
+/// The password ends at the *last* `@` of the URL, so a password someone typed with a raw
+/// `/`, `?` or `@` in it is hidden too (at worst, a URL with an `@` in its query shows
+/// less than it could).
 fn redact(rest: &str) -> String {
+    if let Some(after) = rest.strip_prefix("//") {
+        if let Some((userinfo, tail)) = after.rsplit_once('@') {
+            if let Some((user, _)) = userinfo.split_once(':') {
+                if !user.contains(['/', '?']) {
+                    return format!(
+                        "//{user}:***@{}",
+                        redact_plain(&format!("//{tail}"))[2..].to_owned()
+                    );
+                }
+            }
+        }
+    }
+    redact_plain(rest)
+}
+
+/// [`redact`] for a URL whose password, if any, ends before its first `/` and `?`.
+fn redact_plain(rest: &str) -> String {
     let (main, query) = match rest.split_once('?') {
         Some((m, q)) => (m, Some(q)),
         None => (rest, None),

@@ -293,7 +293,10 @@ impl LeaseStore {
     /// Takes the next token with the `token.T` chain.
     fn take_token(&self, dir: BorrowedFd<'_>) -> io::Result<Token> {
         loop {
-            let next = Listing::read(dir)?.last_token() + 1;
+            let next = Listing::read(dir)?
+                .last_token()
+                .checked_add(1)
+                .ok_or_else(|| at_maximum("token"))?;
             if !fs::create_once(dir, &token_file(next), b"", self.root.share)? {
                 continue;
             }
@@ -445,7 +448,10 @@ impl LeaseStore {
             State::Held => {
                 let tombstone = LeaseRecord {
                     state: State::Expired,
-                    gen: r.gen + 1,
+                    gen: r
+                        .gen
+                        .checked_add(1)
+                        .ok_or_else(|| at_maximum("lease generation"))?,
                     heartbeat: 0,
                     renewed_unix_ms: now_ms(),
                     ..r.clone()
@@ -545,7 +551,9 @@ impl LeaseStore {
             let record = LeaseRecord {
                 state: State::Held,
                 slot,
-                gen: gen + 1,
+                gen: gen.checked_add(1).ok_or_else(|| {
+                    io_err("cannot take the slot", at_maximum("lease generation"))
+                })?,
                 token,
                 ttl_ms: ttl.as_millis() as u64,
                 heartbeat: 0,
@@ -848,7 +856,9 @@ impl Store for LeaseStore {
             }
             let tombstone = LeaseRecord {
                 state: State::Broken,
-                gen: gen + 1,
+                gen: gen.checked_add(1).ok_or_else(|| {
+                    io_err("cannot break the lease", at_maximum("lease generation"))
+                })?,
                 heartbeat: 0,
                 renewed_unix_ms: now_ms(),
                 holder: breaker.clone(),
@@ -954,4 +964,13 @@ impl Store for LeaseStore {
     ) -> Result<baton_core::BarrierPassed, Error> {
         crate::barrier::barrier(&self.root, crate::barrier::Liveness::Heartbeat, req).await
     }
+}
+
+/// A counter kept in file names (a token, a lease generation) at `u64::MAX`: nothing baton
+/// wrote can get there, so it is corrupt or hostile state, and it must not wrap.
+fn at_maximum(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("the {what} in a file name is at its maximum (u64::MAX): not a value baton wrote"),
+    )
 }

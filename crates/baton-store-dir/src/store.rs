@@ -133,7 +133,10 @@ fn decode_record(bytes: &[u8]) -> Contents {
     if len == 0 {
         return Contents::Empty;
     }
-    let Some(body) = bytes.get(HEADER_LEN..HEADER_LEN + len) else {
+    let Some(body) = HEADER_LEN
+        .checked_add(len)
+        .and_then(|end| bytes.get(HEADER_LEN..end))
+    else {
         return bad("shorter than its header says");
     };
     if fnv1a(body) != sum {
