@@ -309,7 +309,9 @@ pub fn check_user_info(url: &StoreUrl) -> Result<(), Error> {
         return Ok(());
     };
     let host_end = after.find(['/', '?', '#']).unwrap_or(after.len());
-    if at > host_end || after[..host_end].matches('@').count() > 1 {
+    // More than one '@' anywhere: the parsers end the user info at the first, the
+    // redaction of `Display` at the last, so none may be left to guess.
+    if at > host_end || after.matches('@').count() > 1 {
         return Err(Error::new(
             ErrorKind::InvalidInput,
             "the user info of the URL is ambiguous: percent-encode a '/', '?', '#' or '@' in \
