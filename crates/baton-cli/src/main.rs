@@ -55,8 +55,10 @@ enum Command {
     /// The command gets BATON_KEY, BATON_TOKEN (the fencing token), BATON_SLOT,
     /// BATON_HOLDER and BATON_STORE in its environment. It runs in its own process
     /// group; SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to baton are
-    /// passed on to it, and it is killed if baton is killed. The slot is released when
-    /// the command exits.
+    /// passed on to it. The slot is released when the last process of that group has
+    /// exited; if baton dies, the group is stopped (SIGTERM, SIGKILL after --kill-grace)
+    /// before the slot can be granted again. A process that leaves the group (setsid)
+    /// is not stopped.
     #[command(
         after_help = exit_code::HELP_TABLE,
         override_usage = "baton run [OPTIONS] [--] COMMAND [ARGS...]"
