@@ -116,6 +116,7 @@ pub struct Error {
     message: String,
     current_limit: Option<u32>,
     grant_unknown: bool,
+    retryable: Option<bool>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -133,6 +134,7 @@ impl Error {
             message: message.into(),
             current_limit: None,
             grant_unknown: false,
+            retryable: None,
             source: None,
         }
     }
@@ -172,6 +174,19 @@ impl Error {
     pub fn with_grant_unknown(mut self) -> Error {
         self.grant_unknown = true;
         self
+    }
+
+    /// Says whether retrying may succeed, overriding what the kind alone suggests: the
+    /// store knows that a refused credential (`Unavailable`, but permanent) will not
+    /// change, or that a serialization conflict (`Corrupt`-looking, but transient) will.
+    pub fn with_retryable(mut self, retryable: bool) -> Error {
+        self.retryable = Some(retryable);
+        self
+    }
+
+    /// Marks the error permanent: retrying the same call will not help.
+    pub fn permanent(self) -> Error {
+        self.with_retryable(false)
     }
 
     /// Fills in the operation, key and store where the error does not name them yet.
@@ -223,12 +238,14 @@ impl Error {
         self.grant_unknown
     }
 
-    /// Whether retrying the same call later may succeed.
+    /// Whether retrying the same call later may succeed: what the store said of this
+    /// error ([`Error::with_retryable`]), or else what its kind suggests (`Busy`,
+    /// `Timeout` and `Unavailable` are worth retrying).
     pub fn is_retryable(&self) -> bool {
-        matches!(
+        self.retryable.unwrap_or(matches!(
             self.kind,
             ErrorKind::Busy | ErrorKind::Timeout | ErrorKind::Unavailable
-        )
+        ))
     }
 }
 
@@ -248,12 +265,28 @@ impl fmt::Display for Error {
         }
         f.write_str(&self.message)?;
         if f.alternate() {
+            // Each thing once: a cause that says what is already said (a store's message
+            // that repeats its driver's, a wrapped baton error) adds only what is new.
+            let mut said: Vec<String> = vec![self.message.clone()];
             let mut cause: Option<&(dyn std::error::Error + 'static)> = match &self.source {
                 Some(s) => Some(s.as_ref()),
                 None => None,
             };
             while let Some(c) = cause {
-                write!(f, ": {c}")?;
+                let text = match c.downcast_ref::<Error>() {
+                    Some(e) => e.message.clone(),
+                    None => c.to_string(),
+                };
+                let mut new = text.as_str();
+                for s in &said {
+                    if let Some(rest) = new.strip_prefix(s.as_str()) {
+                        new = rest.trim_start_matches(": ");
+                    }
+                }
+                if !new.is_empty() && !said.iter().any(|s| s.contains(new)) {
+                    write!(f, ": {new}")?;
+                    said.push(new.to_owned());
+                }
                 cause = c.source();
             }
         }
@@ -271,6 +304,7 @@ impl fmt::Debug for Error {
             .field("message", &self.message)
             .field("current_limit", &self.current_limit)
             .field("grant_unknown", &self.grant_unknown)
+            .field("retryable", &self.retryable)
             .field("source", &self.source)
             .finish()
     }
@@ -307,5 +341,57 @@ mod tests {
             "acquire 'jobs/nightly' on dir:/tmp/x: cannot open lock file: denied"
         );
         assert!(err.is_retryable());
+    }
+
+    #[derive(Debug)]
+    struct Chain(&'static str, Option<Box<Chain>>);
+    impl fmt::Display for Chain {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for Chain {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1
+                .as_deref()
+                .map(|c| c as &(dyn std::error::Error + 'static))
+        }
+    }
+
+    #[test]
+    fn each_thing_is_said_once() {
+        // A store message that repeats its driver's, over a driver error that repeats
+        // its own cause: the full disk of the SQLite store.
+        let driver = Chain(
+            "the disk is full: database or disk is full",
+            Some(Box::new(Chain(
+                "database or disk is full: Error code 13",
+                None,
+            ))),
+        );
+        let err = Error::new(ErrorKind::Unavailable, "the disk is full").with_source(driver);
+        assert_eq!(
+            format!("{err:#}"),
+            "the disk is full: database or disk is full: Error code 13"
+        );
+        // A wrapped baton error adds its message, not its context again.
+        let inner = Error::new(ErrorKind::Unavailable, "I/O error on the database")
+            .with_op(Op::Acquire)
+            .with_source(Chain("disk I/O error", None));
+        let outer =
+            Error::new(ErrorKind::Unavailable, "I/O error on the database").with_source(inner);
+        assert_eq!(
+            format!("{outer:#}"),
+            "I/O error on the database: disk I/O error"
+        );
+    }
+
+    #[test]
+    fn the_store_decides_retryability() {
+        let refused = Error::new(ErrorKind::Unavailable, "etcd refused the credentials");
+        assert!(refused.is_retryable());
+        assert!(!refused.permanent().is_retryable());
+        let transient = Error::new(ErrorKind::Corrupt, "x").with_retryable(true);
+        assert!(transient.is_retryable());
     }
 }

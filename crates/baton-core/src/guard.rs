@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::{AcquireRequest, Holder, Key, Lease, Released, Result, Store, Wait};
+use crate::kit::wait::Notice;
+use crate::{AcquireRequest, Error, Holder, Key, Lease, Released, Result, Store, Wait};
 
 /// Convenience methods for any shared store.
 pub trait StoreExt {
@@ -19,16 +20,22 @@ impl StoreExt for Arc<dyn Store> {
         LockRequest {
             store: Arc::clone(self),
             req: AcquireRequest::new(key, holder),
+            notice: None,
         }
     }
 }
 
 /// A request being built; finish it with [`LockRequest::acquire`],
 /// [`LockRequest::try_acquire`] or [`LockRequest::acquire_timeout`].
+///
+/// A waiting acquire rides out an outage of the store (a server restart, a leader
+/// election): it backs off and asks again within its wait ([`crate::kit::wait`]); see
+/// [`LockRequest::on_outage`] to hear about it.
 #[must_use = "a LockRequest does nothing until acquired"]
 pub struct LockRequest {
     store: Arc<dyn Store>,
     req: AcquireRequest,
+    notice: Option<Arc<Notice>>,
 }
 
 impl LockRequest {
@@ -57,6 +64,16 @@ impl LockRequest {
         self
     }
 
+    /// Calls `f` with the error and the back-off each time a waiting acquire meets an
+    /// outage of the store and will ask again.
+    pub fn on_outage(
+        mut self,
+        f: impl Fn(&Error, Duration) + Send + Sync + 'static,
+    ) -> LockRequest {
+        self.notice = Some(Arc::new(f));
+        self
+    }
+
     /// Waits as long as it takes for a slot.
     pub async fn acquire(mut self) -> Result<LeaseGuard> {
         self.req.wait = Wait::Forever;
@@ -76,7 +93,8 @@ impl LockRequest {
     }
 
     async fn run(self) -> Result<LeaseGuard> {
-        let lease = self.store.acquire(&self.req).await?;
+        let lease =
+            crate::kit::wait::acquire(&*self.store, &self.req, self.notice.as_deref()).await?;
         Ok(LeaseGuard {
             store: self.store,
             lease: Some(lease),

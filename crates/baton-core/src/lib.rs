@@ -31,6 +31,7 @@ mod guard;
 mod holder;
 mod keeper;
 mod key;
+pub mod kit;
 pub mod leader;
 mod lease;
 pub mod secret;
@@ -47,8 +48,8 @@ pub use key::{derive_key, Key, MAX_KEY_LEN};
 pub use leader::{campaign, leader, observe, Leader, Leadership};
 pub use lease::{Lease, Token, Wait};
 pub use store::{
-    AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, KeyStatus, Released, SlotState,
-    SlotStatus, Store,
+    AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, KeyStatus, Recovery, Released,
+    SlotState, SlotStatus, Store,
 };
 pub use url::StoreUrl;
 

@@ -1,11 +1,11 @@
 //! The `Store` trait: the small set of operations every store implements.
 //!
 //! Convenience built on it (guards, `try_acquire`, `acquire_timeout`) lives in
-//! [`crate::StoreExt`]. Operations a store may lack (renew, break, resize, barrier) have
+//! [`crate::StoreExt`]; mechanisms a store implementation shares with the others live in
+//! [`crate::kit`]. Operations a store may lack (renew, break, resize, barrier) have
 //! default bodies that answer [`ErrorKind::Unsupported`]; [`Capabilities`] says which of
-//! them a store has (renew, break, resize), whether it queues waiters (fifo) and whether a
-//! key can have a lock-delay. It has no field for barriers yet: a store without one answers
-//! `Unsupported` from [`Store::barrier`].
+//! them a store has, whether it queues waiters (fifo) and counts them, whether a key can
+//! have a lock-delay, and how soon a dead holder's slot comes back ([`Recovery`]).
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -98,7 +98,40 @@ pub enum Released {
     NotHeld,
 }
 
-/// What a store can do beyond acquire, release, inspect and list.
+/// How soon a dead holder's slot comes back, as a bound the conformance suite checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Recovery {
+    /// At once: the kernel frees a dead holder's lock with its process.
+    AtOnce,
+    /// Within the lease's TTL plus `extra` (the store's rounding or its sweep period).
+    WithinTtl {
+        /// What the store adds to the TTL.
+        extra: Duration,
+    },
+}
+
+impl Default for Recovery {
+    fn default() -> Recovery {
+        Recovery::WithinTtl {
+            extra: Duration::ZERO,
+        }
+    }
+}
+
+impl Recovery {
+    /// The bound for a lease of `ttl`.
+    pub fn bound(self, ttl: Duration) -> Duration {
+        match self {
+            Recovery::AtOnce => Duration::ZERO,
+            Recovery::WithinTtl { extra } => ttl.saturating_add(extra),
+        }
+    }
+}
+
+/// What a store can do beyond acquire, release, inspect and list. Declared once, in the
+/// store's `capabilities()`; the conformance suite runs each property a declaration
+/// promises, and fails a store that declares a capability and then answers `Unsupported`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Capabilities {
@@ -112,17 +145,88 @@ pub struct Capabilities {
     pub fifo: bool,
     /// A key can have a lock-delay ([`AcquireRequest::lock_delay`]).
     pub lock_delay: bool,
-    /// How soon a dead holder's slot comes back, in words, for `status` and docs.
+    /// Barriers work ([`Store::barrier`]).
+    pub barrier: bool,
+    /// `inspect` counts the requests that wait ([`KeyStatus::waiters`]).
+    pub waiters: bool,
+    /// How soon a dead holder's slot comes back, as a bound.
+    pub bound: Recovery,
+    /// The same, in words, for `status` and docs.
     pub recovery: &'static str,
 }
 
 impl Capabilities {
-    /// Capabilities with everything off and `recovery` set.
+    /// Capabilities with everything off and `recovery` set (the bound: within the TTL).
     pub fn new(recovery: &'static str) -> Capabilities {
         Capabilities {
             recovery,
             ..Capabilities::default()
         }
+    }
+
+    /// What every lease store of baton has: renew, break, resize, FIFO waiters, lock-delay,
+    /// barriers and a waiter count, with a dead holder's slot back within the TTL plus
+    /// `extra`.
+    pub fn lease_store(recovery: &'static str, extra: Duration) -> Capabilities {
+        Capabilities {
+            renew: true,
+            break_lease: true,
+            resize: true,
+            fifo: true,
+            lock_delay: true,
+            barrier: true,
+            waiters: true,
+            bound: Recovery::WithinTtl { extra },
+            recovery,
+        }
+    }
+
+    /// Sets `renew`.
+    pub fn with_renew(mut self, on: bool) -> Capabilities {
+        self.renew = on;
+        self
+    }
+
+    /// Sets `break_lease`.
+    pub fn with_break(mut self, on: bool) -> Capabilities {
+        self.break_lease = on;
+        self
+    }
+
+    /// Sets `resize`.
+    pub fn with_resize(mut self, on: bool) -> Capabilities {
+        self.resize = on;
+        self
+    }
+
+    /// Sets `fifo`.
+    pub fn with_fifo(mut self, on: bool) -> Capabilities {
+        self.fifo = on;
+        self
+    }
+
+    /// Sets `lock_delay`.
+    pub fn with_lock_delay(mut self, on: bool) -> Capabilities {
+        self.lock_delay = on;
+        self
+    }
+
+    /// Sets `barrier`.
+    pub fn with_barrier(mut self, on: bool) -> Capabilities {
+        self.barrier = on;
+        self
+    }
+
+    /// Sets `waiters`.
+    pub fn with_waiters(mut self, on: bool) -> Capabilities {
+        self.waiters = on;
+        self
+    }
+
+    /// Sets the recovery bound.
+    pub fn with_bound(mut self, bound: Recovery) -> Capabilities {
+        self.bound = bound;
+        self
     }
 }
 

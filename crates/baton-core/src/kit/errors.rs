@@ -1,0 +1,158 @@
+//! The standard errors every store gives, in one wording.
+//!
+//! Guarantees: the same state reads the same on every store. A user who learned what
+//! `all 2 slot(s) are held` or `the key has a limit of 4 slot(s), not 2` means on one
+//! store reads it again, word for word, on the next. Each function returns a bare error
+//! (kind and message, plus the data a caller acts on such as the current limit); the
+//! store or the context layer adds the operation, key and store.
+
+use std::time::Duration;
+
+use crate::{format_duration, Error, ErrorKind};
+
+/// `Busy` for a no-wait acquire: every slot is held. `ahead` is how many earlier requests
+/// wait for the slots that are left (a queueing store that can count them), `held_back`
+/// how long a lost lease's slot is still held back by the key's lock-delay of `delay`.
+pub fn busy(
+    held: u32,
+    limit: u32,
+    ahead: Option<u32>,
+    held_back: Option<(Duration, Duration)>,
+) -> Error {
+    let msg = if let Some((delay, left)) = held_back {
+        format!(
+            "{held} of {limit} slot(s) are held, and a lost lease's slot is held back by the \
+             key's lock-delay of {} for about another {}",
+            format_duration(delay),
+            format_duration(left)
+        )
+    } else if held >= limit {
+        format!("all {limit} slot(s) are held")
+    } else {
+        match ahead {
+            Some(n) => format!(
+                "{held} of {limit} slot(s) are held and {n} earlier request(s) wait for the rest"
+            ),
+            None => {
+                format!("{held} of {limit} slot(s) are held and earlier requests wait for the rest")
+            }
+        }
+    };
+    Error::new(ErrorKind::Busy, msg)
+}
+
+/// `LimitMismatch`: the key exists with limit `have`; the request asked for `asked`.
+pub fn limit_mismatch(have: u32, asked: u32) -> Error {
+    Error::new(
+        ErrorKind::LimitMismatch,
+        format!(
+            "the key has a limit of {have} slot(s), not {asked} (use -n {have}, or another key)"
+        ),
+    )
+    .with_current_limit(have)
+}
+
+/// `NotFound` for status or break: the key does not exist.
+pub fn no_such_key() -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        "no such key (a key is created by its first acquire)",
+    )
+}
+
+/// `NotFound` for resize: the key does not exist, and resize does not create keys.
+pub fn no_such_key_to_resize() -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        "no such key (a key is created by its first acquire, with its limit)",
+    )
+}
+
+/// `InvalidInput`: a limit of zero (acquire or resize).
+pub fn limit_zero() -> Error {
+    Error::new(ErrorKind::InvalidInput, "the limit must be at least 1 slot")
+}
+
+/// Checks a new limit for resize: at least 1, at most `max`.
+pub fn check_limit(limit: u32, max: u32) -> Result<(), Error> {
+    if limit == 0 {
+        return Err(limit_zero());
+    }
+    if limit > max {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("the limit must be at most {max} slots, not {limit}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The barrier's give-up: `Busy` for a no-wait arrival (`timeout` is `None`), `Timeout`
+/// when the wait ran out; the arrival was withdrawn either way.
+pub fn barrier_gave_up(timeout: Option<Duration>) -> Error {
+    match timeout {
+        None => Error::new(ErrorKind::Busy, "not every party has arrived"),
+        Some(_) => Error::new(
+            ErrorKind::Timeout,
+            "not every party arrived in time; this arrival was withdrawn",
+        ),
+    }
+}
+
+/// `Corrupt`: something baton reads back from the store is not what baton writes.
+/// `what` names it (`the holder record of slot 2`), `why` says what is wrong.
+pub fn corrupt(what: impl std::fmt::Display, why: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Corrupt, format!("{what} {why}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_reads_the_same_everywhere() {
+        assert_eq!(busy(2, 2, None, None).message(), "all 2 slot(s) are held");
+        assert_eq!(
+            busy(1, 2, Some(3), None).message(),
+            "1 of 2 slot(s) are held and 3 earlier request(s) wait for the rest"
+        );
+        assert!(busy(
+            1,
+            2,
+            None,
+            Some((Duration::from_secs(5), Duration::from_secs(2)))
+        )
+        .message()
+        .contains("lock-delay of 5s for about another 2s"));
+        assert_eq!(busy(2, 2, None, None).kind(), ErrorKind::Busy);
+    }
+
+    #[test]
+    fn limit_mismatch_carries_the_limit() {
+        let e = limit_mismatch(4, 2);
+        assert_eq!(e.kind(), ErrorKind::LimitMismatch);
+        assert_eq!(e.current_limit(), Some(4));
+        assert!(e.message().contains("use -n 4"));
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        assert!(check_limit(1, 10).is_ok());
+        assert_eq!(
+            check_limit(0, 10).expect_err("zero").kind(),
+            ErrorKind::InvalidInput
+        );
+        assert!(check_limit(11, 10)
+            .expect_err("big")
+            .message()
+            .contains("at most 10"));
+    }
+
+    #[test]
+    fn barrier_give_ups() {
+        assert_eq!(barrier_gave_up(None).kind(), ErrorKind::Busy);
+        let e = barrier_gave_up(Some(Duration::from_secs(1)));
+        assert_eq!(e.kind(), ErrorKind::Timeout);
+        assert!(e.message().contains("withdrawn"));
+    }
+}
