@@ -23,7 +23,7 @@ use baton_core::{BarrierPassed, BarrierRequest, Error, ErrorKind, Op, Wait};
 use rusqlite::{OptionalExtension, TransactionBehavior};
 
 use super::{Inner, OP_BUSY_BOUND};
-use crate::db::{self, retry, Fail};
+use crate::core::{self, retry, Fail};
 use crate::sys::monotonic_ns;
 
 /// How long a waiting party's arrival lives without a refresh.
@@ -163,7 +163,7 @@ impl Inner {
         let mut interval = Duration::from_millis(1);
         let mut refreshed = Instant::now();
         let result = loop {
-            let v = db::data_version(&conn).unwrap_or(i64::MAX);
+            let v = core::data_version(&conn).unwrap_or(i64::MAX);
             if v != seen {
                 seen = v;
                 match self.arrival_standing(&conn, &key, &me) {
@@ -249,7 +249,7 @@ impl Inner {
                 |r| r.get(0),
             )
             .optional()
-            .map_err(db::sql_error)?;
+            .map_err(core::sql_error)?;
         Ok(match row {
             Some(Some(g)) => Arrival::Passed(g.max(0) as u64),
             Some(None) => Arrival::Waiting,

@@ -10,11 +10,11 @@
 //! schema, the bounds and what the store cannot do.
 
 mod config;
-mod db;
+mod core;
 mod store;
 mod sys;
 
 pub use config::SqliteConfig;
-pub use db::{APPLICATION_ID, SCHEMA_VERSION};
+pub use core::{APPLICATION_ID, SCHEMA_VERSION};
 pub use store::{SqliteStore, ARRIVAL_TTL, DEFAULT_TTL, TICKET_TTL};
 pub use sys::{network_filesystem, NETWORK_FILESYSTEMS};

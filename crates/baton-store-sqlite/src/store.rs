@@ -47,7 +47,7 @@ mod barrier;
 pub use barrier::ARRIVAL_TTL;
 
 use crate::config::SqliteConfig;
-use crate::db::{self, corrupt, int, int_in, int_value, retry, text, Fail, Stop};
+use crate::core::{self, corrupt, int, int_in, int_value, retry, text, Fail, Stop};
 use crate::sys::{self, monotonic_ns, Probe, TicketLock};
 
 /// The TTL of a lease whose request gives none.
@@ -235,7 +235,7 @@ impl Inner {
         if let Some(c) = lock(&self.pool).pop() {
             return Ok(c);
         }
-        retry(deadline, None, || db::connect(&self.config.path))
+        retry(deadline, None, || core::connect(&self.config.path))
     }
 
     fn put(&self, conn: Connection) {
@@ -553,7 +553,7 @@ impl Inner {
             .execute(rusqlite::params![k, req.limit])?;
         if let (1, Some(ms)) = (created, enc.lock_delay_ms) {
             // In the transaction that creates the key: no one sees it without its delay.
-            db::require_lock_delay_schema(&tx)?;
+            core::require_lock_delay_schema(&tx)?;
             tx.prepare_cached("INSERT INTO baton_lock_delays(key, delay_ms) VALUES (?1, ?2)")?
                 .execute(rusqlite::params![k, ms])?;
         }
@@ -827,7 +827,7 @@ impl Inner {
         let refresh_every = TICKET_TTL / 3;
         let mut first = true;
         loop {
-            let mut seen = db::data_version(conn).unwrap_or(i64::MIN);
+            let mut seen = core::data_version(conn).unwrap_or(i64::MIN);
             let outcome = retry(busy_deadline, Some(cancel), || {
                 self.attempt(conn, req, enc, first, queue, ticket, lock, probe)
             });
@@ -924,7 +924,7 @@ impl Inner {
                 }
                 std::thread::sleep(pause);
                 interval = (interval * 2).min(cap);
-                let v = match db::data_version(conn) {
+                let v = match core::data_version(conn) {
                     Ok(v) => v,
                     Err(_) => break,
                 };
@@ -1428,8 +1428,8 @@ impl SqliteStore {
         })?;
         let deadline = Instant::now().checked_add(OP_BUSY_BOUND);
         let conn = retry(deadline, None, || {
-            let mut conn = db::connect(&path)?;
-            db::check_or_init(&mut conn, &path)?;
+            let mut conn = core::connect(&path)?;
+            core::check_or_init(&mut conn, &path)?;
             Ok(conn)
         })
         .map_err(|s| match s {
