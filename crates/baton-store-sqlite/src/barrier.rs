@@ -22,8 +22,7 @@ use std::time::{Duration, Instant};
 use baton_core::{BarrierPassed, BarrierRequest, Error, ErrorKind, Op, Wait};
 use rusqlite::{OptionalExtension, TransactionBehavior};
 
-use super::{Inner, OP_BUSY_BOUND};
-use crate::core::{self, retry, Fail};
+use crate::core::{self, retry, Fail, Inner, OP_BUSY_BOUND};
 use crate::sys::monotonic_ns;
 
 /// How long a waiting party's arrival lives without a refresh.
@@ -56,7 +55,7 @@ enum Arrival {
 impl Inner {
     /// Arrives at `req.key` and waits (see the module docs); gives up at the wait's
     /// deadline or when `cancel` is set, withdrawing the arrival first.
-    pub(super) fn barrier_blocking(
+    pub(crate) fn barrier_blocking(
         &self,
         req: &BarrierRequest,
         cancel: &AtomicBool,

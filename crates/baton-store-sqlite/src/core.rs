@@ -1,38 +1,31 @@
-//! The database file: opening connections, checking or creating baton's schema, retrying
-//! on a busy database, and reading rows without trusting their types.
+//! The connection: a pool of connections to the database file, transactions retried
+//! while the database is busy, the private failure types ([`Fail`] inside a
+//! transaction, [`Stop`] for a retry loop that gave up) and their mapping into
+//! [`baton_core::Error`]; and opening the store, with the checks on the file's place
+//! made before SQLite touches it.
 //!
 //! Guarantees:
-//! - A file is used only if it is empty (it then gets baton's schema) or carries baton's
-//!   `application_id` and a `user_version` this code knows. Anything else is refused
-//!   before anything is written to it; the journal mode is switched to WAL only after.
 //! - `SQLITE_BUSY` and `SQLITE_LOCKED` (every extended code) never reach a caller: the
 //!   whole transaction is retried with jittered exponential backoff until the caller's
 //!   deadline; only then does the caller get a timeout it chose.
-//! - A value of the wrong type in a row is [`ErrorKind::Corrupt`], never a panic and
-//!   never a guess.
+//! - Any other SQLite error becomes a baton error of a kind chosen by its code
+//!   ([`sql_error`]); an error leaves named with the operation, the key and the store
+//!   ([`Inner::ctx`], [`Inner::stopped`]).
+//! - A database on a network filesystem is refused unless the URL says
+//!   `?unsafe_network_fs=1`; in a shared (setgid, group-writable) directory the database
+//!   and waiter files are created group-writable before SQLite opens them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use baton_core::{Error, ErrorKind};
-use rusqlite::types::ValueRef;
-use rusqlite::{Connection, ErrorCode, OpenFlags, Row, TransactionBehavior};
+use baton_core::{format_duration, Error, ErrorKind, Key, Op, StoreUrl};
+use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavior};
 
-use crate::sys::Jitter;
-
-/// `PRAGMA application_id` of a baton database: "batn" in ASCII.
-pub const APPLICATION_ID: i32 = 0x6261_746E;
-
-/// `PRAGMA user_version` of the schema this code writes (and the newest it reads).
-/// Version 2 added lock-delays (`baton_lock_delays`, `baton_held_back`). A version-1 file
-/// gets the two tables beside its own and stays version 1, so older batons keep using
-/// it, until a key with a lock-delay is created in it: that transaction raises it to 2,
-/// so that no baton that would ignore the delay grants in it any more.
-pub const SCHEMA_VERSION: i32 = 2;
-
-/// The `user_version` of files written before lock-delays, still read and written.
-const SCHEMA_VERSION_1: i32 = 1;
+use crate::config::SqliteConfig;
+use crate::layout;
+use crate::sys::{self, Jitter};
 
 /// How long SQLite's own busy handler waits inside one statement before the retry loop
 /// (with jitter, which SQLite's handler lacks) takes over.
@@ -47,70 +40,23 @@ const BACKOFF_MAX: Duration = Duration::from_millis(50);
 const BACKOFF_MAX_LONG: Duration = Duration::from_secs(1);
 const LONG_BUSY: Duration = Duration::from_secs(1);
 
-const SCHEMA: &str = "
-CREATE TABLE baton_keys(
-    key TEXT PRIMARY KEY NOT NULL,
-    lim INTEGER NOT NULL CHECK (lim >= 1),
-    seq INTEGER NOT NULL CHECK (seq >= 0)
-) STRICT;
-CREATE TABLE baton_leases(
-    key TEXT NOT NULL,
-    slot INTEGER NOT NULL CHECK (slot >= 0),
-    token INTEGER NOT NULL,
-    holder_id TEXT NOT NULL,
-    holder_json TEXT NOT NULL,
-    acquired_ms INTEGER NOT NULL,
-    renewed_ms INTEGER NOT NULL,
-    ttl_ms INTEGER NOT NULL,
-    boot_id TEXT NOT NULL,
-    expires_boot_ns INTEGER NOT NULL,
-    PRIMARY KEY (key, slot)
-) STRICT;
-CREATE TABLE baton_waiters(
-    ticket INTEGER PRIMARY KEY AUTOINCREMENT,
-    key TEXT NOT NULL,
-    holder_id TEXT NOT NULL,
-    boot_id TEXT NOT NULL,
-    expires_boot_ns INTEGER NOT NULL
-) STRICT;
-CREATE INDEX baton_waiters_by_key ON baton_waiters(key, ticket);
-" /* then LOCK_DELAY_TABLES */;
+/// How long release, renew, inspect, list, break, resize and opening keep retrying a
+/// busy database before answering `Unavailable`.
+pub(crate) const OP_BUSY_BOUND: Duration = Duration::from_secs(30);
 
-/// The lock-delay tables (schema version 2): a key's delay, set when the key is created,
-/// and per slot, until when (on `boot_id`'s `CLOCK_MONOTONIC`) a lost lease holds it back.
-pub(crate) const LOCK_DELAY_TABLES: &str = "
-CREATE TABLE IF NOT EXISTS baton_lock_delays(
-    key TEXT PRIMARY KEY NOT NULL,
-    delay_ms INTEGER NOT NULL CHECK (delay_ms >= 1)
-) STRICT;
-CREATE TABLE IF NOT EXISTS baton_held_back(
-    key TEXT NOT NULL,
-    slot INTEGER NOT NULL CHECK (slot >= 0),
-    token INTEGER NOT NULL,
-    how TEXT NOT NULL CHECK (how IN ('expired', 'broken')),
-    lost_ms INTEGER NOT NULL,
-    boot_id TEXT NOT NULL,
-    until_boot_ns INTEGER NOT NULL,
-    PRIMARY KEY (key, slot)
-) STRICT;
-";
+/// Idle connections kept for reuse.
+const POOL_MAX: usize = 8;
 
-const TABLES: [&str; 5] = [
-    "baton_keys",
-    "baton_leases",
-    "baton_waiters",
-    "baton_lock_delays",
-    "baton_held_back",
-];
-
-/// Raises a version-1 file to version 2 inside the caller's write transaction (called
-/// when a key with a lock-delay is created).
-pub(crate) fn require_lock_delay_schema(tx: &Connection) -> Result<(), Fail> {
-    let version: i32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if version < SCHEMA_VERSION {
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-    }
-    Ok(())
+/// The store's state, shared by every operation's blocking thread. Its `impl` blocks
+/// are spread over the role files: this one (connections, transactions, errors),
+/// `queue.rs`, `acquire.rs`, `lease.rs`, `admin.rs` and `barrier.rs`.
+pub(crate) struct Inner {
+    pub(crate) url: StoreUrl,
+    pub(crate) config: SqliteConfig,
+    /// The waiter lock file beside the database.
+    pub(crate) lock_path: PathBuf,
+    pub(crate) boot_id: String,
+    pool: Mutex<Vec<Connection>>,
 }
 
 /// A failure inside a transaction: either the database was busy (retry the whole
@@ -246,176 +192,244 @@ pub(crate) fn connect(path: &Path) -> Result<Connection, Fail> {
     Ok(conn)
 }
 
-/// Checks that `conn`'s file is baton's (creating the schema in an empty file) and puts
-/// it in WAL mode. Nothing is written to a file that is not baton's.
-pub(crate) fn check_or_init(conn: &mut Connection, path: &Path) -> Result<(), Fail> {
-    let shown = path.display();
-    let (app, version, objects) = header(conn)?;
-    if app == 0 && objects == 0 {
-        // Empty: switch to WAL first (it cannot change inside a transaction), then create
-        // the schema in a write transaction that checks again, since another process may
-        // be doing the same.
-        wal(conn, path)?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let (app, _, objects) = header(&tx)?;
-        if app == 0 && objects == 0 {
-            tx.execute_batch(SCHEMA)?;
-            tx.execute_batch(LOCK_DELAY_TABLES)?;
-            tx.pragma_update(None, "application_id", APPLICATION_ID)?;
-            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        }
-        tx.commit()?;
-        return check_or_init(conn, path);
-    }
-    if app != APPLICATION_ID {
-        return Err(corrupt(format!(
-            "{shown} is not a baton database (application_id {app:#x}, {objects} schema \
-             object(s)); refusing to use or change it: give baton a file of its own"
-        )));
-    }
-    if version == SCHEMA_VERSION_1 && has_tables(conn, &TABLES[..3])? && !has_tables(conn, &TABLES)?
-    {
-        // Add the lock-delay tables; the version stays 1 (see SCHEMA_VERSION).
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute_batch(LOCK_DELAY_TABLES)?;
-        tx.commit()?;
-    }
-    if version != SCHEMA_VERSION && version != SCHEMA_VERSION_1 {
-        let kind = if version > SCHEMA_VERSION {
-            ErrorKind::Unsupported
-        } else {
-            ErrorKind::Corrupt
-        };
-        return Err(Fail::Err(Error::new(
-            kind,
-            format!(
-                "{shown} is a baton database of schema version {version}; this baton knows \
-                 version {SCHEMA_VERSION} (a newer baton wrote it?)"
-            ),
-        )));
-    }
-    if let Some(missing) = missing_table(conn, &TABLES)? {
-        return Err(corrupt(format!(
-            "{shown} carries baton's application_id but has no table {missing}"
-        )));
-    }
-    wal(conn, path)
-}
-
-fn missing_table(conn: &Connection, tables: &[&'static str]) -> Result<Option<&'static str>, Fail> {
-    let mut stmt = conn.prepare("SELECT name FROM sqlite_schema WHERE type = 'table'")?;
-    let names = stmt
-        .query_map([], |r| r.get::<_, String>(0))?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(tables
-        .iter()
-        .copied()
-        .find(|t| !names.iter().any(|n| n == *t)))
-}
-
-fn has_tables(conn: &Connection, tables: &[&'static str]) -> Result<bool, Fail> {
-    missing_table(conn, tables).map(|m| m.is_none())
-}
-
-/// `(application_id, user_version, number of schema objects)`, read in one statement so
-/// that all three come from one snapshot: read one by one, they could straddle another
-/// process's commit of the schema and show its tables without its application_id.
-fn header(conn: &Connection) -> Result<(i32, i32, i64), Fail> {
-    Ok(conn.query_row(
-        "SELECT (SELECT application_id FROM pragma_application_id()),
-                (SELECT user_version FROM pragma_user_version()),
-                (SELECT count(*) FROM sqlite_schema)",
-        [],
-        |r| {
-            Ok((
-                r.get::<_, i32>(0)?,
-                r.get::<_, i32>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        },
-    )?)
-}
-
-fn wal(conn: &Connection, path: &Path) -> Result<(), Fail> {
-    let mode: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0))?;
-    if mode.eq_ignore_ascii_case("wal") {
-        return Ok(());
-    }
-    // SQLite answers the old mode, rather than "busy", when another connection's lock
-    // stops the switch (several processes opening a new file at once): try again for a
-    // while before calling it a failure.
-    let give_up = Instant::now() + Duration::from_secs(5);
-    let mut mode: String;
-    loop {
-        mode = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-        if mode.eq_ignore_ascii_case("wal") || Instant::now() >= give_up {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    if mode.eq_ignore_ascii_case("wal") {
-        Ok(())
-    } else {
-        Err(Fail::Err(Error::new(
-            ErrorKind::Unavailable,
-            format!(
-                "cannot switch {} to WAL mode (it stays in '{mode}' mode)",
-                path.display()
-            ),
-        )))
-    }
-}
-
 /// `PRAGMA data_version`: changes whenever another connection commits.
 pub(crate) fn data_version(conn: &Connection) -> Result<i64, Fail> {
     Ok(conn.pragma_query_value(None, "data_version", |r| r.get::<_, i64>(0))?)
 }
 
-fn type_name(v: ValueRef<'_>) -> &'static str {
-    match v {
-        ValueRef::Null => "NULL",
-        ValueRef::Integer(_) => "an INTEGER",
-        ValueRef::Real(_) => "a REAL",
-        ValueRef::Text(_) => "TEXT",
-        ValueRef::Blob(_) => "a BLOB",
+impl Inner {
+    pub(crate) fn err(
+        &self,
+        kind: ErrorKind,
+        op: Op,
+        key: Option<&Key>,
+        msg: impl Into<String>,
+    ) -> Error {
+        Error::new(kind, msg).context(op, key, &self.url)
+    }
+
+    pub(crate) fn ctx(&self, e: Error, op: Op, key: Option<&Key>) -> Error {
+        e.context(op, key, &self.url)
+    }
+
+    /// Maps a stopped retry loop for operations bounded by [`OP_BUSY_BOUND`].
+    pub(crate) fn stopped(&self, s: Stop, op: Op, key: Option<&Key>) -> Error {
+        match s {
+            Stop::Err(e) => self.ctx(e, op, key),
+            Stop::Deadline(e) => self
+                .err(
+                    ErrorKind::Unavailable,
+                    op,
+                    key,
+                    format!(
+                        "the database stayed locked by other connections for {}",
+                        format_duration(OP_BUSY_BOUND)
+                    ),
+                )
+                .with_source(e),
+            Stop::Cancelled => self.err(ErrorKind::Cancelled, op, key, "cancelled"),
+        }
+    }
+
+    /// A connection from the pool, or a new one.
+    pub(crate) fn conn(&self, deadline: Option<Instant>) -> Result<Connection, Stop> {
+        if let Some(c) = lock(&self.pool).pop() {
+            return Ok(c);
+        }
+        retry(deadline, None, || connect(&self.config.path))
+    }
+
+    pub(crate) fn put(&self, conn: Connection) {
+        // A connection left inside a transaction (it cannot be, but) is not reused.
+        if conn.is_autocommit() {
+            let mut pool = lock(&self.pool);
+            if pool.len() < POOL_MAX {
+                pool.push(conn);
+            }
+        }
+    }
+
+    /// Runs `f` in a retried transaction of `behavior` on a pooled connection.
+    pub(crate) fn with_tx<T>(
+        &self,
+        behavior: TransactionBehavior,
+        op: Op,
+        key: Option<&Key>,
+        mut f: impl FnMut(&Transaction<'_>) -> Result<T, Fail>,
+    ) -> Result<T, Error> {
+        let deadline = Instant::now().checked_add(OP_BUSY_BOUND);
+        let mut conn = self.conn(deadline).map_err(|s| self.stopped(s, op, key))?;
+        let result = retry(deadline, None, || {
+            let tx = conn.transaction_with_behavior(behavior)?;
+            let v = f(&tx)?;
+            tx.commit()?;
+            Ok(v)
+        });
+        self.put(conn);
+        result.map_err(|s| self.stopped(s, op, key))
     }
 }
 
-/// Reads an INTEGER column; anything else is corruption.
-pub(crate) fn int(row: &Row<'_>, idx: usize, col: &str) -> Result<i64, Fail> {
-    int_value(row.get_ref(idx)?, col)
-}
-
-/// An INTEGER value; anything else is corruption.
-pub(crate) fn int_value(v: ValueRef<'_>, col: &str) -> Result<i64, Fail> {
-    match v {
-        ValueRef::Integer(i) => Ok(i),
-        other => Err(corrupt(format!(
-            "column {col} holds {} where baton writes an INTEGER",
-            type_name(other)
-        ))),
+/// What opening the store does before SQLite sees the file, and its first connection.
+impl Inner {
+    /// The body of [`SqliteStore::open`](crate::SqliteStore::open), after the URL is
+    /// parsed.
+    pub(crate) fn open(url: &StoreUrl, config: SqliteConfig) -> Result<Inner, Error> {
+        let fail =
+            |kind: ErrorKind, msg: String| Error::new(kind, msg).with_op(Op::Open).with_store(url);
+        let path = config.path.clone();
+        let parent = path.parent().unwrap_or(Path::new("/")).to_owned();
+        std::fs::create_dir_all(&parent).map_err(|e| {
+            fail(
+                ErrorKind::Unavailable,
+                format!("cannot create the directory {}", parent.display()),
+            )
+            .with_source(e)
+        })?;
+        if !config.unsafe_network_fs {
+            refuse_network_fs(&path, &parent, &fail)?;
+        }
+        // A setgid, group-writable directory shares the database with its group: create
+        // the file (and the waiter file) group-writable before SQLite opens it, whatever
+        // this user's umask; SQLite then gives -wal and -shm the database file's mode.
+        let mut lock_path = path.clone().into_os_string();
+        lock_path.push("-baton-waiters");
+        let lock_path = PathBuf::from(lock_path);
+        prepare_files(&path, &lock_path, &parent, &fail)?;
+        let boot_id = baton_core::boot_id().ok_or_else(|| {
+            fail(
+                ErrorKind::Unavailable,
+                "cannot read the kernel's boot id (/proc/sys/kernel/random/boot_id); the \
+                 SQLite store needs it to tell leases granted before a reboot"
+                    .into(),
+            )
+        })?;
+        let conn = first_connection(&path, &fail)?;
+        Ok(Inner {
+            url: url.clone(),
+            config,
+            lock_path,
+            boot_id,
+            pool: Mutex::new(vec![conn]),
+        })
     }
 }
 
-/// Reads an INTEGER column that must lie in `lo..=hi`.
-pub(crate) fn int_in(row: &Row<'_>, idx: usize, col: &str, lo: i64, hi: i64) -> Result<i64, Fail> {
-    let v = int(row, idx, col)?;
-    if v < lo || v > hi {
-        return Err(corrupt(format!(
-            "column {col} holds {v}, outside {lo}..={hi}"
-        )));
+/// Makes an error of opening the store, with the operation and the store named.
+type OpenFail<'a> = &'a dyn Fn(ErrorKind, String) -> Error;
+
+/// Refuses a database on a network filesystem (see [`crate::NETWORK_FILESYSTEMS`]): the
+/// file's, or its directory's while the file does not exist yet.
+fn refuse_network_fs(path: &Path, parent: &Path, fail: OpenFail<'_>) -> Result<(), Error> {
+    let probe_at = if path.exists() { path } else { parent };
+    let t = sys::fs_type(probe_at).map_err(|e| {
+        fail(
+            ErrorKind::Unavailable,
+            format!("cannot stat the filesystem of {}", probe_at.display()),
+        )
+        .with_source(e)
+    })?;
+    if let Some(name) = sys::network_filesystem(t) {
+        return Err(fail(
+            ErrorKind::Unavailable,
+            format!(
+                "{} is on a {name} filesystem, where SQLite's WAL mode is unsafe \
+                 (hosts do not share its lock memory); put the database on a local \
+                 disk, or use a store made for many hosts (postgres://, etcd://); \
+                 add ?unsafe_network_fs=1 only if this filesystem is local to one host",
+                path.display()
+            ),
+        ));
     }
-    Ok(v)
+    Ok(())
 }
 
-/// Reads a TEXT column; anything else is corruption.
-pub(crate) fn text(row: &Row<'_>, idx: usize, col: &str) -> Result<String, Fail> {
-    match row.get_ref(idx)? {
-        ValueRef::Text(b) => String::from_utf8(b.to_vec())
-            .map_err(|_| corrupt(format!("column {col} holds TEXT that is not UTF-8"))),
-        other => Err(corrupt(format!(
-            "column {col} holds {} where baton writes TEXT",
-            type_name(other)
-        ))),
+/// In a shared directory (setgid, group-writable), creates the database file and the
+/// waiter file group-writable; then checks that this user may write the database.
+fn prepare_files(
+    path: &Path,
+    lock_path: &Path,
+    parent: &Path,
+    fail: OpenFail<'_>,
+) -> Result<(), Error> {
+    let group = sys::shared_group(parent).ok().flatten();
+    let denied_hint = |e: &std::io::Error| -> String {
+        let denied = e.kind() == std::io::ErrorKind::PermissionDenied;
+        match group {
+            Some(gid) if denied && !sys::is_member(gid) => format!(
+                " (the directory {} is shared by group {}, which {} is not in; members need read and write)",
+                parent.display(),
+                sys::group_label(gid),
+                sys::user_label()
+            ),
+            _ if denied => format!(
+                " (to share a database with a group: chgrp GROUP {0} && chmod 2770 {0})",
+                parent.display()
+            ),
+            _ => String::new(),
+        }
+    };
+    if let Some(gid) = group {
+        for file in [path, lock_path] {
+            sys::create_shared(file, gid).map_err(|e| {
+                fail(
+                    ErrorKind::Unavailable,
+                    format!("cannot create {}{}", file.display(), denied_hint(&e)),
+                )
+                .with_source(e)
+            })?;
+        }
     }
+    if let Err(e) = sys::check_writable(path) {
+        // SQLite would say only "unable to open database file": say who may.
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            return Err(fail(
+                ErrorKind::Unavailable,
+                format!(
+                    "cannot open {} for writing{}",
+                    path.display(),
+                    denied_hint(&e)
+                ),
+            )
+            .with_source(e));
+        }
+    }
+    Ok(())
+}
+
+/// Opens the first connection, checking (or creating) the schema, retried while the
+/// database is busy for up to [`OP_BUSY_BOUND`]; the error names the file.
+fn first_connection(path: &Path, fail: OpenFail<'_>) -> Result<Connection, Error> {
+    let deadline = Instant::now().checked_add(OP_BUSY_BOUND);
+    retry(deadline, None, || {
+        let mut conn = connect(path)?;
+        layout::check_or_init(&mut conn, path)?;
+        Ok(conn)
+    })
+    .map_err(|s| match s {
+        Stop::Err(e) => {
+            let named = if e.message().contains(&*path.to_string_lossy()) {
+                e.message().to_owned()
+            } else {
+                format!("{}: {}", path.display(), e.message())
+            };
+            let kind = e.kind();
+            fail(kind, named).with_source(e)
+        }
+        Stop::Deadline(e) => fail(
+            ErrorKind::Unavailable,
+            format!(
+                "{}: the database stayed locked by other connections for {}",
+                path.display(),
+                format_duration(OP_BUSY_BOUND)
+            ),
+        )
+        .with_source(e),
+        Stop::Cancelled => fail(ErrorKind::Cancelled, "cancelled".into()),
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The pool is a plain Vec; a panic while holding it cannot leave it inconsistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
