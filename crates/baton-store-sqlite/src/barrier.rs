@@ -22,8 +22,7 @@ use std::time::{Duration, Instant};
 use baton_core::{BarrierPassed, BarrierRequest, Error, ErrorKind, Op, Wait};
 use rusqlite::{OptionalExtension, TransactionBehavior};
 
-use super::{Inner, OP_BUSY_BOUND};
-use crate::db::{self, retry, Fail};
+use crate::core::{self, retry, Fail, Inner, OP_BUSY_BOUND};
 use crate::sys::monotonic_ns;
 
 /// How long a waiting party's arrival lives without a refresh.
@@ -56,7 +55,7 @@ enum Arrival {
 impl Inner {
     /// Arrives at `req.key` and waits (see the module docs); gives up at the wait's
     /// deadline or when `cancel` is set, withdrawing the arrival first.
-    pub(super) fn barrier_blocking(
+    pub(crate) fn barrier_blocking(
         &self,
         req: &BarrierRequest,
         cancel: &AtomicBool,
@@ -163,7 +162,7 @@ impl Inner {
         let mut interval = Duration::from_millis(1);
         let mut refreshed = Instant::now();
         let result = loop {
-            let v = db::data_version(&conn).unwrap_or(i64::MAX);
+            let v = core::data_version(&conn).unwrap_or(i64::MAX);
             if v != seen {
                 seen = v;
                 match self.arrival_standing(&conn, &key, &me) {
@@ -249,7 +248,7 @@ impl Inner {
                 |r| r.get(0),
             )
             .optional()
-            .map_err(db::sql_error)?;
+            .map_err(core::sql_error)?;
         Ok(match row {
             Some(Some(g)) => Arrival::Passed(g.max(0) as u64),
             Some(None) => Arrival::Waiting,

@@ -9,12 +9,27 @@
 //! Fencing tokens come from a per-key sequence in the file. See `README.md` for the
 //! schema, the bounds and what the store cannot do.
 
+mod acquire;
+mod admin;
+mod barrier;
 mod config;
-mod db;
+mod core;
+mod layout;
+mod lease;
+mod queue;
 mod store;
 mod sys;
 
+use baton_core::{Error, StoreUrl};
+
+pub use acquire::TICKET_TTL;
+pub use barrier::ARRIVAL_TTL;
 pub use config::SqliteConfig;
-pub use db::{APPLICATION_ID, SCHEMA_VERSION};
-pub use store::{SqliteStore, ARRIVAL_TTL, DEFAULT_TTL, TICKET_TTL};
+pub use layout::{APPLICATION_ID, SCHEMA_VERSION};
+pub use store::{SqliteStore, DEFAULT_TTL};
 pub use sys::{network_filesystem, NETWORK_FILESYSTEMS};
+
+/// Opens the SQLite store the URL names (`sqlite:/abs/path.db`): [`SqliteStore::open`].
+pub fn open(url: &StoreUrl) -> Result<SqliteStore, Error> {
+    SqliteStore::open(url)
+}

@@ -54,7 +54,7 @@ impl StoreKind {
 
 #[cfg(feature = "sqlite")]
 fn open_sqlite(url: &StoreUrl) -> Result<Arc<dyn Store>> {
-    Ok(Arc::new(baton_store_sqlite::SqliteStore::open(url)?))
+    Ok(Arc::new(baton_store_sqlite::open(url)?))
 }
 
 /// Every store of the design, built or not, in the order the docs list them.

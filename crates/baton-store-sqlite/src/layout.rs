@@ -1,25 +1,25 @@
-//! The database file: opening connections, checking or creating baton's schema, retrying
-//! on a busy database, and reading rows without trusting their types.
+//! What lives in the database: baton's schema (checked, or created in an empty file,
+//! when the store opens), the rows as read, the parts of a request as written, and the
+//! checks that a value read is one baton wrote.
 //!
 //! Guarantees:
 //! - A file is used only if it is empty (it then gets baton's schema) or carries baton's
 //!   `application_id` and a `user_version` this code knows. Anything else is refused
 //!   before anything is written to it; the journal mode is switched to WAL only after.
-//! - `SQLITE_BUSY` and `SQLITE_LOCKED` (every extended code) never reach a caller: the
-//!   whole transaction is retried with jittered exponential backoff until the caller's
-//!   deadline; only then does the caller get a timeout it chose.
 //! - A value of the wrong type in a row is [`ErrorKind::Corrupt`], never a panic and
 //!   never a guess.
+//! - A request's TTL and lock-delay are checked ([`Encoded::new`]) before anything is
+//!   written, so no expiry or hold-back arithmetic overflows.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use baton_core::{Error, ErrorKind};
+use baton_core::{AcquireRequest, Error, ErrorKind, Token};
 use rusqlite::types::ValueRef;
-use rusqlite::{Connection, ErrorCode, OpenFlags, Row, TransactionBehavior};
+use rusqlite::{Connection, Row, TransactionBehavior};
 
-use crate::sys::Jitter;
+use crate::core::{corrupt, Fail};
+use crate::store::DEFAULT_TTL;
 
 /// `PRAGMA application_id` of a baton database: "batn" in ASCII.
 pub const APPLICATION_ID: i32 = 0x6261_746E;
@@ -33,19 +33,6 @@ pub const SCHEMA_VERSION: i32 = 2;
 
 /// The `user_version` of files written before lock-delays, still read and written.
 const SCHEMA_VERSION_1: i32 = 1;
-
-/// How long SQLite's own busy handler waits inside one statement before the retry loop
-/// (with jitter, which SQLite's handler lacks) takes over.
-const BUSY_TIMEOUT: Duration = Duration::from_millis(10);
-
-/// First and largest backoff between retries of a busy transaction. The cap is 50 ms
-/// for the first second a transaction stays busy, then grows to 1 s: with a thousand
-/// processes contending, retries every 50 ms would keep both cores busy failing, and the
-/// process holding the write lock would wait for a core to finish and let go.
-const BACKOFF_MIN: Duration = Duration::from_millis(1);
-const BACKOFF_MAX: Duration = Duration::from_millis(50);
-const BACKOFF_MAX_LONG: Duration = Duration::from_secs(1);
-const LONG_BUSY: Duration = Duration::from_secs(1);
 
 const SCHEMA: &str = "
 CREATE TABLE baton_keys(
@@ -111,139 +98,6 @@ pub(crate) fn require_lock_delay_schema(tx: &Connection) -> Result<(), Fail> {
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     }
     Ok(())
-}
-
-/// A failure inside a transaction: either the database was busy (retry the whole
-/// transaction) or a real error (give up).
-#[derive(Debug)]
-pub(crate) enum Fail {
-    Busy(rusqlite::Error),
-    Err(Error),
-}
-
-impl From<rusqlite::Error> for Fail {
-    fn from(e: rusqlite::Error) -> Fail {
-        if is_busy(&e) {
-            Fail::Busy(e)
-        } else {
-            Fail::Err(sql_error(e))
-        }
-    }
-}
-
-impl From<Error> for Fail {
-    fn from(e: Error) -> Fail {
-        Fail::Err(e)
-    }
-}
-
-/// Why a retried transaction stopped without a result.
-#[derive(Debug)]
-pub(crate) enum Stop {
-    /// The database stayed busy until the deadline.
-    Deadline(rusqlite::Error),
-    /// The caller cancelled.
-    Cancelled,
-    /// A real error.
-    Err(Error),
-}
-
-fn is_busy(e: &rusqlite::Error) -> bool {
-    matches!(
-        e.sqlite_error_code(),
-        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)
-    )
-}
-
-/// Maps a SQLite error that is not "busy" to baton's kinds.
-pub(crate) fn sql_error(e: rusqlite::Error) -> Error {
-    let (kind, what) = match e.sqlite_error_code() {
-        Some(ErrorCode::NotADatabase) => (
-            ErrorKind::Corrupt,
-            "the file is not a SQLite database (garbage, truncated or encrypted)",
-        ),
-        Some(ErrorCode::DatabaseCorrupt) => (
-            ErrorKind::Corrupt,
-            "the database is corrupt (damaged or truncated)",
-        ),
-        Some(ErrorCode::CannotOpen) => (ErrorKind::Unavailable, "cannot open the database file"),
-        Some(ErrorCode::PermissionDenied | ErrorCode::ReadOnly) => (
-            ErrorKind::Unavailable,
-            "no permission to write the database (or its directory, for the -wal and -shm files)",
-        ),
-        Some(ErrorCode::DiskFull) => (ErrorKind::Unavailable, "the disk is full"),
-        Some(ErrorCode::SystemIoFailure) => (ErrorKind::Unavailable, "I/O error on the database"),
-        Some(ErrorCode::FileLockingProtocolFailed) => (
-            ErrorKind::Unavailable,
-            "file locking failed (a network filesystem?)",
-        ),
-        _ => match &e {
-            rusqlite::Error::InvalidColumnType(..)
-            | rusqlite::Error::FromSqlConversionFailure(..)
-            | rusqlite::Error::IntegralValueOutOfRange(..) => (
-                ErrorKind::Corrupt,
-                "a row holds a value baton did not write",
-            ),
-            _ => (ErrorKind::Unavailable, "database error"),
-        },
-    };
-    Error::new(kind, what).with_source(e)
-}
-
-pub(crate) fn corrupt(msg: impl Into<String>) -> Fail {
-    Fail::Err(Error::new(ErrorKind::Corrupt, msg))
-}
-
-/// Runs `f` until it is not busy, backing off with jitter between tries, until
-/// `deadline` (`None`: no deadline) or until `cancel` is set.
-pub(crate) fn retry<T>(
-    deadline: Option<Instant>,
-    cancel: Option<&AtomicBool>,
-    mut f: impl FnMut() -> Result<T, Fail>,
-) -> Result<T, Stop> {
-    let mut backoff = BACKOFF_MIN;
-    let started = Instant::now();
-    let mut jitter = Jitter::new();
-    loop {
-        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-            return Err(Stop::Cancelled);
-        }
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(Fail::Err(e)) => return Err(Stop::Err(e)),
-            Err(Fail::Busy(e)) => {
-                let hi = backoff.as_micros() as u64;
-                let mut pause = Duration::from_micros(jitter.between(hi / 2, hi));
-                if let Some(d) = deadline {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Err(Stop::Deadline(e));
-                    }
-                    pause = pause.min(d - now);
-                }
-                std::thread::sleep(pause);
-                let cap = if started.elapsed() < LONG_BUSY {
-                    BACKOFF_MAX
-                } else {
-                    BACKOFF_MAX_LONG
-                };
-                backoff = (backoff * 2).min(cap);
-            }
-        }
-    }
-}
-
-/// Opens one connection to the database file, set up for baton: busy timeout,
-/// `synchronous=NORMAL` (WAL: a commit survives a process crash; a power loss may lose
-/// the last commits but never corrupts).
-pub(crate) fn connect(path: &Path) -> Result<Connection, Fail> {
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-        | OpenFlags::SQLITE_OPEN_CREATE
-        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags)?;
-    conn.busy_timeout(BUSY_TIMEOUT)?;
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    Ok(conn)
 }
 
 /// Checks that `conn`'s file is baton's (creating the schema in an empty file) and puts
@@ -366,11 +220,6 @@ fn wal(conn: &Connection, path: &Path) -> Result<(), Fail> {
     }
 }
 
-/// `PRAGMA data_version`: changes whenever another connection commits.
-pub(crate) fn data_version(conn: &Connection) -> Result<i64, Fail> {
-    Ok(conn.pragma_query_value(None, "data_version", |r| r.get::<_, i64>(0))?)
-}
-
 fn type_name(v: ValueRef<'_>) -> &'static str {
     match v {
         ValueRef::Null => "NULL",
@@ -418,4 +267,90 @@ pub(crate) fn text(row: &Row<'_>, idx: usize, col: &str) -> Result<String, Fail>
             type_name(other)
         ))),
     }
+}
+
+/// A lease row as read, types checked.
+pub(crate) struct LeaseRow {
+    pub(crate) slot: u32,
+    pub(crate) token: i64,
+    pub(crate) holder_id: String,
+    pub(crate) boot_id: String,
+    pub(crate) expires_boot_ns: i64,
+    pub(crate) holder_json: String,
+    pub(crate) acquired_ms: i64,
+}
+
+/// A ticket row as read, types checked.
+pub(crate) struct TicketRow {
+    pub(crate) ticket: i64,
+    pub(crate) boot_id: String,
+    pub(crate) expires_boot_ns: i64,
+}
+
+/// A `baton_held_back` row as read, types checked.
+pub(crate) struct HeldBackRow {
+    pub(crate) slot: u32,
+    pub(crate) token: i64,
+    pub(crate) how: String,
+    pub(crate) boot_id: String,
+    pub(crate) until_boot_ns: i64,
+}
+
+/// The parts of a request written into rows, encoded once.
+pub(crate) struct Encoded {
+    pub(crate) holder_id: String,
+    pub(crate) holder_json: String,
+    pub(crate) ttl: Duration,
+    /// The lock-delay for a key this request creates (`None`: none, or zero).
+    pub(crate) lock_delay_ms: Option<i64>,
+}
+
+/// The longest lock-delay a key can have: far beyond any use, and small enough that
+/// `until_boot_ns` arithmetic never overflows.
+pub(crate) const MAX_LOCK_DELAY_MS: i64 = 365 * 24 * 3600 * 1000;
+
+impl Encoded {
+    pub(crate) fn new(req: &AcquireRequest) -> Result<Encoded, Error> {
+        let ttl = req.ttl.unwrap_or(DEFAULT_TTL);
+        ttl_nanos(ttl)?;
+        let holder_json = req.holder.to_json()?;
+        let lock_delay_ms = match req.lock_delay.filter(|d| !d.is_zero()) {
+            None => None,
+            Some(d) => Some(
+                i64::try_from(d.as_millis().max(1))
+                    .ok()
+                    .filter(|ms| *ms <= MAX_LOCK_DELAY_MS)
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::InvalidInput,
+                            "the lock-delay is too large (at most 365 days)",
+                        )
+                    })?,
+            ),
+        };
+        Ok(Encoded {
+            holder_id: req.holder.id.to_string(),
+            holder_json,
+            ttl,
+            lock_delay_ms,
+        })
+    }
+}
+
+pub(crate) fn ttl_nanos(ttl: Duration) -> Result<i64, Error> {
+    if ttl < Duration::from_millis(1) {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "the TTL must be at least 1ms",
+        ));
+    }
+    i64::try_from(ttl.as_nanos())
+        .ok()
+        .filter(|n| *n < i64::MAX / 2)
+        .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "the TTL is too large"))
+}
+
+pub(crate) fn token_i64(t: Token) -> Result<i64, Fail> {
+    // A token above i64::MAX was never granted by this store: no row can match it.
+    Ok(i64::try_from(t.0).unwrap_or(-1))
 }
