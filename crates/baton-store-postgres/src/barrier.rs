@@ -33,7 +33,11 @@ use baton_core::{BarrierPassed, BarrierRequest, Error, ErrorKind, Key, Op, Wait}
 use tokio::sync::oneshot;
 use tokio_postgres::types::Type;
 
-use super::{col, corrupt, magic, woken, Conn, Fail, Inner, PostgresStore, BACKSTOP, TICKET_TTL};
+use crate::acquire::{BACKSTOP, TICKET_TTL};
+use crate::core::{corrupt, Conn, Fail, Inner};
+use crate::layout::{col, magic};
+use crate::listen::woken;
+use crate::store::PostgresStore;
 
 /// What the arriving transaction decided.
 enum Arrived {
@@ -116,7 +120,7 @@ impl BarrierSql {
 
 /// `Store::barrier`: runs the arrival and the wait on the store's runtime; dropping the
 /// future withdraws the arrival (the task sees its channel close and withdraws).
-pub(super) async fn barrier(
+pub(crate) async fn barrier(
     store: &PostgresStore,
     req: &BarrierRequest,
 ) -> Result<BarrierPassed, Error> {

@@ -19,13 +19,22 @@ use std::sync::Arc;
 
 use baton_core::{Result, Store, StoreUrl};
 
+mod acquire;
+mod admin;
+mod barrier;
 mod config;
+mod core;
+mod layout;
+mod lease;
+mod listen;
 mod schema;
 mod store;
 
+pub use acquire::TICKET_TTL;
 pub use config::{PostgresConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_SCHEMA, DEFAULT_TIMEOUT};
+pub use layout::{DEFAULT_TTL, MAX_LIMIT};
 pub use schema::SCHEMA_VERSION;
-pub use store::{PostgresStore, DEFAULT_TTL, MAX_LIMIT, TICKET_TTL};
+pub use store::PostgresStore;
 
 /// Opens the store a `postgres` (or `postgresql`) URL names. Connects lazily: a server
 /// that is down shows on the first operation as `Unavailable`.

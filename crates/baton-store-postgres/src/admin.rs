@@ -1,0 +1,289 @@
+//! Looking at and steering a key from outside its holders: `status` (the key's row, its
+//! lease rows and its live waiters), `list`, `break`, and `resize`.
+//!
+//! Guarantees: nothing here decides that a lease is stale: what `status` says about
+//! staleness comes from the server's clock and this host's process table, for display
+//! only. A break frees the key's lease rows (or, with a lock-delay, holds them back) and
+//! wakes its waiters; their holders' next renew answers `Lost`. A resize changes only the
+//! limit: slots above a lowered limit stay held until released.
+
+use std::time::Duration;
+
+use baton_core::{
+    format_duration, Error, ErrorKind, Holder, HolderId, Key, KeyStatus, Liveness, Op, SlotState,
+    SlotStatus, Token,
+};
+use tokio_postgres::types::Type;
+
+use crate::core::Inner;
+use crate::layout::{col, key_row, lease_row, LeaseRow, MAX_LIMIT};
+
+impl Inner {
+    pub(crate) async fn inspect_step(&self, key: &Key) -> Result<KeyStatus, Error> {
+        let op = Op::Inspect;
+        let k = key.as_str().to_owned();
+        let magic = self.magic;
+        let found = self
+            .with_conn(|inner, conn| {
+                let k = k.clone();
+                Box::pin(async move {
+                    let rows = inner
+                        .query(conn, &inner.sql.key_row, &[(&k, Type::TEXT)])
+                        .await?;
+                    let Some(row) = rows.first() else {
+                        return Ok(None);
+                    };
+                    let (lim, seq, delay) = key_row(row, &k)?;
+                    let leases = inner
+                        .query(conn, &inner.sql.lease_rows, &[(&k, Type::TEXT)])
+                        .await?;
+                    let mut out = Vec::new();
+                    for r in &leases {
+                        out.push(lease_row(r, &k)?);
+                    }
+                    let w = inner
+                        .query(
+                            conn,
+                            &inner.sql.live_waiters,
+                            &[(&k, Type::TEXT), (&magic, Type::INT4)],
+                        )
+                        .await?;
+                    let waiters = match w.first() {
+                        Some(r) => col::<i64>(r, 0)?,
+                        None => 0,
+                    };
+                    Ok(Some((lim, seq, delay, out, waiters)))
+                })
+            })
+            .await
+            .map_err(|f| self.map(f, op, Some(key)))?;
+        let Some((lim, seq, delay, leases, waiters)) = found else {
+            return Err(self.err(
+                ErrorKind::NotFound,
+                op,
+                Some(key),
+                "no such key (a key is created by its first acquire)",
+            ));
+        };
+        let mut slots = Vec::with_capacity(lim as usize);
+        for s in 0..lim {
+            slots.push(match leases.iter().find(|l| l.slot == s) {
+                Some(l) => slot_status(l, delay, self.pid_ns.as_deref()),
+                None => SlotStatus::free(s),
+            });
+        }
+        for l in leases.iter().filter(|l| l.slot >= lim && !l.lost) {
+            let mut st = slot_status(l, delay, self.pid_ns.as_deref());
+            st.note = Some(format!(
+                "above the limit of {lim} (the key was resized down): held until released"
+            ));
+            slots.push(st);
+        }
+        let last = leases.iter().map(|l| l.token).fold(seq, u64::max);
+        Ok(KeyStatus {
+            key: key.clone(),
+            limit: lim,
+            slots,
+            waiters: Some(u32::try_from(waiters).unwrap_or(u32::MAX)),
+            last_token: Some(Token(last)),
+            lock_delay_ms: (delay > 0).then_some(delay),
+        })
+    }
+
+    pub(crate) async fn list_step(&self) -> Result<Vec<Key>, Error> {
+        let names = self
+            .with_conn(|inner, conn| {
+                Box::pin(async move {
+                    let rows = inner.query(conn, &inner.sql.list, &[]).await?;
+                    let mut names = Vec::new();
+                    for r in &rows {
+                        names.push(col::<String>(r, 0)?);
+                    }
+                    Ok(names)
+                })
+            })
+            .await
+            .map_err(|f| self.map(f, Op::List, None))?;
+        let mut keys = Vec::with_capacity(names.len());
+        for n in names {
+            keys.push(Key::new(n.clone()).map_err(|_| {
+                self.err(
+                    ErrorKind::Corrupt,
+                    Op::List,
+                    None,
+                    format!(
+                        "the keys table of schema \"{}\" holds '{n}', which is not a valid key",
+                        self.cfg.schema
+                    ),
+                )
+            })?);
+        }
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    pub(crate) async fn break_step(
+        &self,
+        key: &Key,
+        holder: Option<HolderId>,
+    ) -> Result<Vec<SlotStatus>, Error> {
+        let op = Op::Break;
+        let k = key.as_str().to_owned();
+        let want = holder.map(|h| h.to_string());
+        let freed = self
+            .with_conn(|inner, conn| {
+                let (k, want) = (k.clone(), want.clone());
+                Box::pin(async move {
+                    let rows = inner
+                        .query(conn, &inner.sql.key_row, &[(&k, Type::TEXT)])
+                        .await?;
+                    let Some(row) = rows.first() else {
+                        return Ok(None);
+                    };
+                    key_row(row, &k)?;
+                    let rows = inner
+                        .query(
+                            conn,
+                            &inner.sql.break_leases,
+                            &[(&k, Type::TEXT), (&want, Type::TEXT)],
+                        )
+                        .await?;
+                    let mut freed = Vec::new();
+                    for r in &rows {
+                        let slot: Option<i32> = col(r, 0)?;
+                        let token: Option<i64> = col(r, 1)?;
+                        let json: Option<String> = col(r, 2)?;
+                        let since: Option<f64> = col(r, 3)?;
+                        let held_back: Option<bool> = col(r, 4)?;
+                        freed.push(SlotStatus {
+                            slot: slot.and_then(|s| u32::try_from(s).ok()).unwrap_or(u32::MAX),
+                            state: SlotState::Free,
+                            token: token.and_then(|t| u64::try_from(t).ok()).map(Token),
+                            holder: json.and_then(|j| Holder::from_json(&j)),
+                            since_unix_ms: since.filter(|s| *s >= 0.0).map(|s| s as u64),
+                            renewed_unix_ms: None,
+                            expires_unix_ms: None,
+                            note: Some(if held_back == Some(true) {
+                                "broken; held back by the key's lock-delay before it is granted \
+                                 again; its holder's next renew answers lost"
+                                    .into()
+                            } else {
+                                "freed by break; its holder's next renew answers lost".into()
+                            }),
+                        });
+                    }
+                    if !freed.is_empty() {
+                        inner
+                            .query(
+                                conn,
+                                &inner.sql.notify,
+                                &[(&inner.channel.as_str(), Type::TEXT), (&k, Type::TEXT)],
+                            )
+                            .await?;
+                    }
+                    Ok(Some(freed))
+                })
+            })
+            .await
+            .map_err(|f| self.map(f, op, Some(key)))?;
+        freed.ok_or_else(|| self.err(ErrorKind::NotFound, op, Some(key), "no such key"))
+    }
+
+    pub(crate) async fn resize_step(&self, key: &Key, limit: u32) -> Result<(), Error> {
+        let op = Op::Resize;
+        let lim = i32::try_from(limit)
+            .ok()
+            .filter(|l| *l >= 1 && limit <= MAX_LIMIT)
+            .ok_or_else(|| {
+                self.err(
+                    ErrorKind::InvalidInput,
+                    op,
+                    Some(key),
+                    format!("the limit must be 1 to {MAX_LIMIT} slots, not {limit}"),
+                )
+            })?;
+        let k = key.as_str().to_owned();
+        let n = self
+            .with_conn(|inner, conn| {
+                let k = k.clone();
+                Box::pin(async move {
+                    let rows = inner
+                        .query(
+                            conn,
+                            &format!(
+                                "WITH u AS ({} RETURNING 1) SELECT count(*) FROM u",
+                                inner.sql.resize
+                            ),
+                            &[(&k, Type::TEXT), (&lim, Type::INT4)],
+                        )
+                        .await?;
+                    let n = match rows.first() {
+                        Some(r) => col::<i64>(r, 0)?,
+                        None => 0,
+                    };
+                    if n > 0 {
+                        // A raised limit may let waiters in.
+                        inner
+                            .query(
+                                conn,
+                                &inner.sql.notify,
+                                &[(&inner.channel.as_str(), Type::TEXT), (&k, Type::TEXT)],
+                            )
+                            .await?;
+                    }
+                    Ok(n)
+                })
+            })
+            .await
+            .map_err(|f| self.map(f, op, Some(key)))?;
+        if n == 0 {
+            return Err(self.err(
+                ErrorKind::NotFound,
+                op,
+                Some(key),
+                "no such key (a key is created by its first acquire, with its limit)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A slot as `status` shows it. What it says about staleness comes from the server's
+/// clock and this host's process table, for display: only a waiter's own observations
+/// (or a dead process on its host) take a lease over.
+fn slot_status(l: &LeaseRow, delay_ms: u64, pid_ns: Option<&str>) -> SlotStatus {
+    if l.lost {
+        let mut st = SlotStatus::free(l.slot);
+        st.note = Some(format!(
+            "held back by the key's lock-delay of {}: the lease with token {} was lost (taken \
+             over or broken); granted again once a waiter has seen it held back that long",
+            format_duration(Duration::from_millis(delay_ms)),
+            l.token
+        ));
+        return st;
+    }
+    let dead = pid_ns.is_some()
+        && l.pid_ns.as_deref() == pid_ns
+        && Holder::from_json(&l.holder_json).is_some_and(|h| h.liveness() == Liveness::Dead);
+    let mut st = SlotStatus::of_record(
+        l.slot,
+        l.token,
+        &l.holder_id,
+        &l.holder_json,
+        l.since_ms,
+        dead.then_some("has a holder whose process on this host is gone"),
+    );
+    if st.state == SlotState::Held {
+        st.renewed_unix_ms = l.renewed_ms;
+        st.expires_unix_ms = l.expires_ms;
+        if l.overdue && st.note.is_none() {
+            st.note = Some(
+                "not renewed within its TTL by the server's clock: its holder may be dead; a \
+                 waiter takes it over once it has seen no renewal for the TTL"
+                    .into(),
+            );
+        }
+    }
+    st
+}
