@@ -45,7 +45,8 @@ use etcd_client::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{corrupt, gets, is_lease_exists, show, txn_reads, Inner};
+use crate::core::{gets, is_lease_exists, txn_reads, Inner};
+use crate::layout::{corrupt, show};
 
 /// The TTL of a waiting party's etcd lease: a party that dies while waiting stops counting
 /// within this (plus etcd's expiry check). etcd counts whole seconds.
@@ -196,7 +197,7 @@ impl Inner {
     /// Arrives at the barrier and waits, on the store's runtime, with etcd lease `id` for
     /// the arrival (granted only if this party has to wait). The caller revokes lease `id`
     /// afterwards, whatever this returns.
-    pub(super) async fn barrier_inner(
+    pub(crate) async fn barrier_inner(
         &self,
         req: &BarrierRequest,
         id: i64,

@@ -10,15 +10,22 @@
 //! that the completing arrival advances in the same guarded transaction.
 //! See `README.md` for the layout, the bounds and what the store cannot do.
 
+mod acquire;
+mod admin;
+mod barrier;
 mod config;
+mod core;
+mod layout;
+mod lease;
 mod store;
 
 use std::sync::Arc;
 
 use baton_core::{Result, Store, StoreUrl};
 
+pub use barrier::ARRIVAL_TTL;
 pub use config::{EtcdConfig, DEFAULT_PREFIX};
-pub use store::{EtcdStore, ARRIVAL_TTL, DEFAULT_TTL};
+pub use store::{EtcdStore, DEFAULT_TTL};
 
 /// Opens the store a `etcd` URL names (without connecting: the first operation does).
 pub fn open(url: &StoreUrl) -> Result<Arc<dyn Store>> {
