@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use baton_core::{BarrierPassed, BarrierRequest, ErrorKind, Holder, Result, Wait};
 
-use crate::support::{bounded, skipped, Lab};
+use crate::support::{bounded, Lab};
 use crate::{Harness, LIVENESS_BOUND};
 
 /// How long a party that must not pass waits before it gives up.
@@ -45,7 +45,8 @@ async fn all_pass(
     passed
 }
 
-/// Barriers (a store that answers `Unsupported` is reported and skipped):
+/// Barriers (run where the store declares them; a store that declares barriers and then
+/// answers `Unsupported` fails):
 /// - 3 parties on separate store handles all pass, in one generation;
 /// - a party alone gives up after its timeout with `Timeout`, and its arrival is withdrawn:
 ///   then 2 more arrivals (which would make 3 with a phantom) must time out too, and 3
@@ -59,13 +60,6 @@ pub async fn barrier_passes_in_generations(h: &Harness) {
         .barrier(&request(&key, 1, Wait::Timeout(LIVENESS_BOUND)))
         .await;
     let first = match probe {
-        Err(e) if e.kind() == ErrorKind::Unsupported => {
-            skipped(
-                "barrier_passes_in_generations",
-                &format!("{} has no barriers ({e:#})", lab.store.url()),
-            );
-            return;
-        }
         Err(e) => panic!("a barrier of 1 party did not pass at once: {e:#}"),
         Ok(p) => p,
     };

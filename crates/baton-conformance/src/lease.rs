@@ -1,6 +1,6 @@
 //! The lease properties: what a store whose leases expire unless renewed must keep on top
 //! of the rest of the contract (DESIGN.md, "The contract", points 2–7 as they bear on
-//! leases). [`crate::lease_suite!`] runs them after the others.
+//! leases). [`crate::suite!`] runs them where the store declares renew.
 //!
 //! They use the harness's [`LeaseTiming`]: a short TTL (about a second), so that a paused
 //! holder is superseded within a test. Holders that must stay live run a [`Keeper`], in a
@@ -806,19 +806,8 @@ async fn break_attempt(h: &Harness) -> Result<(), String> {
 /// included) inspect still shows all three and every keeper still holds. Requests (with
 /// the new limit) are `Busy` / `Timeout` while any holder remains, also after two of the
 /// three released; once the last one releases, one is granted. Raising the limit to 3 then
-/// grants two more at once, and a third is `Busy`. Skipped, with a notice, when the store
-/// does not support resize.
+/// grants two more at once, and a third is `Busy`. Run where the store declares resize.
 pub async fn resize_never_evicts(h: &Harness) {
-    if !h.open().capabilities().resize {
-        skipped(
-            "resize_never_evicts",
-            &format!(
-                "{} does not support resize (capabilities().resize is false)",
-                h.open().url()
-            ),
-        );
-        return;
-    }
     conclusive("resize_never_evicts", || resize_attempt(h)).await;
 }
 

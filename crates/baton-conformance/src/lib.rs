@@ -28,10 +28,11 @@
 //! baton_conformance::suite!(open, harness);
 //! ```
 //!
-//! A lease store (one whose leases expire unless renewed) runs [`lease_suite!`] instead:
-//! the same properties plus those of leases (a paused holder superseded and fenced, loss
-//! declared before a re-grant, wall-clock jumps, break, resize, damaged state). Its
-//! harness says which TTL those use and how to damage the store:
+//! The same macro serves every store: what runs is chosen by the store's
+//! [`Capabilities`](baton_core::Capabilities) and by what its harness gives
+//! ([`gate::needs`] lists each property's needs). A lease store's harness says which TTL
+//! the lease properties use and how to damage the store; a networked store's says how to
+//! start private servers, for the properties that partition, restart, freeze or kill one:
 //!
 //! ```ignore
 //! fn harness() -> Harness {
@@ -44,8 +45,12 @@
 //!         .keep(dir)
 //! }
 //!
-//! baton_conformance::lease_suite!(open, harness);
+//! baton_conformance::suite!(open, harness);
 //! ```
+//!
+//! A property a store's declaration or harness rules out is reported as skipped, with
+//! the reason, on stderr and in `scripts/test`'s summary; a store that declares a
+//! capability and then answers `Unsupported` fails ([`capabilities_are_honest`]).
 //!
 //! No property asserts on speed. The only times checked are liveness bounds (generous:
 //! something that must happen does happen), that a timed wait waited at least its
@@ -55,8 +60,10 @@
 //! are returned and printed.
 
 mod barrier;
+mod capability;
 mod clock;
 mod fence;
+pub mod gate;
 mod group;
 pub mod history;
 mod lease;
@@ -80,7 +87,9 @@ use std::time::Duration;
 use baton_core::{Key, Result, Store, StoreUrl};
 
 pub use barrier::*;
+pub use capability::*;
 pub use clock::{instant_ns, monotonic_ns};
+pub use gate::Servers;
 pub use group::*;
 pub use lease::*;
 pub use lock_delay::*;
@@ -116,7 +125,7 @@ impl Recovery {
     }
 }
 
-/// The timing of the lease properties ([`lease_suite!`]).
+/// The timing of the lease properties (those that need renew).
 ///
 /// The lease properties ask for their own TTL, short so that expiry happens within a test
 /// (a paused holder must be superseded in seconds); the rest of the suite keeps
@@ -160,6 +169,8 @@ pub struct Harness {
     worker_test: String,
     keep: Option<Box<dyn Any + Send + Sync>>,
     skip: Option<String>,
+    servers: Option<Servers>,
+    network: bool,
 }
 
 impl fmt::Debug for Harness {
@@ -196,6 +207,8 @@ impl Harness {
             worker_test: worker::WORKER_TEST.into(),
             keep: None,
             skip: None,
+            servers: None,
+            network: false,
         }
     }
 
@@ -224,7 +237,7 @@ impl Harness {
         self
     }
 
-    /// Sets the timing of the lease properties; [`lease_suite!`] needs it.
+    /// Sets the timing of the lease properties; a lease store's harness needs it.
     pub fn lease(mut self, timing: LeaseTiming) -> Harness {
         self.lease = Some(timing);
         self
@@ -235,6 +248,31 @@ impl Harness {
     pub fn corrupt(mut self, name: &'static str, damage: CorruptFn) -> Harness {
         self.corruptions.push((name, damage));
         self
+    }
+
+    /// Says how to start private servers of the store (a networked store): the
+    /// properties that partition, restart, freeze or kill a server need it.
+    pub fn servers(mut self, servers: Servers) -> Harness {
+        self.servers = Some(servers);
+        self
+    }
+
+    /// Says the store talks to a server over TCP at the URL's `host:port` endpoints (the
+    /// partition property puts a fault proxy in front of each). Implied by
+    /// [`Harness::servers`].
+    pub fn network(mut self) -> Harness {
+        self.network = true;
+        self
+    }
+
+    /// Whether the store is networked ([`Harness::network`]).
+    pub fn is_network(&self) -> bool {
+        self.network || self.servers.is_some()
+    }
+
+    /// The private servers the harness can start, if any.
+    pub fn private_servers(&self) -> Option<&Servers> {
+        self.servers.as_ref()
     }
 
     /// Keeps `value` alive as long as the harness (a temporary directory, a server guard).
@@ -302,18 +340,15 @@ impl Harness {
 /// hidden worker entry test (`__baton_conformance_worker`) that worker processes run.
 ///
 /// `$open` is an [`OpenFn`]; `$harness` is a `fn() -> Harness`, called once per test.
-/// Each test runs its property on a fresh multi-threaded Tokio runtime.
-///
-/// A lease store invokes [`lease_suite!`] instead, which adds the lease properties; a
-/// module invokes one of the two.
+/// Each test runs its property on a fresh multi-threaded Tokio runtime — or, when the
+/// store does not declare what the property needs or the harness lacks a facility it
+/// needs ([`gate::needs`]), reports it skipped with the reason ([`skipped`]). Every store
+/// invokes this one macro; its capabilities and harness choose what runs.
 #[macro_export]
 macro_rules! suite {
     ($open:path, $harness:path) => {
-        $crate::suite!(@with $open, $harness;);
-    };
-    // The properties every store runs, then `$extra` (the lease properties).
-    (@with $open:path, $harness:path; $($extra:ident,)*) => {
         $crate::suite!(@tests $open, $harness;
+            plain:
             limit_never_exceeded,
             tokens_strictly_increase,
             wait_modes,
@@ -324,11 +359,35 @@ macro_rules! suite {
             bad_keys_rejected,
             semaphore_slots_distinct,
             list_names_keys,
+            capabilities_are_honest,
             barrier_passes_in_generations,
-            $($extra,)*
+            waiters_are_served_in_order,
+            paused_holder_is_superseded,
+            killed_lease_holder_recovers,
+            wall_clock_jump_keeps_lease,
+            break_frees_and_holder_learns,
+            resize_never_evicts,
+            garbage_is_a_clear_error,
+            stopping_group_is_dead_before_regrant,
+            lock_delay_holds_back_lost_slots,
+            partition_loses_before_regrant,
+            server_clock_step_keeps_lease,
+            ;
+            server:
+            restart_keeps_tokens_rising,
+            frozen_server_loses_before_regrant,
+            waiters_ride_out_restart,
+            ;
+            cluster:
+            leader_kill_keeps_limit,
+            ;
         );
     };
-    (@tests $open:path, $harness:path; $($property:ident,)*) => {
+    (@tests $open:path, $harness:path;
+        plain: $($plain:ident,)* ;
+        server: $($server:ident,)* ;
+        cluster: $($cluster:ident,)* ;
+    ) => {
         /// Runs a worker job when the suite started this binary as a worker; otherwise
         /// does nothing.
         #[test]
@@ -338,61 +397,49 @@ macro_rules! suite {
 
         $(
             #[test]
-            fn $property() {
+            fn $plain() {
                 let harness = $crate::Harness::__in_module($harness(), module_path!());
-                if let Some(why) = harness.skip_reason() {
-                    $crate::skipped(
-                        &format!("{}::{}", module_path!(), stringify!($property)),
-                        &why,
-                    );
+                let test = format!("{}::{}", module_path!(), stringify!($plain));
+                if $crate::gate::skip(&harness, &test, stringify!($plain)) {
                     return;
                 }
-                let _ = $crate::__private::runtime().block_on($crate::$property(&harness));
+                let _ = $crate::__private::runtime().block_on($crate::$plain(&harness));
             }
         )*
-    };
-}
-
-/// [`suite!`] plus the lease properties, for stores whose leases expire unless renewed.
-/// The harness must set [`Harness::lease`] and at least one [`Harness::corrupt`].
-///
-/// Invoke it instead of [`suite!`] (it generates the same tests and the worker entry).
-#[macro_export]
-macro_rules! lease_suite {
-    ($open:path, $harness:path) => {
-        $crate::suite!(@with $open, $harness;
-            paused_holder_is_superseded,
-            killed_lease_holder_recovers,
-            wall_clock_jump_keeps_lease,
-            break_frees_and_holder_learns,
-            resize_never_evicts,
-            garbage_is_a_clear_error,
-            stopping_group_is_dead_before_regrant,
-            lock_delay_holds_back_lost_slots,
-        );
-    };
-}
-
-/// [`lease_suite!`] plus the networked-store properties that need only the harness's
-/// server ([`partition_loses_before_regrant`], through a fault proxy), for stores that
-/// talk to a server over TCP. The properties that restart or kill a server
-/// ([`restart_keeps_tokens_rising`], [`leader_kill_keeps_limit`]) take a private
-/// [`servers::Server`], so a store's tests call them by hand.
-#[macro_export]
-macro_rules! network_suite {
-    ($open:path, $harness:path) => {
-        $crate::suite!(@with $open, $harness;
-            paused_holder_is_superseded,
-            killed_lease_holder_recovers,
-            wall_clock_jump_keeps_lease,
-            break_frees_and_holder_learns,
-            resize_never_evicts,
-            garbage_is_a_clear_error,
-            stopping_group_is_dead_before_regrant,
-            partition_loses_before_regrant,
-            lock_delay_holds_back_lost_slots,
-            server_clock_step_keeps_lease,
-        );
+        $(
+            #[test]
+            fn $server() {
+                let harness = $crate::Harness::__in_module($harness(), module_path!());
+                let test = format!("{}::{}", module_path!(), stringify!($server));
+                let Some((h, server)) = $crate::gate::private_server(
+                    &harness,
+                    module_path!(),
+                    &test,
+                    stringify!($server),
+                    false,
+                ) else {
+                    return;
+                };
+                let _ = $crate::__private::runtime().block_on($crate::$server(&h, &server));
+            }
+        )*
+        $(
+            #[test]
+            fn $cluster() {
+                let harness = $crate::Harness::__in_module($harness(), module_path!());
+                let test = format!("{}::{}", module_path!(), stringify!($cluster));
+                let Some((h, server)) = $crate::gate::private_server(
+                    &harness,
+                    module_path!(),
+                    &test,
+                    stringify!($cluster),
+                    true,
+                ) else {
+                    return;
+                };
+                let _ = $crate::__private::runtime().block_on($crate::$cluster(&h, &server));
+            }
+        )*
     };
 }
 

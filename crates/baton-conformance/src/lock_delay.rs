@@ -13,7 +13,7 @@ use std::time::Duration;
 use baton_core::{ErrorKind, Lease, Released, Wait};
 
 use crate::history::Event;
-use crate::support::{bounded, report, skipped, Keep, Lab};
+use crate::support::{bounded, report, Keep, Lab};
 use crate::{instant_ns, monotonic_ns, Harness, LIVENESS_BOUND};
 
 /// The lock-delay the property gives its key: well above the lease TTL it uses (about a
@@ -36,16 +36,6 @@ const DELAY: Duration = Duration::from_secs(2);
 /// Tokens rise across all of it.
 pub async fn lock_delay_holds_back_lost_slots(h: &Harness) {
     let mut lab = Lab::new(h, "lock_delay_holds_back_lost_slots");
-    if !lab.store.capabilities().lock_delay {
-        skipped(
-            "lock_delay_holds_back_lost_slots",
-            &format!(
-                "{} does not declare lock_delay in its capabilities",
-                lab.store.url()
-            ),
-        );
-        return;
-    }
     let timing = lab.lease_timing();
     let key = lab.key("delayed");
     let req = |lab: &Lab<'_>, wait: Wait| {

@@ -1,12 +1,13 @@
 //! The networked-store properties: the contract over a network that fails (a partition
 //! between holder and server, a server restart, a cluster losing its leader).
 //!
-//! [`crate::network_suite!`] adds [`partition_loses_before_regrant`] to a lease store's
-//! tests; it needs only the harness's URL (whose `host:port` endpoints get a
-//! [`crate::proxy::FaultProxy`] each) and its [`crate::LeaseTiming`].
-//! [`restart_keeps_tokens_rising`] and [`leader_kill_keeps_limit`] restart or kill a server,
-//! so a store's tests call them with a private server of their own
-//! ([`crate::servers::Server`]) rather than the one the other tests share.
+//! [`crate::suite!`] runs them for a store whose harness says how to start its servers
+//! ([`crate::Harness::servers`]). [`partition_loses_before_regrant`] needs only the
+//! harness's URL (whose `host:port` endpoints get a [`crate::proxy::FaultProxy`] each) and
+//! its [`crate::LeaseTiming`]. [`restart_keeps_tokens_rising`], [`leader_kill_keeps_limit`]
+//! and [`frozen_server_loses_before_regrant`] restart, kill or freeze a server, so the
+//! suite gives them a private server of their own ([`crate::servers::Server`]) rather than
+//! the one the other tests share.
 
 use std::time::{Duration, Instant};
 

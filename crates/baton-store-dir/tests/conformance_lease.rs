@@ -84,4 +84,4 @@ fn symlink_lease_file(url: &str, key: &Key) -> io::Result<Vec<PathBuf>> {
     Ok(vec![link, target])
 }
 
-baton_conformance::lease_suite!(open, harness);
+baton_conformance::suite!(open, harness);

@@ -1,6 +1,6 @@
 //! baton's contract, run against the PostgreSQL store on the server `scripts/test` starts
-//! (`BATON_TEST_POSTGRES`), in a schema of its own: the whole suite plus the lease
-//! properties (pause, kill, wall-clock jump, break, resize, hostile rows).
+//! (`BATON_TEST_POSTGRES`), in a schema of its own: the whole suite, chosen by the store's
+//! capabilities; the properties that restart or freeze a server get a private one.
 //!
 //! The base properties' workers hold leases without a keeper, so their TTL
 //! outlasts every hold by a wide margin; the lease properties use a short TTL of their own
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_conformance::servers::url_from_env;
-use baton_conformance::{Harness, LeaseTiming, Recovery};
+use baton_conformance::{Harness, LeaseTiming, Recovery, Servers};
 use baton_core::{Key, Result, Store, StoreUrl};
 
 const TTL: Duration = Duration::from_secs(10);
@@ -27,7 +27,21 @@ fn harness() -> Harness {
         Err(why) => return Harness::skipped(why, open),
     };
     let sep = if base.contains('?') { '&' } else { '?' };
-    Harness::new(format!("{base}{sep}schema={SCHEMA}"), open)
+    harness_at(&format!("{base}{sep}schema={SCHEMA}"))
+        .servers(Servers {
+            script: "postgres",
+            cluster: false,
+            at: harness_at,
+        })
+        .corrupt("negative-limit", negative_limit)
+        .corrupt("negative-sequence", negative_sequence)
+        .corrupt("garbage-lease-row", garbage_lease_row)
+}
+
+/// The harness for the server at `url` (the shared one, or a private one the suite starts
+/// to restart or freeze).
+fn harness_at(url: &str) -> Harness {
+    Harness::new(url, open)
         .ttl(TTL)
         // TTL, plus the waiter's wake-up and a loaded machine's scheduling.
         .recovery(Recovery::Within(TTL + Duration::from_secs(3)))
@@ -35,9 +49,6 @@ fn harness() -> Harness {
             ttl: Duration::from_secs(1),
             detection: Duration::from_secs(2),
         })
-        .corrupt("negative-limit", negative_limit)
-        .corrupt("negative-sequence", negative_sequence)
-        .corrupt("garbage-lease-row", garbage_lease_row)
 }
 
 /// Runs one statement with the key as `$1` on its own thread and runtime (the hooks are
@@ -103,26 +114,4 @@ fn garbage_lease_row(url: &str, key: &Key) -> std::io::Result<Vec<PathBuf>> {
     )
 }
 
-baton_conformance::network_suite!(open, harness);
-
-/// A frozen (SIGSTOPped) private server: the holder's command group is gone before the
-/// slot is granted again after the thaw.
-#[test]
-fn frozen_server_loses_before_regrant() {
-    if let Err(why) = url_from_env("BATON_TEST_POSTGRES") {
-        baton_conformance::skipped("postgres frozen_server_loses_before_regrant", &why);
-        return;
-    }
-    let server = baton_conformance::servers::Server::start("postgres", "start", "stop")
-        .expect("a private server");
-    let h = Harness::new(server.url(), open)
-        .ttl(TTL)
-        .lease(LeaseTiming {
-            ttl: Duration::from_secs(1),
-            detection: Duration::from_secs(2),
-        });
-    let h = Harness::__in_module(h, module_path!());
-    baton_conformance::__private::runtime().block_on(
-        baton_conformance::frozen_server_loses_before_regrant(&h, &server),
-    );
-}
+baton_conformance::suite!(open, harness);

@@ -58,4 +58,4 @@ fn garbage_database(url: &str, _key: &Key) -> std::io::Result<Vec<PathBuf>> {
     Ok(damaged)
 }
 
-baton_conformance::lease_suite!(open, harness);
+baton_conformance::suite!(open, harness);

@@ -1,0 +1,244 @@
+//! Properties of what a store declares: its [`Capabilities`](baton_core::Capabilities)
+//! are honest, its waiters are served in order when it says FIFO, and its waiters ride
+//! out a restart of its server.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use baton_core::{BarrierRequest, ErrorKind, Recovery as Bound, Released, Store, StoreExt, Wait};
+
+use crate::servers::Server;
+use crate::support::{bounded, report, Lab};
+use crate::{Harness, Recovery, LIVENESS_BOUND};
+
+/// Every capability the store declares works, and every one it does not declare answers
+/// `Unsupported` (so a forgotten method cannot pass as "not declared", and a declared one
+/// cannot hide behind the trait's default):
+/// - renew, break, resize and barrier are called on a fresh key: declared → anything but
+///   `Unsupported`; not declared → `Unsupported`;
+/// - a declared lock-delay is kept by the key and shown by status; an undeclared one is
+///   refused, not ignored;
+/// - a declared waiter count is shown by status (`waiters` is `Some`);
+/// - the recovery bound's kind agrees with the harness's (at once, or within a TTL).
+pub async fn capabilities_are_honest(h: &Harness) {
+    let lab = Lab::new(h, "capabilities_are_honest");
+    let caps = lab.store.capabilities();
+    let store = lab.store.url().to_string();
+    let key = lab.key("caps");
+    let lease = lab.grant(&lab.request(&key, 1, Wait::NoWait)).await;
+    let check = |what: &str, declared: bool, r: Result<(), baton_core::Error>| match (declared, r) {
+        (true, Err(e)) if e.kind() == ErrorKind::Unsupported => {
+            panic!("{store} declares {what} but answers Unsupported: {e:#}")
+        }
+        (false, Ok(())) => panic!("{store} does not declare {what} but it worked"),
+        (false, Err(e)) if e.kind() != ErrorKind::Unsupported => {
+            panic!("{store} does not declare {what}; expected Unsupported, got {e:#}")
+        }
+        _ => {}
+    };
+    let renewed = lab.store.renew(&lease).await;
+    let lease = renewed.as_ref().cloned().unwrap_or(lease);
+    check("renew", caps.renew, renewed.map(|_| ()));
+    let status = lab.inspect(&key).await;
+    if caps.waiters {
+        assert!(
+            status.waiters.is_some(),
+            "{store} declares waiter counts but status shows none: {status:?}"
+        );
+    }
+    check(
+        "resize",
+        caps.resize,
+        lab.store.resize(&key, 1).await.map(|_| ()),
+    );
+    let barrier = BarrierRequest {
+        key: lab.key("caps-barrier"),
+        parties: 1,
+        wait: Wait::Timeout(Duration::from_secs(10)),
+        holder: lab.holder(),
+    };
+    check(
+        "barrier",
+        caps.barrier,
+        lab.store.barrier(&barrier).await.map(|_| ()),
+    );
+    check(
+        "break",
+        caps.break_lease,
+        lab.store.break_lease(&key, None).await.map(|_| ()),
+    );
+    let _ = lab.store.release(&lease).await;
+
+    let delayed = lab.key("caps-delay");
+    let mut req = lab.request(&delayed, 1, Wait::NoWait);
+    req.lock_delay = Some(Duration::from_secs(1));
+    match (caps.lock_delay, lab.acquire(&req).await) {
+        (true, Ok(l)) => {
+            let st = lab.inspect(&delayed).await;
+            assert_eq!(
+                st.lock_delay_ms,
+                Some(1000),
+                "{store} declares lock-delay but status does not show the key's: {st:?}"
+            );
+            assert_eq!(lab.release(&l).await, Released::Released);
+        }
+        (true, Err(e)) => panic!("{store} declares lock-delay but refused one: {e:#}"),
+        (false, Ok(_)) => panic!("{store} does not declare lock-delay but accepted one"),
+        (false, Err(e)) => assert!(
+            matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::Unsupported),
+            "{store}: an undeclared lock-delay must be refused clearly, got {e:#}"
+        ),
+    }
+
+    match (caps.bound, h.recovery_kind()) {
+        (Bound::AtOnce, Recovery::AtOnce) | (Bound::WithinTtl { .. }, Recovery::Within(_)) => {}
+        (declared, harness) => {
+            panic!("{store} declares recovery {declared:?} but its harness checks {harness:?}")
+        }
+    }
+    assert!(
+        !caps.recovery.is_empty(),
+        "{store} gives no recovery bound in words"
+    );
+}
+
+/// Contract point 9 where the store declares FIFO: three waiters queued one after the
+/// other are granted in that order (and with rising tokens) once the holder releases, and
+/// a no-wait newcomer does not pass them. The queue is observed through status's waiter
+/// count, so the store must declare `waiters` too.
+pub async fn waiters_are_served_in_order(h: &Harness) {
+    let lab = Lab::new(h, "waiters_are_served_in_order");
+    let key = lab.key("fifo");
+    let first = lab.grant(&lab.request(&key, 1, Wait::NoWait)).await;
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..3u32 {
+        let store = Arc::clone(&lab.store);
+        let order = Arc::clone(&order);
+        let req = lab.request(&key, 1, Wait::Forever);
+        tasks.push(tokio::spawn(async move {
+            let lease = store
+                .acquire(&req)
+                .await
+                .expect("a queued waiter is granted");
+            order
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((i, lease.token));
+            store.release(&lease).await.expect("release")
+        }));
+        // Queue them in a known order: wait until this one shows in the count.
+        bounded("the waiter queueing", LIVENESS_BOUND, async {
+            while lab.inspect(&key).await.waiters != Some(i + 1) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    }
+    lab.release(&first).await;
+    // Either the first waiter has the slot already, or it is next in line: a no-wait
+    // newcomer is Busy either way.
+    let newcomer = lab.acquire(&lab.request(&key, 1, Wait::NoWait)).await;
+    if let Ok(l) = &newcomer {
+        let _ = lab.release(l).await;
+    }
+    let err = newcomer.expect_err("a no-wait newcomer passed the queue");
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err:#}");
+    for t in tasks {
+        let released = bounded("the waiters", LIVENESS_BOUND, t)
+            .await
+            .expect("waiter task");
+        assert_eq!(released, Released::Released);
+    }
+    let order = order.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let who: Vec<u32> = order.iter().map(|(i, _)| *i).collect();
+    assert_eq!(who, vec![0, 1, 2], "grants out of queue order: {order:?}");
+    assert!(
+        order.windows(2).all(|w| w[0].1 < w[1].1),
+        "tokens not rising in grant order: {order:?}"
+    );
+    let st = lab.inspect(&key).await;
+    assert_eq!(st.waiters, Some(0), "waiters left behind: {st:?}");
+}
+
+/// What [`waiters_ride_out_restart`] measured.
+#[derive(Clone, Copy, Debug)]
+pub struct RideOutReport {
+    /// From the restart's start to the last waiter's grant.
+    pub restart_to_last_grant: Duration,
+}
+
+/// Waiters ride out a server restart (DESIGN: a routine database restart must not end
+/// every standby). A holder holds a mutex; three waiters wait for it through
+/// [`StoreExt::lock`] (the path `baton run` takes), each on its own store handle. The
+/// server restarts (`scripts/server-NAME restart`), then the holder releases: every
+/// waiter is granted, one at a time (no two hold at once), with tokens above the
+/// holder's. The waiters' wait is forever: an outage may not end it.
+pub async fn waiters_ride_out_restart(h: &Harness, server: &Server) -> RideOutReport {
+    let lab = Lab::new(h, "waiters_ride_out_restart");
+    let key = lab.key("standby");
+    let holder = lab.grant(&lab.request(&key, 1, Wait::NoWait)).await;
+    let held = Arc::new(Mutex::new(0u32));
+    let outages = Arc::new(Mutex::new(0u32));
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let store: Arc<dyn Store> = h.open();
+        let mut req = store.lock(key.clone());
+        if let Some(ttl) = h.request_ttl() {
+            req = req.ttl(ttl);
+        }
+        let (held, outages) = (Arc::clone(&held), Arc::clone(&outages));
+        tasks.push(tokio::spawn(async move {
+            let o = Arc::clone(&outages);
+            let guard = req
+                .on_outage(move |_, _| *o.lock().unwrap_or_else(|p| p.into_inner()) += 1)
+                .acquire()
+                .await
+                .unwrap_or_else(|e| panic!("a waiter did not ride out the restart: {e:#}"));
+            {
+                let mut n = held.lock().unwrap_or_else(|p| p.into_inner());
+                *n += 1;
+                assert_eq!(*n, 1, "two waiters hold the mutex at once");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let token = guard.lease().token;
+            *held.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+            let released = guard.release().await.unwrap_or(Released::NotHeld);
+            (token, released)
+        }));
+    }
+    // Let the waiters queue before the restart.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let restarted = Instant::now();
+    server
+        .run("restart")
+        .unwrap_or_else(|e| panic!("cannot restart the server: {e}"));
+    // The holder releases after the restart (through a fresh handle if its own cannot).
+    let released = match lab.store.release(&holder).await {
+        Ok(r) => r,
+        Err(_) => h.open().release(&holder).await.unwrap_or(Released::NotHeld),
+    };
+    let mut tokens = Vec::new();
+    for t in tasks {
+        let (token, rel) = bounded("the standbys after the restart", LIVENESS_BOUND * 2, t)
+            .await
+            .expect("waiter task");
+        assert_eq!(rel, Released::Released, "a standby's lease was lost");
+        tokens.push(token);
+    }
+    let last = restarted.elapsed();
+    assert!(
+        tokens.iter().all(|t| *t > holder.token),
+        "a standby got a token at or below the holder's {}: {tokens:?}",
+        holder.token
+    );
+    report(&format!(
+        "waiters_ride_out_restart on {}: holder's release answered {released:?}; 3 standbys \
+         granted {last:?} after the restart began; {} outage retries",
+        lab.store.url(),
+        *outages.lock().unwrap_or_else(|p| p.into_inner())
+    ));
+    RideOutReport {
+        restart_to_last_grant: last,
+    }
+}
