@@ -1,5 +1,7 @@
 //! `baton status [KEY]`: each key's limit, its slots and their holders, as an aligned
-//! table or as JSON Lines (`{"type":"key",...}` per key, its slots inside).
+//! table or as JSON Lines (`{"type":"key",...}` per key, its slots inside). On lease
+//! stores a held slot also shows its last heartbeat (renewal) and when it expires unless
+//! renewed, as the store records or estimates them: for people, not for decisions.
 //!
 //! A key the store does not have is a failure (exit 1, the store's `NotFound`).
 
@@ -108,11 +110,31 @@ pub fn slot_json(slot: &SlotStatus) -> serde_json::Value {
             obj.insert("age_ms".into(), (age.as_millis() as u64).into());
             obj.insert("age".into(), format_duration(age).into());
         }
+        if let Some(renewed) = slot.renewed_unix_ms {
+            obj.insert("renewed_unix_ms".into(), renewed.into());
+            let ago = age_since(renewed);
+            obj.insert("heartbeat_age_ms".into(), (ago.as_millis() as u64).into());
+        }
+        if let Some(expires) = slot.expires_unix_ms {
+            obj.insert("expires_unix_ms".into(), expires.into());
+            obj.insert(
+                "expires_in_ms".into(),
+                (time_until(expires).as_millis() as u64).into(),
+            );
+        }
         if let Some(note) = &slot.note {
             obj.insert("note".into(), note.clone().into());
         }
     }
     value
+}
+
+/// How long until `unix_ms` on this host's wall clock (zero when it has passed). For
+/// display only, like the store's estimate it is computed from.
+fn time_until(unix_ms: u64) -> std::time::Duration {
+    baton::from_unix_ms(unix_ms)
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or(std::time::Duration::ZERO)
 }
 
 fn state_name(state: SlotState) -> &'static str {
@@ -154,7 +176,17 @@ pub fn human(status: &KeyStatus) -> String {
 pub fn slots_table(slots: &[SlotStatus]) -> String {
     let mut rows = vec![Row::Cells(
         [
-            "SLOT", "STATE", "TOKEN", "PID", "HOST", "USER", "AGE", "HOLDER", "COMMAND",
+            "SLOT",
+            "STATE",
+            "TOKEN",
+            "PID",
+            "HOST",
+            "USER",
+            "AGE",
+            "HEARTBEAT",
+            "EXPIRES",
+            "HOLDER",
+            "COMMAND",
         ]
         .iter()
         .map(|s| (*s).to_owned())
@@ -172,6 +204,10 @@ pub fn slots_table(slots: &[SlotStatus]) -> String {
             holder.map_or_else(dash, |h| h.user.clone()),
             slot.since_unix_ms
                 .map_or_else(dash, |ms| format_duration(age_since(ms))),
+            slot.renewed_unix_ms
+                .map_or_else(dash, |ms| format!("{} ago", format_duration(age_since(ms)))),
+            slot.expires_unix_ms
+                .map_or_else(dash, |ms| format!("in {}", format_duration(time_until(ms)))),
             holder.map_or_else(dash, |h| h.id.to_string()),
             holder.map_or_else(dash, |h| h.command_line()),
         ]));
