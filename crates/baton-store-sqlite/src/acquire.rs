@@ -19,23 +19,18 @@
 //!   ticket whose lock the kernel dropped, which the next look at the queue ignores and
 //!   deletes; a waiter that is stopped (SIGSTOP) loses its ticket after [`TICKET_TTL`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use baton_core::{
-    format_duration, unix_ms, AcquireRequest, Error, ErrorKind, Key, Lease, Op, Token, Wait,
-};
+use baton_core::kit::errors;
+use baton_core::kit::runtime::CancelFlag;
+use baton_core::kit::time::{monotonic_ns, next_wake, unix_ms_now, Refresh, TICKET_TTL};
+use baton_core::{format_duration, AcquireRequest, Error, ErrorKind, Key, Lease, Op, Token, Wait};
 use rusqlite::{Connection, TransactionBehavior};
 
 use crate::core::{self, corrupt, retry, Fail, Inner, Stop};
 use crate::layout::{self, Encoded, HeldBackRow, LeaseRow};
 use crate::queue::{Look, View};
-use crate::sys::{monotonic_ns, Probe, TicketLock};
-
-/// How long a waiter's ticket lives without being refreshed; a waiting process refreshes
-/// it every third of this. A waiter that stops (SIGSTOP, a debugger) loses its place in
-/// the queue after this long; one that dies loses it at once.
-pub const TICKET_TTL: Duration = Duration::from_secs(10);
+use crate::sys::{Probe, TicketLock};
 
 /// How long a no-wait acquire keeps retrying a database that other connections keep
 /// busy (a busy database is not a busy lock).
@@ -74,7 +69,7 @@ struct Waiting<'a> {
     /// Until when a busy database is retried.
     busy_deadline: Option<Instant>,
     /// Set when the acquire's future is dropped.
-    cancel: &'a AtomicBool,
+    cancel: &'a CancelFlag,
     /// The request's ticket in the queue, once it has one.
     ticket: Option<i64>,
     /// The ticket's proof of life, held as long as the ticket.
@@ -103,7 +98,7 @@ impl Inner {
             return Ok(None);
         }
         let until = lost_ns.saturating_add(ms.saturating_mul(1_000_000));
-        let wall = i64::try_from(unix_ms(SystemTime::now())).unwrap_or(i64::MAX);
+        let wall = i64::try_from(unix_ms_now()).unwrap_or(i64::MAX);
         // A later loss of the same slot only ever pushes the end further out.
         tx.prepare_cached(
             "INSERT INTO baton_held_back(key, slot, token, how, lost_ms, boot_id, until_boot_ns)
@@ -125,7 +120,6 @@ impl Inner {
         ])?;
         Ok(Some(HeldBackRow {
             slot: l.slot,
-            token: l.token,
             how: how.to_owned(),
             boot_id: self.boot_id.clone(),
             until_boot_ns: until,
@@ -162,16 +156,7 @@ impl Inner {
             .read_view(&tx, &req.key)?
             .ok_or_else(|| corrupt("the key's row vanished inside a transaction"))?;
         if first && view.lim != req.limit {
-            return Err(Fail::Err(
-                Error::new(
-                    ErrorKind::LimitMismatch,
-                    format!(
-                        "the key has a limit of {} slot(s), not {} (use -n {}, or another key)",
-                        view.lim, req.limit, view.lim
-                    ),
-                )
-                .with_current_limit(view.lim),
-            ));
+            return Err(Fail::Err(errors::limit_mismatch(view.lim, req.limit)));
         }
         let mut view = view;
         let mut losses = Vec::new();
@@ -221,7 +206,7 @@ impl Inner {
             })?;
             let ttl_ns = i64::try_from(enc.ttl.as_nanos()).unwrap_or(i64::MAX);
             let expires = now.saturating_add(ttl_ns);
-            let wall = unix_ms(SystemTime::now());
+            let wall = unix_ms_now();
             let wall_i = i64::try_from(wall).unwrap_or(i64::MAX);
             tx.prepare_cached("UPDATE baton_keys SET seq = ?2 WHERE key = ?1")?
                 .execute(rusqlite::params![k, token])?;
@@ -378,7 +363,7 @@ impl Inner {
     pub(crate) fn acquire_blocking(
         &self,
         req: &AcquireRequest,
-        cancel: &AtomicBool,
+        cancel: &CancelFlag,
     ) -> Result<Lease, Error> {
         let key = &req.key;
         let start = Instant::now();
@@ -429,7 +414,6 @@ impl Inner {
             (w.req, w.queue, w.deadline, w.busy_deadline, w.cancel);
         let key = &req.key;
         let timed_out = |waited_for: &str| req.timed_out(waited_for, &self.url);
-        let refresh_every = TICKET_TTL / 3;
         let mut first = true;
         loop {
             let mut seen = core::data_version(conn).unwrap_or(i64::MIN);
@@ -467,37 +451,27 @@ impl Inner {
                     held,
                     held_back,
                 } => {
-                    return Err(self.err(
-                        ErrorKind::Busy,
+                    let held = u32::try_from(held).unwrap_or(u32::MAX);
+                    let held_back = held_back.map(|(left, delay)| (delay, left));
+                    return Err(self.ctx(
+                        errors::busy(held, lim, None, held_back),
                         Op::Acquire,
                         Some(key),
-                        if let Some((left, d)) = held_back {
-                            format!(
-                                "{held} of {lim} slot(s) are held, and a lost lease's slot is held back by the key's lock-delay of {} for about another {}",
-                                format_duration(d),
-                                format_duration(left)
-                            )
-                        } else if held as u32 >= lim {
-                            format!("all {lim} slot(s) are held")
-                        } else {
-                            format!(
-                                "{held} of {lim} slot(s) are held and earlier requests wait for the rest"
-                            )
-                        },
-                    ))
+                    ));
                 }
                 Attempt::Queued {
                     queued_ahead,
                     next_expiry,
                 } => (queued_ahead, next_expiry),
             };
-            let refreshed = Instant::now();
+            // The attempt refreshed the ticket; the next refresh is due a third of its TTL on.
+            let refresh = Refresh::new(TICKET_TTL, Instant::now());
             // A holder that dies (or stops renewing) leaves its row to expire silently.
-            let look_at = next_expiry.map(|d| refreshed + d + Duration::from_millis(1));
+            let look_at = next_expiry.map(|d| Instant::now() + d + Duration::from_millis(1));
             let mut interval = Duration::from_millis(1);
             // Wait for a change worth a write attempt, or for the ticket to need a refresh.
             loop {
-                if cancel.load(Ordering::Relaxed) {
+                if cancel.is_set() {
                     return Err(self.err(
                         ErrorKind::Cancelled,
                         Op::Acquire,
@@ -509,9 +483,7 @@ impl Inner {
                 if deadline.is_some_and(|d| now >= d) {
                     return Err(timed_out("every slot stayed held"));
                 }
-                if now.duration_since(refreshed) >= refresh_every
-                    || look_at.is_some_and(|t| now >= t)
-                {
+                if refresh.due(now) || look_at.is_some_and(|t| now >= t) {
                     break;
                 }
                 // The head of the queue looks often; waiters far behind, who cannot be
@@ -519,11 +491,8 @@ impl Inner {
                 // whose cost grows with the number of connections).
                 let cap = Duration::from_millis((2 + 4 * queued_ahead as u64).min(1000));
                 let mut pause = interval.min(cap);
-                if let Some(d) = deadline {
-                    pause = pause.min(d - now);
-                }
-                if let Some(t) = look_at {
-                    pause = pause.min(t.saturating_duration_since(now));
+                if let Some(wake) = next_wake([deadline, look_at, Some(refresh.due_at())]) {
+                    pause = pause.min(wake.saturating_duration_since(now));
                 }
                 std::thread::sleep(pause);
                 interval = (interval * 2).min(cap);

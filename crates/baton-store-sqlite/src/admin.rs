@@ -11,16 +11,15 @@
 
 use std::time::Duration;
 
-use baton_core::{
-    format_duration, Error, ErrorKind, Holder, HolderId, Key, KeyStatus, Op, SlotState, SlotStatus,
-    Token,
-};
+use baton_core::kit::time::{monotonic_ns, unix_ms_now};
+use baton_core::kit::{errors, status};
+use baton_core::{Error, Holder, HolderId, Key, KeyStatus, Op, SlotState, SlotStatus, Token};
 use rusqlite::TransactionBehavior;
 
-use crate::core::{corrupt, Fail, Inner};
+use crate::core::Inner;
 use crate::layout::{text, LeaseRow};
 use crate::queue::View;
-use crate::sys::{monotonic_ns, Probe};
+use crate::sys::Probe;
 
 impl Inner {
     pub(crate) fn inspect_blocking(&self, key: &Key) -> Result<KeyStatus, Error> {
@@ -41,14 +40,7 @@ impl Inner {
                 })?;
                 Ok(Some((view, waiters)))
             })?
-            .ok_or_else(|| {
-                self.err(
-                    ErrorKind::NotFound,
-                    op,
-                    Some(key),
-                    "no such key (a key is created by its first acquire)",
-                )
-            })?;
+            .ok_or_else(|| self.ctx(errors::no_such_key(), op, Some(key)))?;
         let mut slots = Vec::with_capacity(view.lim as usize);
         for s in 0..view.lim {
             let mut st = match view.leases.iter().find(|l| l.slot == s) {
@@ -58,32 +50,19 @@ impl Inner {
             let expired_here = view.leases.iter().find(|l| {
                 l.slot == s && l.boot_id == self.boot_id && !view.lease_live(l, &self.boot_id, now)
             });
-            if let (SlotState::Free, Some(l), Some(ms)) = (st.state, expired_here, view.delay_ms) {
+            let delay = view.delay_ms.map(|ms| Duration::from_millis(ms as u64));
+            if let (SlotState::Free, Some(l), Some(delay)) = (st.state, expired_here, delay) {
                 // Expired but not yet cleaned up: held back from its expiry on.
                 let until = l
                     .expires_boot_ns
-                    .saturating_add(ms.saturating_mul(1_000_000));
+                    .saturating_add(i64::try_from(delay.as_nanos()).unwrap_or(i64::MAX));
                 if now < until {
-                    st.note = Some(format!(
-                        "held back: the lease with token {} expired; the lock-delay of {} holds the slot back for about another {}",
-                        l.token,
-                        format_duration(Duration::from_millis(ms as u64)),
-                        format_duration(Duration::from_nanos((until - now) as u64))
-                    ));
+                    let left = Duration::from_nanos((until - now) as u64);
+                    st.note = Some(status::held_back_note(delay, Some(left)));
                 }
             } else if st.state == SlotState::Free {
-                if let (Some(left), Some(h), Some(ms)) = (
-                    view.held_back(s, &self.boot_id, now),
-                    view.held_back.iter().find(|h| h.slot == s),
-                    view.delay_ms,
-                ) {
-                    st.note = Some(format!(
-                        "held back: the lease with token {} {}; the lock-delay of {} holds the slot back for about another {}",
-                        h.token,
-                        if h.how == "broken" { "was broken" } else { "expired" },
-                        format_duration(Duration::from_millis(ms as u64)),
-                        format_duration(left)
-                    ));
+                if let (Some(left), Some(delay)) = (view.held_back(s, &self.boot_id, now), delay) {
+                    st.note = Some(status::held_back_note(delay, Some(left)));
                 }
             }
             slots.push(st);
@@ -91,10 +70,7 @@ impl Inner {
         for l in view.leases.iter().filter(|l| l.slot >= view.lim) {
             if view.lease_live(l, &self.boot_id, now) {
                 let mut st = self.slot_status(&view, l, now);
-                st.note = Some(format!(
-                    "above the limit of {} (the key was resized down): held until released",
-                    view.lim
-                ));
+                st.note = Some(status::above_limit_note(view.lim));
                 slots.push(st);
             }
         }
@@ -116,14 +92,22 @@ impl Inner {
         } else {
             Some("expired without being renewed or released")
         };
-        SlotStatus::of_record(
+        let mut st = SlotStatus::of_record(
             l.slot,
             l.token as u64,
             &l.holder_id,
             &l.holder_json,
             u64::try_from(l.acquired_ms).ok(),
             expired,
-        )
+        );
+        if st.state == SlotState::Held {
+            // For display only: the heartbeat as recorded, and the expiry on this boot's
+            // monotonic clock carried over to the wall clock now.
+            st.renewed_unix_ms = u64::try_from(l.renewed_ms).ok();
+            let left_ms = u64::try_from(l.expires_boot_ns.saturating_sub(now) / 1_000_000);
+            st.expires_unix_ms = left_ms.ok().map(|ms| unix_ms_now().saturating_add(ms));
+        }
+        st
     }
 
     pub(crate) fn list_blocking(&self) -> Result<Vec<Key>, Error> {
@@ -132,29 +116,12 @@ impl Inner {
             let mut rows = stmt.query([])?;
             let mut names = Vec::new();
             while let Some(r) = rows.next()? {
-                names.push(text(r, 0, "key").map_err(|f| match f {
-                    Fail::Err(e) => corrupt(format!("a baton_keys row: {}", e.message())),
-                    other => other,
-                })?);
+                names.push(text(r, 0, "key").map_err(|f| f.in_row("a baton_keys row"))?);
             }
             Ok(names)
         })?;
-        let mut keys = names
-            .into_iter()
-            .map(|n| {
-                Key::new(n.clone()).map_err(|_| {
-                    self.err(
-                        ErrorKind::Corrupt,
-                        Op::List,
-                        None,
-                        format!("baton_keys holds '{n}', which is not a valid key"),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        keys.sort();
-        keys.dedup();
-        Ok(keys)
+        let names = names.iter().map(|n| (n.as_str(), "baton_keys"));
+        status::keys_from_names(names).map_err(|e| self.ctx(e, Op::List, None))
     }
 
     pub(crate) fn break_blocking(
@@ -184,35 +151,23 @@ impl Inner {
                 } else {
                     self.record_loss(tx, key.as_str(), &view, l, "expired", l.expires_boot_ns)?;
                 }
-                freed.push(SlotStatus {
-                    slot: l.slot,
-                    state: SlotState::Free,
-                    token: Some(Token(l.token as u64)),
-                    holder: Holder::from_json(&l.holder_json),
-                    since_unix_ms: u64::try_from(l.acquired_ms).ok(),
-                    renewed_unix_ms: None,
-                    expires_unix_ms: None,
-                    note: Some(if live {
-                        "freed by break; its holder's next renew answers lost".into()
-                    } else {
-                        "had already expired; removed by break".into()
-                    }),
-                });
+                freed.push(status::broken(
+                    l.slot,
+                    Some(Token(l.token as u64)),
+                    Holder::from_json(&l.holder_json),
+                    u64::try_from(l.acquired_ms).ok(),
+                    live,
+                ));
             }
             Ok(Some(freed))
         })?;
-        freed.ok_or_else(|| self.err(ErrorKind::NotFound, op, Some(key), "no such key"))
+        freed.ok_or_else(|| self.ctx(errors::no_such_key(), op, Some(key)))
     }
 
     pub(crate) fn resize_blocking(&self, key: &Key, limit: u32) -> Result<(), Error> {
         let op = Op::Resize;
         if limit == 0 {
-            return Err(self.err(
-                ErrorKind::InvalidInput,
-                op,
-                Some(key),
-                "the limit must be at least 1 slot",
-            ));
+            return Err(self.ctx(errors::limit_zero(), op, Some(key)));
         }
         let n = self.with_tx(TransactionBehavior::Immediate, op, Some(key), |tx| {
             Ok(tx
@@ -220,12 +175,7 @@ impl Inner {
                 .execute(rusqlite::params![key.as_str(), limit])?)
         })?;
         if n == 0 {
-            return Err(self.err(
-                ErrorKind::NotFound,
-                op,
-                Some(key),
-                "no such key (a key is created by its first acquire, with its limit)",
-            ));
+            return Err(self.ctx(errors::no_such_key_to_resize(), op, Some(key)));
         }
         Ok(())
     }

@@ -16,17 +16,15 @@
 //! `PRAGMA data_version`, which changes only when another connection commits, and reads
 //! its row only then; no write happens while it waits except the refresh.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use baton_core::{BarrierPassed, BarrierRequest, Error, ErrorKind, Op, Wait};
+use baton_core::kit::errors;
+use baton_core::kit::runtime::CancelFlag;
+use baton_core::kit::time::{monotonic_ns, next_wake, Refresh, ARRIVAL_TTL};
+use baton_core::{format_duration, BarrierPassed, BarrierRequest, Error, ErrorKind, Op, Wait};
 use rusqlite::{OptionalExtension, TransactionBehavior};
 
 use crate::core::{self, retry, Fail, Inner, OP_BUSY_BOUND};
-use crate::sys::monotonic_ns;
-
-/// How long a waiting party's arrival lives without a refresh.
-pub const ARRIVAL_TTL: Duration = Duration::from_secs(10);
 
 const TABLES: &str = "
 CREATE TABLE IF NOT EXISTS baton_barriers(
@@ -58,7 +56,7 @@ impl Inner {
     pub(crate) fn barrier_blocking(
         &self,
         req: &BarrierRequest,
-        cancel: &AtomicBool,
+        cancel: &CancelFlag,
     ) -> Result<BarrierPassed, Error> {
         let key = req.key.as_str().to_owned();
         let me = req.holder.id.to_string();
@@ -160,7 +158,7 @@ impl Inner {
         // Wait.
         let mut seen = i64::MIN;
         let mut interval = Duration::from_millis(1);
-        let mut refreshed = Instant::now();
+        let mut refresh = Refresh::new(ARRIVAL_TTL, Instant::now());
         let result = loop {
             let v = core::data_version(&conn).unwrap_or(i64::MAX);
             if v != seen {
@@ -176,16 +174,16 @@ impl Inner {
                             Op::Barrier,
                             Some(&req.key),
                             format!(
-                                "this party's arrival expired (it was stopped for longer than {}s) \
+                                "this party's arrival expired (it was stopped for longer than {}) \
                                  and was dropped; arrive again",
-                                ARRIVAL_TTL.as_secs()
+                                format_duration(ARRIVAL_TTL)
                             ),
                         ))
                     }
                     Err(e) => break self.leave(&mut conn, &key, &me, Err(e)),
                 }
             }
-            let stop = cancel.load(Ordering::Relaxed);
+            let stop = cancel.is_set();
             let now = Instant::now();
             if stop || deadline.is_some_and(|d| now >= d) {
                 let why = if stop {
@@ -195,25 +193,21 @@ impl Inner {
                         Some(&req.key),
                         "cancelled",
                     )
-                } else if req.wait == Wait::NoWait {
-                    self.err(
-                        ErrorKind::Busy,
-                        Op::Barrier,
-                        Some(&req.key),
-                        "not every party has arrived",
-                    )
                 } else {
-                    self.err(
-                        ErrorKind::Timeout,
+                    let timeout = match req.wait {
+                        Wait::Timeout(d) => Some(d),
+                        Wait::NoWait | Wait::Forever => None,
+                    };
+                    self.ctx(
+                        errors::barrier_gave_up(timeout),
                         Op::Barrier,
                         Some(&req.key),
-                        "not every party arrived in time; this arrival was withdrawn",
                     )
                 };
                 break self.withdraw(&mut conn, &key, &me, why, &passed);
             }
-            if now.duration_since(refreshed) >= ARRIVAL_TTL / 3 {
-                refreshed = now;
+            if refresh.due(now) {
+                refresh.done(now);
                 let expires = monotonic_ns().saturating_add(ARRIVAL_TTL.as_nanos() as i64);
                 let _ = retry(busy_deadline, None, || {
                     conn.execute(
@@ -225,8 +219,8 @@ impl Inner {
                 });
             }
             let mut pause = interval;
-            if let Some(d) = deadline {
-                pause = pause.min(d.saturating_duration_since(now));
+            if let Some(wake) = next_wake([deadline, Some(refresh.due_at())]) {
+                pause = pause.min(wake.saturating_duration_since(now));
             }
             std::thread::sleep(pause);
             interval = (interval * 2).min(Duration::from_millis(50));

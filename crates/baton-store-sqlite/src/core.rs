@@ -16,16 +16,17 @@
 //!   and waiter files are created group-writable before SQLite opens them.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use baton_core::kit::runtime::CancelFlag;
+use baton_core::kit::sys::{self as ksys, lock, Jitter};
 use baton_core::{format_duration, Error, ErrorKind, Key, Op, StoreUrl};
 use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavior};
 
 use crate::config::SqliteConfig;
 use crate::layout;
-use crate::sys::{self, Jitter};
+use crate::sys;
 
 /// How long SQLite's own busy handler waits inside one statement before the retry loop
 /// (with jitter, which SQLite's handler lacks) takes over.
@@ -60,10 +61,13 @@ pub(crate) struct Inner {
 }
 
 /// A failure inside a transaction: either the database was busy (retry the whole
-/// transaction) or a real error (give up).
+/// transaction) or a real error (give up): one of SQLite's, mapped into baton's kinds
+/// where it leaves ([`sql_error`]), so that what it concerns is said once ([`Fail::at`],
+/// [`Fail::in_row`]), or baton's own.
 #[derive(Debug)]
 pub(crate) enum Fail {
     Busy(rusqlite::Error),
+    Sql(rusqlite::Error),
     Err(Error),
 }
 
@@ -72,7 +76,32 @@ impl From<rusqlite::Error> for Fail {
         if is_busy(&e) {
             Fail::Busy(e)
         } else {
-            Fail::Err(sql_error(e))
+            Fail::Sql(e)
+        }
+    }
+}
+
+impl Fail {
+    /// A SQLite error of the database file at `path`, named in its message.
+    pub(crate) fn at(self, path: &Path) -> Fail {
+        match self {
+            Fail::Sql(e) => Fail::Err(sql_error_at(e, Some(path))),
+            other => other,
+        }
+    }
+
+    /// A `Corrupt` value read from `row` (`a baton_leases row of 'k'`), named in its
+    /// message; other failures pass unchanged.
+    pub(crate) fn in_row(self, row: impl std::fmt::Display) -> Fail {
+        let e = match self {
+            Fail::Sql(e) => sql_error(e),
+            Fail::Err(e) => e,
+            busy @ Fail::Busy(_) => return busy,
+        };
+        if e.kind() == ErrorKind::Corrupt {
+            corrupt(format!("{row}: {}", e.message()))
+        } else {
+            Fail::Err(e)
         }
     }
 }
@@ -101,8 +130,20 @@ fn is_busy(e: &rusqlite::Error) -> bool {
     )
 }
 
-/// Maps a SQLite error that is not "busy" to baton's kinds.
+/// Maps a SQLite error that is not "busy" to baton's kinds: baton's words, then SQLite's
+/// as the cause (`the disk is full: database or disk is full: Error code 13: …`), each
+/// said once. Errors that retrying cannot mend (no permission, a read-only filesystem, a
+/// file that is not a database) are permanent.
 pub(crate) fn sql_error(e: rusqlite::Error) -> Error {
+    sql_error_at(e, None)
+}
+
+/// [`sql_error`], naming the database file at `path` first when given.
+pub(crate) fn sql_error_at(e: rusqlite::Error, path: Option<&Path>) -> Error {
+    let permanent = matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::NotADatabase | ErrorCode::PermissionDenied | ErrorCode::ReadOnly)
+    );
     let (kind, what) = match e.sqlite_error_code() {
         Some(ErrorCode::NotADatabase) => (
             ErrorKind::Corrupt,
@@ -133,7 +174,22 @@ pub(crate) fn sql_error(e: rusqlite::Error) -> Error {
             _ => (ErrorKind::Unavailable, "database error"),
         },
     };
-    Error::new(kind, what).with_source(e)
+    let msg = match path {
+        Some(p) => format!("{}: {what}", p.display()),
+        None => what.to_owned(),
+    };
+    let err = Error::new(kind, msg).with_source(e);
+    if permanent {
+        err.permanent()
+    } else {
+        err
+    }
+}
+
+/// Whether an I/O error of opening the store is one retrying cannot mend: no permission,
+/// or a read-only filesystem.
+pub(crate) fn io_permanent(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EROFS)
 }
 
 pub(crate) fn corrupt(msg: impl Into<String>) -> Fail {
@@ -144,22 +200,22 @@ pub(crate) fn corrupt(msg: impl Into<String>) -> Fail {
 /// `deadline` (`None`: no deadline) or until `cancel` is set.
 pub(crate) fn retry<T>(
     deadline: Option<Instant>,
-    cancel: Option<&AtomicBool>,
+    cancel: Option<&CancelFlag>,
     mut f: impl FnMut() -> Result<T, Fail>,
 ) -> Result<T, Stop> {
     let mut backoff = BACKOFF_MIN;
     let started = Instant::now();
     let mut jitter = Jitter::new();
     loop {
-        if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+        if cancel.is_some_and(CancelFlag::is_set) {
             return Err(Stop::Cancelled);
         }
         match f() {
             Ok(v) => return Ok(v),
             Err(Fail::Err(e)) => return Err(Stop::Err(e)),
+            Err(Fail::Sql(e)) => return Err(Stop::Err(sql_error(e))),
             Err(Fail::Busy(e)) => {
-                let hi = backoff.as_micros() as u64;
-                let mut pause = Duration::from_micros(jitter.between(hi / 2, hi));
+                let mut pause = jitter.duration(backoff / 2, backoff);
                 if let Some(d) = deadline {
                     let now = Instant::now();
                     if now >= d {
@@ -280,11 +336,12 @@ impl Inner {
         let path = config.path.clone();
         let parent = path.parent().unwrap_or(Path::new("/")).to_owned();
         std::fs::create_dir_all(&parent).map_err(|e| {
-            fail(
+            let err = fail(
                 ErrorKind::Unavailable,
                 format!("cannot create the directory {}", parent.display()),
             )
-            .with_source(e)
+            .with_retryable(!io_permanent(&e));
+            err.with_source(e)
         })?;
         if !config.unsafe_network_fs {
             refuse_network_fs(&path, &parent, &fail)?;
@@ -304,7 +361,7 @@ impl Inner {
                     .into(),
             )
         })?;
-        let conn = first_connection(&path, &fail)?;
+        let conn = first_connection(&path, url, &fail)?;
         Ok(Inner {
             url: url.clone(),
             config,
@@ -322,7 +379,7 @@ type OpenFail<'a> = &'a dyn Fn(ErrorKind, String) -> Error;
 /// file's, or its directory's while the file does not exist yet.
 fn refuse_network_fs(path: &Path, parent: &Path, fail: OpenFail<'_>) -> Result<(), Error> {
     let probe_at = if path.exists() { path } else { parent };
-    let t = sys::fs_type(probe_at).map_err(|e| {
+    let t = ksys::fs_type(probe_at).map_err(|e| {
         fail(
             ErrorKind::Unavailable,
             format!("cannot stat the filesystem of {}", probe_at.display()),
@@ -339,7 +396,8 @@ fn refuse_network_fs(path: &Path, parent: &Path, fail: OpenFail<'_>) -> Result<(
                  add ?unsafe_network_fs=1 only if this filesystem is local to one host",
                 path.display()
             ),
-        ));
+        )
+        .permanent());
     }
     Ok(())
 }
@@ -356,11 +414,11 @@ fn prepare_files(
     let denied_hint = |e: &std::io::Error| -> String {
         let denied = e.kind() == std::io::ErrorKind::PermissionDenied;
         match group {
-            Some(gid) if denied && !sys::is_member(gid) => format!(
+            Some(gid) if denied && !ksys::is_member(gid) => format!(
                 " (the directory {} is shared by group {}, which {} is not in; members need read and write)",
                 parent.display(),
-                sys::group_label(gid),
-                sys::user_label()
+                ksys::group_label(gid),
+                ksys::user_label()
             ),
             _ if denied => format!(
                 " (to share a database with a group: chgrp GROUP {0} && chmod 2770 {0})",
@@ -376,6 +434,7 @@ fn prepare_files(
                     ErrorKind::Unavailable,
                     format!("cannot create {}{}", file.display(), denied_hint(&e)),
                 )
+                .with_retryable(!io_permanent(&e))
                 .with_source(e)
             })?;
         }
@@ -391,6 +450,7 @@ fn prepare_files(
                     denied_hint(&e)
                 ),
             )
+            .permanent()
             .with_source(e));
         }
     }
@@ -399,23 +459,16 @@ fn prepare_files(
 
 /// Opens the first connection, checking (or creating) the schema, retried while the
 /// database is busy for up to [`OP_BUSY_BOUND`]; the error names the file.
-fn first_connection(path: &Path, fail: OpenFail<'_>) -> Result<Connection, Error> {
+fn first_connection(path: &Path, url: &StoreUrl, fail: OpenFail<'_>) -> Result<Connection, Error> {
     let deadline = Instant::now().checked_add(OP_BUSY_BOUND);
     retry(deadline, None, || {
-        let mut conn = connect(path)?;
-        layout::check_or_init(&mut conn, path)?;
+        // SQLite's errors name the file here, once (baton's own already do).
+        let mut conn = connect(path).map_err(|f| f.at(path))?;
+        layout::check_or_init(&mut conn, path).map_err(|f| f.at(path))?;
         Ok(conn)
     })
     .map_err(|s| match s {
-        Stop::Err(e) => {
-            let named = if e.message().contains(&*path.to_string_lossy()) {
-                e.message().to_owned()
-            } else {
-                format!("{}: {}", path.display(), e.message())
-            };
-            let kind = e.kind();
-            fail(kind, named).with_source(e)
-        }
+        Stop::Err(e) => e.context(Op::Open, None, url),
         Stop::Deadline(e) => fail(
             ErrorKind::Unavailable,
             format!(
@@ -429,7 +482,55 @@ fn first_connection(path: &Path, fail: OpenFail<'_>) -> Result<Connection, Error
     })
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The pool is a plain Vec; a panic while holding it cannot leave it inconsistent.
-    m.lock().unwrap_or_else(|p| p.into_inner())
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sqlite_failure(code: std::ffi::c_int, msg: &str) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), Some(msg.into()))
+    }
+
+    #[test]
+    fn a_full_disk_is_said_once() {
+        let e = sql_error(sqlite_failure(
+            rusqlite::ffi::SQLITE_FULL,
+            "database or disk is full",
+        ));
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert!(e.is_retryable());
+        let shown = format!("{e:#}");
+        assert!(
+            shown.starts_with("the disk is full: database or disk is full: "),
+            "{shown}"
+        );
+        assert_eq!(shown.matches("the disk is full").count(), 1, "{shown}");
+        let at = sql_error_at(
+            sqlite_failure(rusqlite::ffi::SQLITE_IOERR, "disk I/O error"),
+            Some(Path::new("/x.db")),
+        );
+        let shown = format!("{at:#}");
+        assert!(
+            shown.starts_with("/x.db: I/O error on the database: disk I/O error"),
+            "{shown}"
+        );
+        assert_eq!(shown.matches("I/O error on the database").count(), 1);
+    }
+
+    #[test]
+    fn what_retrying_cannot_mend_is_permanent() {
+        for code in [rusqlite::ffi::SQLITE_PERM, rusqlite::ffi::SQLITE_READONLY] {
+            let e = sql_error(sqlite_failure(code, "denied"));
+            assert_eq!(e.kind(), ErrorKind::Unavailable);
+            assert!(!e.is_retryable(), "{e:#}");
+        }
+        let e = sql_error(sqlite_failure(rusqlite::ffi::SQLITE_NOTADB, "not a db"));
+        assert!(!e.is_retryable(), "{e:#}");
+        assert!(io_permanent(&std::io::Error::from_raw_os_error(
+            libc::EROFS
+        )));
+        assert!(io_permanent(&std::io::Error::from_raw_os_error(
+            libc::EACCES
+        )));
+        assert!(!io_permanent(&std::io::Error::from_raw_os_error(libc::EIO)));
+    }
 }

@@ -14,12 +14,13 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use baton_core::{AcquireRequest, Error, ErrorKind, Token};
+use baton_core::kit::errors;
+use baton_core::kit::time::validate_ttl;
+use baton_core::{AcquireRequest, Error, ErrorKind, Key, Token};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, Row, TransactionBehavior};
 
 use crate::core::{corrupt, Fail};
-use crate::store::DEFAULT_TTL;
 
 /// `PRAGMA application_id` of a baton database: "batn" in ASCII.
 pub const APPLICATION_ID: i32 = 0x6261_746E;
@@ -122,10 +123,16 @@ pub(crate) fn check_or_init(conn: &mut Connection, path: &Path) -> Result<(), Fa
         return check_or_init(conn, path);
     }
     if app != APPLICATION_ID {
-        return Err(corrupt(format!(
-            "{shown} is not a baton database (application_id {app:#x}, {objects} schema \
-             object(s)); refusing to use or change it: give baton a file of its own"
-        )));
+        return Err(Fail::Err(
+            errors::corrupt(
+                &shown,
+                format_args!(
+                    "is not a baton database (application_id {app:#x}, {objects} schema \
+                     object(s)); refusing to use or change it: give baton a file of its own"
+                ),
+            )
+            .permanent(),
+        ));
     }
     if version == SCHEMA_VERSION_1 && has_tables(conn, &TABLES[..3])? && !has_tables(conn, &TABLES)?
     {
@@ -278,6 +285,8 @@ pub(crate) struct LeaseRow {
     pub(crate) expires_boot_ns: i64,
     pub(crate) holder_json: String,
     pub(crate) acquired_ms: i64,
+    /// When it was last renewed (or granted), wall-clock ms, for status only.
+    pub(crate) renewed_ms: i64,
 }
 
 /// A ticket row as read, types checked.
@@ -290,7 +299,6 @@ pub(crate) struct TicketRow {
 /// A `baton_held_back` row as read, types checked.
 pub(crate) struct HeldBackRow {
     pub(crate) slot: u32,
-    pub(crate) token: i64,
     pub(crate) how: String,
     pub(crate) boot_id: String,
     pub(crate) until_boot_ns: i64,
@@ -311,8 +319,7 @@ pub(crate) const MAX_LOCK_DELAY_MS: i64 = 365 * 24 * 3600 * 1000;
 
 impl Encoded {
     pub(crate) fn new(req: &AcquireRequest) -> Result<Encoded, Error> {
-        let ttl = req.ttl.unwrap_or(DEFAULT_TTL);
-        ttl_nanos(ttl)?;
+        let ttl = validate_ttl(req.ttl, &req.key)?;
         let holder_json = req.holder.to_json()?;
         let lock_delay_ms = match req.lock_delay.filter(|d| !d.is_zero()) {
             None => None,
@@ -337,17 +344,15 @@ impl Encoded {
     }
 }
 
-pub(crate) fn ttl_nanos(ttl: Duration) -> Result<i64, Error> {
-    if ttl < Duration::from_millis(1) {
-        return Err(Error::new(
-            ErrorKind::InvalidInput,
-            "the TTL must be at least 1ms",
-        ));
-    }
-    i64::try_from(ttl.as_nanos())
-        .ok()
-        .filter(|n| *n < i64::MAX / 2)
-        .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "the TTL is too large"))
+/// A lease's TTL in nanoseconds, checked against the one TTL policy
+/// (`baton_core::kit::time::validate_ttl`): a lease handed to renew may not have come from
+/// this store's acquire.
+pub(crate) fn ttl_nanos(ttl: Duration, key: &Key) -> Result<i64, Error> {
+    // The kit's wording; the operation is the caller's (renew), not acquire.
+    let ttl = validate_ttl(Some(ttl), key)
+        .map_err(|e| Error::new(ErrorKind::InvalidInput, e.message().to_owned()))?;
+    // At most MAX_TTL (a week): far inside i64 nanoseconds.
+    Ok(i64::try_from(ttl.as_nanos()).unwrap_or(i64::MAX))
 }
 
 pub(crate) fn token_i64(t: Token) -> Result<i64, Fail> {

@@ -7,16 +7,15 @@
 //!   loss, so the key's lock-delay still holds its slot back from the expiry on; a renew
 //!   of an expired lease answers `Lost`.
 
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
-use baton_core::{unix_ms, Error, ErrorKind, Lease, Op, Released};
+use baton_core::kit::time::{monotonic_ns, unix_ms_now, DEFAULT_TTL};
+use baton_core::{Error, ErrorKind, Lease, Op, Released};
 use rusqlite::types::Value;
 use rusqlite::{OptionalExtension, TransactionBehavior};
 
 use crate::core::{retry, Inner, OP_BUSY_BOUND};
 use crate::layout::{token_i64, ttl_nanos, LeaseRow};
-use crate::store::DEFAULT_TTL;
-use crate::sys::monotonic_ns;
 
 impl Inner {
     pub(crate) fn release_blocking(
@@ -65,6 +64,7 @@ impl Inner {
                         expires_boot_ns: *e,
                         holder_json: String::new(),
                         acquired_ms: 0,
+                        renewed_ms: 0,
                     };
                     self.record_loss(&tx, key.as_str(), &view, &lost, "expired", *e)?;
                 }
@@ -78,7 +78,8 @@ impl Inner {
 
     pub(crate) fn renew_blocking(&self, lease: &Lease) -> Result<Lease, Error> {
         let ttl = lease.ttl.unwrap_or(DEFAULT_TTL);
-        let ttl_ns = ttl_nanos(ttl).map_err(|e| self.ctx(e, Op::Renew, Some(&lease.key)))?;
+        let ttl_ns =
+            ttl_nanos(ttl, &lease.key).map_err(|e| self.ctx(e, Op::Renew, Some(&lease.key)))?;
         let holder_id = lease.holder.id.to_string();
         let (n, sent_at) = self.with_tx(
             TransactionBehavior::Immediate,
@@ -87,7 +88,7 @@ impl Inner {
             |tx| {
                 let sent_at = Instant::now();
                 let now = monotonic_ns();
-                let wall = i64::try_from(unix_ms(SystemTime::now())).unwrap_or(i64::MAX);
+                let wall = i64::try_from(unix_ms_now()).unwrap_or(i64::MAX);
                 Ok((
                     tx.prepare_cached(
                         "UPDATE baton_leases

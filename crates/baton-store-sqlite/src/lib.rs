@@ -20,16 +20,24 @@ mod queue;
 mod store;
 mod sys;
 
-use baton_core::{Error, StoreUrl};
+use std::sync::Arc;
 
-pub use acquire::TICKET_TTL;
-pub use barrier::ARRIVAL_TTL;
+use baton_core::{Error, Store, StoreUrl};
+
+pub use baton_core::kit::time::{ARRIVAL_TTL, DEFAULT_TTL, TICKET_TTL};
 pub use config::SqliteConfig;
 pub use layout::{APPLICATION_ID, SCHEMA_VERSION};
-pub use store::{SqliteStore, DEFAULT_TTL};
+pub use store::SqliteStore;
 pub use sys::{network_filesystem, NETWORK_FILESYSTEMS};
 
 /// Opens the SQLite store the URL names (`sqlite:/abs/path.db`): [`SqliteStore::open`].
 pub fn open(url: &StoreUrl) -> Result<SqliteStore, Error> {
     SqliteStore::open(url)
+}
+
+/// [`open`], with the store behind the error-context layer
+/// (`baton_core::kit::context::layer`): every error it returns names its operation, key
+/// and store.
+pub fn open_store(url: &StoreUrl) -> Result<Arc<dyn Store>, Error> {
+    Ok(baton_core::kit::context::layer(Arc::new(open(url)?)))
 }

@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use baton_core::{ErrorKind, Key};
+use baton_core::Key;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension};
 
@@ -108,12 +108,7 @@ impl Inner {
         let Some((lim, seq)) = row else {
             return Ok(None);
         };
-        let in_key = |f: Fail| match f {
-            Fail::Err(e) if e.kind() == ErrorKind::Corrupt => {
-                corrupt(format!("baton_keys row of '{k}': {}", e.message()))
-            }
-            other => other,
-        };
+        let in_key = |f: Fail| f.in_row(format_args!("baton_keys row of '{k}'"));
         let lim = int_value((&lim).into(), "lim")
             .and_then(|v| {
                 u32::try_from(v)
@@ -130,7 +125,8 @@ impl Inner {
             })
             .map_err(in_key)?;
         let mut stmt = tx.prepare_cached(
-            "SELECT slot, token, holder_id, boot_id, expires_boot_ns, holder_json, acquired_ms
+            "SELECT slot, token, holder_id, boot_id, expires_boot_ns, holder_json, acquired_ms,
+                    renewed_ms
              FROM baton_leases WHERE key = ?1 ORDER BY slot",
         )?;
         let mut rows = stmt.query([k])?;
@@ -145,14 +141,10 @@ impl Inner {
                     expires_boot_ns: int(r, 4, "expires_boot_ns")?,
                     holder_json: text(r, 5, "holder_json")?,
                     acquired_ms: int(r, 6, "acquired_ms")?,
+                    renewed_ms: int(r, 7, "renewed_ms")?,
                 })
             };
-            leases.push(read().map_err(|f| match f {
-                Fail::Err(e) if e.kind() == ErrorKind::Corrupt => {
-                    corrupt(format!("a baton_leases row of '{k}': {}", e.message()))
-                }
-                other => other,
-            })?);
+            leases.push(read().map_err(|f| f.in_row(format_args!("a baton_leases row of '{k}'")))?);
         }
         drop(rows);
         drop(stmt);
@@ -181,9 +173,10 @@ impl Inner {
         let mut rows = stmt.query([k])?;
         while let Some(r) = rows.next()? {
             let read = || -> Result<HeldBackRow, Fail> {
+                // The token is checked, not kept: status names the slot and its delay.
+                int_in(r, 1, "token", 0, i64::MAX)?;
                 let row = HeldBackRow {
                     slot: int_in(r, 0, "slot", 0, i64::from(u32::MAX))? as u32,
-                    token: int_in(r, 1, "token", 0, i64::MAX)?,
                     how: text(r, 2, "how")?,
                     boot_id: text(r, 3, "boot_id")?,
                     until_boot_ns: int(r, 4, "until_boot_ns")?,
@@ -193,12 +186,9 @@ impl Inner {
                 }
                 Ok(row)
             };
-            held_back.push(read().map_err(|f| match f {
-                Fail::Err(e) if e.kind() == ErrorKind::Corrupt => {
-                    corrupt(format!("a baton_held_back row of '{k}': {}", e.message()))
-                }
-                other => other,
-            })?);
+            held_back.push(
+                read().map_err(|f| f.in_row(format_args!("a baton_held_back row of '{k}'")))?,
+            );
         }
         Ok(Some(View {
             lim,
@@ -232,12 +222,7 @@ impl Inner {
                     expires_boot_ns: int(r, 2, "expires_boot_ns")?,
                 })
             };
-            let t = read().map_err(|f| match f {
-                Fail::Err(e) if e.kind() == ErrorKind::Corrupt => {
-                    corrupt(format!("a baton_waiters row of '{k}': {}", e.message()))
-                }
-                other => other,
-            })?;
+            let t = read().map_err(|f| f.in_row(format_args!("a baton_waiters row of '{k}'")))?;
             if !f(t) {
                 break;
             }

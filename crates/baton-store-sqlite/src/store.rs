@@ -15,26 +15,27 @@
 //!
 //! Guarantees (of this file):
 //! - An acquire whose future is dropped stops waiting, and a lease granted but never
-//!   delivered (the future was dropped meanwhile) is released, not left to expire.
+//!   delivered (the future was dropped meanwhile) is released, not left to expire
+//!   (`baton_core::kit::runtime::blocking_grant`).
 
 use std::fmt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use baton_core::kit::runtime::{self, Call};
 use baton_core::{
-    AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error, ErrorKind, HolderId, Key,
-    KeyStatus, Lease, Op, Released, SlotStatus, Store, StoreUrl,
+    AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error, HolderId, Key, KeyStatus,
+    Lease, Op, Released, SlotStatus, Store, StoreUrl,
 };
-use tokio::sync::oneshot;
 
 use crate::config::SqliteConfig;
 use crate::core::{Inner, OP_BUSY_BOUND};
 
-/// The TTL of a lease whose request gives none.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+/// How long after a lease's TTL runs out its first waiter takes the slot: the waiter
+/// looks again 1 ms after the expiry it read, plus scheduling.
+const RECOVERY_EXTRA: Duration = Duration::from_millis(2);
 
 /// The SQLite store. See the crate docs and README for the mechanism and its bounds.
 pub struct SqliteStore {
@@ -54,10 +55,11 @@ impl SqliteStore {
     /// Opens (creating if needed) the SQLite store the URL names: `sqlite:/abs/path.db`.
     ///
     /// Refuses, without writing to it, a file that is not a SQLite database or is another
-    /// application's ([`ErrorKind::Corrupt`]), and a file on a network filesystem
-    /// ([`ErrorKind::Unavailable`]; see [`crate::NETWORK_FILESYSTEMS`]) unless the URL
-    /// says `?unsafe_network_fs=1`. Blocks while it sets the database up; call it from a
-    /// blocking context or accept a short block (it retries a busy database for up to 30 s).
+    /// application's ([`ErrorKind::Corrupt`](baton_core::ErrorKind::Corrupt)), and a file
+    /// on a network filesystem ([`ErrorKind::Unavailable`](baton_core::ErrorKind::Unavailable);
+    /// see [`crate::NETWORK_FILESYSTEMS`]) unless the URL says `?unsafe_network_fs=1`. Blocks
+    /// while it sets the database up; call it from a blocking context or accept a short
+    /// block (it retries a busy database for up to 30 s).
     pub fn open(url: &StoreUrl) -> Result<SqliteStore, Error> {
         let config = SqliteConfig::from_url(url)?;
         Ok(SqliteStore {
@@ -70,6 +72,7 @@ impl SqliteStore {
         &self.inner.config.path
     }
 
+    /// Runs `f` on a blocking thread ([`runtime::blocking`]).
     async fn blocking<T: Send + 'static>(
         &self,
         op: Op,
@@ -77,40 +80,7 @@ impl SqliteStore {
         f: impl FnOnce(&Inner) -> Result<T, Error> + Send + 'static,
     ) -> Result<T, Error> {
         let inner = Arc::clone(&self.inner);
-        match tokio::task::spawn_blocking(move || f(&inner)).await {
-            Ok(r) => r,
-            Err(e) => Err(self
-                .inner
-                .err(
-                    ErrorKind::Unavailable,
-                    op,
-                    key,
-                    "the database thread failed",
-                )
-                .with_source(e)),
-        }
-    }
-}
-
-/// Cancels a waiting acquire when its future is dropped, and releases a lease that was
-/// granted but never delivered.
-struct CancelGuard {
-    cancel: Arc<AtomicBool>,
-    rx: Option<oneshot::Receiver<Result<Lease, Error>>>,
-    inner: Arc<Inner>,
-}
-
-impl Drop for CancelGuard {
-    fn drop(&mut self) {
-        let Some(mut rx) = self.rx.take() else { return };
-        self.cancel.store(true, Ordering::Relaxed);
-        rx.close();
-        if let Ok(Ok(lease)) = rx.try_recv() {
-            let inner = Arc::clone(&self.inner);
-            std::thread::spawn(move || {
-                inner.give_back(&lease);
-            });
-        }
+        runtime::blocking(Call::new(op, key, &self.inner.url), move || f(&inner)).await
     }
 }
 
@@ -121,50 +91,25 @@ impl Store for SqliteStore {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let mut c = Capabilities::new(
+        Capabilities::lease_store(
             "within the lease's TTL (30s unless the request sets one) after its holder dies",
-        );
-        c.renew = true;
-        c.break_lease = true;
-        c.resize = true;
-        c.fifo = true;
-        c.lock_delay = true;
-        c
+            RECOVERY_EXTRA,
+        )
     }
 
     async fn acquire(&self, req: &AcquireRequest) -> Result<Lease, Error> {
         req.validate()
             .map_err(|e| self.inner.ctx(e, Op::Acquire, Some(&req.key)))?;
-        let (tx, rx) = oneshot::channel();
-        let cancel = Arc::new(AtomicBool::new(false));
-        let mut guard = CancelGuard {
-            cancel: Arc::clone(&cancel),
-            rx: Some(rx),
-            inner: Arc::clone(&self.inner),
-        };
-        let inner = Arc::clone(&self.inner);
+        // The wait runs on a blocking thread that sees `cancel` set when this future is
+        // dropped; a lease granted meanwhile is released, not left to expire.
+        let (inner, giver) = (Arc::clone(&self.inner), Arc::clone(&self.inner));
         let req2 = req.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = inner.acquire_blocking(&req2, &cancel);
-            if let Err(Ok(lease)) = tx.send(result) {
-                // Nobody waits for it any more (the acquire was cancelled): give it back.
-                inner.give_back(&lease);
-            }
-        });
-        let stopped = || {
-            self.inner.err(
-                ErrorKind::Unavailable,
-                Op::Acquire,
-                Some(&req.key),
-                "the database thread stopped",
-            )
-        };
-        let Some(rx) = guard.rx.as_mut() else {
-            return Err(stopped());
-        };
-        let result = rx.await;
-        guard.rx = None;
-        result.unwrap_or_else(|_| Err(stopped()))
+        runtime::blocking_grant(
+            Call::new(Op::Acquire, Some(&req.key), &self.inner.url),
+            move |cancel| inner.acquire_blocking(&req2, cancel),
+            move |lease: Lease| giver.give_back(&lease),
+        )
+        .await
     }
 
     async fn release(&self, lease: &Lease) -> Result<Released, Error> {
@@ -217,20 +162,15 @@ impl Store for SqliteStore {
     async fn barrier(&self, req: &BarrierRequest) -> Result<BarrierPassed, Error> {
         baton_core::barrier::validate(req)
             .map_err(|e| self.inner.ctx(e, Op::Barrier, Some(&req.key)))?;
-        // The wait runs on a blocking thread; dropping this future sets `cancel`, and the
-        // thread withdraws the arrival before it ends.
-        let cancel = Arc::new(AtomicBool::new(false));
-        struct SetOnDrop(Arc<AtomicBool>);
-        impl Drop for SetOnDrop {
-            fn drop(&mut self) {
-                self.0.store(true, Ordering::Relaxed);
-            }
-        }
-        let _guard = SetOnDrop(Arc::clone(&cancel));
+        // Dropping this future sets `cancel`; the thread withdraws the arrival before it
+        // ends. A pass nobody receives has nothing to give back.
+        let inner = Arc::clone(&self.inner);
         let req2 = req.clone();
-        self.blocking(Op::Barrier, Some(&req.key), move |inner| {
-            inner.barrier_blocking(&req2, &cancel)
-        })
+        runtime::blocking_grant(
+            Call::new(Op::Barrier, Some(&req.key), &self.inner.url),
+            move |cancel| inner.barrier_blocking(&req2, cancel),
+            |_: BarrierPassed| {},
+        )
         .await
     }
 

@@ -1,37 +1,21 @@
-//! What the store asks of the kernel: the boot-time clock, the filesystem type of the
-//! database's directory, and open-file-description locks that mark a waiter alive.
+//! What the store asks of the kernel that is SQLite's own: which filesystems are unsafe
+//! for WAL, the files created for a group before SQLite opens them, and the
+//! open-file-description locks that mark a waiter alive (built on
+//! `baton_core::kit::sys`, which also has the clock, the filesystem type and the user and
+//! group names this store uses).
 //!
 //! Guarantees:
-//! - [`monotonic_ns`] never goes back and is the same clock for every process of the host
-//!   (nanoseconds since boot, not counting suspend): the clock the holder's keeper
-//!   measures its TTL on (`std::time::Instant`), so the store never counts time the
-//!   holder cannot count.
 //! - A [`TicketLock`] is held by exactly one open file description; the kernel drops it
 //!   when that description is closed, including when its process dies. [`Probe`] sees
 //!   locks held by any other open file description, in this process or another.
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-/// Nanoseconds on `CLOCK_MONOTONIC`: host-wide, never going back, reset only by a reboot
-/// (which the boot id detects), not advancing during suspend.
-pub(crate) fn monotonic_ns() -> i64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec for clock_gettime to write; CLOCK_MONOTONIC always
-    // exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    // time_t and c_long are i64 on 64-bit Linux, i32 on some 32-bit targets.
-    #[allow(clippy::unnecessary_cast)]
-    (ts.tv_sec as i64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as i64)
-}
+use baton_core::kit::sys::{ofd_is_locked, ofd_try_lock, LockKind, Range};
 
 /// Filesystems on which SQLite's WAL mode is unsafe, by `statfs` `f_type` magic.
 ///
@@ -59,20 +43,6 @@ pub fn network_filesystem(f_type: u64) -> Option<&'static str> {
         .iter()
         .find(|(m, _)| *m == magic)
         .map(|(_, name)| *name)
-}
-
-/// `statfs(path).f_type`.
-pub(crate) fn fs_type(path: &Path) -> io::Result<u64> {
-    let c = cstring(path)?;
-    // SAFETY: zeroed statfs is a valid out-parameter; c is NUL-terminated.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // The field's type differs by architecture (i64, u32, ...); widen its bits.
-    #[allow(clippy::unnecessary_cast)]
-    Ok(st.f_type as i64 as u64)
 }
 
 fn cstring(path: &Path) -> io::Result<CString> {
@@ -185,87 +155,6 @@ pub(crate) fn check_writable(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Whether this process may act as a member of group `gid`.
-pub(crate) fn is_member(gid: u32) -> bool {
-    // SAFETY: these calls cannot fail; getgroups writes at most `n` entries.
-    unsafe {
-        if libc::geteuid() == 0 || libc::getegid() == gid {
-            return true;
-        }
-        let n = libc::getgroups(0, std::ptr::null_mut());
-        if n <= 0 {
-            return false;
-        }
-        let mut groups = vec![0 as libc::gid_t; n as usize];
-        let n = libc::getgroups(n, groups.as_mut_ptr());
-        n > 0 && groups[..n as usize].contains(&gid)
-    }
-}
-
-/// This user, for messages: `user 'alice' (uid 1000)`, or `uid 1000` without a name.
-pub(crate) fn user_label() -> String {
-    // SAFETY: geteuid cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    let mut buf = vec![0u8; 16 * 1024];
-    // SAFETY: zeroed passwd is a valid out-parameter; buf outlives the call and its length
-    // is passed; result points to pw or is null.
-    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    let rc = unsafe {
-        libc::getpwuid_r(
-            uid,
-            &mut pw,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc != 0 || result.is_null() || pw.pw_name.is_null() {
-        return format!("uid {uid}");
-    }
-    // SAFETY: pw_name points to a NUL-terminated string inside buf.
-    match unsafe { std::ffi::CStr::from_ptr(pw.pw_name) }.to_str() {
-        Ok(name) => format!("user '{name}' (uid {uid})"),
-        Err(_) => format!("uid {uid}"),
-    }
-}
-
-/// `'team' (gid 1001)`, or `gid 1001` for a group without a name.
-pub(crate) fn group_label(gid: u32) -> String {
-    let mut buf = vec![0u8; 16 * 1024];
-    // SAFETY: zeroed group is a valid out-parameter; buf outlives the call and its length
-    // is passed; result points to grp or is null.
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::group = std::ptr::null_mut();
-    let rc = unsafe {
-        libc::getgrgid_r(
-            gid,
-            &mut grp,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc != 0 || result.is_null() || grp.gr_name.is_null() {
-        return format!("gid {gid}");
-    }
-    // SAFETY: gr_name points to a NUL-terminated string inside buf.
-    match unsafe { std::ffi::CStr::from_ptr(grp.gr_name) }.to_str() {
-        Ok(name) => format!("'{name}' (gid {gid})"),
-        Err(_) => format!("gid {gid}"),
-    }
-}
-
-fn flock_at(kind: libc::c_int, offset: i64) -> libc::flock {
-    // SAFETY: an all-zero flock is valid (l_pid must be 0 for OFD locks).
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = offset as libc::off_t;
-    fl.l_len = 1;
-    fl
-}
-
 /// A waiter's proof of life: a read lock on byte `ticket` of the lock file, held by an
 /// open file description of its own. Dropping it (or the process dying) drops the lock.
 #[derive(Debug)]
@@ -278,17 +167,13 @@ impl TicketLock {
     /// numbers are never reused).
     pub(crate) fn take(path: &Path, ticket: i64) -> io::Result<TicketLock> {
         let fd = open_lock_file(path)?;
-        let fl = flock_at(libc::F_RDLCK, ticket);
-        loop {
-            // SAFETY: fd is open; fl is a valid flock.
-            let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-            if rc == 0 {
-                return Ok(TicketLock { _fd: fd });
-            }
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
+        if ofd_try_lock(fd.as_fd(), LockKind::Read, Range::byte(ticket))? {
+            Ok(TicketLock { _fd: fd })
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("byte {ticket} of the waiter file is locked by another description"),
+            ))
         }
     }
 }
@@ -319,33 +204,7 @@ impl Probe {
             }
         }
         let Some(fd) = &self.fd else { return true };
-        let mut fl = flock_at(libc::F_WRLCK, ticket);
-        // SAFETY: fd is open; fl is a valid flock that F_OFD_GETLK overwrites.
-        let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-        rc != 0 || fl.l_type != libc::F_UNLCK as libc::c_short
-    }
-}
-
-/// A small non-cryptographic generator for backoff jitter (xorshift64*), seeded from
-/// the clock, the pid and the thread.
-pub(crate) struct Jitter(u64);
-
-impl Jitter {
-    pub(crate) fn new() -> Jitter {
-        let local = 0u8;
-        let seed = (monotonic_ns() as u64)
-            ^ (u64::from(std::process::id()) << 32)
-            ^ (&local as *const u8 as u64).rotate_left(17);
-        Jitter(seed | 1)
-    }
-
-    /// A uniform value in `[lo, hi]` (both in microseconds).
-    pub(crate) fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        let r = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
-        lo + r % (hi.saturating_sub(lo) + 1)
+        ofd_is_locked(fd.as_fd(), LockKind::Write, Range::byte(ticket)).unwrap_or(true)
     }
 }
 
@@ -382,7 +241,7 @@ mod tests {
     #[test]
     fn the_temp_dir_is_local() {
         let dir = tempfile::tempdir().expect("tmp");
-        let t = fs_type(dir.path()).expect("statfs");
+        let t = baton_core::kit::sys::fs_type(dir.path()).expect("statfs");
         assert_eq!(network_filesystem(t), None, "{t:#x}");
     }
 
@@ -402,12 +261,5 @@ mod tests {
         assert!(!probe.alive(7));
         assert!(probe.alive(8));
         drop(other);
-    }
-
-    #[test]
-    fn the_clock_moves_forward() {
-        let a = monotonic_ns();
-        let b = monotonic_ns();
-        assert!(a > 0 && b >= a);
     }
 }

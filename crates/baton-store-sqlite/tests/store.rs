@@ -91,6 +91,19 @@ async fn grants_release_and_answer_not_held() {
     );
     assert_eq!(st.last_token, Some(lease.token));
     assert_eq!(st.waiters, Some(0));
+    // The heartbeat and the expiry, for display: the grant is the first heartbeat, and
+    // the expiry lies about a TTL later.
+    let slot = &st.slots[0];
+    assert_eq!(slot.renewed_unix_ms, slot.since_unix_ms, "{slot:?}");
+    let (renewed, expires) = (
+        slot.renewed_unix_ms.expect("renewed"),
+        slot.expires_unix_ms.expect("expires"),
+    );
+    let ttl_ms = baton_store_sqlite::DEFAULT_TTL.as_millis() as u64;
+    assert!(
+        expires > renewed && expires <= renewed + ttl_ms + 1000,
+        "{slot:?}"
+    );
     let err = s
         .acquire(&req("a/b", 1, Wait::NoWait))
         .await
