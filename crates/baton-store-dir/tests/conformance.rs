@@ -4,10 +4,9 @@ use std::sync::Arc;
 
 use baton_conformance::{Harness, Recovery};
 use baton_core::{Result, Store, StoreUrl};
-use baton_store_dir::DirStore;
 
 fn open(url: &StoreUrl) -> Result<Arc<dyn Store>> {
-    Ok(Arc::new(DirStore::open(url)?))
+    baton_store_dir::open(url)
 }
 
 fn harness() -> Harness {

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use baton_conformance::{Harness, LeaseTiming, Recovery};
 use baton_core::{Key, Result, Store, StoreUrl};
-use baton_store_dir::LeaseStore;
 
 const TTL: Duration = Duration::from_secs(30);
 
@@ -27,7 +26,7 @@ const LEASE: LeaseTiming = LeaseTiming {
 };
 
 fn open(url: &StoreUrl) -> Result<Arc<dyn Store>> {
-    Ok(Arc::new(LeaseStore::open(url)?))
+    baton_store_dir::open(url)
 }
 
 fn harness() -> Harness {

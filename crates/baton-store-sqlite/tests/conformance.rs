@@ -12,12 +12,11 @@ use std::time::Duration;
 
 use baton_conformance::{Harness, LeaseTiming, Recovery};
 use baton_core::{Key, Result, Store, StoreUrl};
-use baton_store_sqlite::SqliteStore;
 
 const TTL: Duration = Duration::from_secs(10);
 
 fn open(url: &StoreUrl) -> Result<Arc<dyn Store>> {
-    Ok(Arc::new(SqliteStore::open(url)?))
+    baton_store_sqlite::open_store(url)
 }
 
 fn harness() -> Harness {

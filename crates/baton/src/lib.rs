@@ -52,11 +52,6 @@ impl StoreKind {
     }
 }
 
-#[cfg(feature = "sqlite")]
-fn open_sqlite(url: &StoreUrl) -> Result<Arc<dyn Store>> {
-    Ok(Arc::new(baton_store_sqlite::open(url)?))
-}
-
 /// Every store of the design, built or not, in the order the docs list them.
 pub const STORES: &[StoreKind] = &[
     StoreKind {
@@ -74,7 +69,7 @@ pub const STORES: &[StoreKind] = &[
         example: "sqlite:/abs/path.db",
         summary: "lease rows in a SQLite file, FIFO",
         #[cfg(feature = "sqlite")]
-        open: Some(open_sqlite),
+        open: Some(baton_store_sqlite::open_store),
         #[cfg(not(feature = "sqlite"))]
         open: None,
         planned: false,

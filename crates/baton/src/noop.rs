@@ -109,11 +109,11 @@ pub fn open(url: &StoreUrl) -> Result<Arc<dyn Store>> {
             }
         }
     }
-    Ok(Arc::new(NoopStore {
+    Ok(baton_core::kit::context::layer(Arc::new(NoopStore {
         url: url.clone(),
         next: AtomicU64::new(0),
         faults,
-    }))
+    })))
 }
 
 impl NoopStore {
@@ -149,11 +149,10 @@ impl Store for NoopStore {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let mut c = Capabilities::new(
-            "nothing is held, so nothing needs to come back (noop: testing only)",
-        );
-        c.renew = self.faults.leases;
-        c
+        Capabilities::new("nothing is held, so nothing needs to come back (noop: testing only)")
+            .with_renew(self.faults.leases)
+            .with_barrier(true)
+            .with_bound(baton_core::Recovery::AtOnce)
     }
 
     async fn acquire(&self, req: &AcquireRequest) -> Result<Lease> {
