@@ -34,11 +34,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use baton_core::{
-    format_duration, AcquireRequest, Error, ErrorKind, Holder, Key, Lease, Liveness, Op, Token,
-    Wait,
-};
-use tokio::sync::oneshot;
+use baton_core::kit::errors::{busy, check_limit, limit_mismatch};
+use baton_core::kit::runtime::Cancel;
+use baton_core::kit::time::{next_wake, Refresh};
+use baton_core::{AcquireRequest, Error, ErrorKind, Holder, Key, Lease, Liveness, Token, Wait};
 use tokio_postgres::types::Type;
 
 use crate::core::{corrupt, Conn, Fail, Inner};
@@ -47,8 +46,8 @@ use crate::listen::woken;
 
 /// How long a waiter's ticket lives without being refreshed; a waiting request refreshes
 /// it every third of this. A waiter that stops (SIGSTOP) loses its place after this
-/// long; one whose connection dies loses it at once.
-pub const TICKET_TTL: Duration = Duration::from_secs(10);
+/// long; one whose connection dies loses it at once. (The kit's, for every store.)
+pub use baton_core::kit::time::TICKET_TTL;
 
 /// A waiter looks at the queue at least this often even without a notification (a
 /// waiter ahead of it that died frees nothing and sends nothing).
@@ -178,6 +177,15 @@ impl Watch {
             .min()
     }
 
+    /// How long until the next held-back (lost) row may be freed, if any is watched.
+    fn next_lost(&self, now: Instant) -> Option<Duration> {
+        self.seen
+            .values()
+            .filter(|o| o.id.lost)
+            .map(|o| (o.since + o.wait).saturating_duration_since(now))
+            .min()
+    }
+
     /// How often to look so that a renewal is seen soon after it happens (a late sight
     /// only delays a takeover): a quarter of the shortest TTL watched.
     fn cadence(&self) -> Option<Duration> {
@@ -203,18 +211,9 @@ impl Inner {
             sent_at,
         } = look;
         let key = req.key.as_str();
-        let lim = i32::try_from(req.limit)
-            .ok()
-            .filter(|_| req.limit <= MAX_LIMIT)
-            .ok_or_else(|| {
-                Fail::Err(Error::new(
-                    ErrorKind::InvalidInput,
-                    format!(
-                        "the limit must be 1 to {MAX_LIMIT} slots, not {}",
-                        req.limit
-                    ),
-                ))
-            })?;
+        check_limit(req.limit, MAX_LIMIT)?;
+        // MAX_LIMIT fits an INT4.
+        let lim = i32::try_from(req.limit).unwrap_or(i32::MAX);
         let ticket_ttl = TICKET_TTL.as_millis() as i64;
         let rows = self
             .query_hot(
@@ -241,7 +240,7 @@ impl Inner {
             .await?;
         let row = rows
             .first()
-            .ok_or_else(|| corrupt("the attempt function returned no row"))?;
+            .ok_or_else(|| corrupt("the attempt function", "returned no row"))?;
         let outcome: String = col(row, 0)?;
         let lim = u32_of(col::<Option<i32>>(row, 3)?, "limit")?;
         match outcome.as_str() {
@@ -249,7 +248,7 @@ impl Inner {
                 let slot = u32_of(col::<Option<i32>>(row, 1)?, "slot")?;
                 let token = col::<Option<i64>>(row, 2)?
                     .and_then(|t| u64::try_from(t).ok())
-                    .ok_or_else(|| corrupt("the attempt function granted no token"))?;
+                    .ok_or_else(|| corrupt("the attempt function", "granted no token"))?;
                 let now_ms = col::<Option<i64>>(row, 7)?
                     .and_then(|t| u64::try_from(t).ok())
                     .unwrap_or(0);
@@ -274,7 +273,7 @@ impl Inner {
             "mismatch" => Ok(Attempt::Mismatch { lim }),
             "queued" => {
                 let ticket = col::<Option<i64>>(row, 4)?
-                    .ok_or_else(|| corrupt("the attempt function queued without a ticket"))?;
+                    .ok_or_else(|| corrupt("the attempt function", "queued without a ticket"))?;
                 let held = u32_of(col::<Option<i32>>(row, 5)?, "held count")?;
                 let ahead = u32_of(col::<Option<i32>>(row, 6)?, "queue position")?;
                 Ok(Attempt::Queued {
@@ -285,9 +284,10 @@ impl Inner {
                     delay: delay_of(row)?,
                 })
             }
-            other => Err(corrupt(format!(
-                "the attempt function answered '{other}', which this baton does not know"
-            ))),
+            other => Err(corrupt(
+                "the attempt function",
+                format!("answered '{other}', which this baton does not know"),
+            )),
         }
     }
 
@@ -320,18 +320,17 @@ impl Inner {
     pub(crate) async fn acquire_task(
         self: Arc<Inner>,
         req: AcquireRequest,
-        mut cancel: oneshot::Receiver<()>,
+        mut cancel: Cancel,
     ) -> Result<Lease, Error> {
         let key = req.key.clone();
-        let op = Op::Acquire;
-        let enc = Encoded::new(&req).map_err(|e| e.context(op, Some(&key), &self.url))?;
+        let enc = Encoded::new(&req)?;
         let start = Instant::now();
         let deadline = req.deadline(start);
         let queue = req.wait != Wait::NoWait;
-        let (mut conn, mut wake_rx) = self.begin(queue, op, &key).await?;
+        let (mut conn, mut wake_rx) = self.begin(queue).await?;
         let mut ticket: Option<i64> = None;
         let mut first = true;
-        let mut refreshed = Instant::now();
+        let mut refreshed = Refresh::new(TICKET_TTL, start);
         let mut watch = Watch::default();
         let mut claims: Vec<i64> = Vec::new();
         loop {
@@ -339,9 +338,9 @@ impl Inner {
             let check_lim = first;
             // The ticket's expiry is written only every third of its TTL; the looks in
             // between are read-only unless they grant.
-            let refresh = sent_at.duration_since(refreshed) >= TICKET_TTL / 3;
+            let refresh = refreshed.due(sent_at);
             if refresh || ticket.is_none() {
-                refreshed = sent_at;
+                refreshed.done(sent_at);
             }
             let outcome = self
                 .attempt(
@@ -385,36 +384,17 @@ impl Inner {
                         continue;
                     }
                     self.checkin(conn);
-                    let held_back = rows.iter().filter(|r| r.id.lost).count();
-                    let mut why = if held >= lim {
-                        format!("all {lim} slot(s) are held")
-                    } else {
-                        format!(
-                            "{held} of {lim} slot(s) are held and {ahead} earlier request(s) wait for the rest"
-                        )
-                    };
-                    if held_back > 0 {
-                        why.push_str(&format!(
-                            " ({held_back} of them held back by the key's lock-delay of {} \
-                             after a lost lease)",
-                            format_duration(delay)
-                        ));
-                    }
-                    return Err(self.err(ErrorKind::Busy, op, Some(&key), why));
+                    // A held-back slot comes back once a waiter has seen it so for the
+                    // delay: for a request arriving now, about the whole delay.
+                    let held_back = rows
+                        .iter()
+                        .any(|r| r.id.lost)
+                        .then(|| (delay, watch.next_lost(now).unwrap_or(delay)));
+                    return Err(busy(held, lim, Some(ahead), held_back));
                 }
                 Ok(Attempt::Mismatch { lim }) => {
                     self.checkin(conn);
-                    return Err(self
-                        .err(
-                            ErrorKind::LimitMismatch,
-                            op,
-                            Some(&key),
-                            format!(
-                                "the key has a limit of {lim} slot(s), not {} (use -n {lim}, or another key)",
-                                req.limit
-                            ),
-                        )
-                        .with_current_limit(lim));
+                    return Err(limit_mismatch(lim, req.limit));
                 }
                 Ok(Attempt::Queued {
                     ticket: t,
@@ -444,14 +424,14 @@ impl Inner {
                     drop(conn);
                     conn = match self.connect().await {
                         Ok(c) => c,
-                        Err(f) => return Err(self.map(f, op, Some(&key))),
+                        Err(f) => return Err(self.map(f)),
                     };
                     first = check_lim;
                     continue;
                 }
                 Err(f) => {
                     let unknown = f.breaks_conn();
-                    let mut e = self.map(f, op, Some(&key));
+                    let mut e = self.map(f);
                     if unknown {
                         // The call may have run on the server: a grant we never saw
                         // expires at its TTL.
@@ -468,22 +448,22 @@ impl Inner {
                 self.leave(conn, &key, ticket).await;
                 return Err(req.timed_out("every slot stayed held", &self.url));
             }
-            let mut pause = BACKSTOP.min(TICKET_TTL / 3);
-            if let Some(n) = watch.next(now) {
-                pause = pause.min(n + Duration::from_millis(2));
-            }
-            if let Some(c) = watch.cadence() {
-                pause = pause.min(c);
-            }
-            if let Some(d) = deadline {
-                pause = pause.min(d - now);
-            }
-            let look_at = tokio::time::Instant::now() + pause;
+            // The next look: the backstop, the ticket's refresh, the next observation to
+            // mature, the look cadence, or the deadline, whichever comes first.
+            let wake = next_wake([
+                Some(now + BACKSTOP),
+                Some(refreshed.due_at()),
+                watch.next(now).map(|n| now + n + Duration::from_millis(2)),
+                watch.cadence().map(|c| now + c),
+                deadline,
+            ])
+            .unwrap_or(now + BACKSTOP);
+            let look_at = tokio::time::Instant::from_std(wake.max(now));
             loop {
                 tokio::select! {
                     _ = &mut cancel => {
                         self.leave(conn, &key, ticket).await;
-                        return Err(self.err(ErrorKind::Cancelled, op, Some(&key), "cancelled"));
+                        return Err(Error::new(ErrorKind::Cancelled, "cancelled"));
                     }
                     _ = tokio::time::sleep_until(look_at) => break,
                     all = woken(&mut wake_rx, key.as_str()) => {

@@ -9,10 +9,9 @@
 
 use std::time::Duration;
 
-use baton_core::{
-    format_duration, Error, ErrorKind, Holder, HolderId, Key, KeyStatus, Liveness, Op, SlotState,
-    SlotStatus, Token,
-};
+use baton_core::kit::errors::{check_limit, no_such_key, no_such_key_to_resize};
+use baton_core::kit::status::{above_limit_note, broken, held_back_note, keys_from_names};
+use baton_core::{Error, Holder, HolderId, Key, KeyStatus, Liveness, SlotState, SlotStatus, Token};
 use tokio_postgres::types::Type;
 
 use crate::core::Inner;
@@ -20,7 +19,6 @@ use crate::layout::{col, key_row, lease_row, LeaseRow, MAX_LIMIT};
 
 impl Inner {
     pub(crate) async fn inspect_step(&self, key: &Key) -> Result<KeyStatus, Error> {
-        let op = Op::Inspect;
         let k = key.as_str().to_owned();
         let magic = self.magic;
         let found = self
@@ -56,14 +54,9 @@ impl Inner {
                 })
             })
             .await
-            .map_err(|f| self.map(f, op, Some(key)))?;
+            .map_err(|f| self.map(f))?;
         let Some((lim, seq, delay, leases, waiters)) = found else {
-            return Err(self.err(
-                ErrorKind::NotFound,
-                op,
-                Some(key),
-                "no such key (a key is created by its first acquire)",
-            ));
+            return Err(no_such_key());
         };
         let mut slots = Vec::with_capacity(lim as usize);
         for s in 0..lim {
@@ -74,9 +67,7 @@ impl Inner {
         }
         for l in leases.iter().filter(|l| l.slot >= lim && !l.lost) {
             let mut st = slot_status(l, delay, self.pid_ns.as_deref());
-            st.note = Some(format!(
-                "above the limit of {lim} (the key was resized down): held until released"
-            ));
+            st.note = Some(above_limit_note(lim));
             slots.push(st);
         }
         let last = leases.iter().map(|l| l.token).fold(seq, u64::max);
@@ -103,24 +94,9 @@ impl Inner {
                 })
             })
             .await
-            .map_err(|f| self.map(f, Op::List, None))?;
-        let mut keys = Vec::with_capacity(names.len());
-        for n in names {
-            keys.push(Key::new(n.clone()).map_err(|_| {
-                self.err(
-                    ErrorKind::Corrupt,
-                    Op::List,
-                    None,
-                    format!(
-                        "the keys table of schema \"{}\" holds '{n}', which is not a valid key",
-                        self.cfg.schema
-                    ),
-                )
-            })?);
-        }
-        keys.sort();
-        keys.dedup();
-        Ok(keys)
+            .map_err(|f| self.map(f))?;
+        let entry = format!("the keys table of schema \"{}\"", self.cfg.schema);
+        keys_from_names(names.iter().map(|n| (n.as_str(), entry.as_str())))
     }
 
     pub(crate) async fn break_step(
@@ -128,7 +104,6 @@ impl Inner {
         key: &Key,
         holder: Option<HolderId>,
     ) -> Result<Vec<SlotStatus>, Error> {
-        let op = Op::Break;
         let k = key.as_str().to_owned();
         let want = holder.map(|h| h.to_string());
         let freed = self
@@ -156,22 +131,21 @@ impl Inner {
                         let json: Option<String> = col(r, 2)?;
                         let since: Option<f64> = col(r, 3)?;
                         let held_back: Option<bool> = col(r, 4)?;
-                        freed.push(SlotStatus {
-                            slot: slot.and_then(|s| u32::try_from(s).ok()).unwrap_or(u32::MAX),
-                            state: SlotState::Free,
-                            token: token.and_then(|t| u64::try_from(t).ok()).map(Token),
-                            holder: json.and_then(|j| Holder::from_json(&j)),
-                            since_unix_ms: since.filter(|s| *s >= 0.0).map(|s| s as u64),
-                            renewed_unix_ms: None,
-                            expires_unix_ms: None,
-                            note: Some(if held_back == Some(true) {
-                                "broken; held back by the key's lock-delay before it is granted \
-                                 again; its holder's next renew answers lost"
-                                    .into()
-                            } else {
-                                "freed by break; its holder's next renew answers lost".into()
-                            }),
-                        });
+                        let mut st = broken(
+                            slot.and_then(|s| u32::try_from(s).ok()).unwrap_or(u32::MAX),
+                            token.and_then(|t| u64::try_from(t).ok()).map(Token),
+                            json.and_then(|j| Holder::from_json(&j)),
+                            since.filter(|s| *s >= 0.0).map(|s| s as u64),
+                            true,
+                        );
+                        if held_back == Some(true) {
+                            st.note = Some(
+                                "broken; held back by the key's lock-delay before it is \
+                                 granted again; its holder's next renew answers lost"
+                                    .into(),
+                            );
+                        }
+                        freed.push(st);
                     }
                     if !freed.is_empty() {
                         inner
@@ -186,23 +160,14 @@ impl Inner {
                 })
             })
             .await
-            .map_err(|f| self.map(f, op, Some(key)))?;
-        freed.ok_or_else(|| self.err(ErrorKind::NotFound, op, Some(key), "no such key"))
+            .map_err(|f| self.map(f))?;
+        freed.ok_or_else(no_such_key)
     }
 
     pub(crate) async fn resize_step(&self, key: &Key, limit: u32) -> Result<(), Error> {
-        let op = Op::Resize;
-        let lim = i32::try_from(limit)
-            .ok()
-            .filter(|l| *l >= 1 && limit <= MAX_LIMIT)
-            .ok_or_else(|| {
-                self.err(
-                    ErrorKind::InvalidInput,
-                    op,
-                    Some(key),
-                    format!("the limit must be 1 to {MAX_LIMIT} slots, not {limit}"),
-                )
-            })?;
+        check_limit(limit, MAX_LIMIT)?;
+        // MAX_LIMIT fits an INT4.
+        let lim = i32::try_from(limit).unwrap_or(i32::MAX);
         let k = key.as_str().to_owned();
         let n = self
             .with_conn(|inner, conn| {
@@ -236,14 +201,9 @@ impl Inner {
                 })
             })
             .await
-            .map_err(|f| self.map(f, op, Some(key)))?;
+            .map_err(|f| self.map(f))?;
         if n == 0 {
-            return Err(self.err(
-                ErrorKind::NotFound,
-                op,
-                Some(key),
-                "no such key (a key is created by its first acquire, with its limit)",
-            ));
+            return Err(no_such_key_to_resize());
         }
         Ok(())
     }
@@ -254,13 +214,10 @@ impl Inner {
 /// (or a dead process on its host) take a lease over.
 fn slot_status(l: &LeaseRow, delay_ms: u64, pid_ns: Option<&str>) -> SlotStatus {
     if l.lost {
+        // How long it stays held back is up to the waiters' own observations, which
+        // status cannot see.
         let mut st = SlotStatus::free(l.slot);
-        st.note = Some(format!(
-            "held back by the key's lock-delay of {}: the lease with token {} was lost (taken \
-             over or broken); granted again once a waiter has seen it held back that long",
-            format_duration(Duration::from_millis(delay_ms)),
-            l.token
-        ));
+        st.note = Some(held_back_note(Duration::from_millis(delay_ms), None));
         return st;
     }
     let dead = pid_ns.is_some()

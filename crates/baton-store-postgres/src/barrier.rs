@@ -15,7 +15,7 @@
 //!
 //! Waiting: the party looks at its own row (one read, no lock, no write) when the
 //! listening connection reports `barrier:<key>`, and at a one-second backstop; it
-//! refreshes the row's expiry every [`TICKET_TTL`]/3. Once marked it deletes its row,
+//! refreshes the row's expiry every [`ARRIVAL_TTL`]/3. Once marked it deletes its row,
 //! drops its lock and returns.
 //!
 //! Dead parties: an arrival counts while its advisory lock is held and its expiry (server
@@ -24,20 +24,25 @@
 //! (process killed, connection cut, backend terminated) and the row is deleted. So a
 //! party that dies stops counting at once (at the next arrival); one that is stopped
 //! (SIGSTOP) or cut off while its server session lingers stops counting within
-//! [`TICKET_TTL`] (10 s, server clock), and gets `Lost` if it resumes.
+//! [`ARRIVAL_TTL`] (10 s, server clock), and gets `Lost` if it resumes.
+//!
+//! `Store::barrier` (in `store.rs`) runs [`Inner::barrier_task`] through the kit's
+//! `StoreRuntime::grant`: dropping the caller's future resolves the task's `Cancel`, and
+//! the task withdraws the arrival.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use baton_core::{BarrierPassed, BarrierRequest, Error, ErrorKind, Key, Op, Wait};
-use tokio::sync::oneshot;
+use baton_core::kit::errors::barrier_gave_up;
+use baton_core::kit::runtime::Cancel;
+use baton_core::kit::time::{next_wake, Refresh, ARRIVAL_TTL};
+use baton_core::{BarrierPassed, BarrierRequest, Error, ErrorKind, Key, Wait};
 use tokio_postgres::types::Type;
 
-use crate::acquire::{BACKSTOP, TICKET_TTL};
+use crate::acquire::BACKSTOP;
 use crate::core::{corrupt, Conn, Fail, Inner};
 use crate::layout::{col, magic};
 use crate::listen::woken;
-use crate::store::PostgresStore;
 
 /// What the arriving transaction decided.
 enum Arrived {
@@ -118,42 +123,6 @@ impl BarrierSql {
     }
 }
 
-/// `Store::barrier`: runs the arrival and the wait on the store's runtime; dropping the
-/// future withdraws the arrival (the task sees its channel close and withdraws).
-pub(crate) async fn barrier(
-    store: &PostgresStore,
-    req: &BarrierRequest,
-) -> Result<BarrierPassed, Error> {
-    let inner = &store.inner;
-    baton_core::barrier::validate(req)
-        .map_err(|e| e.context(Op::Barrier, Some(&req.key), &inner.url))?;
-    let parties = i32::try_from(req.parties).map_err(|_| {
-        inner.err(
-            ErrorKind::InvalidInput,
-            Op::Barrier,
-            Some(&req.key),
-            format!("a barrier has at most {} parties", i32::MAX),
-        )
-    })?;
-    let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
-    let (tx, rx) = oneshot::channel();
-    let task = Arc::clone(inner);
-    let req2 = req.clone();
-    inner.handle.spawn(async move {
-        let _ = tx.send(task.barrier_task(req2, parties, cancel_rx).await);
-    });
-    let result = rx.await;
-    drop(cancel_tx);
-    result.unwrap_or_else(|_| {
-        Err(inner.err(
-            ErrorKind::Unavailable,
-            Op::Barrier,
-            Some(&req.key),
-            "the store's runtime stopped",
-        ))
-    })
-}
-
 impl Inner {
     /// The first half of the advisory locks of this schema's barrier arrivals (not the
     /// waiters' number, so ticket numbers of the two tables never meet).
@@ -161,13 +130,14 @@ impl Inner {
         magic(&format!("{}:barrier", self.sql.schema))
     }
 
-    async fn barrier_task(
+    /// The whole arrival and wait, on the store's runtime; `cancel` resolves when the
+    /// caller goes away, and the arrival is then withdrawn.
+    pub(crate) async fn barrier_task(
         self: Arc<Inner>,
         req: BarrierRequest,
         parties: i32,
-        mut cancel: oneshot::Receiver<()>,
+        mut cancel: Cancel,
     ) -> Result<BarrierPassed, Error> {
-        let op = Op::Barrier;
         let key = req.key.clone();
         let sql = BarrierSql::new(&self.sql.schema);
         let start = Instant::now();
@@ -178,7 +148,7 @@ impl Inner {
         };
         let waits = req.wait != Wait::NoWait;
         let topic = format!("barrier:{}", key.as_str());
-        let (mut conn, mut wake_rx) = self.begin(waits, op, &key).await?;
+        let (mut conn, mut wake_rx) = self.begin(waits).await?;
         let passed = |generation: u64| BarrierPassed {
             key: key.clone(),
             generation,
@@ -195,17 +165,14 @@ impl Inner {
                 }
                 Ok(Arrived::Mismatch(p)) => {
                     self.checkin(conn);
-                    return Err(self
-                        .err(
-                            ErrorKind::LimitMismatch,
-                            op,
-                            Some(&key),
-                            format!(
-                                "the generation waiting at this barrier has {p} parties, not {}",
-                                req.parties
-                            ),
-                        )
-                        .with_current_limit(p));
+                    return Err(Error::new(
+                        ErrorKind::LimitMismatch,
+                        format!(
+                            "the generation waiting at this barrier has {p} parties, not {}",
+                            req.parties
+                        ),
+                    )
+                    .with_current_limit(p));
                 }
                 Ok(Arrived::Waiting(t)) => break t,
                 Err(f) if conn.reused && f.never_sent() && tries < 3 => {
@@ -213,7 +180,7 @@ impl Inner {
                     drop(conn);
                     conn = match self.connect().await {
                         Ok(c) => c,
-                        Err(f) => return Err(self.map(f, op, Some(&key))),
+                        Err(f) => return Err(self.map(f)),
                     };
                 }
                 Err(f) => {
@@ -221,11 +188,11 @@ impl Inner {
                     // connection ends the session, which rolls back or, after a commit,
                     // drops the arrival's lock (so it counts as dead).
                     drop(conn);
-                    return Err(self.map(f, op, Some(&key)));
+                    return Err(self.map(f));
                 }
             }
         };
-        let mut refreshed = Instant::now();
+        let mut refresh = Refresh::new(ARRIVAL_TTL, Instant::now());
         loop {
             match self.standing(&conn, &sql, ticket).await {
                 Ok(Standing::Passed(g)) => {
@@ -235,44 +202,32 @@ impl Inner {
                 Ok(Standing::Waiting) => {}
                 Ok(Standing::Gone) => {
                     self.leave_barrier(conn, &sql, ticket).await;
-                    return Err(self.err(
+                    return Err(Error::new(
                         ErrorKind::Lost,
-                        op,
-                        Some(&key),
                         format!(
                             "this party's arrival expired (it was stopped or cut off for longer \
                              than {}s) and was dropped; arrive again",
-                            TICKET_TTL.as_secs()
+                            ARRIVAL_TTL.as_secs()
                         ),
                     ));
                 }
                 Err(f) => {
                     drop(conn);
-                    return Err(self.map(f, op, Some(&key)));
+                    return Err(self.map(f));
                 }
             }
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
-                let why = if req.wait == Wait::NoWait {
-                    self.err(
-                        ErrorKind::Busy,
-                        op,
-                        Some(&key),
-                        "not every party has arrived",
-                    )
-                } else {
-                    self.err(
-                        ErrorKind::Timeout,
-                        op,
-                        Some(&key),
-                        "not every party arrived in time; this arrival was withdrawn",
-                    )
+                let timeout = match req.wait {
+                    Wait::Timeout(d) => Some(d),
+                    _ => None,
                 };
+                let why = barrier_gave_up(timeout);
                 return self.withdraw(conn, &sql, &key, ticket, why, &passed).await;
             }
-            if now.duration_since(refreshed) >= TICKET_TTL / 3 {
-                refreshed = now;
-                let ttl_ms = TICKET_TTL.as_millis() as i64;
+            if refresh.due(now) {
+                refresh.done(now);
+                let ttl_ms = ARRIVAL_TTL.as_millis() as i64;
                 if let Err(f) = self
                     .query(
                         &conn,
@@ -282,19 +237,17 @@ impl Inner {
                     .await
                 {
                     drop(conn);
-                    return Err(self.map(f, op, Some(&key)));
+                    return Err(self.map(f));
                 }
             }
-            let mut pause = BACKSTOP.min((TICKET_TTL / 3).saturating_sub(now - refreshed));
-            if let Some(d) = deadline {
-                pause = pause.min(d.saturating_duration_since(now));
-            }
+            let wake = next_wake([Some(now + BACKSTOP), Some(refresh.due_at()), deadline])
+                .unwrap_or(now + BACKSTOP);
             tokio::select! {
                 _ = &mut cancel => {
-                    let why = self.err(ErrorKind::Cancelled, op, Some(&key), "cancelled");
+                    let why = Error::new(ErrorKind::Cancelled, "cancelled");
                     return self.withdraw(conn, &sql, &key, ticket, why, &passed).await;
                 }
-                _ = tokio::time::sleep(pause) => {}
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake.max(now))) => {}
                 _ = woken(&mut wake_rx, &topic) => {}
             }
         }
@@ -321,13 +274,14 @@ impl Inner {
         let rows = self.query(conn, &sql.lock_row, &[(&k, Type::TEXT)]).await?;
         let row = rows
             .first()
-            .ok_or_else(|| corrupt("the barrier's row vanished inside its transaction"))?;
+            .ok_or_else(|| corrupt("the barrier's row", "vanished inside its transaction"))?;
         let generation: i64 = col(row, 0)?;
         let current: i32 = col(row, 1)?;
         let generation = u64::try_from(generation).map_err(|_| {
-            corrupt(format!(
-                "the barriers row of {k} holds the generation {generation}, not a count"
-            ))
+            corrupt(
+                format_args!("the barriers row of {k}"),
+                format!("holds the generation {generation}, not a count"),
+            )
         })?;
         self.query(conn, &sql.sweep, &[(&k, Type::TEXT), (&bm, Type::INT4)])
             .await?;
@@ -373,7 +327,7 @@ impl Inner {
             )
             .await?;
         }
-        let ttl_ms = TICKET_TTL.as_millis() as i64;
+        let ttl_ms = ARRIVAL_TTL.as_millis() as i64;
         let rows = self
             .query(
                 conn,
@@ -387,7 +341,7 @@ impl Inner {
             .await?;
         let ticket: i64 = match rows.first() {
             Some(r) => col(r, 0)?,
-            None => return Err(corrupt("inserting an arrival returned no ticket")),
+            None => return Err(corrupt("inserting an arrival", "returned no ticket")),
         };
         // Taken before the arrival is visible to anyone: nobody sees it without its lock.
         let rows = self

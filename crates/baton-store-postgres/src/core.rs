@@ -1,4 +1,4 @@
-//! The connection: the store's own runtime, the pool of connections (each driven by a
+//! The connection: the pool of connections (each driven by a
 //! task of that runtime, with its hot statements prepared once), one statement bounded by
 //! the timeout, the short step with its one retry, and the private failure type [`Fail`]
 //! with its one mapping into baton's [`Error`] (kind, brief message naming the server as
@@ -8,9 +8,13 @@
 //! - Bounded: every round trip has a deadline ([`crate::PostgresConfig::timeout`]); past
 //!   it the connection is dropped (its session ends on the server) and the operation
 //!   answers `Unavailable`. The server is told the same bound as `statement_timeout`.
-//! - Runtime: connections are driven by a small Tokio runtime the store owns, so callers
-//!   may use any runtime (or several), and a renewal from the keeper's runtime never
-//!   depends on the caller's runtime being polled.
+//! - Runtime: connections are driven by the store's own runtime
+//!   (`baton_core::kit::runtime::StoreRuntime`, one thread), so callers may use any
+//!   runtime (or several), and a renewal from the keeper's runtime never depends on the
+//!   caller's runtime being polled.
+//! - Errors are bare (kind and message): the context layer of `crate::open` names the
+//!   operation, key and store. Errors that retrying cannot cure (refused credentials,
+//!   insufficient privilege, tables that are not baton's) are marked permanent.
 //! - A pooled connection goes back to the pool only when it can still be trusted (not
 //!   closed, not timed out, not left inside a transaction).
 
@@ -18,8 +22,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use baton_core::{format_duration, Error, ErrorKind, Key, Op, StoreUrl};
-use tokio::sync::{broadcast, oneshot, watch};
+use baton_core::kit::sys::lock;
+use baton_core::{format_duration, Error, ErrorKind, StoreUrl};
+use tokio::sync::{broadcast, watch};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Row};
@@ -30,41 +35,6 @@ use crate::schema::{Sql, CORRUPT_STATE, LOCK_TAKEN, SESSION_CHANGED};
 
 /// Idle connections kept for reuse.
 const POOL_MAX: usize = 16;
-
-/// The store's runtime: a current-thread runtime on a thread of its own, so a request,
-/// its connection's I/O and its answer meet on one thread (no hops between workers).
-/// Dropping it tells the thread to stop, without waiting (the store may be dropped inside
-/// another runtime).
-pub(crate) struct OwnedRuntime {
-    stop: Option<oneshot::Sender<()>>,
-}
-
-impl OwnedRuntime {
-    pub(crate) fn start() -> std::io::Result<(OwnedRuntime, tokio::runtime::Handle)> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let handle = rt.handle().clone();
-        let (stop, stopped) = oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name("baton-postgres".into())
-            .spawn(move || {
-                let _ = rt.block_on(stopped);
-                // Tasks still running (a wait whose caller went away) end here; their
-                // connections close, and the server ends their sessions.
-                rt.shutdown_background();
-            })?;
-        Ok((OwnedRuntime { stop: Some(stop) }, handle))
-    }
-}
-
-impl Drop for OwnedRuntime {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
 
 /// The store's shared state, behind the public handle: every operation is a method of it,
 /// run on the store's runtime.
@@ -141,8 +111,10 @@ impl Fail {
     }
 }
 
-pub(crate) fn corrupt(msg: impl Into<String>) -> Fail {
-    Fail::Err(Error::new(ErrorKind::Corrupt, msg))
+/// `Corrupt`: `what` (a row, a column, a function's answer) is not what baton wrote,
+/// as `why` says (`baton_core::kit::errors::corrupt`).
+pub(crate) fn corrupt(what: impl std::fmt::Display, why: impl std::fmt::Display) -> Fail {
+    Fail::Err(baton_core::kit::errors::corrupt(what, why))
 }
 
 /// A boxed future borrowing the store and a connection.
@@ -151,16 +123,6 @@ pub(crate) type BoxFut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output
 pub(crate) type Params<'a> = [(&'a (dyn ToSql + Sync), Type)];
 
 impl Inner {
-    pub(crate) fn err(
-        &self,
-        kind: ErrorKind,
-        op: Op,
-        key: Option<&Key>,
-        msg: impl Into<String>,
-    ) -> Error {
-        Error::new(kind, msg).context(op, key, &self.url)
-    }
-
     fn server(&self) -> String {
         use tokio_postgres::config::Host;
         let host = match self.cfg.pg.get_hosts().first() {
@@ -174,14 +136,14 @@ impl Inner {
         }
     }
 
-    /// Maps a failed step to baton's error for `op` on `key`.
-    pub(crate) fn map(&self, f: Fail, op: Op, key: Option<&Key>) -> Error {
+    /// Maps a failed step to baton's error (bare: the context layer adds operation, key
+    /// and store). A server's message is said once: in baton's text, not again as the
+    /// driver's error beneath it.
+    pub(crate) fn map(&self, f: Fail) -> Error {
         match f {
-            Fail::Err(e) => e.context(op, key, &self.url),
-            Fail::Timeout(what) => self.err(
+            Fail::Err(e) => e,
+            Fail::Timeout(what) => Error::new(
                 ErrorKind::Unavailable,
-                op,
-                key,
                 format!(
                     "the PostgreSQL server at {} did not answer {what} within {} (connection dropped)",
                     self.server(),
@@ -190,63 +152,87 @@ impl Inner {
             ),
             Fail::Pg(e) => {
                 let Some(db) = e.as_db_error() else {
-                    return self
-                        .err(
+                    // The driver's own refusals of the credentials (a password the server
+                    // asks for and the URL lacks, an authentication method it cannot do)
+                    // carry no SQLSTATE; retrying will not change them.
+                    let text = e.to_string();
+                    if text.starts_with("authentication error")
+                        || text.starts_with("invalid configuration")
+                    {
+                        return Error::new(
                             ErrorKind::Unavailable,
-                            op,
-                            key,
-                            format!("cannot reach the PostgreSQL server at {}", self.server()),
+                            format!(
+                                "cannot log in to the PostgreSQL server at {}",
+                                self.server()
+                            ),
                         )
-                        .with_source(e);
+                        .with_source(e)
+                        .permanent();
+                    }
+                    return Error::new(
+                        ErrorKind::Unavailable,
+                        format!("cannot reach the PostgreSQL server at {}", self.server()),
+                    )
+                    .with_source(e);
                 };
                 let code = db.code().code();
-                let msg = db.message().to_owned();
+                let msg = db.message();
                 // baton's own messages say everything; the driver's copy would repeat it.
                 if code == CORRUPT_STATE {
-                    return self.err(ErrorKind::Corrupt, op, key, msg);
+                    return Error::new(ErrorKind::Corrupt, msg);
                 }
                 if code == SESSION_CHANGED || code == LOCK_TAKEN {
-                    return self.err(ErrorKind::Unavailable, op, key, msg);
+                    return Error::new(ErrorKind::Unavailable, msg);
                 }
-                let (kind, text) = if code == SqlState::INSUFFICIENT_PRIVILEGE.code() {
-                    (
+                if code.starts_with("28") {
+                    // Class 28, invalid authorization: a refused user or password.
+                    return Error::new(
                         ErrorKind::Unavailable,
                         format!(
-                            "permission denied in schema \"{}\" ({msg}); the user needs to \
-                             create a schema or own this one",
+                            "the PostgreSQL server at {} refused the credentials: {msg} ({code})",
+                            self.server()
+                        ),
+                    )
+                    .permanent();
+                }
+                if code == SqlState::INSUFFICIENT_PRIVILEGE.code() {
+                    return Error::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "{msg}; the user needs to create a schema or own schema \"{}\"",
                             self.cfg.schema
                         ),
                     )
-                } else if code.starts_with("42") || code.starts_with("22") || code.starts_with("23")
-                {
+                    .permanent();
+                }
+                if code.starts_with("42") || code.starts_with("22") || code.starts_with("23") {
                     // Undefined or mistyped columns, missing tables or functions, values
                     // that do not fit: the tables are not what baton created.
                     self.schema_ready.store(false, Ordering::Relaxed);
-                    (
+                    return Error::new(
                         ErrorKind::Corrupt,
                         format!(
                             "the tables in schema \"{}\" are not what baton expects ({code}: {msg})",
                             self.cfg.schema
                         ),
                     )
-                } else if code == SqlState::QUERY_CANCELED.code()
+                    .permanent();
+                }
+                let text = if code == SqlState::QUERY_CANCELED.code()
                     || code == SqlState::LOCK_NOT_AVAILABLE.code()
                 {
-                    (
-                        ErrorKind::Unavailable,
-                        format!(
-                            "the server gave up after {} ({msg}); another session may hold a \
-                             lock on baton's rows for too long",
-                            format_duration(self.cfg.timeout)
-                        ),
+                    format!(
+                        "the server gave up after {} ({msg}); another session may hold a \
+                         lock on baton's rows for too long",
+                        format_duration(self.cfg.timeout)
                     )
                 } else {
-                    (
-                        ErrorKind::Unavailable,
-                        format!("the PostgreSQL server at {} refused: {msg} ({code})", self.server()),
+                    format!(
+                        "the PostgreSQL server at {} refused: {msg} ({code})",
+                        self.server()
                     )
                 };
-                self.err(kind, op, key, text).with_source(e)
+                Error::new(ErrorKind::Unavailable, text)
             }
         }
     }
@@ -380,10 +366,4 @@ impl Inner {
             }
         }
     }
-}
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The guarded values are plain containers; a panic while holding one cannot leave it
-    // inconsistent.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -11,13 +11,19 @@
 
 use std::time::Duration;
 
+use baton_core::kit::time::validate_ttl;
 use baton_core::{AcquireRequest, Error, ErrorKind, Holder};
 use tokio_postgres::Row;
 
 use crate::core::{corrupt, Fail};
 
-/// The TTL of a lease whose request gives none.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+/// The TTL of a lease whose request gives none (the kit's, for every store).
+pub use baton_core::kit::time::DEFAULT_TTL;
+
+/// The longest lock-delay a key may have: a century, in milliseconds (the column is a
+/// `bigint` of milliseconds; the kit bounds TTLs, not lock-delays, and a lock-delay only
+/// holds back a lost lease's slot, so no shorter bound is needed for safety).
+pub const MAX_LOCK_DELAY_MS: i64 = 100 * 365 * 24 * 3600 * 1000;
 
 /// The most slots a key may have: a limit is a count of concurrent holders, and `status`
 /// lists every slot.
@@ -51,13 +57,14 @@ pub(crate) fn looked(row: &Row) -> Result<Vec<Looked>, Fail> {
         col::<Option<Vec<Option<String>>>>(row, 10)?.unwrap_or_default();
     if nums.len() % 5 != 0 || nums.len() / 5 != holders.len() {
         return Err(corrupt(
-            "the attempt function answered a malformed list of lease rows",
+            "the attempt function",
+            "answered a malformed list of lease rows",
         ));
     }
     let mut out = Vec::with_capacity(holders.len());
     for (n, h) in nums.chunks_exact(5).zip(holders) {
         let slot = u32::try_from(n[0])
-            .map_err(|_| corrupt(format!("the attempt function answered slot {}", n[0])))?;
+            .map_err(|_| corrupt("the attempt function", format!("answered slot {}", n[0])))?;
         out.push(Looked {
             id: RowId {
                 slot,
@@ -103,22 +110,31 @@ pub(crate) fn key_row(row: &Row, key: &str) -> Result<(u32, u64, u64), Fail> {
         .and_then(|l| u32::try_from(l).ok())
         .filter(|l| (1..=MAX_LIMIT).contains(l))
         .ok_or_else(|| {
-            corrupt(format!(
-                "the keys row of {key} holds the limit {}, not a limit of 1 to {MAX_LIMIT} slots",
-                lim.map_or("NULL".into(), |l| l.to_string())
-            ))
+            corrupt(
+                format_args!("the keys row of {key}"),
+                format!(
+                    "holds the limit {}, not a limit of 1 to {MAX_LIMIT} slots",
+                    lim.map_or("NULL".into(), |l| l.to_string())
+                ),
+            )
         })?;
     let seq = seq.and_then(|s| u64::try_from(s).ok()).ok_or_else(|| {
-        corrupt(format!(
-            "the keys row of {key} holds the token sequence {}, not a count of tokens",
-            seq.map_or("NULL".into(), |s| s.to_string())
-        ))
+        corrupt(
+            format_args!("the keys row of {key}"),
+            format!(
+                "holds the token sequence {}, not a count of tokens",
+                seq.map_or("NULL".into(), |s| s.to_string())
+            ),
+        )
     })?;
     let delay = delay.and_then(|d| u64::try_from(d).ok()).ok_or_else(|| {
-        corrupt(format!(
-            "the keys row of {key} holds the lock-delay {}, not a number of milliseconds",
-            delay.map_or("NULL".into(), |d| d.to_string())
-        ))
+        corrupt(
+            format_args!("the keys row of {key}"),
+            format!(
+                "holds the lock-delay {}, not a number of milliseconds",
+                delay.map_or("NULL".into(), |d| d.to_string())
+            ),
+        )
     })?;
     Ok((lim, seq, delay))
 }
@@ -158,11 +174,14 @@ pub(crate) fn lease_row(r: &Row, key: &str) -> Result<LeaseRow, Fail> {
             overdue: overdue.unwrap_or(false),
             pid_ns,
         }),
-        _ => Err(corrupt(format!(
-            "a leases row of {key} holds slot {}, token {}: not a lease baton wrote",
-            slot.map_or("NULL".into(), |s| s.to_string()),
-            token.map_or("NULL".into(), |t| t.to_string())
-        ))),
+        _ => Err(corrupt(
+            format_args!("a leases row of {key}"),
+            format!(
+                "holds slot {}, token {}: not a lease baton wrote",
+                slot.map_or("NULL".into(), |s| s.to_string()),
+                token.map_or("NULL".into(), |t| t.to_string())
+            ),
+        )),
     }
 }
 
@@ -178,16 +197,19 @@ pub(crate) fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
             .get(i)
             .map(|c| (c.name().to_owned(), c.type_().to_string()))
             .unwrap_or_default();
-        corrupt(format!(
-            "column {name} holds a value of type {ty} that baton did not write ({e}); the \
-             tables were altered by hand"
-        ))
+        corrupt(
+            format_args!("column {name}"),
+            format!(
+                "holds a value of type {ty} that baton did not write ({e}); the tables were \
+                 altered by hand"
+            ),
+        )
     })
 }
 
 pub(crate) fn u32_of(v: Option<i32>, what: &str) -> Result<u32, Fail> {
     v.and_then(|v| u32::try_from(v).ok())
-        .ok_or_else(|| corrupt(format!("the store answered {v:?} as a {what}")))
+        .ok_or_else(|| corrupt("the store", format!("answered {v:?} as a {what}")))
 }
 
 /// The parts of a request written into rows, encoded once.
@@ -202,13 +224,13 @@ pub(crate) struct Encoded {
 
 impl Encoded {
     pub(crate) fn new(req: &AcquireRequest) -> Result<Encoded, Error> {
-        let ttl = req.ttl.unwrap_or(DEFAULT_TTL);
-        let ttl_ms = ttl_ms(ttl)?;
+        let ttl = validate_ttl(req.ttl, &req.key)?;
+        let ttl_ms = ttl_ms(ttl);
         let holder_json = req.holder.to_json()?;
         let lock_delay_ms = match req.lock_delay {
             Some(d) if !d.is_zero() => i64::try_from(d.as_millis().max(1))
                 .ok()
-                .filter(|ms| *ms <= 100 * 365 * 24 * 3600 * 1000)
+                .filter(|ms| *ms <= MAX_LOCK_DELAY_MS)
                 .ok_or_else(|| {
                     Error::new(
                         ErrorKind::InvalidInput,
@@ -228,23 +250,10 @@ impl Encoded {
 }
 
 /// The TTL in whole milliseconds (the server's timestamps have microseconds; a TTL is
-/// rounded down so that the server never counts longer than the holder).
-pub(crate) fn ttl_ms(ttl: Duration) -> Result<i64, Error> {
-    if ttl < Duration::from_millis(1) {
-        return Err(Error::new(
-            ErrorKind::InvalidInput,
-            "the TTL must be at least 1ms",
-        ));
-    }
-    i64::try_from(ttl.as_millis())
-        .ok()
-        .filter(|ms| *ms <= 100 * 365 * 24 * 3600 * 1000)
-        .ok_or_else(|| {
-            Error::new(
-                ErrorKind::InvalidInput,
-                "the TTL is too large (over 100 years)",
-            )
-        })
+/// rounded down so that the server never counts longer than the holder). The TTL was
+/// checked by `kit::time::validate_ttl` (10ms to 7 days), so it fits.
+pub(crate) fn ttl_ms(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// This process's PID namespace as the kernel names it (`pid:[4026531836]`). Two

@@ -10,11 +10,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use baton_core::kit::sys::lock;
+use baton_core::kit::time::validate_ttl;
 use baton_core::{Error, ErrorKind, Lease, Op, Released};
 use tokio_postgres::types::Type;
 
-use crate::core::{corrupt, lock, Fail, Inner};
-use crate::layout::{col, ttl_ms, DEFAULT_TTL};
+use crate::core::{corrupt, Fail, Inner};
+use crate::layout::{col, ttl_ms};
 
 impl Inner {
     pub(crate) async fn release_step(&self, lease: &Lease) -> Result<Released, Fail> {
@@ -41,7 +43,7 @@ impl Inner {
                         .await?;
                     let row = rows
                         .first()
-                        .ok_or_else(|| corrupt("the release function returned no row"))?;
+                        .ok_or_else(|| corrupt("the release function", "returned no row"))?;
                     col::<Option<i32>>(row, 0)
                 })
             })
@@ -53,9 +55,10 @@ impl Inner {
     }
 
     pub(crate) async fn renew_step(&self, lease: &Lease) -> Result<Lease, Error> {
-        let op = Op::Renew;
-        let ttl = lease.ttl.unwrap_or(DEFAULT_TTL);
-        let ttl_ms = ttl_ms(ttl).map_err(|e| e.context(op, Some(&lease.key), &self.url))?;
+        // A lease this store granted has a TTL within the kit's bounds; one made by hand
+        // is checked the same way as a request.
+        let ttl = validate_ttl(lease.ttl, &lease.key).map_err(|e| e.with_op(Op::Renew))?;
+        let ttl_ms = ttl_ms(ttl);
         let key = lease.key.as_str().to_owned();
         let slot = i32::try_from(lease.slot).unwrap_or(-1);
         let token = i64::try_from(lease.token.0).unwrap_or(-1);
@@ -85,22 +88,20 @@ impl Inner {
                         .await?;
                     let row = rows
                         .first()
-                        .ok_or_else(|| corrupt("renew returned no row"))?;
+                        .ok_or_else(|| corrupt("the renewal", "returned no row"))?;
                     col::<i64>(row, 0)
                 })
             })
             .await
-            .map_err(|f| self.map(f, op, Some(&lease.key)))?;
+            .map_err(|f| self.map(f))?;
         if n == 1 {
             let mut renewed = lease.clone();
             renewed.ttl = Some(ttl);
             renewed.sent_at = Some(*lock(&sent));
             Ok(renewed)
         } else {
-            Err(self.err(
+            Err(Error::new(
                 ErrorKind::Lost,
-                op,
-                Some(&lease.key),
                 format!(
                     "the lease (slot {}, token {}) expired or was taken over",
                     lease.slot, lease.token

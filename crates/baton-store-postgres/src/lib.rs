@@ -36,8 +36,11 @@ pub use layout::{DEFAULT_TTL, MAX_LIMIT};
 pub use schema::SCHEMA_VERSION;
 pub use store::PostgresStore;
 
-/// Opens the store a `postgres` (or `postgresql`) URL names. Connects lazily: a server
-/// that is down shows on the first operation as `Unavailable`.
+/// Opens the store a `postgres` (or `postgresql`) URL names, wrapped in the error-context
+/// layer (`baton_core::kit::context`): every error names its operation, key and store.
+/// Connects lazily: a server that is down shows on the first operation as `Unavailable`.
 pub fn open(url: &StoreUrl) -> Result<Arc<dyn Store>> {
-    Ok(Arc::new(PostgresStore::open(url)?))
+    Ok(baton_core::kit::context::layer(Arc::new(
+        PostgresStore::open(url)?,
+    )))
 }

@@ -16,13 +16,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_core::{Error, Key, Op};
+use baton_core::kit::sys::lock;
+use baton_core::Error;
 use futures_util::StreamExt;
 use tokio::sync::{broadcast, watch};
 use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::config::PostgresConfig;
-use crate::core::{lock, Conn, Inner};
+use crate::core::{Conn, Inner};
 
 /// How long a waiter waits for the listening connection before it relies on polling.
 const LISTEN_READY_BOUND: Duration = Duration::from_secs(2);
@@ -47,22 +48,17 @@ impl Inner {
     pub(crate) async fn begin(
         &self,
         waits: bool,
-        op: Op,
-        key: &Key,
     ) -> Result<(Conn, broadcast::Receiver<Wake>), Error> {
         let wake_rx = self.wake.subscribe();
         if waits {
             self.start_listener();
         }
-        let conn = self
-            .checkout()
-            .await
-            .map_err(|f| self.map(f, op, Some(key)))?;
+        let conn = self.checkout().await.map_err(|f| self.map(f))?;
         if let Err(f) = self.ensure_schema(&conn).await {
             if !f.breaks_conn() {
                 self.checkin(conn);
             }
-            return Err(self.map(f, op, Some(key)));
+            return Err(self.map(f));
         }
         if waits {
             let mut listening = self.listening.clone();

@@ -115,6 +115,32 @@ pub const SHAPE: &[(&str, &[(&str, &str)])] = &[
 /// to exist; a missing one, or one with an older argument list, is created).
 pub const FUNCTIONS: &[(&str, i16)] = &[("attempt", 15), ("release", 5), ("leave", 4)];
 
+/// `Corrupt`, permanent: `what` (a table, the schema) belongs to something other than
+/// this baton; retrying will not change it.
+fn not_batons(what: impl std::fmt::Display, why: impl std::fmt::Display) -> Fail {
+    Fail::Err(
+        baton_core::kit::errors::corrupt(
+            what,
+            format_args!("{why}: it is not baton's (use another ?schema=)"),
+        )
+        .permanent(),
+    )
+}
+
+/// `Unsupported`, permanent: a newer baton made the schema.
+fn newer(schema: &str, version: &str) -> Fail {
+    Fail::Err(
+        Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "schema \"{schema}\" has version {version}, made by a newer baton; this one \
+                 knows version {SCHEMA_VERSION}"
+            ),
+        )
+        .permanent(),
+    )
+}
+
 impl Inner {
     /// Creates the schema on first use (once per process and store), checks its version
     /// and the shape of its tables.
@@ -129,11 +155,10 @@ impl Inner {
         if !self.schema_looks_ready(conn).await? {
             self.create_schema(conn).await?;
             if !self.schema_looks_ready(conn).await? {
-                return Err(corrupt(format!(
-                    "schema \"{}\" is missing baton's version row or functions right after \
-                     creating them",
-                    self.sql.schema
-                )));
+                return Err(corrupt(
+                    format_args!("schema \"{}\"", self.sql.schema),
+                    "is missing baton's version row or functions right after creating them",
+                ));
             }
         }
         self.schema_ready.store(true, Ordering::Release);
@@ -168,17 +193,17 @@ impl Inner {
                 match have.get(&((*table).to_owned(), (*col).to_owned())) {
                     Some(ty) if ty == want => {}
                     Some(ty) => {
-                        return Err(corrupt(format!(
-                            "table \"{schema}\".{table} has column {col} of type {ty}, not {want}: \
-                             it is not baton's table (use another ?schema=)"
-                        )))
+                        return Err(not_batons(
+                            format_args!("table \"{schema}\".{table}"),
+                            format!("has column {col} of type {ty}, not {want}"),
+                        ))
                     }
                     None if ADDED_IN_2.contains(&(*table, *col)) => missing_table = true,
                     None => {
-                        return Err(corrupt(format!(
-                            "table \"{schema}\".{table} has no column {col}: it is not baton's \
-                             table (use another ?schema=)"
-                        )))
+                        return Err(not_batons(
+                            format_args!("table \"{schema}\".{table}"),
+                            format!("has no column {col}"),
+                        ))
                     }
                 }
             }
@@ -192,13 +217,7 @@ impl Inner {
                 if let Some(r) = rows.first() {
                     if let Some(v) = col::<Option<String>>(r, 0)? {
                         if v.parse::<i32>().is_ok_and(|n| n > SCHEMA_VERSION) {
-                            return Err(Fail::Err(Error::new(
-                                ErrorKind::Unsupported,
-                                format!(
-                                    "schema \"{schema}\" has version {v}, made by a newer baton; \
-                                     this one knows version {SCHEMA_VERSION}"
-                                ),
-                            )));
+                            return Err(newer(schema, &v));
                         }
                     }
                 }
@@ -216,19 +235,16 @@ impl Inner {
             // Version 1 is upgraded in place (see SCHEMA_VERSION).
             Some("1") => return Ok(false),
             Some(v) if v.parse::<i32>().is_ok_and(|n| n > SCHEMA_VERSION) => {
-                return Err(Fail::Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!(
-                        "schema \"{schema}\" has version {v}, made by a newer baton; this one \
-                         knows version {SCHEMA_VERSION}"
-                    ),
-                )))
+                return Err(newer(schema, v))
             }
             other => {
-                return Err(corrupt(format!(
-                    "schema \"{schema}\" has version {:?} in its meta table, not {SCHEMA_VERSION}",
-                    other.unwrap_or("NULL")
-                )))
+                return Err(not_batons(
+                    format_args!("schema \"{schema}\""),
+                    format!(
+                        "has version {:?} in its meta table, not {SCHEMA_VERSION}",
+                        other.unwrap_or("NULL")
+                    ),
+                ))
             }
         }
         let rows = self

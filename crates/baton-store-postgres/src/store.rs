@@ -2,10 +2,12 @@
 //! per key with its limit and token sequence, in one schema of one database.
 //!
 //! This file holds the public store type, its opening, and the thin [`Store`] impl: each
-//! operation runs on the store's own runtime and is given up there when its caller stops
-//! waiting (a grant nobody receives is released). The work is in files by role, each
+//! operation runs on the store's own runtime (`baton_core::kit::runtime`) and is given up
+//! there when its caller stops waiting (a grant nobody receives is released). Errors are
+//! bare; `crate::open` wraps the store in the context layer, which names the operation,
+//! key and store. The work is in files by role, each
 //! stating what it guarantees:
-//! - `core.rs`: the connection (runtime, pool, bounded statements, error mapping):
+//! - `core.rs`: the connection (pool, bounded statements, error mapping):
 //!   *Bounded*, *Runtime*;
 //! - `layout.rs`: the rows, their decoding and the numbers baton owns in a schema;
 //! - `schema.rs` (and `schema/sql.rs`): the tables and functions, and their checks;
@@ -22,22 +24,25 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use baton_core::kit::runtime::{Call, StoreRuntime};
 use baton_core::{
     AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error, ErrorKind, HolderId, Key,
     KeyStatus, Lease, Op, Released, SlotStatus, Store, StoreUrl,
 };
-use tokio::sync::{broadcast, oneshot, watch};
+use tokio::sync::{broadcast, watch};
 
-use crate::barrier;
+use crate::acquire::BACKSTOP;
 use crate::config::PostgresConfig;
-use crate::core::{Inner, OwnedRuntime};
+use crate::core::Inner;
 use crate::layout::{magic, pid_namespace};
 use crate::schema::Sql;
 
 /// The PostgreSQL store. See the crate docs and README for the mechanism and its bounds.
 pub struct PostgresStore {
     pub(crate) inner: Arc<Inner>,
-    _runtime: OwnedRuntime,
+    /// The store's own runtime: one thread, where a request, its connection's I/O and its
+    /// answer meet. Dropping the store stops it.
+    runtime: StoreRuntime,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -55,10 +60,11 @@ impl PostgresStore {
     /// Connects lazily: a server that is down shows on the first operation, as
     /// [`ErrorKind::Unavailable`]. The schema (default `baton`, `?schema=NAME`) is created
     /// on first use. Starts the store's own runtime thread, which drives every
-    /// connection; dropping the store stops it.
+    /// connection; dropping the store stops it. Its errors are bare (kind and message):
+    /// [`crate::open`] adds the operation, key and store to each.
     pub fn open(url: &StoreUrl) -> Result<PostgresStore, Error> {
         let cfg = PostgresConfig::from_url(url)?;
-        let (runtime, handle) = OwnedRuntime::start().map_err(|e| {
+        let runtime = StoreRuntime::start("baton-postgres", 1).map_err(|e| {
             Error::new(ErrorKind::Unavailable, "cannot start the store's runtime")
                 .with_op(Op::Open)
                 .with_store(url)
@@ -73,7 +79,7 @@ impl PostgresStore {
             channel: format!("baton_{}", cfg.schema),
             pid_ns: pid_namespace(),
             cfg,
-            handle,
+            handle: runtime.handle().clone(),
             sql,
             pool: Mutex::new(Vec::new()),
             schema_ready: AtomicBool::new(false),
@@ -85,7 +91,7 @@ impl PostgresStore {
         };
         Ok(PostgresStore {
             inner: Arc::new(inner),
-            _runtime: runtime,
+            runtime,
         })
     }
 
@@ -94,27 +100,8 @@ impl PostgresStore {
         &self.inner.cfg.schema
     }
 
-    /// Runs `f` on the store's runtime and waits for it from whatever runtime the caller
-    /// uses. The task runs to its end even if the caller stops waiting (a release still
-    /// happens).
-    async fn on_runtime<T: Send + 'static>(
-        &self,
-        op: Op,
-        key: Option<&Key>,
-        f: impl std::future::Future<Output = Result<T, Error>> + Send + 'static,
-    ) -> Result<T, Error> {
-        match self.inner.handle.spawn(f).await {
-            Ok(r) => r,
-            Err(e) => Err(self
-                .inner
-                .err(
-                    ErrorKind::Unavailable,
-                    op,
-                    key,
-                    "the store's runtime stopped",
-                )
-                .with_source(e)),
-        }
+    fn call<'a>(&'a self, op: Op, key: Option<&'a Key>) -> Call<'a> {
+        Call::new(op, key, &self.inner.url)
     }
 }
 
@@ -125,91 +112,81 @@ impl Store for PostgresStore {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let mut c = Capabilities::new(
+        // A waiter looks at least every BACKSTOP and every quarter TTL, so it sees the
+        // lease unrenewed for its TTL within a look of the TTL's end.
+        Capabilities::lease_store(
             "at once when its holder ran on the waiter's host and its process is gone; \
-             otherwise once a waiter has seen no renewal for the lease's TTL (30s unless the \
-             request sets one) on its own clock, so a TTL after the next request when nobody \
-             was waiting",
-        );
-        c.renew = true;
-        c.break_lease = true;
-        c.resize = true;
-        c.fifo = true;
-        c.lock_delay = true;
-        c
+             otherwise once a waiter has seen no renewal for the lease's TTL on its own \
+             clock, so a TTL after the next request when nobody was waiting",
+            BACKSTOP,
+        )
     }
 
     async fn acquire(&self, req: &AcquireRequest) -> Result<Lease, Error> {
-        req.validate()
-            .map_err(|e| e.context(Op::Acquire, Some(&req.key), &self.inner.url))?;
-        let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
-        let (tx, rx) = oneshot::channel();
+        // The TTL is checked (`kit::time::validate_ttl`) where the request is encoded.
+        req.validate()?;
         let inner = Arc::clone(&self.inner);
-        let req2 = req.clone();
-        self.inner.handle.spawn(async move {
-            let result = Arc::clone(&inner).acquire_task(req2, cancel_rx).await;
-            if let Err(Ok(lease)) = tx.send(result) {
+        let give_back = Arc::clone(&self.inner);
+        let req = req.clone();
+        self.runtime
+            .grant(
+                self.call(Op::Acquire, Some(&req.key)),
+                |cancel| inner.acquire_task(req.clone(), cancel),
                 // Nobody waits for it any more (the acquire was cancelled): give it back.
-                let _ = inner.release_step(&lease).await;
-            }
-        });
-        let result = rx.await;
-        drop(cancel_tx);
-        result.unwrap_or_else(|_| {
-            Err(self.inner.err(
-                ErrorKind::Unavailable,
-                Op::Acquire,
-                Some(&req.key),
-                "the store's runtime stopped",
-            ))
-        })
+                move |lease| async move {
+                    let _ = give_back.release_step(&lease).await;
+                },
+            )
+            .await
     }
 
     async fn release(&self, lease: &Lease) -> Result<Released, Error> {
         let inner = Arc::clone(&self.inner);
         let l = lease.clone();
-        self.on_runtime(Op::Release, Some(&lease.key), async move {
-            inner
-                .release_step(&l)
-                .await
-                .map_err(|f| inner.map(f, Op::Release, Some(&l.key)))
-        })
-        .await
+        self.runtime
+            .run(self.call(Op::Release, Some(&lease.key)), async move {
+                inner.release_step(&l).await.map_err(|f| inner.map(f))
+            })
+            .await
     }
 
     fn release_now(&self, lease: &Lease) -> bool {
         let inner = Arc::clone(&self.inner);
         let l = lease.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.inner.handle.spawn(async move {
-            let _ = tx.send(inner.release_step(&l).await.is_ok());
-        });
-        rx.recv_timeout(self.inner.cfg.timeout + Duration::from_secs(1))
+        let bound = self.inner.cfg.timeout + Duration::from_secs(1);
+        self.runtime
+            .block_for(bound, async move { inner.release_step(&l).await.is_ok() })
             .unwrap_or(false)
     }
 
     async fn inspect(&self, key: &Key) -> Result<KeyStatus, Error> {
         let inner = Arc::clone(&self.inner);
         let k = key.clone();
-        self.on_runtime(Op::Inspect, Some(key), async move {
-            inner.inspect_step(&k).await
-        })
-        .await
+        self.runtime
+            .run(self.call(Op::Inspect, Some(key)), async move {
+                inner.inspect_step(&k).await
+            })
+            .await
     }
 
     async fn list(&self) -> Result<Vec<Key>, Error> {
         let inner = Arc::clone(&self.inner);
-        self.on_runtime(Op::List, None, async move { inner.list_step().await })
+        self.runtime
+            .run(
+                self.call(Op::List, None),
+                async move { inner.list_step().await },
+            )
             .await
     }
 
     async fn renew(&self, lease: &Lease) -> Result<Lease, Error> {
         let inner = Arc::clone(&self.inner);
         let l = lease.clone();
-        self.on_runtime(Op::Renew, Some(&lease.key), async move {
-            inner.renew_step(&l).await
-        })
-        .await
+        self.runtime
+            .run(self.call(Op::Renew, Some(&lease.key)), async move {
+                inner.renew_step(&l).await
+            })
+            .await
     }
 
     async fn break_lease(
@@ -219,23 +196,42 @@ impl Store for PostgresStore {
     ) -> Result<Vec<SlotStatus>, Error> {
         let inner = Arc::clone(&self.inner);
         let k = key.clone();
-        self.on_runtime(Op::Break, Some(key), async move {
-            inner.break_step(&k, holder).await
-        })
-        .await
+        self.runtime
+            .run(self.call(Op::Break, Some(key)), async move {
+                inner.break_step(&k, holder).await
+            })
+            .await
     }
 
     async fn resize(&self, key: &Key, limit: u32) -> Result<KeyStatus, Error> {
         let inner = Arc::clone(&self.inner);
         let k = key.clone();
-        self.on_runtime(Op::Resize, Some(key), async move {
-            inner.resize_step(&k, limit).await?;
-            inner.inspect_step(&k).await
-        })
-        .await
+        self.runtime
+            .run(self.call(Op::Resize, Some(key)), async move {
+                inner.resize_step(&k, limit).await?;
+                inner.inspect_step(&k).await
+            })
+            .await
     }
 
     async fn barrier(&self, req: &BarrierRequest) -> Result<BarrierPassed, Error> {
-        barrier::barrier(self, req).await
+        baton_core::barrier::validate(req)?;
+        let parties = i32::try_from(req.parties).map_err(|_| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!("a barrier has at most {} parties", i32::MAX),
+            )
+        })?;
+        let inner = Arc::clone(&self.inner);
+        let req = req.clone();
+        // Dropping the future withdraws the arrival (the task sees its cancel and
+        // withdraws); a pass nobody receives needs no giving back.
+        self.runtime
+            .grant(
+                self.call(Op::Barrier, Some(&req.key)),
+                |cancel| inner.barrier_task(req.clone(), parties, cancel),
+                |_passed| async {},
+            )
+            .await
     }
 }

@@ -1258,3 +1258,95 @@ async fn a_stale_lease_goes_to_the_first_waiter_in_line() {
     assert!(second.token > first.token);
     store.release(&second).await.expect("release");
 }
+
+/// `base` with its user (and password) replaced by `user`.
+fn with_user(base: &str, user: &str) -> String {
+    let (scheme, rest) = base.split_once("://").expect("a URL");
+    let host_at = rest.find('/').unwrap_or(rest.len());
+    let rest = match rest[..host_at].rfind('@') {
+        Some(at) => &rest[at + 1..],
+        None => rest,
+    };
+    format!("{scheme}://{user}@{rest}")
+}
+
+/// Errors that retrying cannot cure are permanent (a waiting acquire that rides out
+/// outages must not ride out these): a role the server does not know (SQLSTATE class 28)
+/// and a role that may not create baton's schema (42501). An unreachable server stays
+/// retryable. Through `open`, every error names its operation, key and store.
+#[tokio::test(flavor = "current_thread")]
+async fn refused_credentials_and_privileges_are_permanent() {
+    let Some(base) = base_url("refused_credentials_and_privileges_are_permanent") else {
+        return;
+    };
+    let k = key("perm");
+    let req = request(&k, 1, Wait::NoWait, Duration::from_secs(5));
+
+    // A role that does not exist: the server refuses the login (28000).
+    let who = format!("baton_nobody_{}", suffix());
+    let u = StoreUrl::parse(&with_user(&base, &who)).expect("url");
+    let store = open_dyn(&u).expect("open");
+    let e = store.acquire(&req).await.expect_err("refused login");
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e:#}");
+    assert!(!e.is_retryable(), "a refused login is permanent: {e:#}");
+    assert_eq!(e.op(), Some(baton_core::Op::Acquire), "{e:#}");
+    assert_eq!(e.key(), Some(k.as_str()), "{e:#}");
+
+    // A role that may log in but not create a schema (42501).
+    let c = raw(&base).await;
+    let role = format!("baton_noperm_{}", suffix());
+    c.batch_execute(&format!("CREATE ROLE {role} LOGIN"))
+        .await
+        .expect("create role");
+    let u = StoreUrl::parse(&with_schema(
+        &with_user(&base, &role),
+        &format!("baton_noperm_{}", suffix()),
+    ))
+    .expect("url");
+    let store = open_dyn(&u).expect("open");
+    let e = store.acquire(&req).await.expect_err("no privilege");
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e:#}");
+    assert!(!e.is_retryable(), "a missing privilege is permanent: {e:#}");
+    let shown = format!("{e:#}");
+    assert_eq!(
+        shown.matches("permission denied").count(),
+        1,
+        "says it once: {shown}"
+    );
+    drop(store);
+    let _ = c.batch_execute(&format!("DROP ROLE {role}")).await;
+
+    // Nothing listens: retryable, an outage a waiter rides out.
+    let store = open_dyn(
+        &StoreUrl::parse("postgres://baton@127.0.0.1:1/baton?connect_timeout=1").expect("url"),
+    )
+    .expect("open");
+    let e = store.acquire(&req).await.expect_err("refused");
+    assert_eq!(e.kind(), ErrorKind::Unavailable, "{e:#}");
+    assert!(e.is_retryable(), "{e:#}");
+}
+
+/// One TTL policy for every store: 10ms to 7 days.
+#[tokio::test(flavor = "current_thread")]
+async fn ttls_outside_the_kit_bounds_are_refused() {
+    let Some(base) = base_url("ttls_outside_the_kit_bounds_are_refused") else {
+        return;
+    };
+    let store = open_dyn(&StoreUrl::parse(&base).expect("url")).expect("open");
+    let k = key("ttl");
+    for ttl in [
+        Duration::from_millis(5),
+        Duration::from_secs(7 * 24 * 3600 + 1),
+    ] {
+        let e = store
+            .acquire(&request(&k, 1, Wait::NoWait, ttl))
+            .await
+            .expect_err("out of bounds");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{ttl:?}: {e:#}");
+    }
+    let lease = store
+        .acquire(&request(&k, 1, Wait::NoWait, Duration::from_millis(10)))
+        .await
+        .expect("the shortest TTL");
+    store.release(&lease).await.expect("release");
+}
