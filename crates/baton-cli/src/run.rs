@@ -288,6 +288,23 @@ async fn hold_and_run(
     if let Some(ttl) = opts.ttl {
         request = request.ttl(ttl);
     }
+    // A waiting acquire rides out an outage of the store (a restart, an election): the
+    // first retry is always said, the rest under --verbose, so a wait is never silent.
+    let verbose = args.verbose;
+    let told = std::sync::atomic::AtomicBool::new(false);
+    request = request.on_outage(move |err, pause| {
+        if verbose || !told.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            eprint_line(&format!(
+                "{err:#}; still waiting: asking again in {}{}",
+                format_duration(pause),
+                if verbose {
+                    ""
+                } else {
+                    " (-v shows every retry)"
+                }
+            ));
+        }
+    });
     let sent_at = Instant::now();
     if args.verbose {
         let how = match wait {

@@ -328,8 +328,10 @@ impl Request {
         let (store, req) = self.prepare()?;
         let sent_at = Instant::now();
         let s = Arc::clone(&store);
-        let granted =
-            runtime::wait_interruptible(py, Box::pin(async move { s.acquire(&req).await }))?;
+        let granted = runtime::wait_interruptible(
+            py,
+            Box::pin(async move { baton::kit::wait::acquire(&*s, &req, None).await }),
+        )?;
         Lease::start(store, granted.map_err(to_py)?, sent_at).map_err(to_py)
     }
 
@@ -346,7 +348,7 @@ impl Request {
         let s = Arc::clone(&store);
         start(
             py,
-            Box::pin(async move { s.acquire(&req).await }),
+            Box::pin(async move { baton::kit::wait::acquire(&*s, &req, None).await }),
             move |py, granted| {
                 let lease = Lease::start(store, granted.map_err(to_py)?, sent_at).map_err(to_py)?;
                 Ok(Py::new(py, lease)?.into_any())

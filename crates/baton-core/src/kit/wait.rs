@@ -26,9 +26,40 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Called before each retry with the error met and how long the wait backs off.
 pub type Notice = dyn Fn(&Error, Duration) + Send + Sync;
 
-/// Whether an acquire that met `e` should ask again (see the module docs).
+/// Whether an acquire that met `e` should ask again (see the module docs): `Unavailable`,
+/// retryable as far as the store says, and not caused by a system error that waiting
+/// cannot heal (a symlink where a directory must be, a permission refused, a read-only
+/// filesystem), whichever store forgot to mark it permanent.
 pub fn rides_out(e: &Error) -> bool {
-    e.kind() == ErrorKind::Unavailable && e.is_retryable()
+    e.kind() == ErrorKind::Unavailable && e.is_retryable() && !caused_by_lasting_os_error(e)
+}
+
+fn caused_by_lasting_os_error(e: &Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.raw_os_error(),
+                Some(
+                    libc::ELOOP
+                        | libc::ENOTDIR
+                        | libc::EISDIR
+                        | libc::EACCES
+                        | libc::EPERM
+                        | libc::EROFS
+                        | libc::ENAMETOOLONG
+                        | libc::EINVAL
+                )
+            ) || matches!(
+                io.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::InvalidData
+            ) {
+                return true;
+            }
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Acquires as `req` says, riding out outages of the store (see the module docs).
@@ -64,5 +95,27 @@ pub async fn acquire(
         }
         tokio::time::sleep(pause).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outages_ride_out_lasting_errors_do_not() {
+        let refused = std::io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        assert!(rides_out(
+            &Error::new(ErrorKind::Unavailable, "the server is down").with_source(refused)
+        ));
+        let symlink = std::io::Error::from_raw_os_error(libc::ELOOP);
+        assert!(!rides_out(
+            &Error::new(ErrorKind::Unavailable, "a symlink").with_source(symlink)
+        ));
+        assert!(!rides_out(
+            &Error::new(ErrorKind::Unavailable, "bad password").permanent()
+        ));
+        assert!(!rides_out(&Error::new(ErrorKind::Corrupt, "garbage")));
+        assert!(!rides_out(&Error::new(ErrorKind::Busy, "held")));
     }
 }
