@@ -24,19 +24,15 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use baton_core::{
-    format_duration, unix_ms, AcquireRequest, Error, ErrorKind, Key, Lease, Op, Token, Wait,
-};
-use etcd_client::{Compare, CompareOp, LeaseGrantOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use baton_core::kit::errors;
+use baton_core::kit::sys::lock;
+use baton_core::kit::time::{next_wake, renew_every, validate_ttl};
+use baton_core::{unix_ms, AcquireRequest, Error, ErrorKind, Key, Lease, Op, Token, Wait};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 
-use crate::core::{is_lease_exists, lock, random_lease_id, Inner, Watch};
+use crate::core::{random_lease_id, Inner, Watch};
 use crate::layout::{show, HoldValue, Names, View, WaiterValue, MAX_LOCK_DELAY};
 use crate::lease::{server_ttl_of, Granted};
-use crate::store::DEFAULT_TTL;
-
-/// The longest TTL a request may ask for (etcd's own maximum is about 9 × 10^10 s; a
-/// lease longer than this is a mistake).
-const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// One acquire in progress: what every step of it reads, and the two things that change
 /// while it waits (when its lease's TTL last started, and whether it has waited).
@@ -98,27 +94,12 @@ impl Inner {
         id: i64,
         pooled: bool,
     ) -> Result<Lease, Error> {
-        let op = Op::Acquire;
         let key = &req.key;
-        let ttl = req.ttl.unwrap_or(DEFAULT_TTL);
-        if ttl < Duration::from_millis(1) || ttl > MAX_TTL {
-            return Err(self.err(
-                ErrorKind::InvalidInput,
-                op,
-                Some(key),
-                format!(
-                    "the TTL must be between 1ms and {}, not {}",
-                    format_duration(MAX_TTL),
-                    format_duration(ttl)
-                ),
-            ));
-        }
+        let ttl = validate_ttl(req.ttl, key)?;
         let lock_delay = req.lock_delay.filter(|d| !d.is_zero());
         if lock_delay.is_some_and(|d| d > MAX_LOCK_DELAY) {
-            return Err(self.err(
+            return Err(Error::new(
                 ErrorKind::InvalidInput,
-                op,
-                Some(key),
                 "the lock-delay is too large (at most 365 days)",
             ));
         }
@@ -131,13 +112,7 @@ impl Inner {
             ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
         })
         .map_err(|e| {
-            self.err(
-                ErrorKind::InvalidInput,
-                op,
-                Some(key),
-                "cannot encode the holder",
-            )
-            .with_source(e)
+            Error::new(ErrorKind::InvalidInput, "cannot encode the holder").with_source(e)
         })?;
         let (refreshed, server_ttl) = self
             .request_lease(key, id, pooled, server_ttl, start)
@@ -156,10 +131,12 @@ impl Inner {
         };
         match self.first_try(&a, value, lock_delay).await? {
             FirstTry::Granted(revision) => self.granted(&a, 0, req.limit, revision).await,
-            FirstTry::Queued(view) => {
-                self.check_limit(&a, &view)?;
-                self.wait_turn(&mut a, view).await
-            }
+            FirstTry::Queued(view) => match view.limit {
+                Some((have, _)) if have != req.limit => {
+                    Err(errors::limit_mismatch(have, req.limit))
+                }
+                _ => self.wait_turn(&mut a, view).await,
+            },
         }
     }
 
@@ -185,34 +162,14 @@ impl Inner {
         } else {
             None
         };
-        let mut refreshed = Instant::now();
-        let granted_ttl = if let Some(sent) = reused {
-            refreshed = sent;
-            None
-        } else {
-            self.call(op, Some(key), |mut c, _| {
-                refreshed = Instant::now();
-                async move {
-                    match c
-                        .lease_grant(
-                            server_ttl as i64,
-                            Some(LeaseGrantOptions::new().with_id(id)),
-                        )
-                        .await
-                    {
-                        Ok(r) => Ok(Some(r.ttl())),
-                        // A retry of a grant whose answer was lost.
-                        Err(e) if is_lease_exists(&e) => Ok(None),
-                        Err(e) => Err(e),
-                    }
-                }
-            })
-            .await?
+        let (refreshed, granted_ttl) = match reused {
+            Some(sent) => (sent, None),
+            None => {
+                let (_, ttl) = self.grant_lease(op, key, id, server_ttl).await?;
+                // A grant is sent again on every try: count from before the first one.
+                (start, ttl)
+            }
         };
-        // A grant is sent again on every try: count from before the first one.
-        if reused.is_none() {
-            refreshed = start.min(refreshed);
-        }
         let server_ttl = granted_ttl.map_or(server_ttl, |t| u64::try_from(t).unwrap_or(server_ttl));
         Ok((refreshed, server_ttl))
     }
@@ -270,7 +227,7 @@ impl Inner {
         // The fast path, one round trip: nobody waits or holds and the limit is the one
         // asked for, so this request takes slot 0 at once. Otherwise the nested
         // transaction queues it and reads the key's state.
-        let slot0 = self.slot_value(a.my_hex.clone(), op, key)?;
+        let slot0 = self.slot_value(a.my_hex.clone())?;
         let first = Txn::new()
             .when([
                 Compare::version(names.waiters.clone(), CompareOp::Equal, 0).with_prefix(),
@@ -288,12 +245,7 @@ impl Inner {
                 TxnOp::put(names.slot(0), slot0, Some(PutOptions::new().with_lease(id))),
             ])
             .or_else([TxnOp::txn(create)]);
-        let resp = self
-            .call(op, Some(key), |mut c, _| {
-                let t = first.clone();
-                async move { c.txn(t).await }
-            })
-            .await?;
+        let resp = self.txn(op, key, first).await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         if resp.succeeded() {
             return Ok(FirstTry::Granted(revision));
@@ -306,39 +258,14 @@ impl Inner {
                 _ => None,
             })
             .ok_or_else(|| {
-                self.err(
+                Error::new(
                     ErrorKind::Unavailable,
-                    op,
-                    Some(key),
                     "etcd answered a transaction without its nested part",
                 )
             })?;
-        let mut view = self
-            .parse_view(names, &inner)
-            .map_err(|e| self.ctx(e, op, Some(key)))?;
+        let mut view = self.parse_view(names, &inner)?;
         view.revision = revision;
         Ok(FirstTry::Queued(view))
-    }
-
-    /// `LimitMismatch` when the key exists with another limit than the request's.
-    fn check_limit(&self, a: &Attempt<'_>, view: &View) -> Result<(), Error> {
-        let req = a.req;
-        if let Some((lim, _)) = view.limit {
-            if lim != req.limit {
-                return Err(self
-                    .err(
-                        ErrorKind::LimitMismatch,
-                        Op::Acquire,
-                        Some(&req.key),
-                        format!(
-                            "the key has a limit of {lim} slot(s), not {} (use -n {lim}, or another key)",
-                            req.limit
-                        ),
-                    )
-                    .with_current_limit(lim));
-            }
-        }
-        Ok(())
     }
 
     /// The queued request's rounds, from `view`, until it is granted, gives up or fails.
@@ -346,15 +273,16 @@ impl Inner {
         let op = Op::Acquire;
         let (req, id) = (a.req, a.id);
         let key = &req.key;
-        let keep_every = Duration::from_secs(a.server_ttl.max(1)) / 3;
-        let mut watch: Option<Watch> = None;
+        let keep_every = renew_every(Duration::from_secs(a.server_ttl.max(1)));
+        let mut watch = Watch {
+            stream: None,
+            targets: Vec::new(),
+        };
         loop {
             let Some((limit, limit_mod)) = view.limit else {
-                return Err(self.err(
-                    ErrorKind::Corrupt,
-                    op,
-                    Some(key),
-                    format!("{} vanished while requests use the key", a.names.limit),
+                return Err(crate::layout::corrupt(
+                    &a.names.limit,
+                    "vanished while requests use the key",
                 ));
             };
             if let Some(s) = view.slots.iter().find(|s| s.value.waiter == a.my_hex) {
@@ -362,10 +290,8 @@ impl Inner {
                 return self.granted(a, s.slot, limit, s.create_rev).await;
             }
             let Some(pos) = view.entries.iter().position(|e| e.key == a.mine.as_bytes()) else {
-                return Err(self.err(
+                return Err(Error::new(
                     ErrorKind::Lost,
-                    op,
-                    Some(key),
                     format!(
                         "this request's etcd lease {id:x} expired or was revoked while it waited \
                          (its waiter key is gone), so it was not granted"
@@ -392,12 +318,11 @@ impl Inner {
                 }
             }
             if req.wait == Wait::NoWait {
-                return Err(self.busy(a, &view, limit).await);
+                return Err(self.busy(&view, limit).await);
             }
             a.waited = true;
             let targets = watch_targets(&a.names, &view, pos, limit, watch_slots);
-            let stale = watch.as_ref().is_none_or(|(_, t)| *t != targets);
-            if stale {
+            if watch.stream.is_none() || watch.targets != targets {
                 let prefixes = [a.names.slots.clone(), a.names.holds.clone()];
                 watch = self
                     .watch_keys(op, key, targets, &prefixes, view.revision + 1)
@@ -405,8 +330,8 @@ impl Inner {
             }
             // Wait for an event, the next keep-alive, or the deadline.
             let next_keep = a.refreshed + keep_every;
-            let until = a.deadline.map_or(next_keep, |d| d.min(next_keep));
-            let woke = self.wait_for_change(&mut watch, until).await;
+            let until = next_wake([Some(next_keep), a.deadline]).unwrap_or(next_keep);
+            let woke = self.wait_for_acquire(&mut watch, until).await;
             let now = Instant::now();
             if a.deadline.is_some_and(|d| now >= d) {
                 return Err(req.timed_out("every slot stayed held", &self.url));
@@ -414,10 +339,8 @@ impl Inner {
             if !woke || now >= next_keep {
                 a.refreshed = self.keep_alive(op, key, id).await.map_err(|e| {
                     if e.kind() == ErrorKind::Lost {
-                        self.err(
+                        Error::new(
                             ErrorKind::Lost,
-                            op,
-                            Some(key),
                             format!(
                                 "this request's etcd lease {id:x} expired or was revoked while it \
                                  waited, so it was not granted"
@@ -494,7 +417,7 @@ impl Inner {
             return Ok(Claim::Full);
         };
         let slot_key = names.slot(slot);
-        let sv = self.slot_value(a.my_hex.clone(), op, key)?;
+        let sv = self.slot_value(a.my_hex.clone())?;
         let mut when = vec![
             Compare::create_revision(mine.clone(), CompareOp::Equal, my_rev),
             Compare::create_revision(slot_key.clone(), CompareOp::Equal, 0),
@@ -524,44 +447,22 @@ impl Inner {
             .when(when)
             .and_then(then)
             .or_else(self.read_ops(names));
-        let resp = self
-            .call(op, Some(key), |mut c, _| {
-                let t = claim.clone();
-                async move { c.txn(t).await }
-            })
-            .await?;
+        let resp = self.txn(op, key, claim).await?;
         if resp.succeeded() {
             let token = resp.header().map(|h| h.revision()).unwrap_or(0);
             return Ok(Claim::Won { slot, token });
         }
-        let view = self
-            .parse_view(names, &resp)
-            .map_err(|e| self.ctx(e, op, Some(key)))?;
-        Ok(Claim::Raced(view))
+        Ok(Claim::Raced(self.parse_view(names, &resp)?))
     }
 
     /// The `Busy` answer to a request that does not wait.
-    async fn busy(&self, a: &Attempt<'_>, view: &View, limit: u32) -> Error {
-        let held = view.slots.len();
-        let held_back = self.hold_left(view).await;
-        self.err(
-            ErrorKind::Busy,
-            Op::Acquire,
-            Some(&a.req.key),
-            if let (Some(d), Some(left)) = (view.delay, held_back) {
-                format!(
-                    "{held} of {limit} slot(s) are held, and a lost lease's slot is held back by the key's lock-delay of {} for about another {}",
-                    format_duration(d),
-                    format_duration(left)
-                )
-            } else if held as u64 >= u64::from(limit) {
-                format!("all {limit} slot(s) are held")
-            } else {
-                format!(
-                    "{held} of {limit} slot(s) are held and earlier requests wait for the rest"
-                )
-            },
-        )
+    async fn busy(&self, view: &View, limit: u32) -> Error {
+        let held = u32::try_from(view.slots.len()).unwrap_or(u32::MAX);
+        let held_back = match view.delay {
+            Some(d) => self.hold_left(view).await.map(|left| (d, left)),
+            None => None,
+        };
+        errors::busy(held, limit, None, held_back)
     }
 
     /// Holds `slot` back for `delay` from now: creates its `#h` key on an etcd lease of
@@ -578,25 +479,17 @@ impl Inner {
             delay,
             how,
         } = h;
-        let secs = i64::try_from(server_ttl_of(delay)).unwrap_or(i64::MAX);
         let hold = random_lease_id();
-        self.call(op, Some(key), |mut c, _| async move {
-            match c
-                .lease_grant(secs, Some(LeaseGrantOptions::new().with_id(hold)))
-                .await
-            {
-                Ok(_) => Ok(()),
-                Err(e) if is_lease_exists(&e) => Ok(()),
-                Err(e) => Err(e),
-            }
-        })
-        .await?;
+        self.grant_lease(op, key, hold, server_ttl_of(delay))
+            .await?;
         let value = serde_json::to_vec(&HoldValue {
             token: g_mod,
             how: how.to_owned(),
             lost_unix_ms: unix_ms(SystemTime::now()),
         })
-        .map_err(|e| self.err(ErrorKind::InvalidInput, op, Some(key), e.to_string()))?;
+        .map_err(|e| {
+            Error::new(ErrorKind::InvalidInput, "cannot encode the hold-back").with_source(e)
+        })?;
         let txn = Txn::new()
             .when([
                 Compare::mod_revision(names.grant(slot), CompareOp::Equal, g_mod),
@@ -611,12 +504,7 @@ impl Inner {
                 ),
                 TxnOp::delete(names.grant(slot), None),
             ]);
-        let resp = self
-            .call(op, Some(key), |mut c, _| {
-                let t = txn.clone();
-                async move { c.txn(t).await }
-            })
-            .await;
+        let resp = self.txn(op, key, txn).await;
         if !resp.as_ref().is_ok_and(|r| r.succeeded()) {
             self.revoke_quiet(hold).await;
         }
@@ -652,10 +540,8 @@ impl Inner {
             a.refreshed
         };
         let token = u64::try_from(token).map_err(|_| {
-            self.err(
+            Error::new(
                 ErrorKind::Corrupt,
-                Op::Acquire,
-                Some(&req.key),
                 format!("etcd answered a negative revision {token}"),
             )
         })?;

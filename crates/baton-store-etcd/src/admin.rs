@@ -8,40 +8,65 @@
 //! waiters watch the limit key, so a resize wakes them.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
-use baton_core::{
-    format_duration, Error, ErrorKind, Holder, HolderId, Key, KeyStatus, Op, SlotState, SlotStatus,
-    Token,
-};
+use baton_core::kit::errors;
+use baton_core::kit::status::{above_limit_note, broken, held_back_note, keys_from_names};
+use baton_core::kit::time::unix_ms_now;
+use baton_core::{HolderId, Key, KeyStatus, Op, Result, SlotStatus, Token};
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 
 use crate::acquire::HoldBack;
-use crate::core::{is_lease_not_found, Inner};
-use crate::layout::{show, HoldValue, WaiterValue};
+use crate::core::Inner;
+use crate::layout::{show, SlotEntry};
 
 impl Inner {
-    pub(crate) async fn inspect(&self, key: &Key) -> Result<KeyStatus, Error> {
+    pub(crate) async fn inspect(&self, key: &Key) -> Result<KeyStatus> {
         let op = Op::Inspect;
         let names = self.names(key);
         let view = self.read_view(op, key, &names).await?;
         let Some((limit, _)) = view.limit else {
-            return Err(self.err(
-                ErrorKind::NotFound,
-                op,
-                Some(key),
-                "no such key (a key is created by its first acquire)",
-            ));
+            return Err(errors::no_such_key());
         };
-        let holder_of = |waiter: &str| -> (Option<Holder>, Option<String>) {
-            let name = format!("{}{waiter}", names.waiters);
-            match view.entries.iter().find(|e| e.key == name.as_bytes()) {
-                None => (None, Some("its waiter key is gone (being released)".into())),
-                Some(e) => match serde_json::from_slice::<WaiterValue>(&e.value) {
-                    Ok(v) => (Some(v.holder), None),
-                    Err(_) => (None, Some(format!("holder info unreadable ({name})"))),
-                },
+        // The slot's status from its record and its holder's waiter key, with when its
+        // lease was renewed and expires as etcd's lease clock says (estimates, for
+        // display only: etcd tells whole seconds left, not instants).
+        let slot_of = |x: &SlotEntry, ttl: Option<(Duration, Duration)>| -> SlotStatus {
+            let name = names.waiter_named(&x.value.waiter);
+            let entry = view.entries.iter().find(|e| e.key == name.as_bytes());
+            let holder_json = entry
+                .and_then(|e| serde_json::from_slice::<serde_json::Value>(&e.value).ok())
+                .and_then(|v| v.get("holder").map(ToString::to_string))
+                .unwrap_or_default();
+            let token = u64::try_from(x.create_rev).unwrap_or_default();
+            let mut st = SlotStatus::of_record(
+                x.slot,
+                token,
+                &name,
+                &holder_json,
+                Some(x.value.acquired_unix_ms),
+                None,
+            );
+            if entry.is_none() {
+                st.note = Some("its waiter key is gone (being released)".into());
             }
+            if let Some((left, granted)) = ttl {
+                let expires = unix_ms_now().saturating_add(ms(left));
+                st.expires_unix_ms = Some(expires);
+                st.renewed_unix_ms = Some(expires.saturating_sub(ms(granted)));
+            }
+            if x.slot >= limit {
+                st.note = Some(above_limit_note(limit));
+            }
+            st
         };
+        // One `LeaseTimeToLive` per held slot and per hold-back.
+        let mut ttls = HashMap::new();
+        for x in &view.slots {
+            if let Some(t) = self.lease_ttl(x.lease).await {
+                ttls.insert(x.slot, t);
+            }
+        }
         let mut hold_left = HashMap::new();
         for (slot, id, _) in &view.holds {
             if let Some(left) = self.lease_left(*id).await {
@@ -49,29 +74,16 @@ impl Inner {
             }
         }
         let hold_note = |s: u32| -> Option<String> {
-            let d = format_duration(view.delay?);
-            if let Some((_, _, value)) = view.holds.iter().find(|(slot, _, _)| *slot == s) {
-                let until = hold_left.get(&s).map_or_else(
-                    || "until its etcd lease ends".to_owned(),
-                    |left| format!("for about another {}", format_duration(*left)),
-                );
-                let what = serde_json::from_slice::<HoldValue>(value)
-                    .map(|h| {
-                        let how = if h.how == "broken" {
-                            "was broken"
-                        } else {
-                            "expired"
-                        };
-                        format!("the lease with token {} {how}", h.token)
-                    })
-                    .unwrap_or_else(|_| "a lease was lost".into());
-                return Some(format!(
-                    "held back: {what}; the lock-delay of {d} holds the slot back {until}"
-                ));
+            let delay = view.delay?;
+            if view.held_back(s) {
+                // Held back until its etcd lease ends (unknown: about now).
+                let left = hold_left.get(&s).copied().unwrap_or(Duration::ZERO);
+                return Some(held_back_note(delay, Some(left)));
             }
-            view.orphans().iter().any(|(slot, _)| *slot == s).then(|| {
-                format!("lost (expired): the next acquire holds the slot back for the lock-delay of {d}")
-            })
+            view.orphans()
+                .iter()
+                .any(|(slot, _)| *slot == s)
+                .then(|| held_back_note(delay, None))
         };
         let mut slots = Vec::new();
         for s in 0..limit {
@@ -80,35 +92,11 @@ impl Inner {
                     note: hold_note(s),
                     ..SlotStatus::free(s)
                 },
-                Some(x) => {
-                    let (holder, note) = holder_of(&x.value.waiter);
-                    SlotStatus {
-                        slot: s,
-                        state: SlotState::Held,
-                        token: u64::try_from(x.create_rev).ok().map(Token),
-                        holder,
-                        since_unix_ms: Some(x.value.acquired_unix_ms),
-                        renewed_unix_ms: None,
-                        expires_unix_ms: None,
-                        note,
-                    }
-                }
+                Some(x) => slot_of(x, ttls.get(&s).copied()),
             });
         }
         for x in view.slots.iter().filter(|x| x.slot >= limit) {
-            let (holder, _) = holder_of(&x.value.waiter);
-            slots.push(SlotStatus {
-                slot: x.slot,
-                state: SlotState::Held,
-                token: u64::try_from(x.create_rev).ok().map(Token),
-                holder,
-                since_unix_ms: Some(x.value.acquired_unix_ms),
-                renewed_unix_ms: None,
-                expires_unix_ms: None,
-                note: Some(format!(
-                    "above the limit of {limit} (the key was resized down): held until released"
-                )),
-            });
+            slots.push(slot_of(x, ttls.get(&x.slot).copied()));
         }
         let holding: Vec<String> = view.slots.iter().map(|s| s.value.waiter.clone()).collect();
         let waiters = view
@@ -132,17 +120,14 @@ impl Inner {
                 .max()
                 .and_then(|r| u64::try_from(r).ok())
                 .map(Token),
-            lock_delay_ms: view
-                .delay
-                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            lock_delay_ms: view.delay.map(ms),
         })
     }
 
-    pub(crate) async fn list(&self) -> Result<Vec<Key>, Error> {
-        let op = Op::List;
+    pub(crate) async fn list(&self) -> Result<Vec<Key>> {
         let prefix = format!("{}/", self.config.prefix);
         let resp = self
-            .call(op, None, |mut c, _| {
+            .call(Op::List, None, |mut c, _| {
                 let p = prefix.clone();
                 async move {
                     c.get(p, Some(GetOptions::new().with_prefix().with_keys_only()))
@@ -150,43 +135,21 @@ impl Inner {
                 }
             })
             .await?;
-        let mut keys = Vec::new();
-        for kv in resp.kvs() {
-            let name = show(kv.key());
-            let Some(k) = name
-                .strip_prefix(&prefix)
-                .and_then(|n| n.strip_suffix("#limit"))
-            else {
-                continue;
-            };
-            keys.push(Key::new(k).map_err(|_| {
-                self.err(
-                    ErrorKind::Corrupt,
-                    op,
-                    None,
-                    format!("{name} names '{k}', which is not a valid key"),
-                )
-            })?);
-        }
-        keys.sort();
-        keys.dedup();
-        Ok(keys)
+        let names: Vec<String> = resp.kvs().iter().map(|kv| show(kv.key())).collect();
+        keys_from_names(names.iter().filter_map(|name| {
+            let k = name.strip_prefix(&prefix)?.strip_suffix("#limit")?;
+            Some((k, name.as_str()))
+        }))
     }
 
     pub(crate) async fn break_lease(
         &self,
         key: &Key,
         holder: Option<HolderId>,
-    ) -> Result<Vec<SlotStatus>, Error> {
+    ) -> Result<Vec<SlotStatus>> {
         let op = Op::Break;
         let names = self.names(key);
-        let status = self.inspect(key).await.map_err(|e| {
-            if e.kind() == ErrorKind::NotFound {
-                self.err(ErrorKind::NotFound, op, Some(key), "no such key")
-            } else {
-                e
-            }
-        })?;
+        let status = self.inspect(key).await?;
         let view = self.read_view(op, key, &names).await?;
         let mut freed = Vec::new();
         for s in &view.slots {
@@ -199,16 +162,7 @@ impl Inner {
             }
             // Revoking the holder's lease deletes its slot and waiter keys at once; its next
             // renewal answers lost.
-            let id = s.lease;
-            let gone = self
-                .call(op, Some(key), |mut c, _| async move {
-                    match c.lease_revoke(id).await {
-                        Ok(_) => Ok(true),
-                        Err(e) if is_lease_not_found(&e) => Ok(false),
-                        Err(e) => Err(e),
-                    }
-                })
-                .await?;
+            let was_live = self.revoke(op, key, s.lease).await?;
             if let Some(delay) = view.delay {
                 // The loss is the break: hold the slot back from now.
                 if let Some((_, g_mod)) = view.grants.iter().find(|(slot, _)| *slot == s.slot) {
@@ -224,34 +178,19 @@ impl Inner {
                     .await?;
                 }
             }
-            freed.push(SlotStatus {
-                slot: s.slot,
-                state: SlotState::Free,
-                token: u64::try_from(s.create_rev).ok().map(Token),
-                holder: who,
-                since_unix_ms: Some(s.value.acquired_unix_ms),
-                renewed_unix_ms: None,
-                expires_unix_ms: None,
-                note: Some(if gone {
-                    "freed by break; its holder's next renew answers lost".into()
-                } else {
-                    "had already expired; etcd removed it".into()
-                }),
-            });
+            freed.push(broken(
+                s.slot,
+                u64::try_from(s.create_rev).ok().map(Token),
+                who,
+                Some(s.value.acquired_unix_ms),
+                was_live,
+            ));
         }
         Ok(freed)
     }
 
-    pub(crate) async fn resize(&self, key: &Key, limit: u32) -> Result<KeyStatus, Error> {
-        let op = Op::Resize;
-        if limit == 0 {
-            return Err(self.err(
-                ErrorKind::InvalidInput,
-                op,
-                Some(key),
-                "the limit must be at least 1 slot",
-            ));
-        }
+    pub(crate) async fn resize(&self, key: &Key, limit: u32) -> Result<KeyStatus> {
+        errors::check_limit(limit, u32::MAX)?;
         let names = self.names(key);
         let txn = Txn::new()
             .when([Compare::create_revision(
@@ -260,20 +199,14 @@ impl Inner {
                 0,
             )])
             .and_then([TxnOp::put(names.limit.clone(), limit.to_string(), None)]);
-        let resp = self
-            .call(op, Some(key), |mut c, _| {
-                let t = txn.clone();
-                async move { c.txn(t).await }
-            })
-            .await?;
-        if !resp.succeeded() {
-            return Err(self.err(
-                ErrorKind::NotFound,
-                op,
-                Some(key),
-                "no such key (a key is created by its first acquire, with its limit)",
-            ));
+        if !self.txn(Op::Resize, key, txn).await?.succeeded() {
+            return Err(errors::no_such_key_to_resize());
         }
         self.inspect(key).await
     }
+}
+
+/// Milliseconds of `d`, for status.
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -34,23 +34,38 @@
 //! process is gone is recognised at once (`Holder::liveness`): the next arrival revokes
 //! its lease before counting.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use baton_core::kit::errors::barrier_gave_up;
+use baton_core::kit::time::{next_wake, Refresh, ARRIVAL_TTL};
 use baton_core::{
     BarrierPassed, BarrierRequest, Error, ErrorKind, Holder, Key, Liveness, Op, Wait,
 };
 use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, KeyValue, LeaseGrantOptions, PutOptions, Txn, TxnOp,
-    WatchOptions,
+    Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::core::{gets, is_lease_exists, txn_reads, Inner};
+use crate::core::{gets, polling, txn_reads, wait_for_change, Inner};
 use crate::layout::{corrupt, show};
 
-/// The TTL of a waiting party's etcd lease: a party that dies while waiting stops counting
-/// within this (plus etcd's expiry check). etcd counts whole seconds.
-pub const ARRIVAL_TTL: Duration = Duration::from_secs(10);
+/// When a barrier wait that starts at `start` gives up: at once for a no-wait arrival,
+/// after the timeout, or never.
+fn deadline(wait: Wait, start: Instant) -> Option<Instant> {
+    match wait {
+        Wait::Timeout(d) => start.checked_add(d),
+        Wait::NoWait => Some(start),
+        Wait::Forever => None,
+    }
+}
+
+/// What a give-up answers: `Busy` for a no-wait arrival, `Timeout` when the wait ran out.
+fn gave_up(wait: Wait) -> Error {
+    barrier_gave_up(match wait {
+        Wait::Timeout(d) => Some(d),
+        Wait::NoWait | Wait::Forever => None,
+    })
+}
 
 /// The generation key's value.
 #[derive(Serialize, Deserialize)]
@@ -123,10 +138,10 @@ impl Inner {
             None => Ok((0, 0)),
             Some(kv) => {
                 let v: GenValue = serde_json::from_slice(kv.value()).map_err(|e| {
-                    corrupt(format!(
-                        "{} does not hold baton's barrier generation: {e}",
-                        names.gen
-                    ))
+                    corrupt(
+                        &names.gen,
+                        format_args!("does not hold baton's barrier generation: {e}"),
+                    )
                 })?;
                 Ok((v.generation, kv.mod_revision()))
             }
@@ -141,16 +156,9 @@ impl Inner {
             TxnOp::get(names.gen.clone(), None),
             TxnOp::get(names.all.clone(), Some(GetOptions::new().with_prefix())),
         ]);
-        let resp = self
-            .call(op, Some(key), |mut c, _| {
-                let t = txn.clone();
-                async move { c.txn(t).await }
-            })
-            .await?;
-        let (revision, g) = txn_reads(&resp, 2).map_err(|e| self.ctx(e, op, Some(key)))?;
-        let (generation, gen_mod) = self
-            .parse_gen(names, g[0].kvs().first())
-            .map_err(|e| self.ctx(e, op, Some(key)))?;
+        let resp = self.txn(op, key, txn).await?;
+        let (revision, g) = txn_reads(&resp, 2)?;
+        let (generation, gen_mod) = self.parse_gen(names, g[0].kvs().first())?;
         let mine = names.arrivals(generation);
         let mut arrivals = Vec::new();
         for kv in g[1].kvs() {
@@ -159,22 +167,16 @@ impl Inner {
                 continue;
             }
             if kv.lease() == 0 {
-                return Err(self.err(
-                    ErrorKind::Corrupt,
-                    op,
-                    Some(key),
-                    format!(
-                        "{name} is a barrier arrival without an etcd lease: baton did not write \
-                         it (delete it with etcdctl if nobody uses it)"
-                    ),
+                return Err(corrupt(
+                    &name,
+                    "is a barrier arrival without an etcd lease: baton did not write it (delete \
+                     it with etcdctl if nobody uses it)",
                 ));
             }
             let v: ArrivalValue = serde_json::from_slice(kv.value()).map_err(|e| {
-                self.err(
-                    ErrorKind::Corrupt,
-                    op,
-                    Some(key),
-                    format!("{name} does not hold baton's barrier arrival: {e}"),
+                corrupt(
+                    &name,
+                    format_args!("does not hold baton's barrier arrival: {e}"),
                 )
             })?;
             arrivals.push(Arrival {
@@ -206,11 +208,7 @@ impl Inner {
         let key = &req.key;
         let names = self.barrier_names(key);
         let start = Instant::now();
-        let deadline = match req.wait {
-            Wait::Timeout(d) => start.checked_add(d),
-            Wait::NoWait => Some(start),
-            Wait::Forever => None,
-        };
+        let deadline = deadline(req.wait, start);
         let passed = |generation: u64| BarrierPassed {
             key: key.clone(),
             generation,
@@ -221,13 +219,7 @@ impl Inner {
             holder: req.holder.clone(),
         })
         .map_err(|e| {
-            self.err(
-                ErrorKind::InvalidInput,
-                op,
-                Some(key),
-                "cannot encode the holder",
-            )
-            .with_source(e)
+            Error::new(ErrorKind::InvalidInput, "cannot encode the holder").with_source(e)
         })?;
         let ttl_secs = ARRIVAL_TTL.as_secs().max(1);
         let mut refreshed: Option<Instant> = None;
@@ -254,17 +246,14 @@ impl Inner {
                 continue;
             }
             if let Some(a) = st.arrivals.iter().find(|a| a.parties != req.parties) {
-                return Err(self
-                    .err(
-                        ErrorKind::LimitMismatch,
-                        op,
-                        Some(key),
-                        format!(
-                            "generation {g} of this barrier has {} parties ({}), not {}",
-                            a.parties, a.key, req.parties
-                        ),
-                    )
-                    .with_current_limit(a.parties));
+                return Err(Error::new(
+                    ErrorKind::LimitMismatch,
+                    format!(
+                        "generation {g} of this barrier has {} parties ({}), not {}",
+                        a.parties, a.key, req.parties
+                    ),
+                )
+                .with_current_limit(a.parties));
             }
             let prefix = names.arrivals(g);
             let mut guard = vec![
@@ -283,56 +272,23 @@ impl Inner {
                     parties: req.parties,
                 })
                 .map_err(|e| {
-                    self.err(ErrorKind::InvalidInput, op, Some(key), "cannot encode")
+                    Error::new(ErrorKind::InvalidInput, "cannot encode the generation")
                         .with_source(e)
                 })?;
                 let txn =
                     Txn::new()
                         .when(guard)
                         .and_then([TxnOp::put(names.gen.clone(), next, None)]);
-                let resp = self
-                    .call(op, Some(key), |mut c, _| {
-                        let t = txn.clone();
-                        async move { c.txn(t).await }
-                    })
-                    .await?;
-                if resp.succeeded() {
+                if self.txn(op, key, txn).await?.succeeded() {
                     return Ok(passed(g));
                 }
                 continue;
             }
             if req.wait == Wait::NoWait {
-                return Err(self.err(
-                    ErrorKind::Busy,
-                    op,
-                    Some(key),
-                    format!(
-                        "{} of {} parties have arrived",
-                        st.arrivals.len(),
-                        req.parties
-                    ),
-                ));
+                return Err(gave_up(req.wait));
             }
             if refreshed.is_none() {
-                let mut sent = Instant::now();
-                self.call(op, Some(key), |mut c, _| {
-                    sent = Instant::now();
-                    async move {
-                        match c
-                            .lease_grant(
-                                ttl_secs as i64,
-                                Some(LeaseGrantOptions::new().with_id(id)),
-                            )
-                            .await
-                        {
-                            Ok(_) => Ok(()),
-                            // A retry of a grant whose answer was lost.
-                            Err(e) if is_lease_exists(&e) => Ok(()),
-                            Err(e) => Err(e),
-                        }
-                    }
-                })
-                .await?;
+                let (sent, _) = self.grant_lease(op, key, id, ttl_secs).await?;
                 refreshed = Some(sent);
             }
             let mine = names.arrival(g, id);
@@ -341,12 +297,7 @@ impl Inner {
                 value.clone(),
                 Some(PutOptions::new().with_lease(id)),
             )]);
-            let resp = self
-                .call(op, Some(key), |mut c, _| {
-                    let t = txn.clone();
-                    async move { c.txn(t).await }
-                })
-                .await?;
+            let resp = self.txn(op, key, txn).await?;
             if resp.succeeded() {
                 let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
                 break (g, st.gen_mod, rev);
@@ -355,14 +306,13 @@ impl Inner {
 
         // Wait: watch the generation key; keep the lease alive.
         let mine = names.arrival(g, id);
-        let keep_every = ARRIVAL_TTL / 3;
-        let mut refreshed = refreshed.unwrap_or(start);
+        let mut keep = Refresh::new(ARRIVAL_TTL, refreshed.unwrap_or(start));
         let mut from = my_rev + 1;
         let mut watch: Option<etcd_client::WatchStream> = None;
         loop {
             if watch.is_none() {
                 let gen_key = names.gen.clone();
-                match self
+                let stream = self
                     .call(op, Some(key), |mut c, _| {
                         let k = gen_key.clone();
                         async move {
@@ -370,56 +320,28 @@ impl Inner {
                                 .await
                         }
                     })
-                    .await
-                {
-                    Ok(s) => watch = Some(s),
-                    // Poll at a slow pace until a member answers.
-                    Err(e) if e.kind() == ErrorKind::Unavailable => {}
-                    Err(e) => return Err(e),
-                }
+                    .await;
+                // Without a stream (no member answered): poll until one does.
+                watch = polling(stream)?;
             }
-            let next_keep = refreshed + keep_every;
-            let until = deadline.map_or(next_keep, |d| d.min(next_keep));
-            let look = match watch.as_mut() {
-                Some(s) => {
-                    let sleep = tokio::time::sleep_until(until.into());
-                    tokio::pin!(sleep);
-                    loop {
-                        tokio::select! {
-                            m = s.message() => match m {
-                                Ok(Some(r)) if r.canceled() => { watch = None; break true; }
-                                Ok(Some(r)) if r.events().is_empty() => continue,
-                                Ok(Some(r)) => {
-                                    let moved = r.events().iter().any(|e| {
-                                        e.event_type() == EventType::Delete
-                                            || e.kv().is_none_or(|kv| {
-                                                self.parse_gen(&names, Some(kv))
-                                                    .map_or(true, |(n, _)| n > g)
-                                            })
-                                    });
-                                    if moved {
-                                        break true;
-                                    }
-                                }
-                                // The stream broke (a member down): look, watch again.
-                                Ok(None) | Err(_) => { watch = None; break true; }
-                            },
-                            _ = &mut sleep => break false,
-                        }
-                    }
-                }
-                None => {
-                    let poll = Instant::now() + Duration::from_millis(250);
-                    tokio::time::sleep_until(until.min(poll).into()).await;
-                    true
-                }
-            };
+            let until = next_wake([Some(keep.due_at()), deadline]).unwrap_or(keep.due_at());
+            // Woken only by the generation moving past `g` (or the key's deletion).
+            let look = wait_for_change(&mut watch, until, |r| {
+                r.events().iter().any(|e| {
+                    e.event_type() == EventType::Delete
+                        || e.kv().is_none_or(|kv| {
+                            self.parse_gen(&names, Some(kv))
+                                .map_or(true, |(n, _)| n > g)
+                        })
+                })
+            })
+            .await;
             if look {
                 let (standing, rev) = self.standing(key, &names, &mine, g, gen_mod).await?;
                 from = rev + 1;
                 match standing {
                     Standing::Passed => return Ok(passed(g)),
-                    Standing::Gone => return Err(self.gone(key, id)),
+                    Standing::Gone => return Err(self.gone(id)),
                     Standing::Waiting => {}
                 }
             }
@@ -427,26 +349,24 @@ impl Inner {
             if deadline.is_some_and(|d| now >= d) {
                 return self.withdraw(req, &names, &mine, g, gen_mod, id).await;
             }
-            if now >= refreshed + keep_every {
-                refreshed = match self.keep_alive(op, key, id).await {
-                    Ok(sent) => sent,
+            if keep.due(now) {
+                match self.keep_alive(op, key, id).await {
+                    Ok(sent) => keep.done(sent),
                     Err(e) if e.kind() == ErrorKind::Lost => {
                         return match self.standing(key, &names, &mine, g, gen_mod).await? {
                             (Standing::Passed, _) => Ok(passed(g)),
-                            _ => Err(self.gone(key, id)),
+                            _ => Err(self.gone(id)),
                         };
                     }
                     Err(e) => return Err(e),
-                };
+                }
             }
         }
     }
 
-    fn gone(&self, key: &Key, id: i64) -> Error {
-        self.err(
+    fn gone(&self, id: i64) -> Error {
+        Error::new(
             ErrorKind::Lost,
-            Op::Barrier,
-            Some(key),
             format!(
                 "this party's arrival (etcd lease {id:x}) expired or was revoked while it \
                  waited (stopped for longer than {}s?) and did not count; arrive again",
@@ -469,16 +389,9 @@ impl Inner {
             TxnOp::get(names.gen.clone(), None),
             TxnOp::get(mine.to_owned(), None),
         ]);
-        let resp = self
-            .call(op, Some(key), |mut c, _| {
-                let t = txn.clone();
-                async move { c.txn(t).await }
-            })
-            .await?;
-        let (revision, r) = txn_reads(&resp, 2).map_err(|e| self.ctx(e, op, Some(key)))?;
-        let (generation, m) = self
-            .parse_gen(names, r[0].kvs().first())
-            .map_err(|e| self.ctx(e, op, Some(key)))?;
+        let resp = self.txn(op, key, txn).await?;
+        let (revision, r) = txn_reads(&resp, 2)?;
+        let (generation, m) = self.parse_gen(names, r[0].kvs().first())?;
         let here = !r[1].kvs().is_empty();
         let standing = if m == gen_mod {
             if here {
@@ -493,14 +406,11 @@ impl Inner {
                 Standing::Gone
             }
         } else {
-            return Err(self.err(
-                ErrorKind::Corrupt,
-                op,
-                Some(key),
-                format!(
-                    "{} went back to generation {generation} while a party waits in \
-                     generation {g}: something other than baton wrote it",
-                    names.gen
+            return Err(corrupt(
+                &names.gen,
+                format_args!(
+                    "went back to generation {generation} while a party waits in generation \
+                     {g}: something other than baton wrote it"
                 ),
             ));
         };
@@ -528,12 +438,7 @@ impl Inner {
             )])
             .and_then([TxnOp::delete(mine.to_owned(), None)])
             .or_else([TxnOp::get(mine.to_owned(), None)]);
-        let resp = self
-            .call(op, Some(key), |mut c, _| {
-                let t = txn.clone();
-                async move { c.txn(t).await }
-            })
-            .await?;
+        let resp = self.txn(op, key, txn).await?;
         if !resp.succeeded() && gets(&resp).first().is_some_and(|r| !r.kvs().is_empty()) {
             // The generation passed with this arrival in it.
             return Ok(BarrierPassed {
@@ -543,22 +448,8 @@ impl Inner {
             });
         }
         if !resp.succeeded() {
-            return Err(self.gone(key, id));
+            return Err(self.gone(id));
         }
-        Err(if req.wait == Wait::NoWait {
-            self.err(
-                ErrorKind::Busy,
-                op,
-                Some(key),
-                "not every party has arrived",
-            )
-        } else {
-            self.err(
-                ErrorKind::Timeout,
-                op,
-                Some(key),
-                "not every party arrived in time; this arrival was withdrawn",
-            )
-        })
+        Err(gave_up(req.wait))
     }
 }

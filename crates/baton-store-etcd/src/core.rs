@@ -1,12 +1,14 @@
-//! The connection to etcd: the store's own runtime, one client per member, the call that
-//! moves to the next member when one fails, the one mapping of etcd's failures into
-//! [`baton_core::Error`], the lease calls every role makes (keep-alive, revoke, time to
-//! live) and the watch a waiting acquire sleeps on.
+//! The connection to etcd: one client per member on the store's runtime
+//! ([`baton_core::kit::runtime`]), the call that moves to the next member when one fails,
+//! the one mapping of etcd's failures into [`baton_core::Error`], the lease calls every
+//! role makes (keep-alive, revoke, time to live) and the watch a waiting acquire or
+//! barrier party sleeps on.
 //!
 //! Guarantees: every etcd request of the store goes through [`Inner::call`], so each try
 //! is bounded by the request timeout, a failure a member can recover from moves on to the
 //! next member (at most two rounds over the members), and what any member would answer the
-//! same is returned at once; `Unavailable` means no member answered. Revoking a lease
+//! same is returned at once; `Unavailable` means no member answered. etcd refusing the
+//! credentials or the access is permanent (retrying will not help). Revoking a lease
 //! (`revoke_quiet`) is bounded too, so a clean-up never hangs the caller.
 
 use std::collections::HashMap;
@@ -15,8 +17,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use baton_core::kit::runtime::StoreRuntime;
+use baton_core::kit::wait::rides_out;
 use baton_core::{format_duration, Error, ErrorKind, HolderId, Key, Op, StoreUrl};
-use etcd_client::{Client, ConnectOptions, TxnOpResponse, TxnResponse, WatchOptions};
+use etcd_client::{
+    Client, ConnectOptions, LeaseGrantOptions, Txn, TxnOpResponse, TxnResponse, WatchOptions,
+    WatchResponse, WatchStream,
+};
 use tokio::sync::OnceCell;
 
 use crate::config::EtcdConfig;
@@ -25,41 +32,10 @@ use crate::lease::Granted;
 /// How long a cancelled or failed acquire keeps trying to revoke its lease.
 const CLEANUP_BOUND: Duration = Duration::from_secs(10);
 
-/// The runtime the store's client lives on: its own threads, so that the caller's
-/// runtime (a current-thread one, or the keeper's) never has to drive the client's
-/// background tasks. Dropping this stops it, from its own thread.
-pub(crate) struct RuntimeThread {
-    pub(crate) handle: tokio::runtime::Handle,
-    _stop: std::sync::mpsc::Sender<()>,
-}
-
-impl RuntimeThread {
-    pub(crate) fn start() -> std::io::Result<RuntimeThread> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("baton-etcd")
-            .enable_all()
-            .build()?;
-        let handle = rt.handle().clone();
-        let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        std::thread::Builder::new()
-            .name("baton-etcd-owner".into())
-            .spawn(move || {
-                // Returns when the store (the sender) is gone.
-                let _ = stopped.recv();
-                rt.shutdown_background();
-            })?;
-        Ok(RuntimeThread {
-            handle,
-            _stop: stop,
-        })
-    }
-}
-
 pub(crate) struct Inner {
     pub(crate) url: StoreUrl,
     pub(crate) config: EtcdConfig,
-    pub(crate) runtime: RuntimeThread,
+    pub(crate) runtime: StoreRuntime,
     /// One client per endpoint, connected on first use.
     pub(crate) clients: Vec<OnceCell<Client>>,
     /// The endpoint requests go to first; moves on when it fails.
@@ -82,11 +58,6 @@ enum Failure {
     Fatal(Error),
 }
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A plain map; a panic while holding it cannot leave it inconsistent.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// A random positive etcd lease id (ids are chosen by the client so that a retried grant
 /// is recognised as the same grant).
 pub(crate) fn random_lease_id() -> i64 {
@@ -103,10 +74,12 @@ fn classify(e: etcd_client::Error) -> Failure {
     match e {
         E::GRpcStatus(ref s) => {
             use tonic_code::*;
-            match s.code() as i32 {
+            let code = s.code() as i32;
+            match code {
                 UNAVAILABLE | DEADLINE_EXCEEDED | CANCELLED | UNKNOWN | ABORTED | INTERNAL
                 | RESOURCE_EXHAUSTED => Failure::Transient(e),
-                UNAUTHENTICATED | PERMISSION_DENIED => Failure::Fatal(
+                // The message is etcd's whole answer: the status adds nothing to it.
+                _ if refuses_credentials(code, s.message()) => Failure::Fatal(
                     Error::new(
                         ErrorKind::Unavailable,
                         format!(
@@ -114,15 +87,12 @@ fn classify(e: etcd_client::Error) -> Failure {
                             s.message()
                         ),
                     )
-                    .with_source(e),
+                    .permanent(),
                 ),
-                _ => Failure::Fatal(
-                    Error::new(
-                        ErrorKind::Unavailable,
-                        format!("etcd refused the request: {}", s.message()),
-                    )
-                    .with_source(e),
-                ),
+                _ => Failure::Fatal(Error::new(
+                    ErrorKind::Unavailable,
+                    format!("etcd refused the request: {}", s.message()),
+                )),
             }
         }
         E::TransportError(_) | E::IoError(_) | E::WatchError(_) | E::EndpointError(_) => {
@@ -133,6 +103,21 @@ fn classify(e: etcd_client::Error) -> Failure {
             Error::new(ErrorKind::Unavailable, "the etcd client failed").with_source(other),
         ),
     }
+}
+
+/// Whether etcd's answer refuses the credentials or the access: a denied permission, an
+/// invalid token, or (at connect, as `InvalidArgument` or `FailedPrecondition`) a wrong
+/// user or password, or authentication that is not enabled.
+fn refuses_credentials(code: i32, message: &str) -> bool {
+    use tonic_code::*;
+    matches!(code, UNAUTHENTICATED | PERMISSION_DENIED)
+        || [
+            "authentication failed",
+            "authentication is not enabled",
+            "user name is empty",
+        ]
+        .iter()
+        .any(|m| message.contains(m))
 }
 
 /// gRPC status codes by number (the etcd client does not re-export tonic's `Code`).
@@ -213,23 +198,12 @@ pub(crate) fn is_lease_exists(e: &etcd_client::Error) -> bool {
 }
 
 /// A watch on what can wake a waiting acquire, and what it watches.
-pub(crate) type Watch = (etcd_client::WatchStream, Vec<String>);
+pub(crate) struct Watch {
+    pub(crate) stream: Option<WatchStream>,
+    pub(crate) targets: Vec<String>,
+}
 
 impl Inner {
-    pub(crate) fn err(
-        &self,
-        kind: ErrorKind,
-        op: Op,
-        key: Option<&Key>,
-        msg: impl Into<String>,
-    ) -> Error {
-        Error::new(kind, msg).context(op, key, &self.url)
-    }
-
-    pub(crate) fn ctx(&self, e: Error, op: Op, key: Option<&Key>) -> Error {
-        e.context(op, key, &self.url)
-    }
-
     async fn client(&self, i: usize) -> Result<Client, etcd_client::Error> {
         let endpoint = &self.config.endpoints[i];
         self.clients[i]
@@ -291,7 +265,7 @@ impl Inner {
                 }
             };
             match classify(e) {
-                Failure::Fatal(err) => return Err(self.ctx(err, op, key)),
+                Failure::Fatal(err) => return Err(err.context(op, key, &self.url)),
                 Failure::Transient(e) => {
                     failures.push(format!("{}: {}", self.config.endpoints[i], brief(&e)));
                     let _ = self.current.compare_exchange(
@@ -306,10 +280,8 @@ impl Inner {
         }
         let mut seen = std::collections::HashSet::new();
         failures.retain(|f| seen.insert(f.clone()));
-        Err(self.err(
+        Err(Error::new(
             ErrorKind::Unavailable,
-            op,
-            key,
             format!(
                 "no etcd member answered ({})",
                 failures
@@ -319,7 +291,57 @@ impl Inner {
                     .collect::<Vec<_>>()
                     .join("; ")
             ),
-        ))
+        )
+        .context(op, key, &self.url))
+    }
+
+    /// Runs transaction `txn` (resent as is on every try).
+    pub(crate) async fn txn(&self, op: Op, key: &Key, txn: Txn) -> Result<TxnResponse, Error> {
+        self.call(op, Some(key), |mut c, _| {
+            let t = txn.clone();
+            async move { c.txn(t).await }
+        })
+        .await
+    }
+
+    /// Grants etcd lease `id` with a TTL of `secs` seconds (a retry of a grant whose answer
+    /// was lost counts as granted). Returns when the last try was sent, and the TTL etcd
+    /// granted (`None` after such a retry).
+    pub(crate) async fn grant_lease(
+        &self,
+        op: Op,
+        key: &Key,
+        id: i64,
+        secs: u64,
+    ) -> Result<(Instant, Option<i64>), Error> {
+        let secs = i64::try_from(secs).unwrap_or(i64::MAX);
+        let mut sent = Instant::now();
+        let ttl = self
+            .call(op, Some(key), |mut c, _| {
+                sent = Instant::now();
+                async move {
+                    let opts = LeaseGrantOptions::new().with_id(id);
+                    match c.lease_grant(secs, Some(opts)).await {
+                        Ok(r) => Ok(Some(r.ttl())),
+                        Err(e) if is_lease_exists(&e) => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                }
+            })
+            .await?;
+        Ok((sent, ttl))
+    }
+
+    /// Revokes lease `id`: true when it was revoked, false when it was gone already.
+    pub(crate) async fn revoke(&self, op: Op, key: &Key, id: i64) -> Result<bool, Error> {
+        self.call(op, Some(key), |mut c, _| async move {
+            match c.lease_revoke(id).await {
+                Ok(_) => Ok(true),
+                Err(e) if is_lease_not_found(&e) => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+        .await
     }
 
     /// Revokes lease `id` (gone already counts as done); false when no member confirmed.
@@ -359,10 +381,8 @@ impl Inner {
         if alive {
             Ok(sent)
         } else {
-            Err(self.err(
+            Err(Error::new(
                 ErrorKind::Lost,
-                op,
-                Some(key),
                 format!("etcd lease {id:x} expired or was revoked"),
             ))
         }
@@ -370,19 +390,25 @@ impl Inner {
 
     /// What is left of etcd lease `id`'s TTL, as etcd says (`None`: it did not say).
     pub(crate) async fn lease_left(&self, id: i64) -> Option<Duration> {
-        self.call(Op::Inspect, None, |mut c, _| async move {
-            c.lease_time_to_live(id, None).await
-        })
-        .await
-        .ok()
-        .map(|r| r.ttl())
-        .and_then(|t| u64::try_from(t).ok())
-        .map(Duration::from_secs)
+        self.lease_ttl(id).await.map(|(left, _)| left)
+    }
+
+    /// What is left of etcd lease `id`'s TTL and the TTL it was granted with, as etcd says
+    /// (`None`: it did not say, or the lease is gone).
+    pub(crate) async fn lease_ttl(&self, id: i64) -> Option<(Duration, Duration)> {
+        let r = self
+            .call(Op::Inspect, None, |mut c, _| async move {
+                c.lease_time_to_live(id, None).await
+            })
+            .await
+            .ok()?;
+        let secs = |t: i64| u64::try_from(t).ok().map(Duration::from_secs);
+        Some((secs(r.ttl())?, secs(r.granted_ttl())?))
     }
 
     /// Opens one watch stream on `targets` from revision `from` (those in `prefixes` as
-    /// prefixes); `None` when no member answered (the caller then polls at the keep-alive
-    /// pace until one does).
+    /// prefixes); without a stream when no member answered (the caller then polls at the
+    /// keep-alive pace until one does).
     pub(crate) async fn watch_keys(
         &self,
         op: Op,
@@ -390,14 +416,14 @@ impl Inner {
         targets: Vec<String>,
         prefixes: &[String],
         from: i64,
-    ) -> Result<Option<Watch>, Error> {
+    ) -> Result<Watch, Error> {
         let t2 = targets.clone();
-        match self
+        let stream = self
             .call(op, Some(key), |mut c, _| {
                 let targets = t2.clone();
                 let prefixes = prefixes.to_vec();
                 async move {
-                    let mut stream: Option<etcd_client::WatchStream> = None;
+                    let mut stream: Option<WatchStream> = None;
                     for t in targets {
                         let mut o = WatchOptions::new().with_start_revision(from);
                         if prefixes.contains(&t) {
@@ -411,46 +437,63 @@ impl Inner {
                     stream.ok_or_else(|| etcd_client::Error::WatchError("nothing to watch".into()))
                 }
             })
-            .await
-        {
-            Ok(s) => Ok(Some((s, targets))),
-            Err(e) if e.kind() == ErrorKind::Unavailable => {
-                // Fall back to polling at the keep-alive pace until a member answers.
-                Ok(None)
-            }
-            Err(e) => Err(e),
-        }
+            .await;
+        Ok(Watch {
+            stream: polling(stream)?,
+            targets,
+        })
     }
 
-    /// Waits on `watch` (or polls, without one) until an event or `until`: true when
-    /// something may have changed (an event, a broken stream, a poll), false at `until`.
-    /// A broken stream is dropped, so the next round watches again.
-    pub(crate) async fn wait_for_change(&self, watch: &mut Option<Watch>, until: Instant) -> bool {
-        match watch.as_mut() {
-            Some((s, _)) => {
-                let sleep = tokio::time::sleep_until(until.into());
-                tokio::pin!(sleep);
-                loop {
-                    tokio::select! {
-                        m = s.message() => match m {
-                            Ok(Some(r)) if r.created() && r.events().is_empty() && !r.canceled() => continue,
-                            Ok(Some(r)) if r.canceled() || !r.events().is_empty() => {
-                                self.wakeups.fetch_add(1, Ordering::Relaxed);
-                                break true;
-                            }
-                            Ok(Some(_)) => continue,
-                            // The stream broke (a member down): read again, watch again.
-                            Ok(None) | Err(_) => { *watch = None; break true; }
-                        },
-                        _ = &mut sleep => break false,
-                    }
-                }
-            }
-            None => {
-                let poll = Instant::now() + Duration::from_millis(250);
-                tokio::time::sleep_until(until.min(poll).into()).await;
-                true
-            }
+    /// [`wait_for_change`] for a waiting acquire: any event on what it watches wakes it
+    /// (and counts in [`Inner::wakeups`]).
+    pub(crate) async fn wait_for_acquire(&self, watch: &mut Watch, until: Instant) -> bool {
+        wait_for_change(&mut watch.stream, until, |_| {
+            self.wakeups.fetch_add(1, Ordering::Relaxed);
+            true
+        })
+        .await
+    }
+}
+
+/// A watch stream that could be opened, or `None` (poll) when no member answered; other
+/// errors end the wait.
+pub(crate) fn polling(stream: Result<WatchStream, Error>) -> Result<Option<WatchStream>, Error> {
+    match stream {
+        Ok(s) => Ok(Some(s)),
+        // Fall back to polling at the keep-alive pace until a member answers.
+        Err(e) if rides_out(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// How often a wait without a watch stream looks again.
+const POLL: Duration = Duration::from_millis(250);
+
+/// Waits on `stream` (or polls every [`POLL`], without one) until an answer with events
+/// that `wakes` accepts, or `until`: true when something may have changed (such an event,
+/// a cancelled or broken stream, a poll), false at `until`. A cancelled or broken stream
+/// is dropped, so the caller's next round watches again.
+pub(crate) async fn wait_for_change(
+    stream: &mut Option<WatchStream>,
+    until: Instant,
+    mut wakes: impl FnMut(&WatchResponse) -> bool,
+) -> bool {
+    let Some(s) = stream.as_mut() else {
+        tokio::time::sleep_until(until.min(Instant::now() + POLL).into()).await;
+        return true;
+    };
+    let sleep = tokio::time::sleep_until(until.into());
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            m = s.message() => match m {
+                Ok(Some(r)) if r.canceled() => { *stream = None; return true; }
+                Ok(Some(r)) if r.events().is_empty() => continue,
+                Ok(Some(r)) => if wakes(&r) { return true; },
+                // The stream broke (a member down): read again, watch again.
+                Ok(None) | Err(_) => { *stream = None; return true; }
+            },
+            _ = &mut sleep => return false,
         }
     }
 }

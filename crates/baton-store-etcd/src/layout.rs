@@ -27,6 +27,7 @@
 
 use std::time::{Duration, SystemTime};
 
+use baton_core::kit::errors;
 use baton_core::{unix_ms, Error, ErrorKind, Holder, Key, Liveness, Op};
 use etcd_client::{GetOptions, KeyValue, SortOrder, SortTarget, Txn, TxnOp, TxnResponse};
 use serde::{Deserialize, Serialize};
@@ -137,13 +138,19 @@ impl Names {
     pub(crate) fn waiter(&self, id: i64) -> String {
         format!("{}{id:016x}", self.waiters)
     }
+    /// The waiter key whose last part is `hex` (a slot record's `waiter`).
+    pub(crate) fn waiter_named(&self, hex: &str) -> String {
+        format!("{}{hex}", self.waiters)
+    }
     pub(crate) fn slot(&self, slot: u32) -> String {
         format!("{}{slot}", self.slots)
     }
 }
 
-pub(crate) fn corrupt(msg: impl Into<String>) -> Error {
-    Error::new(ErrorKind::Corrupt, msg)
+/// `Corrupt`, permanent: `what` (an etcd key) is not what baton writes, for the reason
+/// `why`.
+pub(crate) fn corrupt(what: impl std::fmt::Display, why: impl std::fmt::Display) -> Error {
+    errors::corrupt(what, why).permanent()
 }
 
 pub(crate) fn show(key: &[u8]) -> String {
@@ -161,11 +168,13 @@ fn parse_delay(names: &Names, kv: &KeyValue) -> Result<Duration, Error> {
         .map(Duration::from_millis)
         .filter(|d| !d.is_zero() && *d <= MAX_LOCK_DELAY)
         .ok_or_else(|| {
-            corrupt(format!(
-                "{} holds {:?}, not a lock-delay (milliseconds, 1 or more)",
-                names.delay,
-                String::from_utf8_lossy(&kv.value()[..kv.value().len().min(40)])
-            ))
+            corrupt(
+                &names.delay,
+                format_args!(
+                    "holds {:?}, not a lock-delay (milliseconds, 1 or more)",
+                    String::from_utf8_lossy(&kv.value()[..kv.value().len().min(40)])
+                ),
+            )
         })
 }
 
@@ -175,30 +184,24 @@ fn parse_limit(names: &Names, kv: &KeyValue) -> Result<u32, Error> {
         .and_then(|s| s.trim().parse::<u32>().ok())
         .filter(|n| *n >= 1)
         .ok_or_else(|| {
-            corrupt(format!(
-                "{} holds {:?}, not a limit (a number of slots, 1 or more)",
-                names.limit,
-                String::from_utf8_lossy(&kv.value()[..kv.value().len().min(40)])
-            ))
+            corrupt(
+                &names.limit,
+                format_args!(
+                    "holds {:?}, not a limit (a number of slots, 1 or more)",
+                    String::from_utf8_lossy(&kv.value()[..kv.value().len().min(40)])
+                ),
+            )
         })
 }
 
 impl Inner {
     /// The value of a slot key: granted to `waiter` (its lease id in hex), now.
-    pub(crate) fn slot_value(&self, waiter: String, op: Op, key: &Key) -> Result<Vec<u8>, Error> {
+    pub(crate) fn slot_value(&self, waiter: String) -> Result<Vec<u8>, Error> {
         serde_json::to_vec(&SlotValue {
             waiter,
             acquired_unix_ms: unix_ms(SystemTime::now()),
         })
-        .map_err(|e| {
-            self.err(
-                ErrorKind::InvalidInput,
-                op,
-                Some(key),
-                "cannot encode the slot",
-            )
-            .with_source(e)
-        })
+        .map_err(|e| Error::new(ErrorKind::InvalidInput, "cannot encode the slot").with_source(e))
     }
 
     pub(crate) fn names(&self, key: &Key) -> Names {
@@ -241,11 +244,11 @@ impl Inner {
         let mut entries = Vec::new();
         for kv in g[1].kvs() {
             if kv.lease() == 0 {
-                return Err(corrupt(format!(
-                    "{} is a waiter key without an etcd lease: baton did not write it (delete it \
+                return Err(corrupt(
+                    show(kv.key()),
+                    "is a waiter key without an etcd lease: baton did not write it (delete it \
                      with etcdctl if nobody uses it)",
-                    show(kv.key())
-                )));
+                ));
             }
             entries.push(Entry {
                 key: kv.key().to_vec(),
@@ -261,18 +264,19 @@ impl Inner {
             let slot = name
                 .strip_prefix(&names.slots)
                 .and_then(|s| s.parse::<u32>().ok())
-                .ok_or_else(|| {
-                    corrupt(format!(
-                        "{name} is not a slot key baton writes (no slot number)"
-                    ))
-                })?;
+                .ok_or_else(|| corrupt(&name, "is not a slot key baton writes (no slot number)"))?;
             if kv.lease() == 0 {
-                return Err(corrupt(format!(
-                    "{name} is a slot key without an etcd lease: baton did not write it"
-                )));
+                return Err(corrupt(
+                    &name,
+                    "is a slot key without an etcd lease: baton did not write it",
+                ));
             }
-            let value: SlotValue = serde_json::from_slice(kv.value())
-                .map_err(|e| corrupt(format!("{name} does not hold baton's slot record: {e}")))?;
+            let value: SlotValue = serde_json::from_slice(kv.value()).map_err(|e| {
+                corrupt(
+                    &name,
+                    format_args!("does not hold baton's slot record: {e}"),
+                )
+            })?;
             slots.push(SlotEntry {
                 slot,
                 create_rev: kv.create_revision(),
@@ -290,9 +294,7 @@ impl Inner {
             name.strip_prefix(prefix)
                 .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|s| s.parse::<u32>().ok())
-                .ok_or_else(|| {
-                    corrupt(format!("{name} is not a key baton writes (no slot number)"))
-                })
+                .ok_or_else(|| corrupt(&name, "is not a key baton writes (no slot number)"))
         };
         let mut grants = Vec::new();
         for kv in g[4].kvs() {
@@ -303,18 +305,18 @@ impl Inner {
             let slot = slot_of(&names.holds, kv)?;
             if kv.lease() == 0 {
                 // Without a lease it would hold the slot back for ever.
-                return Err(corrupt(format!(
-                    "{} holds a slot back without an etcd lease: baton did not write it",
-                    show(kv.key())
-                )));
+                return Err(corrupt(
+                    show(kv.key()),
+                    "holds a slot back without an etcd lease: baton did not write it",
+                ));
             }
             holds.push((slot, kv.lease(), kv.value().to_vec()));
         }
         if delay.is_none() && !(grants.is_empty() && holds.is_empty()) {
-            return Err(corrupt(format!(
-                "{} is missing although the key has lock-delay records",
-                names.delay
-            )));
+            return Err(corrupt(
+                &names.delay,
+                "is missing although the key has lock-delay records",
+            ));
         }
         Ok(View {
             revision,
@@ -328,14 +330,9 @@ impl Inner {
     }
 
     pub(crate) async fn read_view(&self, op: Op, key: &Key, names: &Names) -> Result<View, Error> {
-        let ops = self.read_ops(names);
         let resp = self
-            .call(op, Some(key), |mut c, _| {
-                let ops = ops.clone();
-                async move { c.txn(Txn::new().and_then(ops)).await }
-            })
+            .txn(op, key, Txn::new().and_then(self.read_ops(names)))
             .await?;
         self.parse_view(names, &resp)
-            .map_err(|e| self.ctx(e, op, Some(key)))
     }
 }

@@ -11,10 +11,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use baton_core::{Error, ErrorKind, Key, Lease, Op, Released};
+use baton_core::kit::sys::lock;
+use baton_core::kit::time::renew_every;
+use baton_core::{Error, ErrorKind, Lease, Op, Released};
 use etcd_client::{Compare, CompareOp, KeyValue, Txn, TxnOp};
 
-use crate::core::{is_lease_not_found, lock, Inner};
+use crate::core::Inner;
 
 /// How many released leases a handle keeps for reuse.
 const POOL_MAX: usize = 8;
@@ -32,7 +34,7 @@ pub(crate) struct Granted {
 impl Granted {
     /// Fresh enough to carry a new grant: at most a third of its TTL used.
     fn reusable(&self) -> bool {
-        self.refreshed.elapsed() < Duration::from_secs(self.server_ttl) / 3
+        self.refreshed.elapsed() < renew_every(Duration::from_secs(self.server_ttl))
     }
 }
 
@@ -65,17 +67,6 @@ impl Inner {
             .first()
             .filter(|kv| u64::try_from(kv.create_revision()).ok() == Some(lease.token.0))
             .map(KeyValue::lease))
-    }
-
-    async fn revoke(&self, op: Op, key: &Key, id: i64) -> Result<bool, Error> {
-        self.call(op, Some(key), |mut c, _| async move {
-            match c.lease_revoke(id).await {
-                Ok(_) => Ok(true),
-                Err(e) if is_lease_not_found(&e) => Ok(false),
-                Err(e) => Err(e),
-            }
-        })
-        .await
     }
 
     pub(crate) async fn release(self: &Arc<Self>, lease: &Lease) -> Result<Released, Error> {
@@ -112,13 +103,7 @@ impl Inner {
                 // A clean release: no lock-delay record of a loss stays behind.
                 TxnOp::delete(names.grant(lease.slot), None),
             ]);
-        let resp = self
-            .call(op, Some(&lease.key), |mut c, _| {
-                let t = txn.clone();
-                async move { c.txn(t).await }
-            })
-            .await;
-        let resp = match resp {
+        let resp = match self.txn(op, &lease.key, txn).await {
             Ok(r) => r,
             Err(e) => {
                 // Keep it known so that a retry can release it.
@@ -137,7 +122,7 @@ impl Inner {
             // No keys left on it (or not ours any more): revoking is tidiness.
             let inner = Arc::clone(self);
             self.runtime
-                .handle
+                .handle()
                 .spawn(async move { inner.revoke_quiet(g.id).await });
         }
         Ok(if resp.succeeded() {
@@ -160,13 +145,7 @@ impl Inner {
                 token,
             )])
             .and_then([TxnOp::delete(names.grant(lease.slot), None)]);
-        let resp = self
-            .call(Op::Release, Some(&lease.key), |mut c, _| {
-                let t = txn.clone();
-                async move { c.txn(t).await }
-            })
-            .await?;
-        Ok(resp.succeeded())
+        Ok(self.txn(Op::Release, &lease.key, txn).await?.succeeded())
     }
 
     /// A pooled lease for a request with this TTL, if one is fresh enough.
@@ -181,10 +160,8 @@ impl Inner {
     pub(crate) async fn renew(&self, lease: &Lease) -> Result<Lease, Error> {
         let op = Op::Renew;
         let lost = || {
-            self.err(
+            Error::new(
                 ErrorKind::Lost,
-                op,
-                Some(&lease.key),
                 format!(
                     "the lease (slot {}, token {}) expired, was broken or was released",
                     lease.slot, lease.token

@@ -21,13 +21,15 @@ mod store;
 
 use std::sync::Arc;
 
+use baton_core::kit::context;
 use baton_core::{Result, Store, StoreUrl};
 
-pub use barrier::ARRIVAL_TTL;
+pub use baton_core::kit::time::{ARRIVAL_TTL, DEFAULT_TTL};
 pub use config::{EtcdConfig, DEFAULT_PREFIX};
-pub use store::{EtcdStore, DEFAULT_TTL};
+pub use store::EtcdStore;
 
-/// Opens the store a `etcd` URL names (without connecting: the first operation does).
+/// Opens the store a `etcd` URL names (without connecting: the first operation does),
+/// behind the error-context layer: every error names its operation, key and store.
 pub fn open(url: &StoreUrl) -> Result<Arc<dyn Store>> {
-    Ok(Arc::new(EtcdStore::open(url)?))
+    Ok(context::layer(Arc::new(EtcdStore::open(url)?)))
 }

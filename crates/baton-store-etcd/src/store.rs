@@ -16,17 +16,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use baton_core::kit::runtime::{Call, Cancel, StoreRuntime};
+use baton_core::kit::time::DEFAULT_TTL;
 use baton_core::{
     AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error, ErrorKind, HolderId, Key,
     KeyStatus, Lease, Op, Released, SlotStatus, Store, StoreUrl,
 };
-use tokio::sync::{oneshot, OnceCell};
+use tokio::sync::OnceCell;
 
 use crate::config::EtcdConfig;
-use crate::core::{random_lease_id, Inner, RuntimeThread};
+use crate::core::{random_lease_id, Inner};
 
-/// The TTL of a lease whose request gives none.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+/// What etcd adds to a lease's TTL before a dead holder's slot is free: the TTL rounded up
+/// to whole seconds (up to 1 s; a TTL below etcd's minimum, 2 s with default settings, is
+/// raised to it), and etcd's expiry check every 500 ms.
+const RECOVERY_EXTRA: Duration = Duration::from_millis(2500);
 
 /// The etcd store. See the crate docs and README for the mechanism and its bounds.
 pub struct EtcdStore {
@@ -48,7 +52,7 @@ impl EtcdStore {
     /// so this never blocks; an unreachable cluster shows as `Unavailable` then.
     pub fn open(url: &StoreUrl) -> Result<EtcdStore, Error> {
         let config = EtcdConfig::from_url(url)?;
-        let runtime = RuntimeThread::start().map_err(|e| {
+        let runtime = StoreRuntime::start("baton-etcd", 2).map_err(|e| {
             Error::new(
                 ErrorKind::Unavailable,
                 "cannot start the etcd client's threads",
@@ -84,40 +88,6 @@ impl EtcdStore {
         self.inner.wakeups.load(Ordering::Relaxed)
     }
 
-    /// A barrier wait on the store's runtime. Whatever happens (a pass, an error, this
-    /// future dropped), the arrival's etcd lease is revoked before the task ends, so no
-    /// arrival outlives the call.
-    async fn barrier_on_runtime(&self, req: &BarrierRequest) -> Result<BarrierPassed, Error> {
-        baton_core::barrier::validate(req)
-            .map_err(|e| self.inner.ctx(e, Op::Barrier, Some(&req.key)))?;
-        let id = random_lease_id();
-        let (tx, rx) = oneshot::channel::<Result<BarrierPassed, Error>>();
-        // Dropped with this future: the task then withdraws the arrival.
-        let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
-        let inner = Arc::clone(&self.inner);
-        let req2 = req.clone();
-        self.inner.runtime.handle.spawn(async move {
-            let result = tokio::select! {
-                r = inner.barrier_inner(&req2, id) => r,
-                _ = cancel_rx => Err(inner.err(ErrorKind::Cancelled, Op::Barrier, Some(&req2.key), "cancelled")),
-            };
-            // Leaving (after a pass) or withdrawing (the generation key is unchanged, or
-            // the wait was cancelled): the arrival goes with its lease.
-            inner.revoke_quiet(id).await;
-            let _ = tx.send(result);
-        });
-        let result = rx.await;
-        drop(cancel_tx);
-        result.unwrap_or_else(|_| {
-            Err(self.inner.err(
-                ErrorKind::Unavailable,
-                Op::Barrier,
-                Some(&req.key),
-                "the etcd client's task stopped",
-            ))
-        })
-    }
-
     /// Runs `f` on the store's runtime and waits for it from any runtime.
     async fn on_runtime<T: Send + 'static, Fut>(
         &self,
@@ -129,18 +99,10 @@ impl EtcdStore {
         Fut: Future<Output = Result<T, Error>> + Send + 'static,
     {
         let fut = f(Arc::clone(&self.inner));
-        match self.inner.runtime.handle.spawn(fut).await {
-            Ok(r) => r,
-            Err(e) => Err(self
-                .inner
-                .err(
-                    ErrorKind::Unavailable,
-                    op,
-                    key,
-                    "the etcd client's task failed",
-                )
-                .with_source(e)),
-        }
+        self.inner
+            .runtime
+            .run(Call::new(op, key, &self.inner.url), fut)
+            .await
     }
 }
 
@@ -151,63 +113,43 @@ impl Store for EtcdStore {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let mut c = Capabilities::new(
+        Capabilities::lease_store(
             "within the lease's TTL (30s unless the request sets one; etcd counts whole \
-             seconds, 2s at least) after its holder dies",
-        );
-        c.renew = true;
-        c.break_lease = true;
-        c.resize = true;
-        c.fifo = true;
-        c.lock_delay = true;
-        c
+             seconds, 2s at least) after its holder dies, plus etcd's expiry check",
+            RECOVERY_EXTRA,
+        )
     }
 
     async fn acquire(&self, req: &AcquireRequest) -> Result<Lease, Error> {
-        req.validate()
-            .map_err(|e| self.inner.ctx(e, Op::Acquire, Some(&req.key)))?;
+        req.validate()?;
         let pooled = self.inner.take_pooled(req.ttl.unwrap_or(DEFAULT_TTL));
         let id = pooled.unwrap_or_else(random_lease_id);
-        let (tx, rx) = oneshot::channel::<Result<Lease, Error>>();
-        // Dropped with this future: the task then gives up and cleans up.
-        let (cancel_tx, cancel_rx) = oneshot::channel::<()>();
-        let inner = Arc::clone(&self.inner);
-        let req2 = req.clone();
-        self.inner.runtime.handle.spawn(async move {
+        let (inner, back, req2) = (
+            Arc::clone(&self.inner),
+            Arc::clone(&self.inner),
+            req.clone(),
+        );
+        let work = |cancel: Cancel| async move {
             let result = tokio::select! {
                 r = inner.acquire_inner(&req2, id, pooled.is_some()) => r,
-                _ = cancel_rx => Err(inner.err(ErrorKind::Cancelled, Op::Acquire, Some(&req2.key), "cancelled")),
+                _ = cancel => Err(Call::new(Op::Acquire, Some(&req2.key), &inner.url).cancelled()),
             };
+            // A failed or cancelled request revokes its lease (which deletes its waiter key).
+            // A request that reached no member may still be delivered later; if the clean-up
+            // could not confirm either, a grant may exist (it expires with its lease).
             match result {
-                Ok(lease) => {
-                    if let Err(Ok(lease)) = tx.send(Ok(lease)) {
-                        // Nobody waits for it any more: give it back.
-                        let _ = inner.release(&lease).await;
-                    }
+                Err(e) if !inner.revoke_quiet(id).await && e.kind() == ErrorKind::Unavailable => {
+                    Err(e.with_grant_unknown())
                 }
-                Err(e) => {
-                    // A request that reached no member may still be delivered later; if
-                    // the clean-up could not confirm either, a grant may exist (it expires
-                    // with its lease).
-                    let e = if !inner.revoke_quiet(id).await && e.kind() == ErrorKind::Unavailable {
-                        e.with_grant_unknown()
-                    } else {
-                        e
-                    };
-                    let _ = tx.send(Err(e));
-                }
+                r => r,
             }
-        });
-        let result = rx.await;
-        drop(cancel_tx);
-        result.unwrap_or_else(|_| {
-            Err(self.inner.err(
-                ErrorKind::Unavailable,
-                Op::Acquire,
-                Some(&req.key),
-                "the etcd client's task stopped",
-            ))
-        })
+        };
+        // A grant made as its caller went away is released.
+        let give_back = |lease: Lease| async move {
+            let _ = back.release(&lease).await;
+        };
+        let call = Call::new(Op::Acquire, Some(&req.key), &self.inner.url);
+        self.inner.runtime.grant(call, work, give_back).await
     }
 
     async fn release(&self, lease: &Lease) -> Result<Released, Error> {
@@ -219,13 +161,14 @@ impl Store for EtcdStore {
     }
 
     fn release_now(&self, lease: &Lease) -> bool {
-        let (tx, rx) = std::sync::mpsc::channel();
         let inner = Arc::clone(&self.inner);
         let l = lease.clone();
-        self.inner.runtime.handle.spawn(async move {
-            let _ = tx.send(inner.release(&l).await.is_ok());
-        });
-        rx.recv_timeout(Duration::from_secs(5)).unwrap_or(false)
+        let release = async move { inner.release(&l).await.is_ok() };
+        let bound = Duration::from_secs(5);
+        self.inner
+            .runtime
+            .block_for(bound, release)
+            .unwrap_or(false)
     }
 
     async fn inspect(&self, key: &Key) -> Result<KeyStatus, Error> {
@@ -269,7 +212,26 @@ impl Store for EtcdStore {
         .await
     }
 
+    /// A barrier wait on the store's runtime. Whatever happens (a pass, an error, this
+    /// future dropped), the arrival's etcd lease is revoked before the task ends, so no
+    /// arrival outlives the call.
     async fn barrier(&self, req: &BarrierRequest) -> Result<BarrierPassed, Error> {
-        self.barrier_on_runtime(req).await
+        baton_core::barrier::validate(req)?;
+        let id = random_lease_id();
+        let (inner, req2) = (Arc::clone(&self.inner), req.clone());
+        let work = |cancel: Cancel| async move {
+            let result = tokio::select! {
+                r = inner.barrier_inner(&req2, id) => r,
+                _ = cancel => Err(Call::new(Op::Barrier, Some(&req2.key), &inner.url).cancelled()),
+            };
+            // Leaving (after a pass) or withdrawing (the generation key is unchanged, or the
+            // wait was cancelled): the arrival goes with its lease.
+            inner.revoke_quiet(id).await;
+            result
+        };
+        let call = Call::new(Op::Barrier, Some(&req.key), &self.inner.url);
+        // A pass holds nothing: there is nothing to give back.
+        let nothing = |_: BarrierPassed| async {};
+        self.inner.runtime.grant(call, work, nothing).await
     }
 }

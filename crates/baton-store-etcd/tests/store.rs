@@ -690,10 +690,17 @@ async fn lock_delay_holds_back_a_broken_slot_and_garbage_is_corrupt() {
         .acquire(&delayed(&k, Wait::NoWait, minute))
         .await
         .expect("grant");
-    assert_eq!(
-        s.inspect(&k).await.expect("inspect").lock_delay_ms,
-        Some(60_000)
+    let st = s.inspect(&k).await.expect("inspect");
+    assert_eq!(st.lock_delay_ms, Some(60_000));
+    // A held slot shows when its lease was renewed and expires (estimates from etcd's
+    // lease clock, whole seconds).
+    let held = &st.slots[0];
+    let (renewed, expires) = (
+        held.renewed_unix_ms.expect("renewed"),
+        held.expires_unix_ms.expect("expires"),
     );
+    assert!(renewed <= expires, "{held:?}");
+    assert!(expires - renewed <= 11_000, "{held:?}");
     // A clean release never waits, and a later request cannot change the delay.
     assert_eq!(s.release(&a).await.expect("release"), Released::Released);
     let b = s
@@ -712,7 +719,7 @@ async fn lock_delay_holds_back_a_broken_slot_and_garbage_is_corrupt() {
         st.slots[0]
             .note
             .as_deref()
-            .is_some_and(|n| n.starts_with("held back") && n.contains("for about another")),
+            .is_some_and(|n| n.starts_with("held back") && n.contains("free again in about")),
         "{st:?}"
     );
     assert_eq!(st.waiters, Some(0), "no residue of the refused request");

@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use baton_conformance::{Harness, LeaseTiming, Recovery};
 use baton_core::{Key, Result, Store, StoreUrl};
-use baton_store_etcd::{EtcdConfig, EtcdStore};
+use baton_store_etcd::EtcdConfig;
 
+/// The store as users open it: behind the error-context layer.
 pub fn open(url: &StoreUrl) -> Result<Arc<dyn Store>> {
-    Ok(Arc::new(EtcdStore::open(url)?))
+    baton_store_etcd::open(url)
 }
 
 /// The TTL of the suite's leases: the base properties' workers hold leases
