@@ -15,13 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_conformance::proxy::{Fault, ProxySet};
-use baton_conformance::servers::{url_from_env, Server};
+use baton_conformance::servers::url_from_env;
 use baton_core::{
     AcquireRequest, ErrorKind, Holder, Key, Lease, Released, Result, Store, StoreUrl, Wait,
 };
 use baton_store_etcd::EtcdStore;
 
-use common::{entry, etcdctl, open, unique_prefix};
+use common::{entry, etcdctl, unique_prefix};
 
 const BOUND: Duration = Duration::from_secs(30);
 
@@ -460,30 +460,6 @@ fn black_holed_connection_is_bounded_and_heals() {
     drop(proxies);
 }
 
-/// Tokens keep rising across a restart of the server (etcd revisions are durable).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokens_rise_across_a_server_restart() {
-    if server_url("BATON_TEST_ETCD").is_none() {
-        return;
-    }
-    let server = Server::start("etcd", "start", "stop").expect("a private etcd");
-    let h = common::harness_at(server.url());
-    baton_conformance::restart_keeps_tokens_rising(&h, &server).await;
-}
-
-/// A 3-member cluster loses its leader while four processes churn on a mutex: never two
-/// holders, tokens rising, and the lock usable again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leader_kill_keeps_the_limit() {
-    if server_url("BATON_TEST_ETCD_CLUSTER").is_none() {
-        return;
-    }
-    let cluster =
-        Server::start("etcd", "start-cluster", "stop-cluster").expect("a private cluster");
-    let h = common::harness_at(cluster.url());
-    baton_conformance::leader_kill_keeps_limit(&h, &cluster).await;
-}
-
 /// The environment variable that makes [`__barrier_party`] arrive at a barrier:
 /// `<url> <key> <remote|local>`.
 const BARRIER_PARTY_ENV: &str = "BATON_ETCD_TEST_BARRIER_PARTY";
@@ -662,12 +638,6 @@ fn __barrier_party() {
         .expect("a runtime");
     let r = rt.block_on(s.barrier(&req));
     panic!("the party was meant to wait until killed, but: {r:?}");
-}
-
-/// The entry worker processes run (for [`leader_kill_keeps_the_limit`]).
-#[test]
-fn __baton_conformance_worker() {
-    baton_conformance::worker::main(open);
 }
 
 fn delayed(key: &Key, wait: Wait, delay: Duration) -> AcquireRequest {

@@ -138,39 +138,6 @@ async fn release_wakes_a_listening_waiter() {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn waiters_are_served_first_come_first_served() {
-    let Some(base) = base_url("waiters_are_served_first_come_first_served") else {
-        return;
-    };
-    let store = open(&with_schema(&base, "baton_storetest"));
-    let k = key("fifo");
-    let ttl = Duration::from_secs(60);
-    let first = store
-        .acquire(&request(&k, 1, Wait::NoWait, ttl))
-        .await
-        .expect("first grant");
-    let order = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
-    for i in 0..5u32 {
-        // Each waiter from its own handle (its own connections), queued one after another.
-        let s = open(&with_schema(&base, "baton_storetest"));
-        let r = request(&k, 1, Wait::Timeout(LIVENESS), ttl);
-        let order = Arc::clone(&order);
-        tasks.push(tokio::spawn(async move {
-            let lease = s.acquire(&r).await.expect("a waiter is granted");
-            order.lock().expect("order").push(i);
-            s.release(&lease).await.expect("release");
-        }));
-        until_waiters(&store, &k, i + 1).await;
-    }
-    store.release(&first).await.expect("release");
-    for t in tasks {
-        t.await.expect("join");
-    }
-    assert_eq!(*order.lock().expect("order"), vec![0, 1, 2, 3, 4]);
-}
-
-#[tokio::test(flavor = "current_thread")]
 async fn a_waiter_whose_session_dies_leaves_the_queue() {
     let Some(base) = base_url("a_waiter_whose_session_dies_leaves_the_queue") else {
         return;
@@ -786,24 +753,6 @@ async fn a_missing_function_is_created_again() {
 
 fn open_dyn(url: &StoreUrl) -> baton_core::Result<Arc<dyn Store>> {
     baton_store_postgres::open(url)
-}
-
-/// The contract's restart property (baton-conformance), on a private server: tokens of a
-/// mutex and a semaphore keep rising across a restart, through the old handle (which
-/// reconnects) and a new one.
-#[test]
-fn conformance_restart_keeps_tokens_rising() {
-    if base_url("conformance_restart_keeps_tokens_rising").is_none() {
-        return;
-    }
-    let server = Server::start("postgres", "start", "stop").expect("a private server");
-    let h = baton_conformance::Harness::new(server.url(), open_dyn);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(baton_conformance::restart_keeps_tokens_rising(&h, &server));
 }
 
 #[tokio::test(flavor = "current_thread")]

@@ -6,7 +6,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use baton_core::{
@@ -169,47 +169,6 @@ async fn a_key_keeps_its_limit_and_tokens_survive_reopening() {
     let c = s.acquire(&req("k", 2, Wait::NoWait)).await.expect("c");
     assert!(c.token > b.token, "{:?} after {:?}", c.token, b.token);
     assert_eq!(c.slot, 0, "the lowest free slot");
-}
-
-#[tokio::test]
-async fn waiters_are_served_first_come_first_served() {
-    let tmp = tempfile::tempdir().expect("tmp");
-    let s = open(&db(tmp.path()));
-    let key = Key::new("fifo").expect("key");
-    let first = s.acquire(&req("fifo", 1, Wait::NoWait)).await.expect("a");
-    let order = Arc::new(Mutex::new(Vec::new()));
-    let mut tasks = Vec::new();
-    for i in 0..3u32 {
-        let (s2, order2) = (Arc::clone(&s), Arc::clone(&order));
-        tasks.push(tokio::spawn(async move {
-            let lease = s2
-                .acquire(&req("fifo", 1, Wait::Forever))
-                .await
-                .expect("waiter");
-            order2.lock().expect("order").push((i, lease.token));
-            s2.release(&lease).await.expect("release")
-        }));
-        // Queue them in a known order: wait until this one's ticket shows.
-        within("the waiter queueing", async {
-            while s.inspect(&key).await.expect("inspect").waiters != Some(i + 1) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await;
-    }
-    // A newcomer does not barge past the queue, even when the slot frees up.
-    s.release(&first).await.expect("release");
-    for t in tasks {
-        assert_eq!(
-            within("the waiters", t).await.expect("task"),
-            Released::Released
-        );
-    }
-    let order = order.lock().expect("order").clone();
-    let who: Vec<u32> = order.iter().map(|(i, _)| *i).collect();
-    assert_eq!(who, vec![0, 1, 2], "grants out of queue order: {order:?}");
-    assert!(order.windows(2).all(|w| w[0].1 < w[1].1), "{order:?}");
-    assert_eq!(count(&db(tmp.path()), "baton_waiters"), 0);
 }
 
 #[tokio::test]
