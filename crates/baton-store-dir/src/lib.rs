@@ -19,16 +19,16 @@ use baton_core::{Error, Store, StoreUrl};
 mod barrier;
 mod config;
 mod fs;
+mod kernel;
 mod lease;
 mod root;
 mod share;
-mod store;
 mod wait;
 
 pub use barrier::ARRIVAL_TTL;
 pub use config::{default_dir, DirConfig, Mode};
+pub use kernel::DirStore;
 pub use lease::LeaseStore;
-pub use store::DirStore;
 pub use wait::wait_signal;
 
 /// Opens the directory store a `dir:` URL names, in the mode it asks for.
