@@ -137,31 +137,38 @@ impl LeaseStore {
         lock(&self.held).remove(&(lease.key.clone(), lease.slot, lease.token.0));
     }
 
+    /// Rewrites the current generation of `lease` (temp file + rename), stamped now.
+    fn rewrite(
+        &self,
+        dir: &OwnedFd,
+        record: &mut LeaseRecord,
+        lease: &Lease,
+        op: Op,
+        what: &str,
+    ) -> Result<(), Error> {
+        record.renewed_unix_ms = unix_ms_now();
+        let json = serde_json::to_vec(record).map_err(|e| {
+            self.root
+                .err(ErrorKind::Unavailable, op, &lease.key, e.to_string())
+        })?;
+        let name = slot_file(record.slot, record.gen);
+        fs::write_atomic(dir.as_fd(), &name, &json, self.root.share)
+            .map_err(|e| self.root.io_err(op, &lease.key, what, e))
+    }
+
     fn release_sync(&self, lease: &Lease) -> Result<Released, Error> {
         let Some((dir, mut record)) = self.current_record(lease, Op::Release)? else {
             self.forget(lease);
             return Ok(Released::NotHeld);
         };
         record.state = State::Released;
-        record.renewed_unix_ms = unix_ms_now();
-        let json = serde_json::to_vec(&record).map_err(|e| {
-            self.root.err(
-                ErrorKind::Unavailable,
-                Op::Release,
-                &lease.key,
-                e.to_string(),
-            )
-        })?;
-        fs::write_atomic(
-            dir.as_fd(),
-            &slot_file(record.slot, record.gen),
-            &json,
-            self.root.share,
-        )
-        .map_err(|e| {
-            self.root
-                .io_err(Op::Release, &lease.key, "cannot write the lease file", e)
-        })?;
+        self.rewrite(
+            &dir,
+            &mut record,
+            lease,
+            Op::Release,
+            "cannot write the lease file",
+        )?;
         self.forget(lease);
         Ok(Released::Released)
     }
@@ -176,21 +183,13 @@ impl LeaseStore {
             return Err(lost("the lease was taken over, broken or released"));
         };
         record.heartbeat += 1;
-        record.renewed_unix_ms = unix_ms_now();
-        let json = serde_json::to_vec(&record).map_err(|e| {
-            self.root
-                .err(ErrorKind::Unavailable, Op::Renew, &lease.key, e.to_string())
-        })?;
-        fs::write_atomic(
-            dir.as_fd(),
-            &slot_file(record.slot, record.gen),
-            &json,
-            self.root.share,
-        )
-        .map_err(|e| {
-            self.root
-                .io_err(Op::Renew, &lease.key, "cannot write the heartbeat", e)
-        })?;
+        self.rewrite(
+            &dir,
+            &mut record,
+            lease,
+            Op::Renew,
+            "cannot write the heartbeat",
+        )?;
         // A reclaimer that judged us stale before our write may have created the next
         // generation meanwhile: check after writing too.
         let listing = Listing::read(dir.as_fd()).map_err(|e| {
