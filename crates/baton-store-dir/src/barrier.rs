@@ -27,15 +27,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use baton_core::kit::errors;
+use baton_core::kit::time::{next_wake, Refresh, ARRIVAL_TTL};
 use baton_core::{BarrierPassed, BarrierRequest, Error, ErrorKind, Op, StoreUrl, Wait};
 use rustix::fs::{AtFlags, Mode as FileMode, OFlags};
 
 use crate::fs;
 use crate::root::Root;
 use crate::share::Sharing;
-
-/// How long an arrival lives in lease mode without a heartbeat.
-pub const ARRIVAL_TTL: Duration = Duration::from_secs(10);
 
 /// The backstop between looks when nothing was reported.
 const BACKSTOP: Duration = Duration::from_millis(250);
@@ -334,7 +333,7 @@ impl<'a> Party<'a> {
         };
         let name = format!("arr.{g}.{}", self.me);
         let mut beats = 0u64;
-        let mut last_beat = Instant::now();
+        let mut refresh = Refresh::new(ARRIVAL_TTL, Instant::now());
         loop {
             if let Some(list) = self.passed_list(g)? {
                 let _ = fs::remove(self.dir.as_fd(), &name);
@@ -378,12 +377,15 @@ impl<'a> Party<'a> {
             if stop || deadline.is_some_and(|d| now >= d) {
                 let why = if stop {
                     self.err(ErrorKind::Cancelled, "cancelled")
-                } else if self.req.wait == Wait::NoWait {
-                    self.err(ErrorKind::Busy, "not every party has arrived")
                 } else {
-                    self.err(
-                        ErrorKind::Timeout,
-                        "not every party arrived in time; this arrival was withdrawn",
+                    let timeout = match self.req.wait {
+                        Wait::Timeout(d) => Some(d),
+                        _ => None,
+                    };
+                    errors::barrier_gave_up(timeout).context(
+                        Op::Barrier,
+                        Some(&self.req.key),
+                        self.url,
                     )
                 };
                 // Withdraw under the lock, unless the generation passed meanwhile.
@@ -398,20 +400,18 @@ impl<'a> Party<'a> {
                     _ => Err(why),
                 };
             }
-            if self.liveness == Liveness::Heartbeat
-                && now.duration_since(last_beat) >= ARRIVAL_TTL / 3
-            {
+            let heartbeat = self.liveness == Liveness::Heartbeat;
+            if heartbeat && refresh.due(now) {
                 beats += 1;
-                last_beat = now;
+                refresh.done(now);
                 let _ = self.beat(fd.as_fd(), beats);
             }
-            let mut pause = BACKSTOP;
-            if let Some(d) = deadline {
-                pause = pause.min(d.saturating_duration_since(now));
-            }
-            if self.liveness == Liveness::Heartbeat {
-                pause = pause.min((ARRIVAL_TTL / 3).saturating_sub(now.duration_since(last_beat)));
-            }
+            let wake = next_wake([
+                Some(now + BACKSTOP),
+                deadline,
+                heartbeat.then(|| refresh.due_at()),
+            ]);
+            let pause = wake.map_or(BACKSTOP, |w| w.saturating_duration_since(now));
             match &self.inotify {
                 Some(ino) => wait_change(ino.as_fd(), pause),
                 None => std::thread::sleep(pause),

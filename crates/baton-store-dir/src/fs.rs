@@ -11,8 +11,9 @@
 
 use std::ffi::CStr;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
+use baton_core::kit::sys::{self, LockKind, Range};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 pub use crate::share::Sharing;
@@ -395,56 +396,27 @@ fn entries_of(dir: BorrowedFd<'_>, want: Option<FileType>) -> io::Result<Vec<(St
     Ok(out)
 }
 
-fn whole_file_lock(kind: libc::c_short) -> libc::flock {
-    // SAFETY: flock is plain old data; all-zero is a valid value.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = kind;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = 0;
-    fl.l_len = 0; // to the end of the file, however long
-    fl.l_pid = 0; // required for OFD locks
-    fl
-}
-
-fn fcntl_lock(fd: BorrowedFd<'_>, cmd: libc::c_int, fl: &mut libc::flock) -> io::Result<()> {
-    // SAFETY: fd is a valid open descriptor; fl points to a valid flock for the call.
-    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), cmd, fl as *mut libc::flock) };
-    if rc == -1 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-/// Takes an exclusive OFD lock on the whole file if nobody holds one: `Ok(false)` when
-/// it is held by another open file description.
+/// Takes an exclusive OFD lock on the whole file if no other open file description
+/// holds one: `Ok(false)` when one does.
 pub fn try_lock(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    let mut fl = whole_file_lock(libc::F_WRLCK as libc::c_short);
-    match fcntl_lock(fd, libc::F_OFD_SETLK, &mut fl) {
-        Ok(()) => Ok(true),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) => Ok(false),
-        Err(e) => Err(e),
-    }
+    sys::ofd_try_lock(fd, LockKind::Write, Range::WHOLE)
 }
 
 /// Takes an exclusive OFD lock on the whole file, blocking until it is free. Returns
 /// `Interrupted` when a signal arrives first (the caller decides whether to go on).
 pub fn lock_wait(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let mut fl = whole_file_lock(libc::F_WRLCK as libc::c_short);
-    fcntl_lock(fd, libc::F_OFD_SETLKW, &mut fl)
+    sys::ofd_lock_wait(fd, LockKind::Write, Range::WHOLE)
 }
 
 /// Drops this open file description's lock (the lock also goes when the fd closes).
 pub fn unlock(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let mut fl = whole_file_lock(libc::F_UNLCK as libc::c_short);
-    fcntl_lock(fd, libc::F_OFD_SETLK, &mut fl)
+    sys::ofd_unlock(fd, Range::WHOLE)
 }
 
-/// Whether some open file description holds a lock on the file, tested without taking it.
+/// Whether another open file description holds a lock on the file, tested without
+/// taking one.
 pub fn is_locked(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    let mut fl = whole_file_lock(libc::F_WRLCK as libc::c_short);
-    fcntl_lock(fd, libc::F_OFD_GETLK, &mut fl)?;
-    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+    sys::ofd_is_locked(fd, LockKind::Write, Range::WHOLE)
 }
 
 /// Reads the token counter: `Ok(None)` for an empty (new) counter, `InvalidData` for

@@ -8,7 +8,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use baton_core::{AcquireRequest, Error, ErrorKind, Key, Op, StoreUrl};
+use baton_core::kit::sys::lock;
+use baton_core::kit::{errors, status};
+use baton_core::{AcquireRequest, Error, ErrorKind, Holder, Key, Op, SlotStatus, StoreUrl, Token};
 
 use crate::config::{DirConfig, Mode};
 use crate::fs;
@@ -36,6 +38,9 @@ struct KeyDir {
 /// and a lease-mode process never lock the same key by different means.
 const MODE_FILE: &str = ".baton-mode";
 
+/// The directory of barriers in the root (`+` is never in a key).
+const BARRIERS: &str = "+barriers";
+
 impl Root {
     /// Opens the store directory of `url`, which must ask for `mode` (`hint` says how to
     /// open a URL of the other mode).
@@ -60,10 +65,14 @@ impl Root {
         let fail = |kind: ErrorKind, msg: String| {
             Error::new(kind, msg).with_op(Op::Open).with_store(&shown)
         };
-        let fd = open_root(&config).map_err(|(kind, msg, e)| match e {
-            Some(e) => fail(kind, msg).with_source(e),
-            None => fail(kind, msg),
-        })?;
+        // What the store's directory refuses (permissions, a symlink, another owner, the
+        // other mode) does not change by itself: no retry helps.
+        let fail_with = |(kind, msg, e): RootError| match e {
+            Some(e) if !share::is_denied(&e) => fail(kind, msg).with_source(e),
+            Some(e) => fail(kind, msg).with_source(e).permanent(),
+            None => fail(kind, msg).permanent(),
+        };
+        let fd = open_root(&config).map_err(fail_with)?;
         // The default directory is this user's alone, whatever its bits say.
         let share = if config.is_default {
             Sharing::Private
@@ -76,10 +85,7 @@ impl Root {
                 .with_source(e)
             })?
         };
-        check_mode(&fd, config.mode, share, &config.root).map_err(|(kind, msg, e)| match e {
-            Some(e) => fail(kind, msg).with_source(e),
-            None => fail(kind, msg),
-        })?;
+        check_mode(&fd, config.mode, share, &config.root).map_err(fail_with)?;
         Ok(Root {
             url: shown,
             config,
@@ -97,8 +103,14 @@ impl Root {
             .with_store(&self.url)
     }
 
+    /// A bare error (a `kit::errors` one) given this store's context for `key`.
+    pub fn ctx(&self, e: Error, op: Op, key: &Key) -> Error {
+        e.context(op, Some(key), &self.url)
+    }
+
     /// An I/O error about `key`: `InvalidData` (something baton did not write, a symlink)
-    /// is `Corrupt`; anything else is `Unavailable`.
+    /// is `Corrupt`; a permission error is a permanent `Unavailable` (with who may write
+    /// the store); anything else is `Unavailable`.
     pub fn io_err(&self, op: Op, key: &Key, what: &str, e: io::Error) -> Error {
         let kind = if e.kind() == io::ErrorKind::InvalidData {
             ErrorKind::Corrupt
@@ -109,7 +121,8 @@ impl Root {
             let hint = self.share.denied_hint(&self.config.root);
             return self
                 .err(kind, op, key, format!("{what} ({hint})"))
-                .with_source(e);
+                .with_source(e)
+                .permanent();
         }
         self.err(kind, op, key, what.to_owned()).with_source(e)
     }
@@ -135,17 +148,7 @@ impl Root {
                 )
             })?;
         if limit != req.limit {
-            return Err(self
-                .err(
-                    ErrorKind::LimitMismatch,
-                    Op::Acquire,
-                    key,
-                    format!(
-                        "the key has a limit of {limit} slot(s), not {} (use -n {limit}, or another key)",
-                        req.limit
-                    ),
-                )
-                .with_current_limit(limit));
+            return Err(self.ctx(errors::limit_mismatch(limit, req.limit), Op::Acquire, key));
         }
         Ok((dir, limit))
     }
@@ -222,10 +225,17 @@ impl Root {
         Ok(Some((dir, limit)))
     }
 
-    /// The key's directory and limit for `status`: `NotFound` if the key does not exist.
+    /// The key's directory and limit for `status`, `break` and `resize`: `NotFound` if
+    /// the key does not exist.
     pub fn existing_key(&self, key: &Key, op: Op) -> Result<(Arc<OwnedFd>, u32), Error> {
-        self.key_dir(key, None, op)?
-            .ok_or_else(|| self.err(ErrorKind::NotFound, op, key, "no such key"))
+        self.key_dir(key, None, op)?.ok_or_else(|| {
+            let e = if op == Op::Resize {
+                errors::no_such_key_to_resize()
+            } else {
+                errors::no_such_key()
+            };
+            self.ctx(e, op, key)
+        })
     }
 
     fn read_limit(&self, dir: &OwnedFd, key: &Key, op: Op) -> Result<u32, Error> {
@@ -241,29 +251,27 @@ impl Root {
 
     /// The limit file: `N\n`, then `lock-delay-ms D\n` when the key has a lock-delay.
     fn read_meta(&self, dir: &OwnedFd, key: &Key, op: Op) -> Result<(u32, Option<u64>), Error> {
-        let corrupt = |why: String| self.err(ErrorKind::Corrupt, op, key, why);
+        let corrupt = |what: &str, why: String| self.ctx(errors::corrupt(what, why), op, key);
         let fd = fs::open_existing_ro(dir.as_fd(), "limit")
             .map_err(|e| self.io_err(op, key, "cannot open the key's limit file", e))?
-            .ok_or_else(|| corrupt("the key's directory has no limit file".into()))?;
+            .ok_or_else(|| corrupt("the key's directory", "has no limit file".into()))?;
         let bytes = fs::read_small(fd.as_fd(), "limit")
             .map_err(|e| self.io_err(op, key, "cannot read the key's limit file", e))?;
         parse_limit_record(&bytes).ok_or_else(|| {
-            corrupt(format!(
-                "the key's limit file holds {:?}, not a limit baton wrote",
-                String::from_utf8_lossy(&bytes[..bytes.len().min(60)])
-            ))
+            corrupt(
+                "the key's limit file",
+                format!(
+                    "holds {:?}, not a limit baton wrote",
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(60)])
+                ),
+            )
         })
     }
 
     /// Sets a key's limit (lease mode): the limit file is replaced atomically.
     pub fn set_limit(&self, key: &Key, limit: u32) -> Result<(), Error> {
         if limit == 0 {
-            return Err(self.err(
-                ErrorKind::InvalidInput,
-                Op::Resize,
-                key,
-                "the limit must be at least 1 slot",
-            ));
+            return Err(self.ctx(errors::limit_zero(), Op::Resize, key));
         }
         let (dir, _) = self.existing_key(key, Op::Resize)?;
         // The lock-delay is the key's for life: a resize keeps it.
@@ -281,7 +289,7 @@ impl Root {
     /// `list` never mistakes it for one), created if needed.
     pub fn barrier_dir(&self, key: &Key) -> Result<OwnedFd, Error> {
         let none = |_: std::os::fd::BorrowedFd<'_>| Ok(());
-        let top = fs::open_dir(self.fd.as_fd(), "+barriers", true, self.share, &none)
+        let top = fs::open_dir(self.fd.as_fd(), BARRIERS, true, self.share, &none)
             .map_err(|e| self.io_err(Op::Barrier, key, "cannot open the barriers directory", e))?
             .ok_or_else(|| {
                 self.err(
@@ -303,27 +311,38 @@ impl Root {
             })
     }
 
-    /// Every key in the store, sorted.
+    /// Every key in the store, sorted: each subdirectory but baton's own (`+barriers`;
+    /// names starting with `.` are never listed). A directory whose name is not a key's is
+    /// `Corrupt`, naming it.
     pub fn list(&self) -> Result<Vec<Key>, Error> {
+        let fail = |e: Error| e.context(Op::List, None, &self.url);
         let names = fs::subdirs(self.fd.as_fd()).map_err(|e| {
-            Error::new(ErrorKind::Unavailable, "cannot read the store directory")
-                .with_op(Op::List)
-                .with_store(&self.url)
-                .with_source(e)
+            fail(
+                Error::new(ErrorKind::Unavailable, "cannot read the store directory")
+                    .with_source(e),
+            )
         })?;
-        let mut keys: Vec<Key> = names
+        let keys: Vec<(String, String)> = names
             .into_iter()
-            .filter_map(|n| Key::new(n.replace('%', "/")).ok())
+            .filter(|n| n != BARRIERS)
+            .map(|n| (n.replace('%', "/"), format!("the directory '{n}'")))
             .collect();
-        keys.sort();
-        Ok(keys)
+        status::keys_from_names(keys.iter().map(|(k, n)| (k.as_str(), n.as_str()))).map_err(fail)
     }
 }
 
-/// Locks a mutex; a panic while holding these maps cannot leave them inconsistent (single
-/// inserts and removes), so a poisoned lock is still usable.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// The status of a free slot whose last holder's process exited without releasing it, in
+/// both modes: the words `SlotStatus::of_record` gives an ended lease on every store.
+pub(crate) fn exited_slot(slot: u32, token: Token, holder: &Holder) -> SlotStatus {
+    let json = holder.to_json().unwrap_or_default();
+    SlotStatus::of_record(
+        slot,
+        token.0,
+        &holder.id.to_string(),
+        &json,
+        None,
+        Some("was not released: its holder's process exited"),
+    )
 }
 
 /// The limit file's contents for `limit` and a lock-delay of `delay_ms`.

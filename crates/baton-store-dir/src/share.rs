@@ -12,6 +12,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+use baton_core::kit::sys::{group_label, is_member, user_label};
 use rustix::fs::Mode;
 
 /// The mode of a file baton creates in a group-shared store.
@@ -88,7 +89,7 @@ impl Sharing {
                 "the store {} is shared by group {}, which {} is not in; members need read and write",
                 root.display(),
                 group_label(gid),
-                me()
+                user_label()
             ),
             Sharing::Group(gid) => format!(
                 "the store {} is shared by group {}, but this file is not group-writable (created by hand or by an older baton? its owner can run chmod g+rw on it)",
@@ -109,79 +110,6 @@ impl Sharing {
 pub fn is_denied(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::PermissionDenied
         || matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM))
-}
-
-/// Whether this process may act as a member of group `gid`: root, the effective group, or
-/// a supplementary group.
-pub fn is_member(gid: u32) -> bool {
-    if rustix::process::geteuid().is_root() || rustix::process::getegid().as_raw() == gid {
-        return true;
-    }
-    rustix::process::getgroups().is_ok_and(|gs| gs.iter().any(|g| g.as_raw() == gid))
-}
-
-/// `'team' (gid 1001)`, or `gid 1001` for a group without a name.
-pub fn group_label(gid: u32) -> String {
-    match group_name(gid) {
-        Some(name) => format!("'{name}' (gid {gid})"),
-        None => format!("gid {gid}"),
-    }
-}
-
-/// This user, for messages: `user 'alice' (uid 1000)`.
-fn me() -> String {
-    let uid = rustix::process::geteuid().as_raw();
-    match user_name(uid) {
-        Some(name) => format!("user '{name}' (uid {uid})"),
-        None => format!("uid {uid}"),
-    }
-}
-
-/// The name of group `gid` from the group database, if it has one.
-pub fn group_name(gid: u32) -> Option<String> {
-    let mut buf = vec![0u8; 16 * 1024];
-    // SAFETY: zeroed group is a valid out-parameter; buf outlives the call and its
-    // length is passed; result points to grp or is null.
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::group = std::ptr::null_mut();
-    let rc = unsafe {
-        libc::getgrgid_r(
-            gid,
-            &mut grp,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc != 0 || result.is_null() || grp.gr_name.is_null() {
-        return None;
-    }
-    // SAFETY: gr_name points to a NUL-terminated string inside buf.
-    let name = unsafe { std::ffi::CStr::from_ptr(grp.gr_name) };
-    name.to_str().ok().map(str::to_owned)
-}
-
-/// The name of user `uid` from the password database, if it has one.
-pub fn user_name(uid: u32) -> Option<String> {
-    let mut buf = vec![0u8; 16 * 1024];
-    // SAFETY: as in group_name.
-    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut result: *mut libc::passwd = std::ptr::null_mut();
-    let rc = unsafe {
-        libc::getpwuid_r(
-            uid,
-            &mut pw,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut result,
-        )
-    };
-    if rc != 0 || result.is_null() || pw.pw_name.is_null() {
-        return None;
-    }
-    // SAFETY: pw_name points to a NUL-terminated string inside buf.
-    let name = unsafe { std::ffi::CStr::from_ptr(pw.pw_name) };
-    name.to_str().ok().map(str::to_owned)
 }
 
 #[cfg(test)]

@@ -130,6 +130,14 @@ async fn a_dead_holder_on_this_host_is_reclaimed_at_once() {
     // Same host and boot, same pid, another start time: that process is gone.
     dead.holder.pid_start = dead.holder.pid_start.map(|t| t + 1);
     let old = store(tmp.path()).acquire(&dead).await.expect("dead holder");
+    let st = store(tmp.path()).inspect(&old.key).await.expect("inspect");
+    assert_eq!(st.slots[0].state, SlotState::Free);
+    let note = st.slots[0].note.clone().unwrap_or_default();
+    assert!(
+        note.contains(&format!("token {}", old.token.0))
+            && note.contains("was not released: its holder's process exited"),
+        "{note}"
+    );
     let new = store(tmp.path())
         .acquire(&req("k", 60_000, Wait::NoWait))
         .await
@@ -471,4 +479,42 @@ async fn garbage_lock_delay_state_is_corrupt_and_frees_nothing() {
         .await
         .expect_err("a garbage delay");
     assert_eq!(err.kind(), ErrorKind::Corrupt, "{err:#}");
+}
+
+#[tokio::test]
+async fn a_held_slot_shows_its_last_heartbeat_and_an_expiry_estimate() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let s = store(tmp.path());
+    let lease = s
+        .acquire(&req("hb", 5000, Wait::NoWait))
+        .await
+        .expect("acquire");
+    let first = s.inspect(&lease.key).await.expect("inspect").slots[0].clone();
+    assert_eq!(first.state, SlotState::Held);
+    let renewed = first.renewed_unix_ms.expect("renewed_unix_ms");
+    assert_eq!(first.since_unix_ms, Some(renewed));
+    assert_eq!(first.expires_unix_ms, Some(renewed + 5000));
+    std::thread::sleep(Duration::from_millis(20));
+    s.renew(&lease).await.expect("renew");
+    let after = s.inspect(&lease.key).await.expect("inspect").slots[0].clone();
+    let renewed_again = after.renewed_unix_ms.expect("renewed_unix_ms");
+    assert!(renewed_again > renewed, "{renewed_again} > {renewed}");
+    assert_eq!(after.expires_unix_ms, Some(renewed_again + 5000));
+    let c = s.capabilities();
+    assert!(c.renew && c.break_lease && c.resize && c.lock_delay && c.barrier);
+    assert!(!c.fifo && !c.waiters);
+}
+
+#[tokio::test]
+async fn ttls_outside_the_one_policy_are_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let s = store(tmp.path());
+    for ttl_ms in [9, 7 * 24 * 3600 * 1000 + 1] {
+        let err = s
+            .acquire(&req("ttl", ttl_ms, Wait::NoWait))
+            .await
+            .expect_err("refused");
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err:#}");
+        assert!(err.message().contains("between 10ms and"), "{err:#}");
+    }
 }

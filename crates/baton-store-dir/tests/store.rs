@@ -323,3 +323,73 @@ async fn a_lock_delay_on_kernel_locks_is_refused_not_ignored() {
     let lease = s.acquire(&r).await.expect("no delay");
     s.release(&lease).await.expect("release");
 }
+
+#[tokio::test]
+async fn a_record_beside_a_free_lock_reads_like_an_ended_lease() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let s = store(tmp.path());
+    let lease = s
+        .acquire(&req("gone", 1, Wait::NoWait))
+        .await
+        .expect("acquire");
+    let slot = tmp.path().join("gone/slot.0");
+    let record = std::fs::read(&slot).expect("read");
+    assert_eq!(
+        s.release(&lease).await.expect("release"),
+        Released::Released
+    );
+    // What a holder killed before releasing leaves: its record, and no lock.
+    std::fs::write(&slot, &record).expect("write");
+    let st = s.inspect(&lease.key).await.expect("inspect");
+    assert_eq!(st.slots[0].state, SlotState::Free);
+    let note = st.slots[0].note.clone().unwrap_or_default();
+    assert_eq!(
+        note,
+        format!(
+            "free: the lease with token {} (pid {} on {}) was not released: its holder's \
+             process exited; the next acquire reclaims it",
+            lease.token.0, lease.holder.pid, lease.holder.host
+        )
+    );
+    let c = s.capabilities();
+    assert_eq!(c.bound, baton_core::Recovery::AtOnce);
+    assert!(c.barrier && !c.renew);
+}
+
+#[tokio::test]
+async fn list_names_a_directory_that_is_not_a_key_and_skips_barriers() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let s = store(tmp.path());
+    s.acquire(&req("ok", 1, Wait::NoWait))
+        .await
+        .expect("acquire");
+    std::fs::create_dir_all(tmp.path().join("+barriers/b")).expect("mkdir");
+    std::fs::create_dir(tmp.path().join(".hidden")).expect("mkdir");
+    let keys: Vec<String> = s
+        .list()
+        .await
+        .expect("list")
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
+    assert_eq!(keys, ["ok"]);
+    std::fs::create_dir(tmp.path().join("not a key")).expect("mkdir");
+    let err = s.list().await.expect_err("corrupt");
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err:#}");
+    assert!(err.message().contains("'not a key'"), "{err:#}");
+}
+
+#[tokio::test]
+async fn open_puts_every_error_in_context() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let url = StoreUrl::parse(&format!("dir:{}", tmp.path().display())).expect("url");
+    let s = baton_store_dir::open(&url).expect("open");
+    let err = s
+        .inspect(&Key::new("missing").expect("key"))
+        .await
+        .expect_err("no such key");
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert_eq!(err.key(), Some("missing"));
+    assert!(err.store().is_some() && err.op().is_some(), "{err:#}");
+    assert!(err.message().starts_with("no such key"), "{err:#}");
+}

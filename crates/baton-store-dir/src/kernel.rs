@@ -39,15 +39,19 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
+use baton_core::kit::errors;
+use baton_core::kit::sys::lock;
+use baton_core::kit::time::unix_ms_now;
 use baton_core::{
-    unix_ms, AcquireRequest, Capabilities, Error, ErrorKind, Holder, HolderId, Key, KeyStatus,
-    Lease, Liveness, Op, Released, SlotState, SlotStatus, Store, StoreUrl, Token, Wait,
+    AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error, ErrorKind, Holder,
+    HolderId, Key, KeyStatus, Lease, Liveness, Op, Recovery, Released, SlotState, SlotStatus,
+    Store, StoreUrl, Token, Wait,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::config::Mode;
 use crate::fs;
-use crate::root::{lock, Root};
+use crate::root::{exited_slot, Root};
 use crate::wait::{WaitFor, Waiter};
 
 /// The directory store in its default (kernel-lock) mode. See the module docs for the
@@ -240,12 +244,8 @@ impl DirStore {
             .map_err(|e| io_err("cannot read the token counter", e))
             .and_then(|last| {
                 if last == Some(u64::MAX) {
-                    return Err(self.root.err(
-                        ErrorKind::Corrupt,
-                        Op::Acquire,
-                        key,
-                        "the token counter is exhausted",
-                    ));
+                    let e = errors::corrupt("the token counter", "is exhausted");
+                    return Err(self.root.ctx(e, Op::Acquire, key));
                 }
                 let now_us = SystemTime::now()
                     .duration_since(SystemTime::UNIX_EPOCH)
@@ -411,6 +411,8 @@ impl Store for DirStore {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities::new("at once: the kernel drops a dead holder's lock when its process exits")
+            .with_bound(Recovery::AtOnce)
+            .with_barrier(true)
     }
 
     async fn acquire(&self, req: &AcquireRequest) -> Result<Lease, Error> {
@@ -432,19 +434,15 @@ impl Store for DirStore {
             Some(got) => got,
             None => match req.wait {
                 Wait::NoWait => {
-                    return Err(self.root.err(
-                        ErrorKind::Busy,
-                        Op::Acquire,
-                        key,
-                        format!("all {limit} slot(s) are held"),
-                    ))
+                    let e = errors::busy(limit, limit, None, None);
+                    return Err(self.root.ctx(e, Op::Acquire, key));
                 }
                 wait => self.wait_for_slot(&files, key, wait).await?,
             },
         };
         // From here on, an error drops `fd`, which releases the slot.
         let token = self.next_token(&files, key)?;
-        let acquired_unix_ms = unix_ms(SystemTime::now());
+        let acquired_unix_ms = unix_ms_now();
         let record = HolderRecord {
             slot,
             token,
@@ -546,12 +544,7 @@ impl Store for DirStore {
                     status.note = Some("held; the holder has not written its info yet".into())
                 }
                 (_, Contents::Unreadable(why)) => status.note = Some(why),
-                (false, Contents::Record(r)) => {
-                    status.note = Some(format!(
-                        "free; the last holder (pid {}, token {}) exited without releasing",
-                        r.holder.pid, r.token
-                    ))
-                }
+                (false, Contents::Record(r)) => status = exited_slot(slot, r.token, &r.holder),
                 (false, Contents::Empty) => {}
             }
             slots.push(status);
@@ -565,6 +558,7 @@ impl Store for DirStore {
             key: key.clone(),
             limit,
             slots,
+            // The kernel queues waiters out of sight: nobody can count them.
             waiters: None,
             last_token,
             lock_delay_ms: None,
@@ -575,10 +569,7 @@ impl Store for DirStore {
         self.root.list()
     }
 
-    async fn barrier(
-        &self,
-        req: &baton_core::BarrierRequest,
-    ) -> Result<baton_core::BarrierPassed, Error> {
+    async fn barrier(&self, req: &BarrierRequest) -> Result<BarrierPassed, Error> {
         crate::barrier::barrier(&self.root, crate::barrier::Liveness::Kernel, req).await
     }
 }
