@@ -322,10 +322,14 @@ impl Root {
                     .with_source(e),
             )
         })?;
+        // The directory is a plain directory that people and other programs may share
+        // (a mount point's `lost+found`, a stray folder): a subdirectory whose name is not
+        // a key is not baton's, and is passed over rather than failing every `list`.
         let keys: Vec<(String, String)> = names
             .into_iter()
             .filter(|n| n != BARRIERS)
             .map(|n| (n.replace('%', "/"), format!("the directory '{n}'")))
+            .filter(|(k, _)| Key::new(k.as_str()).is_ok())
             .collect();
         status::keys_from_names(keys.iter().map(|(k, n)| (k.as_str(), n.as_str()))).map_err(fail)
     }
