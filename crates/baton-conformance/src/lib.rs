@@ -399,7 +399,7 @@ macro_rules! suite {
             #[test]
             fn $plain() {
                 let harness = $crate::Harness::__in_module($harness(), module_path!());
-                let test = format!("{}::{}", module_path!(), stringify!($plain));
+                let test = format!("{} {}::{}", env!("CARGO_PKG_NAME"), module_path!(), stringify!($plain));
                 if $crate::gate::skip(&harness, &test, stringify!($plain)) {
                     return;
                 }
@@ -410,7 +410,7 @@ macro_rules! suite {
             #[test]
             fn $server() {
                 let harness = $crate::Harness::__in_module($harness(), module_path!());
-                let test = format!("{}::{}", module_path!(), stringify!($server));
+                let test = format!("{} {}::{}", env!("CARGO_PKG_NAME"), module_path!(), stringify!($server));
                 let Some((h, server)) = $crate::gate::private_server(
                     &harness,
                     module_path!(),
@@ -427,7 +427,7 @@ macro_rules! suite {
             #[test]
             fn $cluster() {
                 let harness = $crate::Harness::__in_module($harness(), module_path!());
-                let test = format!("{}::{}", module_path!(), stringify!($cluster));
+                let test = format!("{} {}::{}", env!("CARGO_PKG_NAME"), module_path!(), stringify!($cluster));
                 let Some((h, server)) = $crate::gate::private_server(
                     &harness,
                     module_path!(),
