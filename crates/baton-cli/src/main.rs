@@ -90,7 +90,7 @@ enum Command {
     #[command(after_help = exit_code::HELP_TABLE)]
     Leader(leader::Args),
 
-    /// Change a semaphore's limit (lease stores: dir:PATH?mode=lease, sqlite:, postgres://, etcd://).
+    /// Change a semaphore's limit (lease stores: every store but kernel-lock dir:PATH).
     ///
     /// Lowering it never evicts a holder: new grants wait until fewer than the new limit
     /// hold the key. Requests must then ask for the new limit (-n).

@@ -300,8 +300,8 @@ pub fn run(config: &Config, open: OpenFn) -> Result<RunOutput, Error> {
             return Err(fail(
                 ErrorKind::Unsupported,
                 format!(
-                    "the pause scenario needs a lease store (sqlite:PATH, dir:PATH?mode=lease): \
-                     {url} holds kernel locks, which a paused holder keeps forever, so there is \
+                    "the pause scenario needs a lease store (every store but kernel-lock dir:PATH, \
+                     e.g. dir:PATH?mode=lease or sqlite:PATH): {url} holds kernel locks, which a paused holder keeps forever, so there is \
                      nothing to expire"
                 ),
             ))
