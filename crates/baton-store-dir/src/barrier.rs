@@ -23,11 +23,10 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_core::kit::errors;
+use baton_core::kit::runtime::{self, Call, CancelFlag};
 use baton_core::kit::time::{next_wake, Refresh, ARRIVAL_TTL};
 use baton_core::{BarrierPassed, BarrierRequest, Error, ErrorKind, Op, StoreUrl, Wait};
 use rustix::fs::{AtFlags, Mode as FileMode, OFlags};
@@ -58,30 +57,19 @@ pub(crate) async fn barrier(
     let url = root.url.clone();
     baton_core::barrier::validate(req).map_err(|e| e.context(Op::Barrier, Some(&req.key), &url))?;
     let dir = root.barrier_dir(&req.key)?;
-    struct SetOnDrop(Arc<AtomicBool>);
-    impl Drop for SetOnDrop {
-        fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
-        }
-    }
-    let cancel = Arc::new(AtomicBool::new(false));
-    let _guard = SetOnDrop(Arc::clone(&cancel));
     let req2 = req.clone();
     let url2 = url.clone();
-    let flag = Arc::clone(&cancel);
     let share = root.share;
-    match tokio::task::spawn_blocking(move || {
-        Party::new(dir, &url2, liveness, &req2, share).and_then(|mut p| p.run(&flag))
-    })
+    // Dropping this future sets the party's cancel flag: it withdraws and returns.
+    runtime::blocking_grant(
+        Call::new(Op::Barrier, Some(&req.key), &url),
+        move |cancel| {
+            Party::new(dir, &url2, liveness, &req2, share).and_then(|mut p| p.run(cancel))
+        },
+        // A pass nobody waits for needs no giving back: the arrival is already gone.
+        |_| {},
+    )
     .await
-    {
-        Ok(r) => r,
-        Err(e) => Err(
-            Error::new(ErrorKind::Unavailable, "the barrier thread failed")
-                .with_source(e)
-                .context(Op::Barrier, Some(&req.key), &url),
-        ),
-    }
 }
 
 struct Party<'a> {
@@ -316,7 +304,7 @@ impl<'a> Party<'a> {
         Ok(())
     }
 
-    fn run(&mut self, cancel: &AtomicBool) -> Result<BarrierPassed, Error> {
+    fn run(&mut self, cancel: &CancelFlag) -> Result<BarrierPassed, Error> {
         let deadline = match self.req.wait {
             Wait::Timeout(d) => Instant::now().checked_add(d),
             Wait::NoWait => Some(Instant::now()),
@@ -373,7 +361,7 @@ impl<'a> Party<'a> {
                 continue;
             }
             let now = Instant::now();
-            let stop = cancel.load(Ordering::Relaxed);
+            let stop = cancel.is_set();
             if stop || deadline.is_some_and(|d| now >= d) {
                 let why = if stop {
                     self.err(ErrorKind::Cancelled, "cancelled")
