@@ -51,7 +51,7 @@ pub use store::{
     AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, KeyStatus, Recovery, Released,
     SlotState, SlotStatus, Store,
 };
-pub use url::StoreUrl;
+pub use url::{percent_decode, Authority, StoreUrl};
 
 /// Milliseconds since the Unix epoch for a wall-clock time (0 before the epoch).
 ///

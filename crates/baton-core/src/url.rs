@@ -129,6 +129,146 @@ impl StoreUrl {
     pub fn redacted(&self) -> &str {
         &self.redacted
     }
+
+    /// An `InvalidInput` error about this URL (for a store's `from_url`): the operation
+    /// is `open`, the store this URL, redacted.
+    pub fn invalid(&self, why: impl Into<String>) -> Error {
+        Error::new(ErrorKind::InvalidInput, why)
+            .with_op(Op::Open)
+            .with_store(self)
+    }
+
+    /// Checks that the URL's scheme is one of `schemes`; else an error naming `what`
+    /// store the caller is and an `example` URL.
+    pub fn expect_scheme(&self, schemes: &[&str], what: &str, example: &str) -> Result<(), Error> {
+        if schemes.contains(&self.scheme()) {
+            return Ok(());
+        }
+        Err(self.invalid(format!(
+            "not {what} store URL (scheme '{}', expected {example})",
+            self.scheme()
+        )))
+    }
+
+    /// The authority of a networked store's URL, `scheme://[user[:password]@]h1[:p1],h2[:p2]/path`:
+    /// the user and password percent-decoded, each host with its port (`default_port`
+    /// where none is given), and the path after the hosts (without its leading `/`).
+    /// `example` goes into the errors. The query stays in [`StoreUrl::query`].
+    pub fn authority(&self, default_port: u16, example: &str) -> Result<Authority, Error> {
+        let Some(rest) = self.path().strip_prefix("//") else {
+            return Err(self.invalid(format!(
+                "a {} URL names its servers after '//' (example: {example})",
+                self.scheme()
+            )));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, ""),
+        };
+        let (user, password, hosts) = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => {
+                let (u, p) = match userinfo.split_once(':') {
+                    Some((u, p)) => (u, Some(p)),
+                    None => (userinfo, None),
+                };
+                let u = percent_decode(u).ok_or_else(|| {
+                    self.invalid("the user name is not valid percent-encoded UTF-8")
+                })?;
+                let p = p
+                    .map(|p| {
+                        percent_decode(p).ok_or_else(|| {
+                            self.invalid("the password is not valid percent-encoded UTF-8")
+                        })
+                    })
+                    .transpose()?;
+                (Some(u), p, hosts)
+            }
+            None => (None, None, authority),
+        };
+        let mut endpoints = Vec::new();
+        for h in hosts.split(',') {
+            let h = h.trim();
+            if h.is_empty() {
+                continue;
+            }
+            let (host, port) = match h.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && !host.ends_with(':') => {
+                    (host, Some(port))
+                }
+                _ => (h, None),
+            };
+            let port = match port {
+                None => default_port,
+                Some(p) => p
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| self.invalid(format!("'{h}' has no valid port")))?,
+            };
+            if !host.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '[' | ']' | ':')
+            }) {
+                return Err(self.invalid(format!("'{host}' is not a host name or address")));
+            }
+            endpoints.push((host.to_owned(), port));
+        }
+        if endpoints.is_empty() {
+            return Err(self.invalid(format!("no server given (example: {example})")));
+        }
+        Ok(Authority {
+            user,
+            password,
+            endpoints,
+            path: path.to_owned(),
+        })
+    }
+}
+
+/// The authority of a networked store's URL: see [`StoreUrl::authority`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Authority {
+    /// The user, percent-decoded (possibly empty: the caller decides whether that is
+    /// allowed).
+    pub user: Option<String>,
+    /// The password, percent-decoded.
+    pub password: Option<String>,
+    /// Each server, as given, with its port.
+    pub endpoints: Vec<(String, u16)>,
+    /// What follows the servers' `/` (a key prefix, a database, a vhost), undecoded.
+    pub path: String,
+}
+
+impl fmt::Debug for Authority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authority")
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("endpoints", &self.endpoints)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// Percent-decodes `s` as UTF-8; `None` for a bad escape or bytes that are not UTF-8.
+pub fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            // from_str_radix would take a sign (`%+1`).
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 impl fmt::Display for StoreUrl {

@@ -59,78 +59,21 @@ impl EtcdConfig {
     /// [`EtcdConfig::from_url`] reading `ETCDCTL_USER` and `ETCDCTL_PASSWORD` through
     /// `env` instead of the process environment.
     pub fn from_url_env(url: &StoreUrl, env: EnvLookup<'_>) -> Result<EtcdConfig, Error> {
-        let bad = |why: String| {
-            Error::new(ErrorKind::InvalidInput, why)
-                .with_op(Op::Open)
-                .with_store(url)
-        };
-        if url.scheme() != "etcd" {
-            return Err(bad(format!(
-                "not an etcd store URL (scheme '{}', expected etcd://host:2379[/prefix])",
-                url.scheme()
-            )));
-        }
+        let bad = |why: String| url.invalid(why);
+        url.expect_scheme(&["etcd"], "an etcd", "etcd://host:2379[/prefix]")?;
         secret::check_user_info(url)?;
-        let Some(rest) = url.path().strip_prefix("//") else {
-            return Err(bad(
-                "an etcd URL names its members after '//' (example: etcd://10.0.0.1:2379,10.0.0.2:2379/baton)"
-                    .into(),
-            ));
-        };
-        let (authority, path) = match rest.find('/') {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        let (url_user, url_password, hosts) = match authority.rsplit_once('@') {
-            Some((userinfo, hosts)) => {
-                let (u, p) = match userinfo.split_once(':') {
-                    Some((u, p)) => (u, Some(p)),
-                    None => (userinfo, None),
-                };
-                let u = percent_decode(u).ok_or_else(|| {
-                    bad("the user name is not valid percent-encoded UTF-8".into())
-                })?;
-                let p = p
-                    .map(|p| {
-                        percent_decode(p).ok_or_else(|| {
-                            bad("the password is not valid percent-encoded UTF-8".into())
-                        })
-                    })
-                    .transpose()?;
-                if u.is_empty() {
-                    return Err(bad("the user name is empty".into()));
-                }
-                (Some(u), p, hosts)
-            }
-            None => (None, None, authority),
-        };
-        let mut endpoints = Vec::new();
-        for h in hosts.split(',') {
-            let h = h.trim();
-            if h.is_empty() {
-                continue;
-            }
-            let (host, port) = match h.rsplit_once(':') {
-                Some((host, port)) if !host.is_empty() && !host.ends_with(':') => {
-                    (host, port.to_owned())
-                }
-                _ => (h, "2379".to_owned()),
-            };
-            if port.parse::<u16>().ok().filter(|p| *p != 0).is_none() {
-                return Err(bad(format!("'{h}' has no valid port")));
-            }
-            if !host.chars().all(|c| {
-                c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '[' | ']' | ':')
-            }) {
-                return Err(bad(format!("'{host}' is not a host name or address")));
-            }
-            endpoints.push(format!("{host}:{port}"));
+        let example = "etcd://10.0.0.1:2379,10.0.0.2:2379/baton";
+        let authority = url.authority(2379, example)?;
+        if authority.user.as_deref() == Some("") {
+            return Err(bad("the user name is empty".into()));
         }
-        if endpoints.is_empty() {
-            return Err(bad(
-                "no etcd member given (example: etcd://10.0.0.1:2379,10.0.0.2:2379/baton)".into(),
-            ));
-        }
+        let (url_user, url_password) = (authority.user, authority.password);
+        let endpoints: Vec<String> = authority
+            .endpoints
+            .iter()
+            .map(|(host, port)| format!("{host}:{port}"))
+            .collect();
+        let path = format!("/{}", authority.path);
         let prefix = path.trim_end_matches('/');
         let prefix = if prefix.is_empty() {
             DEFAULT_PREFIX.to_owned()
@@ -259,28 +202,6 @@ fn credentials(
             }
         ))),
     }
-}
-
-/// Decodes `%XX` escapes; `None` for a bad escape or bytes that are not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            // from_str_radix would take a sign (`%+1`).
-            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return None;
-            }
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]
