@@ -166,6 +166,17 @@ fn check_url(s: &str) {
             let _ = format!("{u} {u:?}");
             // Parsing the full text again gives the same URL.
             assert_eq!(StoreUrl::parse(u.expose_secret()).expect("again"), u);
+            // The networked stores' authority: servers with ports, or a clear error.
+            match u.authority(1234, "x://h:1") {
+                Ok(a) => {
+                    assert!(!a.endpoints.is_empty());
+                    assert!(a.endpoints.iter().all(|(h, p)| !h.is_empty() && *p != 0));
+                    if a.password.is_some() {
+                        assert!(format!("{a:?}").contains("password: Some(\"***\")"));
+                    }
+                }
+                Err(e) => assert_eq!(e.kind(), ErrorKind::InvalidInput, "{s:?}: {e}"),
+            }
         }
         Err(e) => {
             assert_eq!(e.kind(), ErrorKind::InvalidInput, "{s:?}: {e}");
