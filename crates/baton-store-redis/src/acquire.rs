@@ -46,6 +46,9 @@ enum Attempted {
         held: u32,
         limit: u32,
         ahead: u32,
+        /// How many of the held slots are held back by the lock-delay, and the delay.
+        lost: u32,
+        delay: Duration,
         seen: Vec<Seen>,
     },
 }
@@ -105,10 +108,12 @@ impl Inner {
                 let nh: usize = num(a.get(5), "count of holders")?;
                 let mut i = 6;
                 let mut seen = Vec::new();
+                let mut lost_n = 0;
                 for _ in 0..nh {
                     let f = a.get(i..i + 6).ok_or_else(|| layout::corrupt("a short answer"))?;
                     i += 6;
                     let lost = f[3] == "1";
+                    lost_n += u32::from(lost);
                     let ttl_ms: u64 = num(Some(&f[4]), "lease TTL")?;
                     let holder = Holder::from_json(&f[5]);
                     seen.push(Seen {
@@ -138,6 +143,8 @@ impl Inner {
                     held,
                     limit,
                     ahead,
+                    lost: lost_n,
+                    delay: Duration::from_millis(delay_ms),
                     seen,
                 })
             }
@@ -174,7 +181,7 @@ impl Inner {
                 .await?;
             let got = Instant::now();
             refresh.done(sent);
-            let (held, limit, ahead, seen) = match answer {
+            let (held, limit, ahead, lost, delay, seen) = match answer {
                 Attempted::Granted { slot, token } => {
                     return Ok(Lease {
                         key: req.key.clone(),
@@ -192,8 +199,10 @@ impl Inner {
                     held,
                     limit,
                     ahead,
+                    lost,
+                    delay,
                     seen,
-                } => (held, limit, ahead, seen),
+                } => (held, limit, ahead, lost, delay, seen),
             };
             let mut next = HashMap::new();
             let mut due_now = false;
@@ -212,7 +221,9 @@ impl Inner {
             tries_without_wait = 0;
             if !waits {
                 let ahead = (ahead > 0).then_some(ahead);
-                return Err(errors::busy(held, limit, ahead, None));
+                let held_back = (lost > 0).then_some((delay, delay));
+                let held = held.saturating_sub(lost);
+                return Err(errors::busy(held, limit, ahead, held_back));
             }
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use baton_core::kit::{errors, status};
 use baton_core::{
-    Error, ErrorKind, Holder, HolderId, Key, KeyStatus, SlotState, SlotStatus, Token,
+    Error, ErrorKind, Holder, HolderId, Key, KeyStatus, Liveness, SlotState, SlotStatus, Token,
 };
 
 use crate::core::Inner;
@@ -48,6 +48,8 @@ impl Inner {
             let ren: u64 = num(Some(&f[5])).unwrap_or(0);
             let ttl: u64 = num(Some(&f[6])).unwrap_or(0);
             let lost = f[7] == "1";
+            let gone = !lost
+                && Holder::from_json(&f[3]).is_some_and(|h| h.liveness() == Liveness::Dead);
             let mut st = if lost {
                 let mut s = SlotStatus::free(slot);
                 s.token = Some(Token(token));
@@ -55,7 +57,10 @@ impl Inner {
                 s.note = Some(status::held_back_note(delay_d, None));
                 s
             } else {
-                let mut s = SlotStatus::of_record(slot, token, &f[2], &f[3], Some(acq), None);
+                let expired = gone.then_some(
+                    "has no live process on this host (the next acquire takes the slot over)",
+                );
+                let mut s = SlotStatus::of_record(slot, token, &f[2], &f[3], Some(acq), expired);
                 s.renewed_unix_ms = Some(ren);
                 s.expires_unix_ms = Some(ren.saturating_add(ttl));
                 if slot >= limit {
@@ -72,6 +77,22 @@ impl Inner {
             }
         }
         slots.sort_by_key(|s| s.slot);
+        // Waiters whose process is gone on this host do not count: the next acquire
+        // removes them.
+        let i = 6 + n * 10;
+        let nw: usize = num(a.get(i))?;
+        let infos = a
+            .get(i + 1..i + 1 + nw)
+            .ok_or_else(|| layout::corrupt("a short status answer"))?;
+        let dead = infos
+            .iter()
+            .filter(|w| {
+                w.split_once('|')
+                    .and_then(|(_, j)| Holder::from_json(j))
+                    .is_some_and(|h| h.liveness() == Liveness::Dead)
+            })
+            .count();
+        let waiters = waiters.saturating_sub(u32::try_from(dead).unwrap_or(u32::MAX));
         Ok(KeyStatus {
             key: key.clone(),
             limit,

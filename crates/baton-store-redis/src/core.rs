@@ -244,7 +244,10 @@ impl Inner {
     /// Maps a Redis failure.
     pub(crate) fn map(&self, e: redis::RedisError) -> Error {
         if e.code() == Some("CORRUPT") {
-            return layout::corrupt(e.detail().unwrap_or("a record is not baton's"));
+            // Redis appends where in the script the error rose: not the user's concern.
+            let detail = e.detail().unwrap_or("a record is not baton's");
+            let detail = detail.split(" script: ").next().unwrap_or(detail);
+            return layout::corrupt(detail.trim_end());
         }
         let head = format!("Redis at {}", self.where_());
         if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {

@@ -292,7 +292,7 @@ return {'ok'}
 "#;
 
 /// A key's state. ARGV: base. Answers `none`, or `key limit delay token nwaiters nh
-/// [slot token hid holder acq ren ttl lost lost_ms count]*nh`.
+/// [slot token hid holder acq ren ttl lost lost_ms count]*nh nw [TTL_MS|holder]*nw`.
 pub(crate) const INSPECT: &str = r#"
 local meta = load_meta()
 if not meta then return {'none'} end
@@ -306,6 +306,9 @@ for _, h in ipairs(holders) do
     out[#out + 1] = v
   end
 end
+local infos = redis.call('HVALS', B .. ':winfo')
+out[#out + 1] = #infos
+for _, v in ipairs(infos) do out[#out + 1] = v end
 return out
 "#;
 
