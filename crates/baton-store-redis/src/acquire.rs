@@ -38,9 +38,23 @@ struct Seen {
     dead: bool,
 }
 
+/// What every attempt of one request sends.
+#[derive(Clone, Copy)]
+struct Request<'a> {
+    base: &'a str,
+    id: &'a str,
+    req: &'a AcquireRequest,
+    ttl: Duration,
+    holder_json: &'a str,
+    wait: bool,
+}
+
 /// What an attempt answered.
 enum Attempted {
-    Granted { slot: u32, token: u64 },
+    Granted {
+        slot: u32,
+        token: u64,
+    },
     Mismatch(u32),
     Waiting {
         held: u32,
@@ -68,16 +82,15 @@ pub(crate) fn holder_id(h: &Holder) -> String {
 }
 
 impl Inner {
-    async fn attempt(
-        &self,
-        base: &str,
-        id: &str,
-        req: &AcquireRequest,
-        ttl: Duration,
-        holder_json: &str,
-        wait: bool,
-        claims: &[[String; 5]],
-    ) -> Result<Attempted, Error> {
+    async fn attempt(&self, r: &Request<'_>, claims: &[[String; 5]]) -> Result<Attempted, Error> {
+        let Request {
+            base,
+            id,
+            req,
+            ttl,
+            holder_json,
+            wait,
+        } = *r;
         let delay = req.lock_delay.unwrap_or_default();
         let mut args = vec![
             base.to_owned(),
@@ -110,14 +123,22 @@ impl Inner {
                 let mut seen = Vec::new();
                 let mut lost_n = 0;
                 for _ in 0..nh {
-                    let f = a.get(i..i + 6).ok_or_else(|| layout::corrupt("a short answer"))?;
+                    let f = a
+                        .get(i..i + 6)
+                        .ok_or_else(|| layout::corrupt("a short answer"))?;
                     i += 6;
                     let lost = f[3] == "1";
                     lost_n += u32::from(lost);
                     let ttl_ms: u64 = num(Some(&f[4]), "lease TTL")?;
                     let holder = Holder::from_json(&f[5]);
                     seen.push(Seen {
-                        claim: ["h".into(), f[0].clone(), f[1].clone(), f[2].clone(), f[3].clone()],
+                        claim: [
+                            "h".into(),
+                            f[0].clone(),
+                            f[1].clone(),
+                            f[2].clone(),
+                            f[3].clone(),
+                        ],
                         wait: Duration::from_millis(if lost { delay_ms } else { ttl_ms }),
                         dead: !lost && dead(holder.as_ref()),
                     });
@@ -125,7 +146,9 @@ impl Inner {
                 let nw: usize = num(a.get(i), "count of waiters")?;
                 i += 1;
                 for _ in 0..nw {
-                    let f = a.get(i..i + 3).ok_or_else(|| layout::corrupt("a short answer"))?;
+                    let f = a
+                        .get(i..i + 3)
+                        .ok_or_else(|| layout::corrupt("a short answer"))?;
                     i += 3;
                     let (ttl_ms, json) = f[2]
                         .split_once('|')
@@ -134,7 +157,13 @@ impl Inner {
                             layout::corrupt(format!("the waiter record of {} is not baton's", f[0]))
                         })?;
                     seen.push(Seen {
-                        claim: ["w".into(), f[0].clone(), "-".into(), f[1].clone(), "0".into()],
+                        claim: [
+                            "w".into(),
+                            f[0].clone(),
+                            "-".into(),
+                            f[1].clone(),
+                            "0".into(),
+                        ],
                         wait: Duration::from_millis(ttl_ms),
                         dead: dead(Holder::from_json(json).as_ref()),
                     });
@@ -156,7 +185,11 @@ impl Inner {
     }
 
     /// Acquires for request `id` (the caller withdraws it when this fails).
-    pub(crate) async fn acquire_inner(&self, req: &AcquireRequest, id: &str) -> Result<Lease, Error> {
+    pub(crate) async fn acquire_inner(
+        &self,
+        req: &AcquireRequest,
+        id: &str,
+    ) -> Result<Lease, Error> {
         let ttl = validate_ttl(req.ttl, &req.key)?;
         let deadline = req.deadline(Instant::now());
         let base = layout::base(&self.config.prefix, &req.key);
@@ -176,9 +209,15 @@ impl Inner {
                 .map(|(c, _)| c.clone())
                 .collect();
             let sent = Instant::now();
-            let answer = self
-                .attempt(&base, id, req, ttl, &holder_json, waits, &claims)
-                .await?;
+            let r = Request {
+                base: &base,
+                id,
+                req,
+                ttl,
+                holder_json: &holder_json,
+                wait: waits,
+            };
+            let answer = self.attempt(&r, &claims).await?;
             let got = Instant::now();
             refresh.done(sent);
             let (held, limit, ahead, lost, delay, seen) = match answer {
@@ -229,7 +268,11 @@ impl Inner {
             if deadline.is_some_and(|d| now >= d) {
                 return Err(req.timed_out("every slot stayed held", &self.url));
             }
-            let takeover = first_seen.values().map(|(t, w, _)| Some(*t + *w)).min().flatten();
+            let takeover = first_seen
+                .values()
+                .map(|(t, w, _)| Some(*t + *w))
+                .min()
+                .flatten();
             let until = next_wake([deadline, Some(refresh.due_at()), takeover])
                 .unwrap_or_else(|| refresh.due_at());
             if until > now {

@@ -48,8 +48,8 @@ impl Inner {
             let ren: u64 = num(Some(&f[5])).unwrap_or(0);
             let ttl: u64 = num(Some(&f[6])).unwrap_or(0);
             let lost = f[7] == "1";
-            let gone = !lost
-                && Holder::from_json(&f[3]).is_some_and(|h| h.liveness() == Liveness::Dead);
+            let gone =
+                !lost && Holder::from_json(&f[3]).is_some_and(|h| h.liveness() == Liveness::Dead);
             let mut st = if lost {
                 let mut s = SlotStatus::free(slot);
                 s.token = Some(Token(token));
@@ -109,7 +109,8 @@ impl Inner {
         let mut cursor: u64 = 0;
         loop {
             let mut c = self.conn().await?;
-            let (next, batch): (u64, Vec<String>) = self.bounded(
+            let (next, batch): (u64, Vec<String>) = self
+                .bounded(
                     redis::cmd("SCAN")
                         .arg(cursor)
                         .arg("MATCH")

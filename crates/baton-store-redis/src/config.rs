@@ -115,8 +115,9 @@ impl RedisConfig {
                     Some((u, p)) => (u, Some(p)),
                     None => (userinfo, None),
                 };
-                let u = percent_decode(u)
-                    .ok_or_else(|| bad("the user name is not valid percent-encoded UTF-8".into()))?;
+                let u = percent_decode(u).ok_or_else(|| {
+                    bad("the user name is not valid percent-encoded UTF-8".into())
+                })?;
                 let p = p
                     .map(|p| {
                         percent_decode(p).ok_or_else(|| {
@@ -146,9 +147,9 @@ impl RedisConfig {
             .filter(|p| *p != 0)
             .ok_or_else(|| bad(format!("'{hostport}' has no valid port")))?;
         if host.is_empty()
-            || !host
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '[' | ']' | ':'))
+            || !host.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '[' | ']' | ':')
+            })
         {
             return Err(bad(format!("'{host}' is not a host name or address")));
         }
@@ -315,7 +316,9 @@ mod tests {
             "redis://h 1:6379",
             "dir:/x",
         ] {
-            let Ok(url) = StoreUrl::parse(u) else { continue };
+            let Ok(url) = StoreUrl::parse(u) else {
+                continue;
+            };
             let err = RedisConfig::from_url_env(&url, &|_| None).expect_err(u);
             assert_eq!(err.kind(), ErrorKind::InvalidInput, "{u}: {err}");
         }

@@ -60,7 +60,11 @@ pub(crate) struct Inner {
 pub(crate) type Answer = Vec<String>;
 
 impl Inner {
-    pub(crate) fn new(url: StoreUrl, config: RedisConfig, runtime: StoreRuntime) -> Result<Inner, Error> {
+    pub(crate) fn new(
+        url: StoreUrl,
+        config: RedisConfig,
+        runtime: StoreRuntime,
+    ) -> Result<Inner, Error> {
         let info = redis::ConnectionInfo {
             addr: redis::ConnectionAddr::Tcp(config.host.clone(), config.port),
             redis: redis::RedisConnectionInfo {
@@ -97,7 +101,8 @@ impl Inner {
         let bound = self.config.timeout * 2;
         let mut c = match tokio::time::timeout(
             bound,
-            self.client.get_multiplexed_async_connection_with_config(&cfg),
+            self.client
+                .get_multiplexed_async_connection_with_config(&cfg),
         )
         .await
         {
@@ -106,7 +111,11 @@ impl Inner {
             Err(_) => {
                 return Err(Error::new(
                     ErrorKind::Unavailable,
-                    format!("Redis at {} did not answer within {:?}", self.where_(), bound),
+                    format!(
+                        "Redis at {} did not answer within {:?}",
+                        self.where_(),
+                        bound
+                    ),
                 ))
             }
         };
@@ -180,7 +189,12 @@ impl Inner {
                 )));
             }
             let fsync: Result<Vec<String>, Error> = self
-                .bounded(redis::cmd("CONFIG").arg("GET").arg("appendfsync").query_async(c))
+                .bounded(
+                    redis::cmd("CONFIG")
+                        .arg("GET")
+                        .arg("appendfsync")
+                        .query_async(c),
+                )
                 .await;
             match fsync {
                 Ok(v) if v.get(1).map(String::as_str) == Some("always") => {}
@@ -250,14 +264,19 @@ impl Inner {
             return layout::corrupt(detail.trim_end());
         }
         let head = format!("Redis at {}", self.where_());
-        if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        if e.is_io_error()
+            || e.is_timeout()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+        {
             return Error::new(ErrorKind::Unavailable, format!("{head}: {e}")).with_source(e);
         }
         match e.code() {
-            Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "MISCONF") => {
-                Error::new(ErrorKind::Unavailable, format!("{head} cannot serve now: {e}"))
-                    .with_source(e)
-            }
+            Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "MISCONF") => Error::new(
+                ErrorKind::Unavailable,
+                format!("{head} cannot serve now: {e}"),
+            )
+            .with_source(e),
             Some("NOAUTH" | "WRONGPASS" | "NOPERM") => Error::new(
                 ErrorKind::Unavailable,
                 format!("{head} refused the credentials or the access: {e}"),

@@ -22,7 +22,9 @@ impl Inner {
     }
 
     pub(crate) async fn renew(&self, lease: &Lease) -> Result<Lease, Error> {
-        let a = self.run(&self.scripts.renew, &self.lease_args(lease)).await?;
+        let a = self
+            .run(&self.scripts.renew, &self.lease_args(lease))
+            .await?;
         match a.first().map(String::as_str) {
             Some("ok") => Ok(lease.clone()),
             Some("lost") => Err(Error::new(
@@ -48,7 +50,9 @@ impl Inner {
     }
 
     pub(crate) async fn release(&self, lease: &Lease) -> Result<Released, Error> {
-        let a = self.run(&self.scripts.release, &self.lease_args(lease)).await?;
+        let a = self
+            .run(&self.scripts.release, &self.lease_args(lease))
+            .await?;
         match a.first().map(String::as_str) {
             Some("released") => Ok(Released::Released),
             Some("not_held") => Ok(Released::NotHeld),

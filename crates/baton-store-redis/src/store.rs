@@ -15,8 +15,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use baton_core::kit::runtime::{Call, Cancel, StoreRuntime};
 use baton_core::{
-    AcquireRequest, Capabilities, Error, ErrorKind, HolderId, Key, KeyStatus, Lease, Op,
-    Released, SlotStatus, Store, StoreUrl,
+    AcquireRequest, Capabilities, Error, ErrorKind, HolderId, Key, KeyStatus, Lease, Op, Released,
+    SlotStatus, Store, StoreUrl,
 };
 
 use crate::admin::MAX_LIMIT;
@@ -47,13 +47,16 @@ impl RedisStore {
     pub fn open(url: &StoreUrl) -> Result<RedisStore, Error> {
         let config = RedisConfig::from_url(url)?;
         let runtime = StoreRuntime::start("baton-redis", 2).map_err(|e| {
-            Error::new(ErrorKind::Unavailable, "cannot start the Redis client's threads")
-                .with_op(Op::Open)
-                .with_store(url)
-                .with_source(e)
+            Error::new(
+                ErrorKind::Unavailable,
+                "cannot start the Redis client's threads",
+            )
+            .with_op(Op::Open)
+            .with_store(url)
+            .with_source(e)
         })?;
-        let inner = Inner::new(url.clone(), config, runtime)
-            .map_err(|e| e.context(Op::Open, None, url))?;
+        let inner =
+            Inner::new(url.clone(), config, runtime).map_err(|e| e.context(Op::Open, None, url))?;
         Ok(RedisStore {
             inner: Arc::new(inner),
         })
@@ -101,11 +104,18 @@ impl Store for RedisStore {
         if req.limit > MAX_LIMIT {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
-                format!("the limit must be at most {MAX_LIMIT} slots, not {}", req.limit),
+                format!(
+                    "the limit must be at most {MAX_LIMIT} slots, not {}",
+                    req.limit
+                ),
             ));
         }
         let id = format!("{:032x}", HolderId::random().0);
-        let (inner, back, req2) = (Arc::clone(&self.inner), Arc::clone(&self.inner), req.clone());
+        let (inner, back, req2) = (
+            Arc::clone(&self.inner),
+            Arc::clone(&self.inner),
+            req.clone(),
+        );
         let work = |cancel: Cancel| async move {
             let result = tokio::select! {
                 r = inner.acquire_inner(&req2, &id) => r,

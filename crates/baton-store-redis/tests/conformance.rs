@@ -57,12 +57,21 @@ fn cli(url: &str, args: &[&str]) -> std::io::Result<String> {
     let u = StoreUrl::parse(url).map_err(|e| std::io::Error::other(e.to_string()))?;
     let c = RedisConfig::from_url(&u).map_err(|e| std::io::Error::other(e.to_string()))?;
     let out = Command::new("redis-cli")
-        .args(["-h", &c.host, "-p", &c.port.to_string(), "-n", &c.db.to_string()])
+        .args([
+            "-h",
+            &c.host,
+            "-p",
+            &c.port.to_string(),
+            "-n",
+            &c.db.to_string(),
+        ])
         .args(args)
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() || text.starts_with("ERR") || text.starts_with("WRONGTYPE") {
-        return Err(std::io::Error::other(format!("redis-cli {args:?} failed: {text}")));
+        return Err(std::io::Error::other(format!(
+            "redis-cli {args:?} failed: {text}"
+        )));
     }
     Ok(text)
 }
@@ -84,7 +93,19 @@ fn string_meta(url: &str, key: &Key) -> std::io::Result<Vec<PathBuf>> {
 /// Slot 0 named as held, with a record of garbage.
 fn garbage_holder(url: &str, key: &Key) -> std::io::Result<Vec<PathBuf>> {
     let b = base(url, key)?;
-    cli(url, &["HSET", &format!("{b}:slot:0"), "grant", "x", "token", "many", "ttl", "-"])?;
+    cli(
+        url,
+        &[
+            "HSET",
+            &format!("{b}:slot:0"),
+            "grant",
+            "x",
+            "token",
+            "many",
+            "ttl",
+            "-",
+        ],
+    )?;
     cli(url, &["ZADD", &format!("{b}:holders"), "0", "0"])?;
     Ok(Vec::new())
 }
