@@ -282,7 +282,7 @@ impl Inner {
     }
 
     /// Sleeps in `BLPOP` on the request's own list for at most `d` (a push wakes it).
-    async fn sleep_on(
+    pub(crate) async fn sleep_on(
         &self,
         wake: &mut Option<MultiplexedConnection>,
         key: &str,

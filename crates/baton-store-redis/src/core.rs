@@ -30,11 +30,21 @@ pub(crate) struct Scripts {
     pub(crate) inspect: Script,
     pub(crate) break_: Script,
     pub(crate) resize: Script,
+    pub(crate) arrive: Script,
+    pub(crate) look: Script,
+    pub(crate) leave: Script,
 }
 
 impl Scripts {
     fn new() -> Scripts {
         let s = |body: &str| Script::new(&format!("{}{body}", layout::PRELUDE));
+        let b = |body: &str| {
+            Script::new(&format!(
+                "{}{}{body}",
+                layout::PRELUDE,
+                layout::BARRIER_PRELUDE
+            ))
+        };
         Scripts {
             attempt: s(layout::ATTEMPT),
             renew: s(layout::RENEW),
@@ -43,6 +53,9 @@ impl Scripts {
             inspect: s(layout::INSPECT),
             break_: s(layout::BREAK),
             resize: s(layout::RESIZE),
+            arrive: b(layout::BARRIER_ARRIVE),
+            look: b(layout::BARRIER_LOOK),
+            leave: b(layout::BARRIER_LEAVE),
         }
     }
 }

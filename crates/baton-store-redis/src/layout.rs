@@ -28,6 +28,12 @@ pub(crate) fn base(prefix: &str, key: &Key) -> String {
     format!("{prefix}:{{{}}}", key.as_str())
 }
 
+/// The base name of barrier `key`'s Redis keys (barriers and locks of one name do not
+/// interfere).
+pub(crate) fn barrier_base(prefix: &str, key: &Key) -> String {
+    format!("{prefix}:b:{{{}}}", key.as_str())
+}
+
 /// The glob `list` scans for, and how to read a key back from a match.
 pub(crate) fn meta_pattern(prefix: &str) -> String {
     format!("{prefix}:{{*}}:meta")
@@ -350,6 +356,112 @@ check_waiters()
 redis.call('HSET', B .. ':meta', 'limit', tonumber(ARGV[2]))
 wake_eligible(tonumber(ARGV[2]))
 return {'ok'}
+"#;
+
+/// Barrier keys, under the base `PREFIX:b:{K}`: `B:gen` (hash: `gen`, the next
+/// generation's number, and `parties` while one waits), `B:arr` (sorted set: arrival id →
+/// refresh counter), `B:ainfo` (arrival id → `TTL_MS|holder JSON`), `B:done` (arrival id →
+/// the generation it passed in, until the party reads it) and `B:wake:ID`.
+pub(crate) const BARRIER_PRELUDE: &str = r#"
+local function check_barrier()
+  need(B .. ':gen', 'hash'); need(B .. ':arr', 'zset'); need(B .. ':ainfo', 'hash')
+  need(B .. ':done', 'hash')
+  local g = redis.call('HGET', B .. ':gen', 'gen')
+  if g and num(g) == nil then corrupt(B .. ':gen does not hold a generation number') end
+end
+local function claim_arrivals(from)
+  local n = tonumber(ARGV[from])
+  local i = from + 1
+  for c = 1, n do
+    local id, cnt = ARGV[i], ARGV[i + 1]
+    i = i + 2
+    local sc = redis.call('ZSCORE', B .. ':arr', id)
+    if sc and tonumber(sc) == tonumber(cnt) then
+      redis.call('ZREM', B .. ':arr', id)
+      redis.call('HDEL', B .. ':ainfo', id)
+    end
+  end
+end
+local function snapshot(status, id)
+  local out = {status}
+  local z = redis.call('ZRANGE', B .. ':arr', 0, -1, 'WITHSCORES')
+  for i = 1, #z, 2 do
+    if z[i] ~= id then
+      out[#out + 1] = z[i]; out[#out + 1] = z[i + 1]
+      out[#out + 1] = redis.call('HGET', B .. ':ainfo', z[i]) or ''
+    end
+  end
+  return out
+end
+local function taken(id)
+  local g = redis.call('HGET', B .. ':done', id)
+  if g then redis.call('HDEL', B .. ':done', id) end
+  return g
+end
+"#;
+
+/// A party arrives. ARGV: base, arrival id, parties, `TTL_MS|holder`, the number of
+/// claims, then per claim: id count. Answers `passed gen`, `mismatch parties`, or
+/// `waiting [id count info]*` (the other arrivals).
+pub(crate) const BARRIER_ARRIVE: &str = r#"
+local id, parties, info = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+check_barrier()
+local g = taken(id)
+if g then return {'passed', g} end
+claim_arrivals(5)
+local cur = redis.call('HGET', B .. ':gen', 'parties')
+local n = redis.call('ZCARD', B .. ':arr')
+local mine = redis.call('ZSCORE', B .. ':arr', id)
+if n > 0 and cur and tonumber(cur) ~= parties then return {'mismatch', cur} end
+if not mine then
+  redis.call('ZADD', B .. ':arr', 0, id)
+  redis.call('HSET', B .. ':ainfo', id, info)
+  redis.call('HSET', B .. ':gen', 'parties', parties)
+  n = n + 1
+end
+if n >= parties then
+  local gen = redis.call('HGET', B .. ':gen', 'gen') or '0'
+  for _, other in ipairs(redis.call('ZRANGE', B .. ':arr', 0, -1)) do
+    if other ~= id then
+      redis.call('HSET', B .. ':done', other, gen)
+      push(other)
+    end
+  end
+  redis.call('PEXPIRE', B .. ':done', 86400000)
+  redis.call('DEL', B .. ':arr', B .. ':ainfo')
+  redis.call('HSET', B .. ':gen', 'gen', tonumber(gen) + 1)
+  redis.call('HDEL', B .. ':gen', 'parties')
+  return {'passed', gen}
+end
+return snapshot('waiting', id)
+"#;
+
+/// A waiting party looks again (and refreshes its arrival). ARGV: base, arrival id, the
+/// number of claims, then per claim: id count. Answers `passed gen`, `gone` (its arrival
+/// was taken as dead) or `waiting [id count info]*`.
+pub(crate) const BARRIER_LOOK: &str = r#"
+local id = ARGV[2]
+check_barrier()
+local g = taken(id)
+if g then return {'passed', g} end
+claim_arrivals(3)
+if not redis.call('ZSCORE', B .. ':arr', id) then return {'gone'} end
+redis.call('ZINCRBY', B .. ':arr', 1, id)
+return snapshot('waiting', id)
+"#;
+
+/// A party gives up. ARGV: base, arrival id. Answers `passed gen` when its generation
+/// passed meanwhile, else `withdrawn`.
+pub(crate) const BARRIER_LEAVE: &str = r#"
+local id = ARGV[2]
+check_barrier()
+local g = taken(id)
+redis.call('DEL', B .. ':wake:' .. id)
+if g then return {'passed', g} end
+redis.call('ZREM', B .. ':arr', id)
+redis.call('HDEL', B .. ':ainfo', id)
+if redis.call('ZCARD', B .. ':arr') == 0 then redis.call('HDEL', B .. ':gen', 'parties') end
+return {'withdrawn'}
 "#;
 
 #[cfg(test)]

@@ -7,10 +7,12 @@
 //! (`TIME`, key expiry) are wall clocks. Tokens come from `INCR` (durable with
 //! `appendfsync always`, which the store checks). Waiters queue in arrival order and each
 //! sleeps in `BLPOP` on a list of its own; a release pushes to exactly one. See
-//! `README.md` for the layout, the bounds and what the store cannot do.
+//! Barriers: an arrival per waiting party, the completing arrival passes the generation and
+//! pushes to every other party's list. See `README.md` for the layout, the bounds and what the store cannot do.
 
 mod acquire;
 mod admin;
+mod barrier;
 mod config;
 mod core;
 mod layout;
