@@ -104,9 +104,12 @@ pub const STORES: &[StoreKind] = &[
     StoreKind {
         schemes: &["redis"],
         example: "redis://host:6379/0",
-        summary: "Redis (not built yet)",
+        summary: "Redis leases with renewal counters, FIFO",
+        #[cfg(feature = "redis")]
+        open: Some(baton_store_redis::open),
+        #[cfg(not(feature = "redis"))]
         open: None,
-        planned: true,
+        planned: false,
     },
     StoreKind {
         schemes: &["amqp"],

@@ -1,0 +1,480 @@
+//! What lives in Redis, and the Lua scripts that change it (one script per operation, so
+//! every operation is atomic on the server).
+//!
+//! Every baton key `K` is a set of Redis keys under the base `PREFIX:{K}` (the hash tag
+//! keeps them together, as a Redis Cluster would need):
+//!
+//! | Redis key | type | holds |
+//! |---|---|---|
+//! | `B:meta` | hash | `v` = `1`, `limit`, `delay_ms` (the lock-delay; 0 = none) |
+//! | `B:token` | string | the fencing counter (`INCR`) |
+//! | `B:holders` | sorted set | member = slot number, score = the lease's renewal counter |
+//! | `B:slot:N` | hash | the lease in slot N: `grant` (request id), `hid` (holder id), `token`, `ttl` (ms), `holder` (JSON), `acq`/`ren` (server ms, display only), `lost` (`0`/`1`), `lost_ms` |
+//! | `B:ticket` | string | the arrival counter of waiters |
+//! | `B:waiters` | sorted set | member = request id, score = arrival ticket (FIFO) |
+//! | `B:wcount` | sorted set | member = request id, score = the waiter's refresh counter |
+//! | `B:winfo` | hash | request id → `TTL_MS|holder JSON` |
+//! | `B:wake:ID` | list | the waiter's own wake-up list (`BLPOP`); one push per hand-off |
+//!
+//! Guarantees: a script checks every record it reads before it writes anything (Redis
+//! does not roll a script back), and answers `CORRUPT <what is wrong>` for anything baton
+//! does not write, so damage is reported, never repaired or obeyed. The server's clock
+//! (`TIME`) only stamps records for display; no script compares it with anything.
+
+use baton_core::{Error, Key};
+
+/// The base name of `key`'s Redis keys under `prefix`.
+pub(crate) fn base(prefix: &str, key: &Key) -> String {
+    format!("{prefix}:{{{}}}", key.as_str())
+}
+
+/// The base name of barrier `key`'s Redis keys (barriers and locks of one name do not
+/// interfere).
+pub(crate) fn barrier_base(prefix: &str, key: &Key) -> String {
+    format!("{prefix}:b:{{{}}}", key.as_str())
+}
+
+/// The glob `list` scans for, and how to read a key back from a match.
+pub(crate) fn meta_pattern(prefix: &str) -> String {
+    format!("{prefix}:{{*}}:meta")
+}
+
+/// The key part of a `meta` key name found by [`meta_pattern`].
+pub(crate) fn key_of_meta<'a>(prefix: &str, name: &'a str) -> Option<&'a str> {
+    name.strip_prefix(prefix)?
+        .strip_prefix(":{")?
+        .strip_suffix("}:meta")
+}
+
+/// `Corrupt`, as the scripts and the decoding say it.
+pub(crate) fn corrupt(what: impl std::fmt::Display) -> Error {
+    baton_core::kit::errors::corrupt(what, "(baton's Redis keys were changed by something else)")
+}
+
+/// Shared by every script: ARGV[1] is the base name.
+pub(crate) const PRELUDE: &str = r#"
+local B = ARGV[1]
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function corrupt(msg) error({err = 'CORRUPT ' .. msg}) end
+local function need(k, want)
+  local t = redis.call('TYPE', k)['ok']
+  if t ~= 'none' and t ~= want then
+    corrupt(k .. ' is a ' .. t .. ' where baton keeps a ' .. want)
+  end
+  return t ~= 'none'
+end
+local function num(v)
+  if not v then return nil end
+  local n = tonumber(v)
+  if n == nil or n ~= math.floor(n) or n < 0 then return nil end
+  return n
+end
+local function load_meta()
+  local k = B .. ':meta'
+  if not need(k, 'hash') then return nil end
+  local m = redis.call('HMGET', k, 'v', 'limit', 'delay_ms')
+  local lim, d = num(m[2]), num(m[3])
+  if m[1] ~= '1' or lim == nil or lim < 1 or d == nil then
+    corrupt(k .. ' is not baton\'s key record (v=1, limit, delay_ms)')
+  end
+  return {limit = lim, delay = d}
+end
+local function check_counter(k)
+  if need(k, 'string') and num(redis.call('GET', k)) == nil then
+    corrupt(k .. ' does not hold a counter')
+  end
+end
+local function load_holders()
+  local hk = B .. ':holders'
+  need(hk, 'zset')
+  local z = redis.call('ZRANGE', hk, 0, -1, 'WITHSCORES')
+  local out = {}
+  for i = 1, #z, 2 do
+    local slot, count = z[i], z[i + 1]
+    local sk = B .. ':slot:' .. slot
+    if num(slot) == nil or not need(sk, 'hash') then
+      corrupt(hk .. ' names slot ' .. slot .. ' without its record ' .. sk)
+    end
+    local r = redis.call('HMGET', sk, 'grant', 'token', 'ttl', 'lost', 'holder', 'acq', 'ren', 'hid', 'lost_ms')
+    if not r[1] or num(r[2]) == nil or num(r[3]) == nil or (r[4] ~= '0' and r[4] ~= '1') or not r[5] then
+      corrupt('the holder record ' .. sk .. ' is not baton\'s (grant, token, ttl, lost, holder)')
+    end
+    out[#out + 1] = {slot = slot, count = count, grant = r[1], token = r[2], ttl = r[3],
+      lost = r[4], holder = r[5], acq = r[6] or '0', ren = r[7] or '0', hid = r[8] or '',
+      lost_ms = r[9] or '0'}
+  end
+  return out
+end
+local function check_waiters()
+  need(B .. ':waiters', 'zset'); need(B .. ':wcount', 'zset'); need(B .. ':winfo', 'hash')
+  check_counter(B .. ':ticket')
+end
+local function load_waiters(n)
+  local out = {}
+  if n <= 0 then return out end
+  local ids = redis.call('ZRANGE', B .. ':waiters', 0, n - 1)
+  for _, id in ipairs(ids) do
+    local c = redis.call('ZSCORE', B .. ':wcount', id)
+    local info = redis.call('HGET', B .. ':winfo', id)
+    if not c or not info then
+      corrupt('the waiter ' .. id .. ' of ' .. B .. ':waiters has no refresh count or record')
+    end
+    out[#out + 1] = {id = id, count = c, info = info}
+  end
+  return out
+end
+local function remove_waiter(id)
+  local r = redis.call('ZRANK', B .. ':waiters', id)
+  redis.call('ZREM', B .. ':waiters', id)
+  redis.call('ZREM', B .. ':wcount', id)
+  redis.call('HDEL', B .. ':winfo', id)
+  redis.call('DEL', B .. ':wake:' .. id)
+  return r
+end
+local function push(id)
+  local wk = B .. ':wake:' .. id
+  redis.call('LPUSH', wk, '1')
+  redis.call('PEXPIRE', wk, 3600000)
+end
+local function wake_ranks(from, to)
+  if to <= from then return end
+  for _, id in ipairs(redis.call('ZRANGE', B .. ':waiters', from, to - 1)) do push(id) end
+end
+local function free_slots(limit)
+  return limit - redis.call('ZCARD', B .. ':holders')
+end
+local function wake_eligible(limit)
+  wake_ranks(0, free_slots(limit))
+end
+"#;
+
+/// One attempt to acquire. ARGV: base, request id, limit, TTL ms, holder JSON, holder id,
+/// lock-delay ms, mode (`wait` queues the request, `nowait` does not), the number of
+/// claims, then per claim five values: `h` slot grant count lost (a lease seen unchanged
+/// for its TTL, or dead) or `w` id - count - (a waiter seen unrefreshed for its TTL).
+///
+/// Answers `granted slot token now_ms`, `mismatch limit`, or `queued|busy held limit
+/// ahead delay_ms nh [slot grant count lost ttl holder]*nh nw [id count info]*nw`.
+pub(crate) const ATTEMPT: &str = r#"
+local id, limit, ttl, holder, hid, delay, mode = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8]
+local meta = load_meta()
+local holders = load_holders()
+check_counter(B .. ':token')
+check_waiters()
+if meta == nil then
+  meta = {limit = limit, delay = delay}
+  redis.call('HSET', B .. ':meta', 'v', '1', 'limit', limit, 'delay_ms', delay)
+elseif meta.limit ~= limit then
+  return {'mismatch', meta.limit}
+end
+local now = now_ms()
+local byslot = {}
+for _, h in ipairs(holders) do byslot[h.slot] = h end
+local n, i, freed = tonumber(ARGV[9]), 10, false
+for c = 1, n do
+  local kind, a, g, cnt, lost = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  i = i + 5
+  if kind == 'h' then
+    local h = byslot[a]
+    if h and h.grant == g and tonumber(h.count) == tonumber(cnt) and h.lost == lost then
+      if lost == '0' and meta.delay > 0 then
+        redis.call('HSET', B .. ':slot:' .. a, 'lost', '1', 'lost_ms', now)
+        redis.call('ZINCRBY', B .. ':holders', 1, a)
+      else
+        redis.call('DEL', B .. ':slot:' .. a)
+        redis.call('ZREM', B .. ':holders', a)
+        freed = true
+      end
+      byslot[a] = nil
+    end
+  elseif kind == 'w' then
+    local sc = redis.call('ZSCORE', B .. ':wcount', a)
+    if sc and tonumber(sc) == tonumber(cnt) then remove_waiter(a); freed = true end
+  end
+end
+if n > 0 then holders = load_holders() end
+for _, h in ipairs(holders) do
+  if h.grant == id and h.lost == '0' then return {'granted', h.slot, h.token, h.acq} end
+end
+local rank = redis.call('ZRANK', B .. ':waiters', id)
+local ahead = rank or redis.call('ZCARD', B .. ':waiters')
+local free = meta.limit - #holders
+if ahead < free then
+  local taken = {}
+  for _, h in ipairs(holders) do taken[h.slot] = true end
+  local slot = 0
+  while taken[tostring(slot)] do slot = slot + 1 end
+  local tok = redis.call('INCR', B .. ':token')
+  redis.call('HSET', B .. ':slot:' .. slot, 'grant', id, 'hid', hid, 'token', tok, 'ttl', ttl,
+    'holder', holder, 'acq', now, 'ren', now, 'lost', '0', 'lost_ms', '0')
+  redis.call('ZADD', B .. ':holders', 0, slot)
+  remove_waiter(id)
+  if freed then wake_eligible(meta.limit) end
+  return {'granted', slot, tok, now}
+end
+local status = 'busy'
+if mode == 'wait' then
+  status = 'queued'
+  if rank then
+    redis.call('ZINCRBY', B .. ':wcount', 1, id)
+  else
+    local t = redis.call('INCR', B .. ':ticket')
+    redis.call('ZADD', B .. ':waiters', t, id)
+    redis.call('ZADD', B .. ':wcount', 0, id)
+    redis.call('HSET', B .. ':winfo', id, ttl .. '|' .. holder)
+  end
+end
+if freed then wake_eligible(meta.limit) end
+local out = {status, #holders, meta.limit, ahead, meta.delay, #holders}
+for _, h in ipairs(holders) do
+  out[#out + 1] = h.slot; out[#out + 1] = h.grant; out[#out + 1] = h.count
+  out[#out + 1] = h.lost; out[#out + 1] = h.ttl; out[#out + 1] = h.holder
+end
+local w = load_waiters(ahead)
+out[#out + 1] = #w
+for _, x in ipairs(w) do
+  out[#out + 1] = x.id; out[#out + 1] = x.count; out[#out + 1] = x.info
+end
+return out
+"#;
+
+/// Renews a lease. ARGV: base, slot, token. Answers `ok count`, `lost` (taken over or
+/// broken, held back by the lock-delay) or `gone`.
+pub(crate) const RENEW: &str = r#"
+local slot, token = ARGV[2], ARGV[3]
+local sk = B .. ':slot:' .. slot
+if not need(sk, 'hash') then return {'gone'} end
+need(B .. ':holders', 'zset')
+local r = redis.call('HMGET', sk, 'token', 'lost')
+if tonumber(r[1]) ~= tonumber(token) or not redis.call('ZSCORE', B .. ':holders', slot) then return {'gone'} end
+if r[2] ~= '0' then return {'lost'} end
+local c = redis.call('ZINCRBY', B .. ':holders', 1, slot)
+redis.call('HSET', sk, 'ren', now_ms())
+return {'ok', c}
+"#;
+
+/// Releases a lease. ARGV: base, slot, token. Answers `released` or `not_held`; a
+/// release hands the slot to exactly one waiter: the one its freeing made eligible.
+pub(crate) const RELEASE: &str = r#"
+local slot, token = ARGV[2], ARGV[3]
+local sk = B .. ':slot:' .. slot
+if not need(sk, 'hash') then return {'not_held'} end
+need(B .. ':holders', 'zset')
+local meta = load_meta()
+check_waiters()
+local r = redis.call('HMGET', sk, 'token', 'lost', 'grant')
+if tonumber(r[1]) ~= tonumber(token) or r[2] ~= '0' then return {'not_held'} end
+redis.call('DEL', sk)
+redis.call('ZREM', B .. ':holders', slot)
+if r[3] then remove_waiter(r[3]) end
+if meta then
+  local free = free_slots(meta.limit)
+  if free > 0 then wake_ranks(free - 1, free) end
+end
+return {'released'}
+"#;
+
+/// Withdraws a request that gives up: its queue entry goes, and a grant it got that its
+/// caller never received is released. ARGV: base, request id. Answers `ok`.
+pub(crate) const WITHDRAW: &str = r#"
+local id = ARGV[2]
+local meta = load_meta()
+if not meta then return {'ok'} end
+local holders = load_holders()
+check_waiters()
+local changed = remove_waiter(id) ~= nil
+for _, h in ipairs(holders) do
+  if h.grant == id and h.lost == '0' then
+    redis.call('DEL', B .. ':slot:' .. h.slot)
+    redis.call('ZREM', B .. ':holders', h.slot)
+    changed = true
+  end
+end
+if changed then wake_eligible(meta.limit) end
+return {'ok'}
+"#;
+
+/// A key's state. ARGV: base. Answers `none`, or `key limit delay token nwaiters nh
+/// [slot token hid holder acq ren ttl lost lost_ms count]*nh nw [TTL_MS|holder]*nw`.
+pub(crate) const INSPECT: &str = r#"
+local meta = load_meta()
+if not meta then return {'none'} end
+local holders = load_holders()
+check_counter(B .. ':token')
+check_waiters()
+local out = {'key', meta.limit, meta.delay, redis.call('GET', B .. ':token') or '0',
+  redis.call('ZCARD', B .. ':waiters'), #holders}
+for _, h in ipairs(holders) do
+  for _, v in ipairs({h.slot, h.token, h.hid, h.holder, h.acq, h.ren, h.ttl, h.lost, h.lost_ms, h.count}) do
+    out[#out + 1] = v
+  end
+end
+local infos = redis.call('HVALS', B .. ':winfo')
+out[#out + 1] = #infos
+for _, v in ipairs(infos) do out[#out + 1] = v end
+return out
+"#;
+
+/// Breaks leases. ARGV: base, holder id (empty: every holder). Answers `none`, or
+/// `broken n [slot token holder acq was_live]*n`.
+pub(crate) const BREAK: &str = r#"
+local hid = ARGV[2]
+local meta = load_meta()
+if not meta then return {'none'} end
+local holders = load_holders()
+check_waiters()
+local now = now_ms()
+local out, n = {'broken', 0}, 0
+for _, h in ipairs(holders) do
+  if hid == '' or h.hid == hid then
+    local live = h.lost == '0'
+    if live and meta.delay > 0 then
+      redis.call('HSET', B .. ':slot:' .. h.slot, 'lost', '1', 'lost_ms', now)
+      redis.call('ZINCRBY', B .. ':holders', 1, h.slot)
+    elseif live then
+      redis.call('DEL', B .. ':slot:' .. h.slot)
+      redis.call('ZREM', B .. ':holders', h.slot)
+    end
+    n = n + 1
+    for _, v in ipairs({h.slot, h.token, h.holder, h.acq, live and '1' or '0'}) do out[#out + 1] = v end
+  end
+end
+out[2] = n
+wake_eligible(meta.limit)
+return out
+"#;
+
+/// Changes a key's limit (never evicting). ARGV: base, limit. Answers `none` or `ok`.
+pub(crate) const RESIZE: &str = r#"
+local meta = load_meta()
+if not meta then return {'none'} end
+load_holders()
+check_waiters()
+redis.call('HSET', B .. ':meta', 'limit', tonumber(ARGV[2]))
+wake_eligible(tonumber(ARGV[2]))
+return {'ok'}
+"#;
+
+/// Barrier keys, under the base `PREFIX:b:{K}`: `B:gen` (hash: `gen`, the next
+/// generation's number, and `parties` while one waits), `B:arr` (sorted set: arrival id →
+/// refresh counter), `B:ainfo` (arrival id → `TTL_MS|holder JSON`), `B:done` (arrival id →
+/// the generation it passed in, until the party reads it) and `B:wake:ID`.
+pub(crate) const BARRIER_PRELUDE: &str = r#"
+local function check_barrier()
+  need(B .. ':gen', 'hash'); need(B .. ':arr', 'zset'); need(B .. ':ainfo', 'hash')
+  need(B .. ':done', 'hash')
+  local g = redis.call('HGET', B .. ':gen', 'gen')
+  if g and num(g) == nil then corrupt(B .. ':gen does not hold a generation number') end
+end
+local function claim_arrivals(from)
+  local n = tonumber(ARGV[from])
+  local i = from + 1
+  for c = 1, n do
+    local id, cnt = ARGV[i], ARGV[i + 1]
+    i = i + 2
+    local sc = redis.call('ZSCORE', B .. ':arr', id)
+    if sc and tonumber(sc) == tonumber(cnt) then
+      redis.call('ZREM', B .. ':arr', id)
+      redis.call('HDEL', B .. ':ainfo', id)
+    end
+  end
+end
+local function snapshot(status, id)
+  local out = {status}
+  local z = redis.call('ZRANGE', B .. ':arr', 0, -1, 'WITHSCORES')
+  for i = 1, #z, 2 do
+    if z[i] ~= id then
+      out[#out + 1] = z[i]; out[#out + 1] = z[i + 1]
+      out[#out + 1] = redis.call('HGET', B .. ':ainfo', z[i]) or ''
+    end
+  end
+  return out
+end
+local function taken(id)
+  local g = redis.call('HGET', B .. ':done', id)
+  if g then redis.call('HDEL', B .. ':done', id) end
+  return g
+end
+"#;
+
+/// A party arrives. ARGV: base, arrival id, parties, `TTL_MS|holder`, the number of
+/// claims, then per claim: id count. Answers `passed gen`, `mismatch parties`, or
+/// `waiting [id count info]*` (the other arrivals).
+pub(crate) const BARRIER_ARRIVE: &str = r#"
+local id, parties, info = ARGV[2], tonumber(ARGV[3]), ARGV[4]
+check_barrier()
+local g = taken(id)
+if g then return {'passed', g} end
+claim_arrivals(5)
+local cur = redis.call('HGET', B .. ':gen', 'parties')
+local n = redis.call('ZCARD', B .. ':arr')
+local mine = redis.call('ZSCORE', B .. ':arr', id)
+if n > 0 and cur and tonumber(cur) ~= parties then return {'mismatch', cur} end
+if not mine then
+  redis.call('ZADD', B .. ':arr', 0, id)
+  redis.call('HSET', B .. ':ainfo', id, info)
+  redis.call('HSET', B .. ':gen', 'parties', parties)
+  n = n + 1
+end
+if n >= parties then
+  local gen = redis.call('HGET', B .. ':gen', 'gen') or '0'
+  for _, other in ipairs(redis.call('ZRANGE', B .. ':arr', 0, -1)) do
+    if other ~= id then
+      redis.call('HSET', B .. ':done', other, gen)
+      push(other)
+    end
+  end
+  redis.call('PEXPIRE', B .. ':done', 86400000)
+  redis.call('DEL', B .. ':arr', B .. ':ainfo')
+  redis.call('HSET', B .. ':gen', 'gen', tonumber(gen) + 1)
+  redis.call('HDEL', B .. ':gen', 'parties')
+  return {'passed', gen}
+end
+return snapshot('waiting', id)
+"#;
+
+/// A waiting party looks again (and refreshes its arrival). ARGV: base, arrival id, the
+/// number of claims, then per claim: id count. Answers `passed gen`, `gone` (its arrival
+/// was taken as dead) or `waiting [id count info]*`.
+pub(crate) const BARRIER_LOOK: &str = r#"
+local id = ARGV[2]
+check_barrier()
+local g = taken(id)
+if g then return {'passed', g} end
+claim_arrivals(3)
+if not redis.call('ZSCORE', B .. ':arr', id) then return {'gone'} end
+redis.call('ZINCRBY', B .. ':arr', 1, id)
+return snapshot('waiting', id)
+"#;
+
+/// A party gives up. ARGV: base, arrival id. Answers `passed gen` when its generation
+/// passed meanwhile, else `withdrawn`.
+pub(crate) const BARRIER_LEAVE: &str = r#"
+local id = ARGV[2]
+check_barrier()
+local g = taken(id)
+redis.call('DEL', B .. ':wake:' .. id)
+if g then return {'passed', g} end
+redis.call('ZREM', B .. ':arr', id)
+redis.call('HDEL', B .. ':ainfo', id)
+if redis.call('ZCARD', B .. ':arr') == 0 then redis.call('HDEL', B .. ':gen', 'parties') end
+return {'withdrawn'}
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        let k = Key::new("a/b.c-d").expect("key");
+        let b = base("baton", &k);
+        assert_eq!(b, "baton:{a/b.c-d}");
+        assert_eq!(key_of_meta("baton", &format!("{b}:meta")), Some("a/b.c-d"));
+        assert_eq!(key_of_meta("baton", "baton:{x}:token"), None);
+        assert_eq!(meta_pattern("p"), "p:{*}:meta");
+    }
+}
