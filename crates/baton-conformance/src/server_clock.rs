@@ -84,6 +84,7 @@ impl Harness {
         let (script, var, control): (&str, &str, &str) = match scheme {
             "postgres" | "postgresql" => ("postgres", "BATON_TEST_POSTGRES", "faketime"),
             "etcd" => ("etcd", "BATON_TEST_ETCD", "member/faketime"),
+            "redis" => ("redis", "BATON_TEST_REDIS", "faketime"),
             other => {
                 return Err(format!(
                     "the {other} store has no server whose clock the suite can step"
@@ -111,7 +112,7 @@ impl Harness {
         let host = authority(&private);
         let tail = &rest[authority(self.url()).len()..];
         let probe = match script {
-            "postgres" => Probe::Script,
+            "postgres" | "redis" => Probe::Script,
             _ => Probe::HttpDate(host.rsplit('@').next().unwrap_or(&host).to_owned()),
         };
         Ok(SteppedServer {
