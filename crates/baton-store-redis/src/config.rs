@@ -99,60 +99,19 @@ impl RedisConfig {
             }
         }
         secret::check_user_info(url)?;
-        let Some(rest) = url.path().strip_prefix("//") else {
-            return Err(bad(
-                "a Redis URL names its server after '//' (example: redis://127.0.0.1:6379/0)"
-                    .into(),
-            ));
-        };
-        let (authority, path) = match rest.find('/') {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        let (user, url_password, hostport) = match authority.rsplit_once('@') {
-            Some((userinfo, h)) => {
-                let (u, p) = match userinfo.split_once(':') {
-                    Some((u, p)) => (u, Some(p)),
-                    None => (userinfo, None),
-                };
-                let u = percent_decode(u).ok_or_else(|| {
-                    bad("the user name is not valid percent-encoded UTF-8".into())
-                })?;
-                let p = p
-                    .map(|p| {
-                        percent_decode(p).ok_or_else(|| {
-                            bad("the password is not valid percent-encoded UTF-8".into())
-                        })
-                    })
-                    .transpose()?;
-                // `redis://:password@host` is the usual form without a user.
-                ((!u.is_empty()).then_some(u), p, h)
-            }
-            None => (None, None, authority),
-        };
-        if hostport.contains(',') {
+        let authority = url.authority(6379, "redis://127.0.0.1:6379/0")?;
+        if authority.endpoints.len() > 1 {
             return Err(bad(
                 "several hosts: Redis Cluster and replica sets are not supported (one primary only; \
                  see the store's README)"
                     .into(),
             ));
         }
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) if !h.is_empty() && !h.ends_with(':') => (h, p),
-            _ => (hostport, "6379"),
-        };
-        let port = port
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| bad(format!("'{hostport}' has no valid port")))?;
-        if host.is_empty()
-            || !host.chars().all(|c| {
-                c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '[' | ']' | ':')
-            })
-        {
-            return Err(bad(format!("'{host}' is not a host name or address")));
-        }
+        // `redis://:password@host` is the usual form without a user.
+        let user = authority.user.filter(|u| !u.is_empty());
+        let url_password = authority.password;
+        let (host, port) = authority.endpoints[0].clone();
+        let path = authority.path;
         let db_text = path.trim_start_matches('/').trim_end_matches('/');
         let db = if db_text.is_empty() {
             0
@@ -188,7 +147,7 @@ impl RedisConfig {
             )));
         }
         let mut config = RedisConfig {
-            host: host.to_owned(),
+            host,
             port,
             db,
             user,
@@ -248,27 +207,6 @@ impl RedisConfig {
         }
         Ok(config)
     }
-}
-
-/// Decodes `%XX` escapes; `None` for a bad escape or bytes that are not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return None;
-            }
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]
