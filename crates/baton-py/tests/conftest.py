@@ -1,5 +1,6 @@
 """Fixtures: one store URL per store this build has. dir, dir lease mode and SQLite always
-(in a temporary directory); PostgreSQL and etcd from BATON_TEST_POSTGRES / BATON_TEST_ETCD.
+(in a temporary directory); PostgreSQL, etcd and Redis from BATON_TEST_POSTGRES /
+BATON_TEST_ETCD / BATON_TEST_REDIS.
 Without those a networked test is skipped, and under CI=true it fails instead."""
 
 import os
@@ -14,11 +15,15 @@ import pytest
 import baton
 
 LOCAL = ["dir", "dir-lease", "sqlite"]
-NETWORKED = {"postgres": "BATON_TEST_POSTGRES", "etcd": "BATON_TEST_ETCD"}
+NETWORKED = {
+    "postgres": "BATON_TEST_POSTGRES",
+    "etcd": "BATON_TEST_ETCD",
+    "redis": "BATON_TEST_REDIS",
+}
 ALL = LOCAL + list(NETWORKED)
-LEASE = ["dir-lease", "sqlite", "postgres", "etcd"]
+LEASE = ["dir-lease", "sqlite", "postgres", "etcd", "redis"]
 # Short TTLs for loss tests; etcd grants leases of at least 2s.
-SHORT_TTL = {"dir-lease": "1s", "sqlite": "1s", "postgres": "1s", "etcd": "2s"}
+SHORT_TTL = {"dir-lease": "1s", "sqlite": "1s", "postgres": "1s", "etcd": "2s", "redis": "1s"}
 
 
 def url_for(kind: str, tmp_path) -> str:
