@@ -379,12 +379,18 @@ async fn hold_and_run(
     }
     if lost {
         // Releasing a lost lease frees nothing (it answers not-held); no need to say so.
-        let _ = guard.release().await;
+        // The store may be the reason it was lost (frozen, cut off): try briefly, then
+        // exit; whatever is left of the lease ends with its TTL.
+        let lease = guard.disarm();
+        let _ = tokio::time::timeout(LOST_RELEASE_BOUND, store.release(&lease)).await;
     } else {
         release(guard).await;
     }
     code
 }
+
+/// How long `baton run` tries to release a lease it has already lost before it exits.
+const LOST_RELEASE_BOUND: Duration = Duration::from_secs(1);
 
 /// Starts a keeper for a lease store's lease; kernel-lock stores need none.
 fn keep(

@@ -134,6 +134,13 @@ impl LeaseGuard {
             None => Ok(Released::NotHeld),
         }
     }
+
+    /// Takes the lease out of the guard, which then releases nothing when dropped: the
+    /// caller releases it (or lets it expire). For a lease known to be lost, whose
+    /// release may wait on a store that does not answer and must not block a `Drop`.
+    pub fn disarm(mut self) -> Lease {
+        self.lease.take().expect("lease present until release")
+    }
 }
 
 impl Drop for LeaseGuard {

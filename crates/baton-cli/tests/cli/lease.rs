@@ -265,3 +265,116 @@ fn a_lock_delay_on_kernel_locks_is_a_clear_error() {
     assert_ne!(out.code, Some(0), "{out:?}");
     out.one_error_line().stderr_has("mode=lease");
 }
+
+/// A private test server of `scripts/server-NAME`, stopped (and thawed first) when dropped.
+struct PrivateServer {
+    script: std::path::PathBuf,
+    dir: tempfile::TempDir,
+    url: String,
+}
+
+impl PrivateServer {
+    /// Starts one, or `None` (a note; a failure under `CI=true`) when the shared test
+    /// server of that kind is not there, which says its packages are missing.
+    fn start(name: &str, var: &str) -> Option<PrivateServer> {
+        if std::env::var(var).map_or(true, |v| v.trim().is_empty()) {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("CI=true and {var} is not set: run the suite with `bash scripts/test`");
+            }
+            crate::util::skipped(
+                &format!("frozen {name} server"),
+                &format!("{var} is not set (bash scripts/test sets it)"),
+            );
+            return None;
+        }
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../scripts")
+            .join(format!("server-{name}"));
+        let dir = tempfile::tempdir().expect("server dir");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .arg("start")
+            .arg(dir.path())
+            .output()
+            .expect("run the server script");
+        assert!(out.status.success(), "{name} did not start: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let url = text
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("BATON_TEST_"))
+            .and_then(|l| l.split_once('='))
+            .map(|(_, v)| v.trim().replace("\\,", ","))
+            .expect("the script prints NAME=URL");
+        Some(PrivateServer { script, dir, url })
+    }
+
+    fn run(&self, what: &str) {
+        let ok = std::process::Command::new("bash")
+            .arg(&self.script)
+            .arg(what)
+            .arg(self.dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "server {what} failed");
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(&self.script)
+            .arg("thaw")
+            .arg(self.dir.path())
+            .status();
+        let _ = std::process::Command::new("bash")
+            .arg(&self.script)
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A server frozen (SIGSTOP) under a running command, end to end: `baton run` stops the
+/// command's group and exits 76 while the server is still frozen (it does not wait for
+/// the store to answer again), on every networked store.
+#[test]
+fn a_frozen_server_ends_the_run_with_76_while_it_is_still_frozen() {
+    for (name, var) in [
+        ("postgres", "BATON_TEST_POSTGRES"),
+        ("redis", "BATON_TEST_REDIS"),
+        ("etcd", "BATON_TEST_ETCD"),
+    ] {
+        let Some(server) = PrivateServer::start(name, var) else {
+            continue;
+        };
+        let dir = Dir::new();
+        let pidfile = dir.file("child.pid");
+        let run = dir
+            .bare(&[
+                "-s",
+                &server.url,
+                "run",
+                "-k",
+                "frozen",
+                "--ttl",
+                "2s",
+                "--",
+                "sh",
+                "-c",
+            ])
+            .args(&[&format!("echo $$ > {}; exec sleep 600", pidfile.display())])
+            .spawn();
+        wait_until("the command started", || pidfile.exists());
+        let child = read_pid(&pidfile);
+        server.run("freeze");
+        let out = run.finish();
+        out.code(76).stderr_has("lost");
+        assert!(
+            !process_alive(child),
+            "{name}: the command outlived the run"
+        );
+        // Only now does the server answer again.
+        server.run("thaw");
+    }
+}
