@@ -51,6 +51,17 @@ if ! PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python "$py" -c 'import etcd3' 2>/de
   fi
 fi
 
+# The Redis peers: redis-py (redis.lock.Lock) and python-redis-lock. The server itself
+# comes from scripts/server-redis, started by baton-bench when BATON_TEST_REDIS is unset.
+if ! "$py" -c 'import redis, redis_lock' 2>/dev/null; then
+  log "installing redis and python-redis-lock for the Redis peers"
+  if [ "$py" = bench/.venv/bin/python ]; then
+    bench/.venv/bin/pip install -q redis python-redis-lock >&2 || log "cannot install redis: the Redis peers are skipped"
+  else
+    python3 -m pip install -q --user redis python-redis-lock >&2 || log "cannot install redis: the Redis peers are skipped"
+  fi
+fi
+
 # flock(1) is util-linux; strace is optional (the syscall table is skipped without it).
 apt_updated=
 apt_install() {

@@ -2,7 +2,8 @@
 //! without baton: for the directory store, raw `flock(2)`, Python's fasteners and
 //! filelock, and util-linux `flock(1)` (benchmarks 1–4); for SQLite, raw `BEGIN IMMEDIATE`
 //! transactions (5–6); for PostgreSQL, advisory locks and a lease table (7–8); for etcd,
-//! `etcdctl lock` and python-etcd3 (9–11). See `bench/README.md`.
+//! `etcdctl lock` and python-etcd3 (9–11); for Redis, redis-py's and python-redis-lock's
+//! `Lock` (12–14). See `bench/README.md`.
 //!
 //! `baton-bench run` runs every benchmark, writes raw results as JSON Lines and prints a
 //! Markdown report on stdout (progress goes to stderr). The hidden subcommands are the
@@ -16,6 +17,7 @@ mod inproc;
 mod locks;
 mod postgres;
 mod record;
+mod redis;
 mod server;
 mod sqlite;
 mod storm;
@@ -120,7 +122,7 @@ struct RunArgs {
     /// Where lock files go (default: /dev/shm if it is tmpfs, else /tmp).
     #[arg(long)]
     lock_dir: Option<PathBuf>,
-    /// Run only these benchmarks (comma-separated: inproc,cli,handoff,storm,sqlite,sqlite-burst,postgres,etcd).
+    /// Run only these benchmarks (comma-separated: inproc,cli,handoff,storm,sqlite,sqlite-burst,postgres,etcd,redis).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -357,6 +359,26 @@ fn run(args: RunArgs) -> Result<()> {
             dir: dir.join("etcd"),
         };
         let out = etcd::run(&cfg, &mut rec)?;
+        violations += out.violations as u64;
+        md.push_str(&out.markdown);
+    }
+    if wants("redis") {
+        eprintln!("benchmarks 12 to 14: Redis store");
+        let cfg = redis::Config {
+            rounds: if args.quick { 2 } else { 7 },
+            ops: if args.quick { 30 } else { 1000 },
+            peer_ops: if args.quick { 30 } else { 1000 },
+            floor_ops: if args.quick { 30 } else { 1000 },
+            calls: if args.quick { 3 } else { 30 },
+            clients: vec![8, 32],
+            duration: Duration::from_millis(if args.quick { 300 } else { 3000 }),
+            baton: args.baton.clone(),
+            python: Some(args.python.clone()),
+            peers: args.peers.clone(),
+            server_script: PathBuf::from("scripts/server-redis"),
+            dir: dir.join("redis"),
+        };
+        let out = redis::run(&cfg, &mut rec)?;
         violations += out.violations as u64;
         md.push_str(&out.markdown);
     }
