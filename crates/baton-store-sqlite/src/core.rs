@@ -457,15 +457,35 @@ fn prepare_files(
     Ok(())
 }
 
+/// How long opening asks again when the database looks read-only (see
+/// [`first_connection`]).
+const READONLY_GRACE: Duration = Duration::from_secs(2);
+
 /// Opens the first connection, checking (or creating) the schema, retried while the
 /// database is busy for up to [`OP_BUSY_BOUND`]; the error names the file.
 fn first_connection(path: &Path, url: &StoreUrl, fail: OpenFail<'_>) -> Result<Connection, Error> {
-    let deadline = Instant::now().checked_add(OP_BUSY_BOUND);
+    let started = Instant::now();
+    let deadline = started.checked_add(OP_BUSY_BOUND);
     retry(deadline, None, || {
-        // SQLite's errors name the file here, once (baton's own already do).
-        let mut conn = connect(path).map_err(|f| f.at(path))?;
-        layout::check_or_init(&mut conn, path).map_err(|f| f.at(path))?;
-        Ok(conn)
+        let attempt = connect(path).and_then(|mut conn| {
+            layout::check_or_init(&mut conn, path)?;
+            Ok(conn)
+        });
+        attempt.map_err(|f| match f {
+            // A database another user has just created: SQLite creates its -wal and
+            // -shm with open(2) and only then fchmods (and, as root, fchowns) them to the
+            // database's mode, so for that moment they look read-only to a team member.
+            // Asked again, briefly, like a busy database; a database that really is
+            // read-only is still refused after READONLY_GRACE.
+            Fail::Sql(e)
+                if e.sqlite_error_code() == Some(ErrorCode::ReadOnly)
+                    && started.elapsed() < READONLY_GRACE =>
+            {
+                Fail::Busy(e)
+            }
+            // SQLite's errors name the file here, once (baton's own already do).
+            f => f.at(path),
+        })
     })
     .map_err(|s| match s {
         Stop::Err(e) => e.context(Op::Open, None, url),
