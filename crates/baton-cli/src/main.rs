@@ -59,6 +59,12 @@ enum Command {
     /// exited; if baton dies, the group is stopped (SIGTERM, SIGKILL after --kill-grace)
     /// before the slot can be granted again. A process that leaves the group (setsid)
     /// is not stopped.
+    ///
+    /// A wait rides out an outage of the store (a server restart, an election): baton
+    /// backs off and asks again within the wait (forever by default), saying so on the
+    /// first retry and, with -v, on every one. Only the wait running out, a permanent
+    /// error (refused credentials, a permission or symlink in the lock directory) or a
+    /// signal ends it.
     #[command(
         after_help = exit_code::HELP_TABLE,
         override_usage = "baton run [OPTIONS] [--] COMMAND [ARGS...]"
