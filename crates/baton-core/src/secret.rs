@@ -208,39 +208,17 @@ pub fn password_file_param(url: &StoreUrl) -> Result<Option<PathBuf>, Error> {
         )
         .with_op(Op::Open)
         .with_store(url)),
-        Some(p) => Ok(Some(PathBuf::from(percent_decode_lossless(p).ok_or_else(
-            || {
+        Some(p) => Ok(Some(PathBuf::from(
+            crate::url::percent_decode(p).ok_or_else(|| {
                 Error::new(
                     ErrorKind::InvalidInput,
                     format!("{PASSWORD_FILE_PARAM} is not valid percent-encoded UTF-8"),
                 )
                 .with_op(Op::Open)
                 .with_store(url)
-            },
-        )?))),
+            })?,
+        ))),
     }
-}
-
-/// Decodes `%XX` escapes; `None` for a bad escape or bytes that are not UTF-8.
-fn percent_decode_lossless(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3)?;
-            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                return None;
-            }
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// What a store needs to know to pick its password, in precedence order.
