@@ -11,6 +11,7 @@
 
 mod acquire;
 mod admin;
+mod barrier;
 mod config;
 mod core;
 mod layout;

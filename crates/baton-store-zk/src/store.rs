@@ -16,8 +16,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use baton_core::kit::runtime::{Call, Cancel, StoreRuntime};
 use baton_core::{
-    AcquireRequest, Capabilities, Error, ErrorKind, HolderId, Key, KeyStatus, Lease, Op, Released,
-    SlotStatus, Store, StoreUrl,
+    AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error, ErrorKind, HolderId, Key,
+    KeyStatus, Lease, Op, Released, SlotStatus, Store, StoreUrl,
 };
 
 use crate::admin::MAX_LIMIT;
@@ -98,7 +98,6 @@ impl Store for ZkStore {
             RECOVERY_EXTRA,
         )
         .with_lock_delay(false)
-        .with_barrier(false)
     }
 
     async fn acquire(&self, req: &AcquireRequest) -> Result<Lease, Error> {
@@ -213,5 +212,35 @@ impl Store for ZkStore {
             inner.resize(&k, limit).await
         })
         .await
+    }
+
+    /// A barrier wait on the store's runtime. Whatever happens (a pass, an error, this
+    /// future dropped), a party that did not pass withdraws its arrival before the task
+    /// ends; one whose generation passed meanwhile returns the pass.
+    async fn barrier(&self, req: &BarrierRequest) -> Result<BarrierPassed, Error> {
+        baton_core::barrier::validate(req)?;
+        let id = format!("{:032x}", HolderId::random().0);
+        let (inner, req2) = (Arc::clone(&self.inner), req.clone());
+        let work = |cancel: Cancel| async move {
+            let result = tokio::select! {
+                r = inner.barrier_inner(&req2, &id) => r,
+                _ = cancel => Err(Call::new(Op::Barrier, Some(&req2.key), &inner.url).cancelled()),
+            };
+            match result {
+                Ok(p) => Ok(p),
+                Err(e) => match inner.barrier_leave(&req2, &id).await {
+                    Some(generation) => Ok(BarrierPassed {
+                        key: req2.key.clone(),
+                        generation,
+                        parties: req2.parties,
+                    }),
+                    None => Err(e),
+                },
+            }
+        };
+        let call = Call::new(Op::Barrier, Some(&req.key), &self.inner.url);
+        // A pass holds nothing: there is nothing to give back.
+        let nothing = |_: BarrierPassed| async {};
+        self.inner.runtime.grant(call, work, nothing).await
     }
 }
