@@ -169,108 +169,148 @@ impl Inner {
             .enqueue(c, &kp, guid, req.limit, data.as_bytes())
             .await?;
         loop {
-            // A grant is decided by this look: the new holder's lease counts from it (the
-            // slot was not free before it), and its session was alive when it was sent.
-            let sent = Instant::now();
-            let (kdata, _, key_watch) = match self.raw(c.get_and_watch_data(&kp)).await? {
-                Ok(v) => v,
-                Err(zk::Error::NoNode) => return Err(self.vanished(&me)),
-                Err(e) => return Err(self.map(e)),
-            };
-            let limit = layout::parse_limit(&kp, &kdata)?;
-            let names = match self.raw(c.list_children(&kp)).await? {
-                Ok(n) => n,
-                Err(zk::Error::NoNode) => return Err(self.vanished(&me)),
-                Err(e) => return Err(self.map(e)),
-            };
-            let (q, slots) = layout::parse_children(&kp, &names)?;
-            let idx = q
-                .iter()
-                .position(|e| e.guid == guid)
-                .ok_or_else(|| self.vanished(&me))?;
-            if self.sweep_dead(c, &kp, &q[..idx]).await? {
-                continue;
-            }
-            if (idx as u64) < u64::from(limit) {
-                if let Some(slot) = self.claim(c, &kp, guid, limit, &slots).await? {
-                    let negotiated = c.session_timeout();
-                    self.keep(
-                        req.key.as_str(),
-                        czxid as u64,
-                        Held {
-                            client: c.clone(),
-                            node: format!("{kp}/{me}"),
-                            slot_node: format!("{kp}/{}", layout::slot_name(slot)),
-                        },
-                    );
-                    return Ok(Lease {
-                        key: req.key.clone(),
-                        slot,
-                        limit: req.limit,
-                        token: Token(czxid as u64),
-                        holder: req.holder.clone(),
-                        // The server may have bounded the session timeout below the TTL.
-                        ttl: Some(ttl.min(negotiated)),
-                        acquired_unix_ms: unix_ms_now(),
-                        sent_at: Some(sent),
-                    });
-                }
-            }
-            if req.wait == Wait::NoWait {
-                let held = slots.len() as u32;
-                let ahead = idx.saturating_sub(held as usize) as u32;
-                return Err(errors::busy(
-                    held,
-                    limit,
-                    (ahead > 0).then_some(ahead),
-                    None,
-                ));
-            }
-            // Otherwise watch the `limit` nodes nearest ahead: only their going can bring
-            // this request within the first `limit` (a node farther ahead going leaves
-            // `limit` nodes ahead still).
-            let mut watches = Vec::new();
-            let mut gone = false;
-            if (idx as u64) < u64::from(limit) {
-                // Within the first `limit` but no slot free yet (a holder above a lowered
-                // limit, or a release between its two deletes): watch the children.
-                match self.raw(c.get_and_watch_children(&kp)).await? {
-                    Ok((_, _, w)) => watches.push(w),
-                    Err(zk::Error::NoNode) => gone = true,
-                    Err(e) => return Err(self.map(e)),
-                }
-            } else {
-                let ahead: &[Entry] = &q[idx - limit as usize..idx];
-                for e in ahead {
-                    let p = format!("{kp}/{}", e.name);
-                    match self.raw(c.check_and_watch_stat(&p)).await? {
-                        Ok((Some(_), w)) => watches.push(w),
-                        Ok((None, _)) => gone = true,
-                        Err(e) => return Err(self.map(e)),
+            match self
+                .step(c, req, guid, &kp, &me, czxid, ttl, deadline)
+                .await
+            {
+                Ok(Some(lease)) => return Ok(lease),
+                Ok(None) => {}
+                // A connection that drops while the session lives: the request keeps its
+                // place; look again once the client has reconnected.
+                // (Not when the request node is gone: someone deleted it.)
+                Err(e)
+                    if e.kind() == ErrorKind::Unavailable
+                        && e.is_retryable()
+                        && !c.state().is_terminated()
+                        && deadline.is_none_or(|d| Instant::now() < d) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let node = format!("{kp}/{me}");
+                    if matches!(self.raw(c.check_stat(&node)).await, Ok(Ok(None))) {
+                        return Err(e);
                     }
                 }
-            }
-            if gone {
-                continue;
-            }
-            let changed = async {
-                let mut fs: Vec<_> = watches.into_iter().map(|w| Box::pin(w.changed())).collect();
-                fs.push(Box::pin(key_watch.changed()));
-                futures_select_any(fs).await;
-            };
-            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            match left {
-                Some(l) if l.is_zero() => {
-                    return Err(req.timed_out("every slot stayed held", &self.url))
-                }
-                Some(l) => {
-                    if tokio::time::timeout(l, changed).await.is_err() {
-                        return Err(req.timed_out("every slot stayed held", &self.url));
-                    }
-                }
-                None => changed.await,
+                Err(e) => return Err(e),
             }
         }
+    }
+
+    /// One look at the queue: the grant, or `None` after waiting for a change.
+    #[allow(clippy::too_many_arguments)]
+    async fn step(
+        &self,
+        c: &zk::Client,
+        req: &AcquireRequest,
+        guid: &str,
+        kp: &str,
+        me: &str,
+        czxid: i64,
+        ttl: Duration,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Lease>, Error> {
+        let kp = kp.to_owned();
+        // A grant is decided by this look: the new holder's lease counts from it (the
+        // slot was not free before it), and its session was alive when it was sent.
+        let sent = Instant::now();
+        let (kdata, _, key_watch) = match self.raw(c.get_and_watch_data(&kp)).await? {
+            Ok(v) => v,
+            Err(zk::Error::NoNode) => return Err(self.vanished(me)),
+            Err(e) => return Err(self.map(e)),
+        };
+        let limit = layout::parse_limit(&kp, &kdata)?;
+        let names = match self.raw(c.list_children(&kp)).await? {
+            Ok(n) => n,
+            Err(zk::Error::NoNode) => return Err(self.vanished(me)),
+            Err(e) => return Err(self.map(e)),
+        };
+        let (q, slots) = layout::parse_children(&kp, &names)?;
+        let idx = q
+            .iter()
+            .position(|e| e.guid == guid)
+            .ok_or_else(|| self.vanished(me))?;
+        if self.sweep_dead(c, &kp, &q[..idx]).await? {
+            return Ok(None);
+        }
+        if (idx as u64) < u64::from(limit) {
+            if let Some(slot) = self.claim(c, &kp, guid, limit, &slots).await? {
+                let negotiated = c.session_timeout();
+                self.keep(
+                    req.key.as_str(),
+                    czxid as u64,
+                    Held {
+                        client: c.clone(),
+                        node: format!("{kp}/{me}"),
+                        slot_node: format!("{kp}/{}", layout::slot_name(slot)),
+                    },
+                );
+                return Ok(Some(Lease {
+                    key: req.key.clone(),
+                    slot,
+                    limit: req.limit,
+                    token: Token(czxid as u64),
+                    holder: req.holder.clone(),
+                    // The server may have bounded the session timeout below the TTL.
+                    ttl: Some(ttl.min(negotiated)),
+                    acquired_unix_ms: unix_ms_now(),
+                    sent_at: Some(sent),
+                }));
+            }
+        }
+        if req.wait == Wait::NoWait {
+            let held = slots.len() as u32;
+            let ahead = idx.saturating_sub(held as usize) as u32;
+            return Err(errors::busy(
+                held,
+                limit,
+                (ahead > 0).then_some(ahead),
+                None,
+            ));
+        }
+        // Otherwise watch the `limit` nodes nearest ahead: only their going can bring
+        // this request within the first `limit` (a node farther ahead going leaves
+        // `limit` nodes ahead still).
+        let mut watches = Vec::new();
+        let mut gone = false;
+        if (idx as u64) < u64::from(limit) {
+            // Within the first `limit` but no slot free yet (a holder above a lowered
+            // limit, or a release between its two deletes): watch the children.
+            match self.raw(c.get_and_watch_children(&kp)).await? {
+                Ok((_, _, w)) => watches.push(w),
+                Err(zk::Error::NoNode) => gone = true,
+                Err(e) => return Err(self.map(e)),
+            }
+        } else {
+            let ahead: &[Entry] = &q[idx - limit as usize..idx];
+            for e in ahead {
+                let p = format!("{kp}/{}", e.name);
+                match self.raw(c.check_and_watch_stat(&p)).await? {
+                    Ok((Some(_), w)) => watches.push(w),
+                    Ok((None, _)) => gone = true,
+                    Err(e) => return Err(self.map(e)),
+                }
+            }
+        }
+        if gone {
+            return Ok(None);
+        }
+        let changed = async {
+            let mut fs: Vec<_> = watches.into_iter().map(|w| Box::pin(w.changed())).collect();
+            fs.push(Box::pin(key_watch.changed()));
+            futures_select_any(fs).await;
+        };
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        match left {
+            Some(l) if l.is_zero() => {
+                return Err(req.timed_out("every slot stayed held", &self.url))
+            }
+            Some(l) => {
+                if tokio::time::timeout(l, changed).await.is_err() {
+                    return Err(req.timed_out("every slot stayed held", &self.url));
+                }
+            }
+            None => changed.await,
+        }
+        Ok(None)
     }
 
     /// Deletes the nodes ahead whose holder is known dead (a process on this host that is

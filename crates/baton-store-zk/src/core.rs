@@ -133,6 +133,10 @@ impl Inner {
             | zk::Error::ClientClosed => {
                 Error::new(ErrorKind::Unavailable, format!("{head}: {e}")).with_source(e)
             }
+            // The client's own connection errors ("no response from connection in …").
+            zk::Error::Custom(_) | zk::Error::UnexpectedError(_) => {
+                Error::new(ErrorKind::Unavailable, format!("{head}: {e}")).with_source(e)
+            }
             zk::Error::NoAuth | zk::Error::AuthFailed | zk::Error::InvalidAcl => Error::new(
                 ErrorKind::Unavailable,
                 format!("{head} refused the access: {e}"),
