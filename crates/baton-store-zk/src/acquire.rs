@@ -38,15 +38,15 @@ impl Inner {
         self.session(ttl).await.map_err(retryable)
     }
 
-    /// Reads the key node (creating it with the request's limit), checks its children
-    /// are baton's, and answers the limit in force.
+    /// Reads the key node (creating it with the request's limit) and checks that it and
+    /// its children are baton's and that the request asks for the key's limit.
     async fn ensure_key(&self, c: &zk::Client, kp: &str, limit: u32) -> Result<(), Error> {
-        let container = zk::CreateMode::Container.with_acls(zk::Acls::anyone_all());
+        let persistent = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
         loop {
             match self.raw(c.get_data(kp)).await? {
                 Err(zk::Error::NoNode) => {
                     match self
-                        .raw(c.create(kp, &layout::key_data(limit), &container))
+                        .raw(c.create(kp, &layout::key_data(limit), &persistent))
                         .await?
                     {
                         Ok(_) | Err(zk::Error::NodeExists) => continue,
@@ -54,28 +54,18 @@ impl Inner {
                     }
                 }
                 Err(e) => return Err(self.map(e)),
-                Ok((data, stat)) => {
+                Ok((data, _)) => {
                     let have = layout::parse_limit(kp, &data)?;
                     let names = match self.raw(c.list_children(kp)).await? {
                         Ok(n) => n,
                         Err(zk::Error::NoNode) => continue,
                         Err(e) => return Err(self.map(e)),
                     };
-                    let (q, _) = layout::parse_children(kp, &names)?;
-                    if have == limit {
-                        return Ok(());
-                    }
-                    if !q.is_empty() {
+                    layout::parse_children(kp, &names)?;
+                    if have != limit {
                         return Err(errors::limit_mismatch(have, limit));
                     }
-                    // Nobody holds or waits: the key takes the new limit.
-                    match self
-                        .raw(c.set_data(kp, &layout::key_data(limit), Some(stat.version)))
-                        .await?
-                    {
-                        Ok(_) | Err(zk::Error::BadVersion) | Err(zk::Error::NoNode) => continue,
-                        Err(e) => return Err(self.map(e)),
-                    }
+                    return Ok(());
                 }
             }
         }
@@ -121,7 +111,7 @@ impl Inner {
                 Ok(Ok((stat, n))) => {
                     return Ok((format!("{}{n}", layout::queue_prefix(guid)), stat.czxid))
                 }
-                // The container was reaped between the look and the create.
+                // The key node was deleted between the look and the create.
                 Ok(Err(zk::Error::NoNode)) => continue,
                 Ok(Err(e @ (zk::Error::ConnectionLoss | zk::Error::Timeout))) => {
                     if let Some(found) = self.find(c, kp, guid).await? {

@@ -1,7 +1,8 @@
 //! What the store keeps in ZooKeeper, under the root `/PREFIX`:
 //!
-//! - `/PREFIX/keys/ENC` — one container node per key (ENC is the key with `/` written as
-//!   `%`), data `baton-zk 1 limit=N`. The server removes it once its last child goes.
+//! - `/PREFIX/keys/ENC` — one persistent node per key (ENC is the key with `/` written as
+//!   `%`), data `baton-zk 1 limit=N`: the key's limit stays until the key is resized, as
+//!   in every store.
 //! - `ENC/q-GUID-SEQ` — one ephemeral sequential node per request, in its own session,
 //!   data: the holder's JSON. Ordered by SEQ; the first `limit` hold. Its `czxid` is the
 //!   token.

@@ -2,7 +2,7 @@
 //! semaphores as ephemeral sequential znodes.
 //!
 //! Each acquire opens a ZooKeeper session of its own whose timeout is the lease's TTL,
-//! and creates `q-<guid>-<seq>` (ephemeral, sequential) under the key's container node;
+//! and creates `q-<guid>-<seq>` (ephemeral, sequential) under the key's node;
 //! the first `limit` nodes hold. A waiter watches the `limit` nodes nearest ahead of it
 //! (one for a mutex), so a release wakes at most `limit` waiters, in queue order. A holder
 //! claims a slot by creating the ephemeral `slot-N`. The token is its queue node's

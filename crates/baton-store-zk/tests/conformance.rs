@@ -85,8 +85,7 @@ fn damage(
             .await
             .map_err(std::io::Error::other)?;
         let kp = format!("{}/keys/{}", c.root, key.as_str().replace('/', "%"));
-        // A persistent key node in place of the container: the server would reap an empty
-        // container, damage and all.
+        // A key node of the hook's own, whatever was there.
         match client.delete(&kp, None).await {
             Ok(()) | Err(zk::Error::NoNode) => {}
             Err(e) => return Err(std::io::Error::other(e)),
