@@ -97,9 +97,12 @@ pub const STORES: &[StoreKind] = &[
     StoreKind {
         schemes: &["zk"],
         example: "zk://h1:2181,h2:2181/prefix",
-        summary: "ZooKeeper (not built yet)",
+        summary: "ZooKeeper ephemeral sequential nodes, FIFO",
+        #[cfg(feature = "zk")]
+        open: Some(baton_store_zk::open),
+        #[cfg(not(feature = "zk"))]
         open: None,
-        planned: true,
+        planned: false,
     },
     StoreKind {
         schemes: &["redis"],
@@ -205,7 +208,7 @@ mod tests {
             err.to_string().contains("unknown store scheme 'nosuch'"),
             "{err}"
         );
-        let err = open("zk://u:secret@h/db").expect_err("unbuilt");
+        let err = open("amqp://u:secret@h/vhost").expect_err("unbuilt");
         assert_eq!(err.kind(), ErrorKind::Unsupported);
         assert!(err.to_string().contains("not built yet"), "{err}");
         assert!(!format!("{err:#} {err:?}").contains("secret"), "{err:?}");

@@ -344,6 +344,7 @@ fn a_frozen_server_ends_the_run_with_76_while_it_is_still_frozen() {
         ("postgres", "BATON_TEST_POSTGRES"),
         ("redis", "BATON_TEST_REDIS"),
         ("etcd", "BATON_TEST_ETCD"),
+        ("zookeeper", "BATON_TEST_ZK"),
     ] {
         let Some(server) = PrivateServer::start(name, var) else {
             continue;

@@ -482,7 +482,12 @@ fn bad_options_are_usage_errors() {
 /// with a note outside CI. Under `CI=true` a missing server fails the test.
 fn networked_stores() -> Vec<String> {
     let mut urls = Vec::new();
-    for var in ["BATON_TEST_POSTGRES", "BATON_TEST_ETCD", "BATON_TEST_REDIS"] {
+    for var in [
+        "BATON_TEST_POSTGRES",
+        "BATON_TEST_ETCD",
+        "BATON_TEST_REDIS",
+        "BATON_TEST_ZK",
+    ] {
         match std::env::var(var) {
             Ok(url) if !url.trim().is_empty() => urls.push(url),
             _ if std::env::var("CI").as_deref() == Ok("true") => {

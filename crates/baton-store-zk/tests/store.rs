@@ -1,0 +1,111 @@
+//! What only the ZooKeeper store has: the semaphore's wake-ups when holders release out
+//! of order (why a waiter watches the `limit` nodes ahead, not only the one `limit`
+//! places ahead), and its URL errors. Runs on `BATON_TEST_ZK`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_core::{AcquireRequest, ErrorKind, Holder, Key, Released, Store, StoreUrl, Wait};
+
+/// A hang guard only (never a timing threshold): far beyond any grant here.
+const GUARD: Duration = Duration::from_secs(60);
+
+fn store() -> Option<Arc<dyn Store>> {
+    let url = match baton_conformance::servers::url_from_env("BATON_TEST_ZK") {
+        Ok(u) => u,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return None;
+        }
+    };
+    let prefix = format!("st-{:x}", baton_core::HolderId::random().0 as u64);
+    let url = StoreUrl::parse(&format!("{}/{prefix}", url.trim_end_matches('/'))).ok()?;
+    Some(baton_store_zk::open(&url).expect("open"))
+}
+
+fn req(key: &Key, limit: u32, wait: Wait) -> AcquireRequest {
+    let mut r = AcquireRequest::new(key.clone(), Holder::current(vec!["store-test".into()]));
+    r.limit = limit;
+    r.wait = wait;
+    r.ttl = Some(Duration::from_secs(10));
+    r
+}
+
+/// Waits until the store counts `n` waiters on `key` (a hang guard, not a threshold).
+async fn queued(s: &Arc<dyn Store>, key: &Key, n: u32) {
+    let look = async {
+        while s.inspect(key).await.expect("inspect").waiters != Some(n) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(GUARD, look)
+        .await
+        .unwrap_or_else(|_| panic!("the store never counted {n} waiter(s)"));
+}
+
+/// Limit 2, holders A (first) and B, waiters C and D. B releases first: C, with A and B
+/// ahead, must be granted (a waiter that watched only the node two places ahead, A,
+/// would sleep on). Then A releases: D is granted. Grants keep queue order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_semaphore_waiter_wakes_when_holders_release_out_of_order() {
+    let Some(s) = store() else { return };
+    let key = Key::new("store/out-of-order").expect("key");
+    let a = s.acquire(&req(&key, 2, Wait::NoWait)).await.expect("a");
+    let b = s.acquire(&req(&key, 2, Wait::NoWait)).await.expect("b");
+    let (s2, k2) = (Arc::clone(&s), key.clone());
+    let c = tokio::spawn(async move { s2.acquire(&req(&k2, 2, Wait::Forever)).await });
+    // C is queued before D: wait until the store counts it.
+    queued(&s, &key, 1).await;
+    let (s3, k3) = (Arc::clone(&s), key.clone());
+    let d = tokio::spawn(async move { s3.acquire(&req(&k3, 2, Wait::Forever)).await });
+    queued(&s, &key, 2).await;
+    assert_eq!(s.release(&b).await.expect("release b"), Released::Released);
+    let c = tokio::time::timeout(GUARD, c)
+        .await
+        .expect("C was never woken after B released out of order")
+        .expect("task")
+        .expect("c");
+    assert_eq!(c.slot, b.slot, "C takes the slot B freed");
+    assert!(c.token > a.token && c.token > b.token, "C's token rises");
+    assert!(
+        !d.is_finished(),
+        "D passed C or was granted with every slot held"
+    );
+    assert_eq!(s.release(&a).await.expect("release a"), Released::Released);
+    let d = tokio::time::timeout(GUARD, d)
+        .await
+        .expect("D was never woken after A released")
+        .expect("task")
+        .expect("d");
+    assert!(d.token > c.token, "D's token rises");
+    for l in [c, d] {
+        assert_eq!(s.release(&l).await.expect("release"), Released::Released);
+    }
+    let st = s.inspect(&key).await;
+    assert!(
+        st.as_ref()
+            .map_or(true, |st| st.held() == 0 && st.waiters == Some(0)),
+        "{st:?}"
+    );
+}
+
+#[test]
+fn bad_urls_are_refused_clearly() {
+    for u in [
+        "zk://h:2181/zookeeper",
+        "zk://h:notaport",
+        "zk://h?timeout=0s",
+        "zk://user:pw@h",
+    ] {
+        let url = match StoreUrl::parse(u) {
+            Ok(url) => url,
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::InvalidInput, "{u}: {e}");
+                continue;
+            }
+        };
+        let e = baton_store_zk::open(&url).expect_err(u);
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{u}: {e}");
+        assert!(!format!("{e:#}").contains("pw"), "{u}: {e:#}");
+    }
+}
