@@ -85,6 +85,7 @@ impl Harness {
             "postgres" | "postgresql" => ("postgres", "BATON_TEST_POSTGRES", "faketime"),
             "etcd" => ("etcd", "BATON_TEST_ETCD", "member/faketime"),
             "redis" => ("redis", "BATON_TEST_REDIS", "faketime"),
+            "zk" => ("zookeeper", "BATON_TEST_ZK", "faketime"),
             other => {
                 return Err(format!(
                     "the {other} store has no server whose clock the suite can step"
@@ -112,7 +113,7 @@ impl Harness {
         let host = authority(&private);
         let tail = &rest[authority(self.url()).len()..];
         let probe = match script {
-            "postgres" | "redis" => Probe::Script,
+            "postgres" | "redis" | "zookeeper" => Probe::Script,
             _ => Probe::HttpDate(host.rsplit('@').next().unwrap_or(&host).to_owned()),
         };
         Ok(SteppedServer {
