@@ -5,7 +5,8 @@
 //! the operation, the key (when the operation has one) and the store's redacted URL. What
 //! the store already set is kept (an error of `release` raised while acquiring still says
 //! `acquire`). Nothing else changes: the same calls reach the store, in the same order.
-//! A store crate's `open` returns its store through this layer, so the store's own code
+//! A store crate's `open` (SQLite's `open_store`: its `open` returns the concrete type)
+//! returns its store through this layer, so the store's own code
 //! may return bare errors (`Error::new(kind, message)`).
 
 use std::sync::Arc;
