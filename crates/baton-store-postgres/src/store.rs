@@ -27,7 +27,7 @@ use baton_core::kit::backend::{Backend, OnRuntime};
 use baton_core::kit::runtime::{Cancel, StoreRuntime};
 use baton_core::{
     AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error, ErrorKind, HolderId, Key,
-    KeyStatus, Lease, Op, Released, SlotStatus, StoreUrl,
+    KeyStatus, Lease, Op, Released, Resize, SlotStatus, StoreUrl,
 };
 use tokio::sync::{broadcast, watch};
 
@@ -147,8 +147,8 @@ impl Backend for Inner {
         self.break_step(key, holder).await
     }
 
-    async fn resize(&self, key: &Key, limit: u32) -> Result<KeyStatus, Error> {
-        self.resize_step(key, limit).await?;
+    async fn resize(&self, key: &Key, change: Resize) -> Result<KeyStatus, Error> {
+        self.resize_step(key, change).await?;
         self.inspect_step(key).await
     }
 

@@ -17,7 +17,7 @@ use baton_core::kit::backend::{Backend, OnRuntime};
 use baton_core::kit::runtime::{Call, Cancel, StoreRuntime};
 use baton_core::{
     AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error, ErrorKind, HolderId, Key,
-    KeyStatus, Lease, Op, Released, SlotStatus, StoreUrl,
+    KeyStatus, Lease, Op, Released, Resize, SlotStatus, StoreUrl,
 };
 
 use crate::admin::MAX_LIMIT;
@@ -157,8 +157,8 @@ impl Backend for Inner {
         Inner::break_lease(self, key, holder).await
     }
 
-    async fn resize(&self, key: &Key, limit: u32) -> Result<KeyStatus, Error> {
-        Inner::resize(self, key, limit).await
+    async fn resize(&self, key: &Key, change: Resize) -> Result<KeyStatus, Error> {
+        Inner::resize(self, key, change).await
     }
 
     /// Whatever happens (a pass, an error, a cancel), a party that did not pass withdraws

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use crate::kit::runtime::{Call, Cancel, StoreRuntime};
 use crate::{
     AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, HolderId, Key, KeyStatus, Lease,
-    Op, Released, Result, SlotStatus, Store, StoreUrl,
+    Op, Released, Resize, Result, SlotStatus, Store, StoreUrl,
 };
 
 /// What a store that runs on its own runtime implements; [`OnRuntime`] makes it a
@@ -82,7 +82,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     ) -> impl Future<Output = Result<Vec<SlotStatus>>> + Send;
 
     /// See [`Store::resize`].
-    fn resize(&self, key: &Key, limit: u32) -> impl Future<Output = Result<KeyStatus>> + Send;
+    fn resize(&self, key: &Key, change: Resize) -> impl Future<Output = Result<KeyStatus>> + Send;
 
     /// One barrier wait (already validated). Whatever ends it (a pass, an error, a
     /// cancel), an arrival that did not pass is withdrawn before it returns.
@@ -213,10 +213,10 @@ impl<B: Backend + fmt::Debug> Store for OnRuntime<B> {
         .await
     }
 
-    async fn resize(&self, key: &Key, limit: u32) -> Result<KeyStatus> {
+    async fn resize(&self, key: &Key, change: Resize) -> Result<KeyStatus> {
         let k = key.clone();
         self.run(Op::Resize, Some(key), |b| async move {
-            b.resize(&k, limit).await
+            b.resize(&k, change).await
         })
         .await
     }
