@@ -222,6 +222,18 @@ impl Inner {
                     )
                     .permanent();
                 }
+                if code == SqlState::TOO_MANY_CONNECTIONS.code() {
+                    // Transient: connections come free as others finish; a wait rides it out.
+                    return Error::new(
+                        ErrorKind::Unavailable,
+                        format!(
+                            "the PostgreSQL server at {} has no connection left ({msg}): a \
+                             waiting baton process holds two connections and a holder one, so \
+                             raise the server's max_connections or run fewer at once",
+                            self.server()
+                        ),
+                    );
+                }
                 let text = if code == SqlState::QUERY_CANCELED.code()
                     || code == SqlState::LOCK_NOT_AVAILABLE.code()
                 {
