@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ pub(crate) struct Inner {
     admin: Mutex<Option<zk::Client>>,
     /// Leases granted through this handle, by key and token.
     pub(crate) held: StdMutex<HashMap<(String, u64), Arc<Held>>>,
+    /// How many times a watch woke a waiting acquire of this handle (not a timeout).
+    pub(crate) wakeups: AtomicU64,
 }
 
 impl Inner {
@@ -42,6 +45,7 @@ impl Inner {
             runtime,
             admin: Mutex::new(None),
             held: StdMutex::new(HashMap::new()),
+            wakeups: AtomicU64::new(0),
         }
     }
 

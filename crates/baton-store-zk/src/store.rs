@@ -67,6 +67,15 @@ impl ZkStore {
         &self.inner.config
     }
 
+    /// How many times a watch event woke a waiting acquire of this handle (for tests and
+    /// benchmarks that check a release wakes only the waiters it concerns).
+    #[doc(hidden)]
+    pub fn wakeups(&self) -> u64 {
+        self.inner
+            .wakeups
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     async fn on_runtime<T: Send + 'static, Fut>(
         &self,
         op: Op,

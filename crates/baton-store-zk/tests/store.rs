@@ -1,6 +1,7 @@
 //! What only the ZooKeeper store has: the semaphore's wake-ups when holders release out
 //! of order (why a waiter watches the `limit` nodes ahead, not only the one `limit`
-//! places ahead), and its URL errors. Runs on `BATON_TEST_ZK`.
+//! places ahead), a mutex release that wakes one waiter of many, and its URL errors.
+//! Runs on `BATON_TEST_ZK`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +11,8 @@ use baton_core::{AcquireRequest, ErrorKind, Holder, Key, Released, Store, StoreU
 /// A hang guard only (never a timing threshold): far beyond any grant here.
 const GUARD: Duration = Duration::from_secs(60);
 
-fn store() -> Option<Arc<dyn Store>> {
+/// The test server's URL under a prefix of this test's own.
+fn url() -> Option<StoreUrl> {
     let url = match baton_conformance::servers::url_from_env("BATON_TEST_ZK") {
         Ok(u) => u,
         Err(why) => {
@@ -19,8 +21,11 @@ fn store() -> Option<Arc<dyn Store>> {
         }
     };
     let prefix = format!("st-{:x}", baton_core::HolderId::random().0 as u64);
-    let url = StoreUrl::parse(&format!("{}/{prefix}", url.trim_end_matches('/'))).ok()?;
-    Some(baton_store_zk::open(&url).expect("open"))
+    StoreUrl::parse(&format!("{}/{prefix}", url.trim_end_matches('/'))).ok()
+}
+
+fn store() -> Option<Arc<dyn Store>> {
+    Some(baton_store_zk::open(&url()?).expect("open"))
 }
 
 fn req(key: &Key, limit: u32, wait: Wait) -> AcquireRequest {
@@ -87,6 +92,45 @@ async fn a_semaphore_waiter_wakes_when_holders_release_out_of_order() {
             .map_or(true, |st| st.held() == 0 && st.waiters == Some(0)),
         "{st:?}"
     );
+}
+
+/// A mutex with a holder and 6 waiters (each its own session, all through one handle):
+/// every release wakes exactly one waiter, the next in line, and the others sleep on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mutex_release_wakes_one_waiter() {
+    let Some(url) = url() else { return };
+    let s = Arc::new(baton_store_zk::ZkStore::open(&url).expect("open"));
+    let dyn_s: Arc<dyn Store> = s.clone();
+    let key = Key::new("store/one-wake").expect("key");
+    let mut held = s.acquire(&req(&key, 1, Wait::NoWait)).await.expect("first");
+    let mut waiters = Vec::new();
+    for i in 0..6u32 {
+        let (s2, k2) = (Arc::clone(&s), key.clone());
+        waiters.push(tokio::spawn(async move {
+            s2.acquire(&req(&k2, 1, Wait::Forever)).await
+        }));
+        queued(&dyn_s, &key, i + 1).await;
+    }
+    // Every waiter has looked and is asleep on its watch.
+    let mut woken = s.wakeups();
+    for (i, w) in waiters.into_iter().enumerate() {
+        assert_eq!(s.release(&held).await.expect("release"), Released::Released);
+        let next = tokio::time::timeout(GUARD, w)
+            .await
+            .unwrap_or_else(|_| panic!("waiter {i} was never granted"))
+            .expect("task")
+            .expect("grant");
+        assert!(next.token > held.token, "tokens rise");
+        assert_eq!(
+            s.wakeups() - woken,
+            1,
+            "release {i} woke {} waiters, not one",
+            s.wakeups() - woken
+        );
+        woken = s.wakeups();
+        held = next;
+    }
+    assert_eq!(s.release(&held).await.expect("release"), Released::Released);
 }
 
 #[test]
