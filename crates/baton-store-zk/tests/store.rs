@@ -1,6 +1,7 @@
 //! What only the ZooKeeper store has: the semaphore's wake-ups when holders release out
 //! of order (why a waiter watches the `limit` nodes ahead, not only the one `limit`
-//! places ahead), a mutex release that wakes one waiter of many, and its URL errors.
+//! places ahead), a mutex release that wakes one waiter of many, a clear error in a
+//! forked child, and its URL errors.
 //! Runs on `BATON_TEST_ZK`.
 
 use std::sync::Arc;
@@ -131,6 +132,73 @@ async fn a_mutex_release_wakes_one_waiter() {
         held = next;
     }
     assert_eq!(s.release(&held).await.expect("release"), Released::Released);
+}
+
+/// A forked child of a process that used the client cannot connect (`async-io`'s
+/// process-wide reactor keeps its driver thread in the parent): it is told so at once,
+/// with the way out, instead of hanging until a timeout.
+#[test]
+fn a_forked_child_is_told_why_it_cannot_connect() {
+    let Some(url) = url() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let s = baton_store_zk::open(&url).expect("open");
+    let key = Key::new("store/fork").expect("key");
+    let lease = rt
+        .block_on(s.acquire(&req(&key, 1, Wait::NoWait)))
+        .expect("the parent's grant");
+    rt.block_on(s.release(&lease)).expect("release");
+    // SAFETY: the child only builds a runtime, opens the store and exits with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let code = std::panic::catch_unwind(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            let s = baton_store_zk::open(&url).expect("open");
+            let started = std::time::Instant::now();
+            match rt.block_on(s.acquire(&req(&key, 1, Wait::NoWait))) {
+                Err(e)
+                    if e.kind() == ErrorKind::Unavailable
+                        && format!("{e:#}").contains("forked child")
+                        && started.elapsed() < Duration::from_secs(1) =>
+                {
+                    0
+                }
+                other => {
+                    eprintln!("child: {other:?} after {:?}", started.elapsed());
+                    1
+                }
+            }
+        })
+        .unwrap_or(2);
+        // SAFETY: ends the child without running the parent's destructors or test harness.
+        unsafe { libc::_exit(code) };
+    }
+    // A hang guard: the child must answer long before this.
+    let mut status = 0;
+    let deadline = std::time::Instant::now() + GUARD;
+    loop {
+        // SAFETY: waits for our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            // SAFETY: our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("the forked child hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the forked child was not told clearly why it cannot connect (status {status})"
+    );
 }
 
 #[test]
