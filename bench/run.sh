@@ -62,6 +62,17 @@ if ! "$py" -c 'import redis, redis_lock' 2>/dev/null; then
   fi
 fi
 
+# The ZooKeeper peer: kazoo. The server comes from scripts/server-zookeeper, started by
+# baton-bench when BATON_TEST_ZK is unset.
+if ! "$py" -c 'import kazoo' 2>/dev/null; then
+  log "installing kazoo for the ZooKeeper peer"
+  if [ "$py" = bench/.venv/bin/python ]; then
+    bench/.venv/bin/pip install -q kazoo >&2 || log "cannot install kazoo: the ZooKeeper peer is skipped"
+  else
+    python3 -m pip install -q --user kazoo >&2 || log "cannot install kazoo: the ZooKeeper peer is skipped"
+  fi
+fi
+
 # flock(1) is util-linux; strace is optional (the syscall table is skipped without it).
 apt_updated=
 apt_install() {

@@ -3,7 +3,7 @@
 //! filelock, and util-linux `flock(1)` (benchmarks 1–4); for SQLite, raw `BEGIN IMMEDIATE`
 //! transactions (5–6); for PostgreSQL, advisory locks and a lease table (7–8); for etcd,
 //! `etcdctl lock` and python-etcd3 (9–11); for Redis, redis-py's and python-redis-lock's
-//! `Lock` (12–14). See `bench/README.md`.
+//! `Lock` (12–14); for ZooKeeper, kazoo's `Lock` (15–18). See `bench/README.md`.
 //!
 //! `baton-bench run` runs every benchmark, writes raw results as JSON Lines and prints a
 //! Markdown report on stdout (progress goes to stderr). The hidden subcommands are the
@@ -23,6 +23,7 @@ mod sqlite;
 mod storm;
 mod syscalls;
 mod util;
+mod zk;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -122,7 +123,7 @@ struct RunArgs {
     /// Where lock files go (default: /dev/shm if it is tmpfs, else /tmp).
     #[arg(long)]
     lock_dir: Option<PathBuf>,
-    /// Run only these benchmarks (comma-separated: inproc,cli,handoff,storm,sqlite,sqlite-burst,postgres,etcd,redis).
+    /// Run only these benchmarks (comma-separated: inproc,cli,handoff,storm,sqlite,sqlite-burst,postgres,etcd,redis,zk).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -379,6 +380,27 @@ fn run(args: RunArgs) -> Result<()> {
             dir: dir.join("redis"),
         };
         let out = redis::run(&cfg, &mut rec)?;
+        violations += out.violations as u64;
+        md.push_str(&out.markdown);
+    }
+    if wants("zk") {
+        eprintln!("benchmarks 15 to 18: ZooKeeper store");
+        let cfg = zk::Config {
+            rounds: if args.quick { 2 } else { 7 },
+            ops: if args.quick { 10 } else { 200 },
+            peer_ops: if args.quick { 10 } else { 200 },
+            floor_ops: if args.quick { 10 } else { 200 },
+            calls: if args.quick { 3 } else { 30 },
+            clients: vec![8, 32],
+            duration: Duration::from_millis(if args.quick { 300 } else { 3000 }),
+            waiters: if args.quick { 10 } else { 100 },
+            baton: args.baton.clone(),
+            python: Some(args.python.clone()),
+            peers: args.peers.clone(),
+            server_script: PathBuf::from("scripts/server-zookeeper"),
+            dir: dir.join("zk"),
+        };
+        let out = zk::run(&cfg, &mut rec)?;
         violations += out.violations as u64;
         md.push_str(&out.markdown);
     }

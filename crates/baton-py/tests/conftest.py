@@ -1,6 +1,6 @@
 """Fixtures: one store URL per store this build has. dir, dir lease mode and SQLite always
-(in a temporary directory); PostgreSQL, etcd and Redis from BATON_TEST_POSTGRES /
-BATON_TEST_ETCD / BATON_TEST_REDIS.
+(in a temporary directory); PostgreSQL, etcd, Redis and ZooKeeper from BATON_TEST_POSTGRES /
+BATON_TEST_ETCD / BATON_TEST_REDIS / BATON_TEST_ZK.
 Without those a networked test is skipped, and under CI=true it fails instead."""
 
 import os
@@ -19,11 +19,15 @@ NETWORKED = {
     "postgres": "BATON_TEST_POSTGRES",
     "etcd": "BATON_TEST_ETCD",
     "redis": "BATON_TEST_REDIS",
+    "zk": "BATON_TEST_ZK",
 }
 ALL = LOCAL + list(NETWORKED)
-LEASE = ["dir-lease", "sqlite", "postgres", "etcd", "redis"]
-# Short TTLs for loss tests; etcd grants leases of at least 2s.
-SHORT_TTL = {"dir-lease": "1s", "sqlite": "1s", "postgres": "1s", "etcd": "2s", "redis": "1s"}
+LEASE = ["dir-lease", "sqlite", "postgres", "etcd", "redis", "zk"]
+# Short TTLs for loss tests; etcd grants leases of at least 2s; a ZooKeeper lease is a
+# session whose timeout is the TTL (the test server accepts 1s..60s; 2s leaves room for
+# a loaded machine's scheduler).
+SHORT_TTL = {"dir-lease": "1s", "sqlite": "1s", "postgres": "1s", "etcd": "2s", "redis": "1s",
+             "zk": "2s"}
 
 
 def url_for(kind: str, tmp_path) -> str:

@@ -5,6 +5,7 @@
 //! acquire without a grant, `withdraw` deletes its nodes by GUID; dropping the session
 //! afterwards makes the server delete anything left.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use baton_core::kit::errors;
@@ -287,6 +288,7 @@ impl Inner {
             let mut fs: Vec<_> = watches.into_iter().map(|w| Box::pin(w.changed())).collect();
             fs.push(Box::pin(key_watch.changed()));
             futures_select_any(fs).await;
+            self.wakeups.fetch_add(1, Ordering::Relaxed);
         };
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         match left {

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -17,6 +18,29 @@ use crate::layout;
 
 /// The session timeout of the store's own reading session.
 const ADMIN_SESSION: Duration = Duration::from_secs(10);
+
+/// The process that first opened a ZooKeeper session in this memory image (0: none yet).
+/// `zookeeper-client` does its I/O through `async-io`, whose reactor is process-wide and
+/// driven by a thread spawned once per process: a forked child inherits the reactor but
+/// not its thread, and its connects are never woken. A child whose parent never connected
+/// is unaffected.
+static FIRST_PID: AtomicU32 = AtomicU32::new(0);
+
+/// Refuses, clearly, to connect from a forked child of a process that used the client.
+fn check_not_forked(hosts: &str) -> Result<(), Error> {
+    let me = std::process::id();
+    match FIRST_PID.compare_exchange(0, me, Ordering::SeqCst, Ordering::SeqCst) {
+        Ok(_) => Ok(()),
+        Err(first) if first == me => Ok(()),
+        Err(first) => Err(Error::new(
+            ErrorKind::Unavailable,
+            format!(
+                "ZooKeeper at {hosts}: cannot connect from a forked child (pid {me}) of a                  process that used the ZooKeeper client (pid {first}): the client's I/O                  reactor (async-io) does not survive fork(); open the store in a process                  started with exec (Python: multiprocessing's spawn or forkserver), or only                  after forking"
+            ),
+        )
+        .permanent()),
+    }
+}
 
 /// A granted lease's session and nodes, kept while the lease is held from this handle.
 pub(crate) struct Held {
@@ -33,6 +57,8 @@ pub struct Inner {
     admin: Mutex<Option<zk::Client>>,
     /// Leases granted through this handle, by key and token.
     pub(crate) held: StdMutex<HashMap<(String, u64), Arc<Held>>>,
+    /// How many times a watch woke a waiting acquire of this handle (not a timeout).
+    pub(crate) wakeups: AtomicU64,
 }
 
 impl Inner {
@@ -43,12 +69,14 @@ impl Inner {
             runtime,
             admin: Mutex::new(None),
             held: StdMutex::new(HashMap::new()),
+            wakeups: AtomicU64::new(0),
         }
     }
 
     /// A new session with the given timeout (the server bounds it by its own
     /// `minSessionTimeout`/`maxSessionTimeout`; the negotiated value is the client's).
     pub(crate) async fn session(&self, timeout: Duration) -> Result<zk::Client, Error> {
+        check_not_forked(&self.config.hosts)?;
         let connect = zk::Client::connector()
             .with_session_timeout(timeout)
             .with_connection_timeout(self.config.timeout)

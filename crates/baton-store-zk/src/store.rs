@@ -47,6 +47,13 @@ impl Inner {
     pub fn config(&self) -> &ZkConfig {
         &self.config
     }
+
+    /// How many times a watch event woke a waiting acquire of this handle (for tests and
+    /// benchmarks that check a release wakes only the waiters it concerns).
+    #[doc(hidden)]
+    pub fn wakeups(&self) -> u64 {
+        self.wakeups.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Backend for Inner {
