@@ -98,26 +98,44 @@ impl Inner {
         let names = Names::new(&self.config.prefix, &req.key);
         self.ensure_key(conn, &names, req.limit).await?;
         if req.wait == Wait::NoWait {
-            if let Found::Queue { messages: 0, .. } = self.look(conn, &names.slots()).await? {
-                return Err(self.busy(conn, &names, req.limit).await);
+            // Busy when no slot is free, or when earlier requests wait (it must not pass
+            // them, nor wait behind them).
+            let free = self.look(conn, &names.slots()).await?;
+            let queued = self.look(conn, &names.waiters()).await?;
+            let none_free = matches!(free, Found::Queue { messages: 0, .. });
+            if let Found::Queue { consumers, .. } = queued {
+                if none_free || consumers > 0 {
+                    return Err(self
+                        .busy(
+                            conn,
+                            &names,
+                            req.limit,
+                            (consumers > 0).then_some(consumers),
+                        )
+                        .await);
+                }
             }
         }
 
-        // Join the waiters: counted on `waiters`, queued on the gate.
-        let gate_ch = self.channel(conn).await?;
-        self.bounded(gate_ch.basic_qos(1, BasicQosOptions::default()))
-            .await?;
+        // Join the waiters: counted on `waiters` (on a channel without a prefetch limit:
+        // the broker counts only consumers that could take a message), queued on the gate.
+        let count_ch = self.channel(conn).await?;
         let no_ack = BasicConsumeOptions {
             no_ack: true,
             ..BasicConsumeOptions::default()
         };
-        self.bounded(gate_ch.basic_consume(
-            names.waiters().as_str().into(),
-            "".into(),
-            no_ack,
-            FieldTable::default(),
-        ))
-        .await?;
+        // Kept to the end: lapin cancels a consumer whose handle is dropped.
+        let _counted = self
+            .bounded(count_ch.basic_consume(
+                names.waiters().as_str().into(),
+                "".into(),
+                no_ack,
+                FieldTable::default(),
+            ))
+            .await?;
+        let gate_ch = self.channel(conn).await?;
+        self.bounded(gate_ch.basic_qos(1, BasicQosOptions::default()))
+            .await?;
         let mut gate = self
             .bounded(gate_ch.basic_consume(
                 names.gate().as_str().into(),
@@ -177,8 +195,9 @@ impl Inner {
         self.bounded(ch.queue_purge(rec.as_str().into(), QueuePurgeOptions::default()))
             .await?;
         self.publish(&ch, &rec, &body).await?;
-        // Hand the gate on.
+        // Hand the gate on, and stop counting as a waiter.
         self.bounded(gate_ch.close(200, "OK".into())).await?;
+        self.bounded(count_ch.close(200, "OK".into())).await?;
 
         let lease = Lease {
             key: req.key.clone(),
@@ -212,18 +231,24 @@ impl Inner {
     /// The error of a wait that ran out: `Busy` for a no-wait request, else `Timeout`.
     async fn gave_up(&self, conn: &Connection, req: &AcquireRequest, names: &Names) -> Error {
         if req.wait == Wait::NoWait {
-            self.busy(conn, names, req.limit).await
+            self.busy(conn, names, req.limit, None).await
         } else {
             req.timed_out("every slot stayed held", &self.url)
         }
     }
 
-    async fn busy(&self, conn: &Connection, names: &Names, limit: u32) -> Error {
+    async fn busy(
+        &self,
+        conn: &Connection,
+        names: &Names,
+        limit: u32,
+        ahead: Option<u32>,
+    ) -> Error {
         let free = match self.look(conn, &names.slots()).await {
             Ok(Found::Queue { messages, .. }) => messages,
             _ => 0,
         };
-        errors::busy(limit.saturating_sub(free), limit, None, None)
+        errors::busy(limit.saturating_sub(free), limit, ahead, None)
     }
 
     /// Creates the key's queues and messages unless its gate exists, under the key's
