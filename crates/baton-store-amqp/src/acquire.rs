@@ -23,19 +23,35 @@ use baton_core::{AcquireRequest, Error, ErrorKind, Lease, Token, Wait};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions, QueueDeclareOptions,
-    QueueDeleteOptions, QueuePurgeOptions,
+    BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::protocol::AMQPSoftError;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, Consumer};
 
-use crate::core::{quorum, soft, Found, Held, Inner};
+use crate::core::{persistent, quorum, soft, Found, Held, Inner};
 use crate::layout::{self, Gate, Names, Record};
 
 /// How long a no-wait acquire waits for the gate or a slot that the broker said was
 /// there (the gate passes through each request's hands in milliseconds).
 const NO_WAIT_BOUND: Duration = Duration::from_secs(2);
+
+/// How an acquire without a grant ends.
+#[derive(Debug)]
+pub(crate) enum Ending {
+    /// Its connection is to be closed, which withdraws everything.
+    Withdraw(Error),
+    /// Its connection was handed over (it holds back a lost lease's slot) and closes by
+    /// itself.
+    HandedOver(Error),
+}
+
+impl From<Error> for Ending {
+    fn from(e: Error) -> Ending {
+        Ending::Withdraw(e)
+    }
+}
 
 /// The heartbeat of a lease's connection: its TTL, in whole seconds (at least 1).
 pub(crate) fn heartbeat(ttl: Duration) -> u16 {
@@ -87,12 +103,20 @@ impl Inner {
     }
 
     /// The wait and the grant on `conn`. On failure the caller hangs up, which withdraws
-    /// everything.
+    /// everything, unless the connection was handed over.
     pub(crate) async fn contend(
         &self,
         conn: &Arc<Connection>,
         req: &AcquireRequest,
-    ) -> Result<(Lease, Held), Error> {
+    ) -> Result<(Lease, Held), Ending> {
+        self.contend_inner(conn, req).await
+    }
+
+    async fn contend_inner(
+        &self,
+        conn: &Arc<Connection>,
+        req: &AcquireRequest,
+    ) -> Result<(Lease, Held), Ending> {
         let ttl = validate_ttl(req.ttl, &req.key)?;
         let deadline = req.deadline(Instant::now());
         let names = Names::new(&self.config.prefix, &req.key);
@@ -112,7 +136,8 @@ impl Inner {
                             req.limit,
                             (consumers > 0).then_some(consumers),
                         )
-                        .await);
+                        .await
+                        .into());
                 }
             }
         }
@@ -146,11 +171,11 @@ impl Inner {
             .await?;
         let bound = self.wait_bound(req, deadline);
         let Some(pass) = next(&mut gate, bound).await? else {
-            return Err(self.gave_up(conn, req, &names).await);
+            return Err(self.gave_up(conn, req, &names).await.into());
         };
         let g = Gate::parse("the gate message", &pass.data)?;
         if g.limit != req.limit {
-            return Err(errors::limit_mismatch(g.limit, req.limit));
+            return Err(errors::limit_mismatch(g.limit, req.limit).into());
         }
         let token = delivery_count(&pass)? + 1;
 
@@ -168,12 +193,41 @@ impl Inner {
             .await?;
         let bound = self.wait_bound(req, deadline);
         let Some(d) = next(&mut slots, bound).await? else {
-            return Err(self.gave_up(conn, req, &names).await);
+            return Err(self.gave_up(conn, req, &names).await.into());
         };
         let slot = layout::parse_slot(&d.data, g.limit)?;
         // No more deliveries; the one it has stays unacknowledged on this channel.
         self.bounded(ch.basic_cancel(slots.tag(), BasicCancelOptions::default()))
             .await?;
+
+        // A slot lost rather than released: its old holder stops its work by its own
+        // deadline, at most the old lease's TTL after the broker returned the slot.
+        let rec = names.record(slot);
+        let before = self.peek_all(conn, &rec).await?;
+        if let Some(prev) = Record::newest(slot, &before)?.filter(|r| !r.released) {
+            let hold = Duration::from_millis(prev.ttl_ms);
+            let until = Instant::now() + hold;
+            if req.wait == Wait::NoWait || deadline.is_some_and(|d| d < until) {
+                // This request cannot wait so long: the slot stays held back on this
+                // connection until then and is marked released, so that the requests
+                // after this one need not wait the whole TTL again; the gate goes on.
+                self.bounded(gate_ch.close(200, "OK".into())).await?;
+                self.bounded(count_ch.close(200, "OK".into())).await?;
+                self.hold_back(Arc::clone(conn), ch, rec, prev, until);
+                if req.wait == Wait::NoWait {
+                    return Err(Ending::HandedOver(errors::busy(
+                        g.limit, g.limit, None, None,
+                    )));
+                }
+                if let Some(d) = deadline {
+                    tokio::time::sleep_until(d.into()).await;
+                }
+                return Err(Ending::HandedOver(
+                    req.timed_out("every slot stayed held", &self.url),
+                ));
+            }
+            tokio::time::sleep_until(until.into()).await;
+        }
 
         let sent = Instant::now();
         let proof = names.held(slot, token);
@@ -187,10 +241,11 @@ impl Inner {
             token,
             holder: req.holder.to_json()?,
             since_unix_ms: unix_ms_now(),
+            ttl_ms: ttl.as_millis() as u64,
+            released: false,
         };
         let body = serde_json::to_vec(&record)
             .map_err(|e| Error::new(ErrorKind::Unavailable, format!("holder record: {e}")))?;
-        let rec = names.record(slot);
         self.declare(&ch, &rec, FieldTable::default()).await?;
         self.bounded(ch.queue_purge(rec.as_str().into(), QueuePurgeOptions::default()))
             .await?;
@@ -215,8 +270,46 @@ impl Inner {
                 conn: Arc::clone(conn),
                 channel: ch,
                 proof,
+                record_queue: rec,
+                record,
             },
         ))
+    }
+
+    /// Keeps the slot delivered on `ch` until `until`, then marks the lost lease's record
+    /// `prev` released and hangs up, which returns the slot. If this process dies first,
+    /// the slot returns unreleased and the next holder waits the whole TTL: never less.
+    fn hold_back(
+        &self,
+        conn: Arc<Connection>,
+        ch: Channel,
+        rec: String,
+        prev: Record,
+        until: Instant,
+    ) {
+        let bound = self.config.timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep_until(until.into()).await;
+            let mut r = prev;
+            r.released = true;
+            if let Ok(body) = serde_json::to_vec(&r) {
+                let publish = async {
+                    let confirm = ch
+                        .basic_publish(
+                            "".into(),
+                            rec.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &body,
+                            persistent(),
+                        )
+                        .await?;
+                    confirm.await
+                };
+                let _ = tokio::time::timeout(bound, publish).await;
+            }
+            let _ = tokio::time::timeout(bound, ch.close(200, "OK".into())).await;
+            let _ = tokio::time::timeout(bound, conn.close(200, "OK".into())).await;
+        });
     }
 
     /// How long the next wait may take: the request's deadline, or for a no-wait request

@@ -62,21 +62,13 @@ impl Inner {
         names: &Names,
         slot: u32,
     ) -> Result<SlotStatus, baton_core::Error> {
-        let mut newest: Option<Record> = None;
-        for m in self.peek_all(conn, &names.record(slot)).await? {
-            let r: Record = serde_json::from_slice(&m).map_err(|e| {
-                errors::corrupt(
-                    format!("the holder record of slot {slot}"),
-                    format!("is not baton's ({e})"),
-                )
-            })?;
-            if newest.as_ref().is_none_or(|n| r.token > n.token) {
-                newest = Some(r);
-            }
-        }
-        let Some(r) = newest else {
+        let records = self.peek_all(conn, &names.record(slot)).await?;
+        let Some(r) = Record::newest(slot, &records)? else {
             return Ok(SlotStatus::free(slot));
         };
+        if r.released {
+            return Ok(SlotStatus::free(slot));
+        }
         let mine = self
             .held(names.key(), r.token)
             .is_some_and(|h| h.conn.status().connected() && h.channel.status().connected());

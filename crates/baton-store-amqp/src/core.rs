@@ -33,6 +33,9 @@ pub(crate) struct Held {
     pub(crate) channel: Channel,
     /// The exclusive queue that proves the grant to readers (`layout::Names::held`).
     pub(crate) proof: String,
+    /// The slot's record queue and the holder's record in it.
+    pub(crate) record_queue: String,
+    pub(crate) record: crate::layout::Record,
 }
 
 /// What a passive declaration of a queue found.

@@ -120,11 +120,40 @@ pub(crate) fn parse_slot(data: &[u8], limit: u32) -> Result<u32, Error> {
         })
 }
 
-/// A holder record: who holds slot `slot` with `token`, since when.
+/// A holder record: who holds slot `slot` with `token`, since when, with which TTL, and
+/// whether the holder released it. A slot whose newest record was not released was lost
+/// (its holder's connection ended), and the next holder waits out the record's TTL before
+/// it takes the slot: the old holder stops its work by then.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct Record {
     pub(crate) token: u64,
     /// The holder, as [`baton_core::Holder::to_json`] writes it.
     pub(crate) holder: String,
     pub(crate) since_unix_ms: u64,
+    pub(crate) ttl_ms: u64,
+    #[serde(default)]
+    pub(crate) released: bool,
+}
+
+impl Record {
+    /// The newest of the records in `messages` (the highest token).
+    pub(crate) fn newest(slot: u32, messages: &[Vec<u8>]) -> Result<Option<Record>, Error> {
+        let mut newest: Option<Record> = None;
+        for m in messages {
+            let r: Record = serde_json::from_slice(m).map_err(|e| {
+                errors::corrupt(
+                    format!("the holder record of slot {slot}"),
+                    format!("is not baton's ({e})"),
+                )
+            })?;
+            // A release re-publishes its record marked released: on a tie, that one.
+            let newer = newest
+                .as_ref()
+                .is_none_or(|n| r.token > n.token || (r.token == n.token && r.released));
+            if newer {
+                newest = Some(r);
+            }
+        }
+        Ok(newest)
+    }
 }

@@ -66,6 +66,15 @@ impl Inner {
             return Ok(Released::NotHeld);
         };
         let held = h.conn.status().connected() && h.channel.status().connected();
+        if held {
+            // Marked released, the slot is the next holder's at once (a slot whose
+            // newest record is not released is held back for the record's TTL).
+            let mut r = h.record.clone();
+            r.released = true;
+            if let Ok(body) = serde_json::to_vec(&r) {
+                let _ = self.publish(&h.channel, &h.record_queue, &body).await;
+            }
+        }
         // Closing the channel returns the slot message to the queue; closing the
         // connection deletes the proof queue. Either alone frees the slot.
         let closed = held

@@ -19,6 +19,7 @@ use baton_core::{
     StoreUrl,
 };
 
+use crate::acquire::Ending;
 use crate::config::AmqpConfig;
 use crate::core::Inner;
 use crate::layout::MAX_LIMIT;
@@ -133,19 +134,20 @@ impl Store for AmqpStore {
             };
             let result = tokio::select! {
                 r = inner.contend(&conn, &req2) => r,
-                _ = &mut cancel => Err(cancelled(&inner)),
+                _ = &mut cancel => Err(Ending::Withdraw(cancelled(&inner))),
             };
             match result {
                 Ok((lease, held)) => {
                     inner.keep(lease.key.as_str(), lease.token.0, held);
                     Ok(lease)
                 }
-                Err(e) => {
+                Err(Ending::Withdraw(e)) => {
                     // Everything the request had lives on its connection: closing it
                     // returns the gate and a slot, and ends its place among the waiters.
                     inner.hang_up(&conn).await;
                     Err(e)
                 }
+                Err(Ending::HandedOver(e)) => Err(e),
             }
         };
         let give_back = |lease: Lease| async move {

@@ -55,7 +55,9 @@ async fn a_waiter_is_counted() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn debug_restart() {
-    let Ok(dir) = std::env::var("RMQ_DIR") else { return };
+    let Ok(dir) = std::env::var("RMQ_DIR") else {
+        return;
+    };
     let url = std::env::var("RMQ_URL").expect("url");
     let u = StoreUrl::parse(&format!("{url}?prefix=dbg{}", std::process::id())).expect("url");
     let s = baton_store_amqp::open(&u).expect("open");
@@ -64,13 +66,27 @@ async fn debug_restart() {
         eprintln!("token {}", l.token);
         s.release(&l).await.expect("rel");
     }
-    if let Ok(w) = std::env::var("RMQ_WAIT") { tokio::time::sleep(Duration::from_secs(w.parse().expect("secs"))).await; }
-    let st = std::process::Command::new("scripts/server-rabbitmq").current_dir("../..").args(["restart", &dir]).status().expect("restart");
+    if let Ok(w) = std::env::var("RMQ_WAIT") {
+        tokio::time::sleep(Duration::from_secs(w.parse().expect("secs"))).await;
+    }
+    let st = std::process::Command::new("scripts/server-rabbitmq")
+        .current_dir("../..")
+        .args(["restart", &dir])
+        .status()
+        .expect("restart");
     eprintln!("restarted {st:?}");
     for _ in 0..5 {
         let t = std::time::Instant::now();
-        let r = s.acquire(&req("sem", 2, Wait::Timeout(Duration::from_secs(5)))).await;
-        eprintln!("after restart {:?}: {:?}", t.elapsed(), r.as_ref().map(|l| l.token));
-        if let Ok(l) = r { s.release(&l).await.expect("rel"); }
+        let r = s
+            .acquire(&req("sem", 2, Wait::Timeout(Duration::from_secs(5))))
+            .await;
+        eprintln!(
+            "after restart {:?}: {:?}",
+            t.elapsed(),
+            r.as_ref().map(|l| l.token)
+        );
+        if let Ok(l) = r {
+            s.release(&l).await.expect("rel");
+        }
     }
 }
