@@ -347,11 +347,17 @@ impl Inner {
     /// Creates the key's queues and messages unless its gate exists, under the key's
     /// `init` lock (an exclusive queue) so that two first acquires do not both create.
     async fn ensure_key(&self, conn: &Connection, names: &Names, limit: u32) -> Result<(), Error> {
-        if !matches!(self.look(conn, &names.gate()).await?, Found::Missing) {
-            return Ok(());
-        }
         let lock = names.init();
         let until = Instant::now() + self.config.timeout * 2;
+        if !matches!(self.look(conn, &names.gate()).await?, Found::Missing) {
+            // Complete once its creator let go of the creation lock: a quorum queue
+            // consumed before its Raft member is up crashes the consuming channel
+            // (RabbitMQ 3.10.8 answers INTERNAL_ERROR and closes the connection).
+            while self.look(conn, &lock).await? == Found::Locked && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            return Ok(());
+        }
         let ch = loop {
             let ch = self.channel(conn).await?;
             let exclusive = QueueDeclareOptions {
@@ -371,9 +377,6 @@ impl Inner {
                         ));
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    if !matches!(self.look(conn, &names.gate()).await?, Found::Missing) {
-                        return Ok(());
-                    }
                 }
                 Err(e) => return Err(self.map(e)),
             }
