@@ -5,7 +5,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use baton_core::{BarrierRequest, ErrorKind, Recovery as Bound, Released, Store, StoreExt, Wait};
+use baton_core::{
+    BarrierRequest, ErrorKind, Recovery as Bound, Released, Resize, Store, StoreExt, Wait,
+};
 
 use crate::servers::Server;
 use crate::support::{bounded, report, Lab};
@@ -49,7 +51,7 @@ pub async fn capabilities_are_honest(h: &Harness) {
     check(
         "resize",
         caps.resize,
-        lab.store.resize(&key, 1).await.map(|_| ()),
+        lab.store.resize(&key, Resize::To(1)).await.map(|_| ()),
     );
     let barrier = BarrierRequest {
         key: lab.key("caps-barrier"),

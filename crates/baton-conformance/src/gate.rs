@@ -64,7 +64,7 @@ pub fn needs(name: &str) -> Needs {
             lease_timing: true,
             ..Needs::default()
         },
-        "resize_never_evicts" => Needs {
+        "resize_never_evicts" | "resize_steps_all_count" => Needs {
             caps: &[RESIZE],
             ..Needs::default()
         },

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use baton_core::{
-    ErrorKind, HolderId, Keeper, KeeperConfig, Key, Lease, LeaseState, Released, SlotState, Store,
-    Wait,
+    ErrorKind, HolderId, Keeper, KeeperConfig, Key, Lease, LeaseState, Released, Resize, SlotState,
+    Store, Wait,
 };
 
 use crate::history::{check_limit, Event};
@@ -832,9 +832,13 @@ async fn resize_attempt(h: &Harness) -> Result<(), String> {
     let mut ours: Vec<_> = held.iter().map(|(l, _)| l.token).collect();
     ours.sort();
 
-    let status = bounded("resize to 1", LIVENESS_BOUND, lab.store.resize(&key, 1))
-        .await
-        .unwrap_or_else(|e| panic!("resize '{key}' 1: {e:#}"));
+    let status = bounded(
+        "resize to 1",
+        LIVENESS_BOUND,
+        lab.store.resize(&key, Resize::To(1)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("resize '{key}' 1: {e:#}"));
     assert_eq!(status.limit, 1, "resize answered {status:?}");
     assert_eq!(tokens(&status), ours, "resize evicted a holder: {status:?}");
     tokio::time::sleep(timing.ttl).await;
@@ -887,9 +891,13 @@ async fn resize_attempt(h: &Harness) -> Result<(), String> {
         one.token
     );
 
-    let status = bounded("resize to 3", LIVENESS_BOUND, lab.store.resize(&key, 3))
-        .await
-        .unwrap_or_else(|e| panic!("resize '{key}' 3: {e:#}"));
+    let status = bounded(
+        "resize to 3",
+        LIVENESS_BOUND,
+        lab.store.resize(&key, Resize::To(3)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("resize '{key}' 3: {e:#}"));
     assert_eq!(status.limit, 3, "resize answered {status:?}");
     let mut more = Vec::new();
     for _ in 0..2 {
@@ -909,6 +917,75 @@ async fn resize_attempt(h: &Harness) -> Result<(), String> {
     }
     check_limit(&lab.events(), &key, 3).unwrap_or_else(|v| panic!("{v}"));
     Ok(())
+}
+
+/// `baton resize KEY +N` / `-N`: a step is applied atomically to the limit the store has
+/// (the [`Resize`] contract), so steps made at once all count, and a step that would leave
+/// the limit below 1 is refused, naming the limit, and changes nothing.
+///
+/// A key of limit 2 gets eight `+1` steps and then four `-1` steps, each set at once from
+/// its own task: the limit ends at 6. A `-6` step is refused `InvalidInput` with the
+/// current limit 6 and leaves it 6; a holder is granted and stays held across a `-5` step
+/// to 1. Run where the store declares resize.
+pub async fn resize_steps_all_count(h: &Harness) {
+    let lab = Lab::new(h, "resize_steps_all_count");
+    let key = lab.key("steps");
+    let first = lab.grant(&lab.lease_request(&key, 2, Wait::NoWait)).await;
+    assert_eq!(lab.release(&first).await, Released::Released);
+    for (step, n, after) in [(1i64, 8, 10u32), (-1, 4, 6)] {
+        let tasks: Vec<_> = (0..n)
+            .map(|_| {
+                let (store, key) = (Arc::clone(&lab.store), key.clone());
+                tokio::spawn(async move { store.resize(&key, Resize::By(step)).await })
+            })
+            .collect();
+        for t in tasks {
+            bounded("a resize step", LIVENESS_BOUND, t)
+                .await
+                .expect("the resize task")
+                .unwrap_or_else(|e| panic!("resize '{key}' by {step:+}: {e:#}"));
+        }
+        let status = lab.inspect(&key).await;
+        assert_eq!(
+            status.limit,
+            after,
+            "{n} steps of {step:+} at once, from limit {}: some step was lost ({status:?})",
+            after as i64 - step * n as i64
+        );
+    }
+    let e = bounded(
+        "resize by -6",
+        LIVENESS_BOUND,
+        lab.store.resize(&key, Resize::By(-6)),
+    )
+    .await
+    .expect_err("a step to a limit of 0 must be refused");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e:#}");
+    assert_eq!(
+        e.current_limit(),
+        Some(6),
+        "the error names the limit: {e:#}"
+    );
+    assert_eq!(
+        lab.inspect(&key).await.limit,
+        6,
+        "a refused step changed the limit"
+    );
+    let held = lab.grant(&lab.lease_request(&key, 6, Wait::NoWait)).await;
+    let status = bounded(
+        "resize by -5",
+        LIVENESS_BOUND,
+        lab.store.resize(&key, Resize::By(-5)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("resize '{key}' by -5: {e:#}"));
+    assert_eq!(status.limit, 1, "{status:?}");
+    assert_eq!(
+        status.held(),
+        1,
+        "a step down evicted the holder: {status:?}"
+    );
+    assert_eq!(lab.release(&held).await, Released::Released);
 }
 
 /// A file's state, to show a store left a damaged file alone.

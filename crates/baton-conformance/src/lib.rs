@@ -367,6 +367,7 @@ macro_rules! suite {
             wall_clock_jump_keeps_lease,
             break_frees_and_holder_learns,
             resize_never_evicts,
+            resize_steps_all_count,
             garbage_is_a_clear_error,
             stopping_group_is_dead_before_regrant,
             lock_delay_holds_back_lost_slots,

@@ -34,6 +34,7 @@ mod key;
 pub mod kit;
 pub mod leader;
 mod lease;
+mod resize;
 pub mod secret;
 mod store;
 pub mod supervisor;
@@ -47,6 +48,7 @@ pub use keeper::{Keeper, KeeperConfig, LeaseState};
 pub use key::{derive_key, Key, MAX_KEY_LEN};
 pub use leader::{campaign, leader, observe, Leader, Leadership};
 pub use lease::{Lease, Token, Wait};
+pub use resize::Resize;
 pub use store::{
     AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, KeyStatus, Recovery, Released,
     SlotState, SlotStatus, Store,

@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    format_duration, Error, ErrorKind, Holder, HolderId, Key, Lease, Op, Result, StoreUrl, Token,
-    Wait,
+    format_duration, Error, ErrorKind, Holder, HolderId, Key, Lease, Op, Resize, Result, StoreUrl,
+    Token, Wait,
 };
 
 /// A request for one slot of a key.
@@ -397,10 +397,11 @@ pub trait Store: Send + Sync + fmt::Debug {
         Err(unsupported(self.url(), Op::Break, key))
     }
 
-    /// Changes a key's limit. Lowering it never evicts holders; it stops new grants until
-    /// they drain.
-    async fn resize(&self, key: &Key, limit: u32) -> Result<KeyStatus> {
-        let _ = limit;
+    /// Changes a key's limit, to a number or by a step ([`Resize`], applied atomically to
+    /// the limit the store has). Lowering it never evicts holders; it stops new grants
+    /// until they drain.
+    async fn resize(&self, key: &Key, change: Resize) -> Result<KeyStatus> {
+        let _ = change;
         Err(unsupported(self.url(), Op::Resize, key))
     }
 

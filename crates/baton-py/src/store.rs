@@ -220,10 +220,28 @@ impl Store {
         convert::leader(py, l.map_err(to_py)?.as_ref())
     }
 
-    /// Changes a key's limit (lease stores); returns the new status.
-    fn resize<'py>(&self, py: Python<'py>, key: &str, limit: u32) -> PyResult<Bound<'py, PyDict>> {
+    /// Changes a key's limit (lease stores): to `limit`, or by the step `by` (negative
+    /// lowers it); returns the new status.
+    #[pyo3(signature = (key, limit=None, by=None))]
+    fn resize<'py>(
+        &self,
+        py: Python<'py>,
+        key: &str,
+        limit: Option<u32>,
+        by: Option<i64>,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let key = self.key(key)?;
-        let st = self.run(py, |s| Box::pin(async move { s.resize(&key, limit).await }))?;
+        let change = match (limit, by) {
+            (Some(n), None) => baton::Resize::To(n),
+            (None, Some(step)) if step != 0 => baton::Resize::By(step),
+            _ => return Err(pyo3::exceptions::PyValueError::new_err(
+                "resize takes a limit (resize(key, 4)) or a non-zero step (resize(key, by=-1)), \
+                     not both",
+            )),
+        };
+        let st = self.run(py, |s| {
+            Box::pin(async move { s.resize(&key, change).await })
+        })?;
         convert::status(py, &st.map_err(to_py)?)
     }
 

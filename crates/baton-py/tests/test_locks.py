@@ -152,6 +152,15 @@ def test_resize_where_the_store_can(store, key, kind):
         pass
     with pytest.raises(baton.LimitMismatchError):
         store.lock(key, slots=2, wait=0).acquire()
+    # A step, applied to the store's limit; never below 1.
+    assert store.resize(key, by=2)["limit"] == 5
+    assert store.resize(key, by=-4)["limit"] == 1
+    with pytest.raises(baton.InvalidInputError):
+        store.resize(key, by=-1)
+    assert store.status(key)["limit"] == 1
+    for bad in [dict(), dict(limit=3, by=1), dict(by=0)]:
+        with pytest.raises(ValueError):
+            store.resize(key, **bad)
 
 
 def test_unavailable_store():

@@ -45,7 +45,7 @@ use baton_core::kit::sys::lock;
 use baton_core::kit::time::unix_ms_now;
 use baton_core::{
     AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error, ErrorKind, HolderId, Key,
-    KeyStatus, Lease, Op, Released, SlotStatus, Store, StoreUrl,
+    KeyStatus, Lease, Op, Released, Resize, SlotStatus, Store, StoreUrl,
 };
 
 use crate::config::Mode;
@@ -247,8 +247,8 @@ impl Store for LeaseStore {
         self.break_key(key, holder)
     }
 
-    async fn resize(&self, key: &Key, limit: u32) -> Result<KeyStatus, Error> {
-        self.resize_key(key, limit)
+    async fn resize(&self, key: &Key, change: Resize) -> Result<KeyStatus, Error> {
+        self.resize_key(key, change)
     }
 
     async fn inspect(&self, key: &Key) -> Result<KeyStatus, Error> {

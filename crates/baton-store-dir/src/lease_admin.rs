@@ -16,7 +16,7 @@ use std::time::Duration;
 use baton_core::kit::status;
 use baton_core::kit::time::unix_ms_now;
 use baton_core::{
-    Error, Holder, HolderId, Key, KeyStatus, Liveness, Op, SlotState, SlotStatus, Token,
+    Error, Holder, HolderId, Key, KeyStatus, Liveness, Op, Resize, SlotState, SlotStatus, Token,
 };
 
 use crate::fs;
@@ -174,10 +174,10 @@ impl LeaseStore {
         Ok(broken)
     }
 
-    pub(crate) fn resize_key(&self, key: &Key, limit: u32) -> Result<KeyStatus, Error> {
+    pub(crate) fn resize_key(&self, key: &Key, change: Resize) -> Result<KeyStatus, Error> {
         // Lowering never evicts: acquires count holders in every slot, also those at or
         // above the new limit, and grant only below it, so grants stop until they drain.
-        self.root.set_limit(key, limit)?;
+        self.root.set_limit(key, change)?;
         self.inspect_key(key)
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! limit            the key's limit (and lock-delay), created once (temp file + link)
+//! resize           resizes take turns on its OFD lock (empty)
 //! token.T          the last token handed out is the highest T
 //! slot.N.G         generation G of slot N: JSON {state, token, holder, ttl, heartbeat}
 //! seen.N.G.BOOT    when a host (by boot id) first saw tombstone G of slot N, in ns on

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use baton_core::kit::sys::lock;
 use baton_core::kit::{errors, status};
-use baton_core::{AcquireRequest, Error, ErrorKind, Holder, Key, Op, SlotStatus, StoreUrl, Token};
+use baton_core::{
+    AcquireRequest, Error, ErrorKind, Holder, Key, Op, Resize, SlotStatus, StoreUrl, Token,
+};
 
 use crate::config::{DirConfig, Mode};
 use crate::fs;
@@ -268,21 +270,34 @@ impl Root {
         })
     }
 
-    /// Sets a key's limit (lease mode): the limit file is replaced atomically.
-    pub fn set_limit(&self, key: &Key, limit: u32) -> Result<(), Error> {
-        if limit == 0 {
-            return Err(self.ctx(errors::limit_zero(), Op::Resize, key));
+    /// Changes a key's limit (lease mode): the limit file is replaced atomically. Two
+    /// resizes take turns on the key's `resize` lock file, so a relative change counts
+    /// from the limit it replaces.
+    pub fn set_limit(&self, key: &Key, change: Resize) -> Result<(), Error> {
+        let op = Op::Resize;
+        let (dir, _) = self.existing_key(key, op)?;
+        let turn = fs::open_file(dir.as_fd(), "resize", true, self.share)
+            .map_err(|e| self.io_err(op, key, "cannot open the key's resize lock", e))?;
+        loop {
+            match fs::lock_wait(turn.as_fd()) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.io_err(op, key, "cannot lock the key's resize lock", e)),
+            }
         }
-        let (dir, _) = self.existing_key(key, Op::Resize)?;
         // The lock-delay is the key's for life: a resize keeps it.
-        let delay_ms = self.read_meta(&dir, key, Op::Resize)?.1;
+        let (current, delay_ms) = self.read_meta(&dir, key, op)?;
+        let limit = change
+            .apply(current, u32::MAX)
+            .map_err(|e| self.ctx(e, op, key))?;
         fs::write_atomic(
             dir.as_fd(),
             "limit",
             limit_record(limit, delay_ms).as_bytes(),
             self.share,
         )
-        .map_err(|e| self.io_err(Op::Resize, key, "cannot write the key's limit", e))
+        .map_err(|e| self.io_err(op, key, "cannot write the key's limit", e))
+        // `turn` closes here, and its lock goes with it.
     }
 
     /// The directory of barrier `key` (`+barriers/<key>`: `+` is never in a key, so

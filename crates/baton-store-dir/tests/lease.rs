@@ -323,7 +323,10 @@ async fn resize_lowers_without_evicting_and_raises_at_once() {
     let held: Vec<_> = fill(&s, &r, 3).await;
     let key = Key::new("sem").expect("key");
     // Lower to 1: all three keep their slots; no new grant until they drain below 1.
-    let st = store(tmp.path()).resize(&key, 1).await.expect("resize");
+    let st = store(tmp.path())
+        .resize(&key, baton_core::Resize::To(1))
+        .await
+        .expect("resize");
     assert_eq!(st.limit, 1);
     assert_eq!(st.held(), 3, "nobody evicted");
     let mut one = r.clone();
@@ -346,14 +349,17 @@ async fn resize_lowers_without_evicting_and_raises_at_once() {
     let err = store(tmp.path()).acquire(&r).await.expect_err("mismatch");
     assert_eq!(err.current_limit(), Some(1));
     // Raise to 2: a second grant at once.
-    store(tmp.path()).resize(&key, 2).await.expect("raise");
+    store(tmp.path())
+        .resize(&key, baton_core::Resize::To(2))
+        .await
+        .expect("raise");
     let mut two = r.clone();
     two.limit = 2;
     let second = store(tmp.path()).acquire(&two).await.expect("raised");
     assert_eq!(second.slot, 1);
     assert_eq!(
         store(tmp.path())
-            .resize(&key, 0)
+            .resize(&key, baton_core::Resize::To(0))
             .await
             .expect_err("zero")
             .kind(),
@@ -397,7 +403,9 @@ async fn lock_delay_is_kept_with_the_key_and_shown() {
         .await
         .expect("a clean release never waits");
     s.release(&b).await.expect("release");
-    s.resize(&a.key, 3).await.expect("resize");
+    s.resize(&a.key, baton_core::Resize::To(3))
+        .await
+        .expect("resize");
     let st = s.inspect(&a.key).await.expect("inspect");
     assert_eq!((st.limit, st.lock_delay_ms), (3, Some(1500)));
     // A key created without one has none.

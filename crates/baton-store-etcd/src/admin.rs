@@ -13,12 +13,12 @@ use std::time::Duration;
 use baton_core::kit::errors;
 use baton_core::kit::status::{above_limit_note, broken, held_back_note, keys_from_names};
 use baton_core::kit::time::unix_ms_now;
-use baton_core::{HolderId, Key, KeyStatus, Op, Result, SlotStatus, Token};
+use baton_core::{HolderId, Key, KeyStatus, Op, Resize, Result, SlotStatus, Token};
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 
 use crate::acquire::HoldBack;
 use crate::core::Inner;
-use crate::layout::{show, SlotEntry};
+use crate::layout::{parse_limit, show, SlotEntry};
 
 impl Inner {
     pub(crate) async fn inspect(&self, key: &Key) -> Result<KeyStatus> {
@@ -189,20 +189,37 @@ impl Inner {
         Ok(freed)
     }
 
-    pub(crate) async fn resize(&self, key: &Key, limit: u32) -> Result<KeyStatus> {
-        errors::check_limit(limit, u32::MAX)?;
-        let names = self.names(key);
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                names.limit.clone(),
-                CompareOp::Greater,
-                0,
-            )])
-            .and_then([TxnOp::put(names.limit.clone(), limit.to_string(), None)]);
-        if !self.txn(Op::Resize, key, txn).await?.succeeded() {
-            return Err(errors::no_such_key_to_resize());
+    /// Reads the limit and writes the changed one only if the limit key is unchanged
+    /// since (its mod revision; retried on conflict), so a relative change counts from the
+    /// limit it replaces.
+    pub(crate) async fn resize(&self, key: &Key, change: Resize) -> Result<KeyStatus> {
+        if let Resize::To(limit) = change {
+            errors::check_limit(limit, u32::MAX)?;
         }
-        self.inspect(key).await
+        let names = self.names(key);
+        for _ in 0..errors::RESIZE_TRIES {
+            let resp = self
+                .call(Op::Resize, Some(key), |mut c, _| {
+                    let k = names.limit.clone();
+                    async move { c.get(k, None).await }
+                })
+                .await?;
+            let Some(kv) = resp.kvs().first() else {
+                return Err(errors::no_such_key_to_resize());
+            };
+            let limit = change.apply(parse_limit(&names, kv)?, u32::MAX)?;
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    names.limit.clone(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                )])
+                .and_then([TxnOp::put(names.limit.clone(), limit.to_string(), None)]);
+            if self.txn(Op::Resize, key, txn).await?.succeeded() {
+                return self.inspect(key).await;
+            }
+        }
+        Err(errors::resize_kept_changing())
     }
 }
 

@@ -32,7 +32,8 @@ use crate::lease::Granted;
 /// How long a cancelled or failed acquire keeps trying to revoke its lease.
 const CLEANUP_BOUND: Duration = Duration::from_secs(10);
 
-pub(crate) struct Inner {
+/// The etcd store's state and operations, run on its runtime as [`crate::EtcdStore`].
+pub struct Inner {
     pub(crate) url: StoreUrl,
     pub(crate) config: EtcdConfig,
     pub(crate) runtime: StoreRuntime,

@@ -178,7 +178,7 @@ fn parse_delay(names: &Names, kv: &KeyValue) -> Result<Duration, Error> {
         })
 }
 
-fn parse_limit(names: &Names, kv: &KeyValue) -> Result<u32, Error> {
+pub(crate) fn parse_limit(names: &Names, kv: &KeyValue) -> Result<u32, Error> {
     std::str::from_utf8(kv.value())
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use baton_core::kit::context;
 use baton_core::{Result, Store, StoreUrl};
 
+pub use crate::core::Inner as EtcdBackend;
 pub use baton_core::kit::time::{ARRIVAL_TTL, DEFAULT_TTL};
 pub use config::{EtcdConfig, DEFAULT_PREFIX};
 pub use store::EtcdStore;

@@ -9,12 +9,16 @@
 
 use std::time::Duration;
 
-use baton_core::kit::errors::{check_limit, no_such_key, no_such_key_to_resize};
+use baton_core::kit::errors::{
+    check_limit, no_such_key, no_such_key_to_resize, resize_kept_changing, RESIZE_TRIES,
+};
 use baton_core::kit::status::{above_limit_note, broken, held_back_note, keys_from_names};
-use baton_core::{Error, Holder, HolderId, Key, KeyStatus, Liveness, SlotState, SlotStatus, Token};
+use baton_core::{
+    Error, Holder, HolderId, Key, KeyStatus, Liveness, Resize, SlotState, SlotStatus, Token,
+};
 use tokio_postgres::types::Type;
 
-use crate::core::Inner;
+use crate::core::{Fail, Inner};
 use crate::layout::{col, key_row, lease_row, LeaseRow, MAX_LIMIT};
 
 impl Inner {
@@ -164,48 +168,66 @@ impl Inner {
         freed.ok_or_else(no_such_key)
     }
 
-    pub(crate) async fn resize_step(&self, key: &Key, limit: u32) -> Result<(), Error> {
-        check_limit(limit, MAX_LIMIT)?;
-        // MAX_LIMIT fits an INT4.
-        let lim = i32::try_from(limit).unwrap_or(i32::MAX);
+    /// Reads the limit and writes the changed one only if it is still the limit read (a
+    /// compare-and-set, retried on conflict), so a relative change counts from the limit
+    /// it replaces.
+    pub(crate) async fn resize_step(&self, key: &Key, change: Resize) -> Result<(), Error> {
+        if let Resize::To(limit) = change {
+            check_limit(limit, MAX_LIMIT)?;
+        }
         let k = key.as_str().to_owned();
-        let n = self
-            .with_conn(|inner, conn| {
-                let k = k.clone();
-                Box::pin(async move {
-                    let rows = inner
-                        .query(
-                            conn,
-                            &format!(
-                                "WITH u AS ({} RETURNING 1) SELECT count(*) FROM u",
-                                inner.sql.resize
-                            ),
-                            &[(&k, Type::TEXT), (&lim, Type::INT4)],
-                        )
-                        .await?;
-                    let n = match rows.first() {
-                        Some(r) => col::<i64>(r, 0)?,
-                        None => 0,
-                    };
-                    if n > 0 {
-                        // A raised limit may let waiters in.
-                        inner
+        for _ in 0..RESIZE_TRIES {
+            let done = self
+                .with_conn(|inner, conn| {
+                    let k = k.clone();
+                    Box::pin(async move {
+                        let rows = inner
+                            .query(conn, &inner.sql.key_row, &[(&k, Type::TEXT)])
+                            .await?;
+                        let Some(row) = rows.first() else {
+                            return Err(Fail::Err(no_such_key_to_resize()));
+                        };
+                        let (current, _, _) = key_row(row, &k)?;
+                        let limit = change.apply(current, MAX_LIMIT).map_err(Fail::Err)?;
+                        // MAX_LIMIT fits an INT4.
+                        let (old, new) = (
+                            i32::try_from(current).unwrap_or(i32::MAX),
+                            i32::try_from(limit).unwrap_or(i32::MAX),
+                        );
+                        let rows = inner
                             .query(
                                 conn,
-                                &inner.sql.notify,
-                                &[(&inner.channel.as_str(), Type::TEXT), (&k, Type::TEXT)],
+                                &format!(
+                                    "WITH u AS ({} RETURNING 1) SELECT count(*) FROM u",
+                                    inner.sql.resize
+                                ),
+                                &[(&k, Type::TEXT), (&new, Type::INT4), (&old, Type::INT4)],
                             )
                             .await?;
-                    }
-                    Ok(n)
+                        let n = match rows.first() {
+                            Some(r) => col::<i64>(r, 0)?,
+                            None => 0,
+                        };
+                        if n > 0 {
+                            // A raised limit may let waiters in.
+                            inner
+                                .query(
+                                    conn,
+                                    &inner.sql.notify,
+                                    &[(&inner.channel.as_str(), Type::TEXT), (&k, Type::TEXT)],
+                                )
+                                .await?;
+                        }
+                        Ok(n > 0)
+                    })
                 })
-            })
-            .await
-            .map_err(|f| self.map(f))?;
-        if n == 0 {
-            return Err(no_such_key_to_resize());
+                .await
+                .map_err(|f| self.map(f))?;
+            if done {
+                return Ok(());
+            }
         }
-        Ok(())
+        Err(resize_kept_changing())
     }
 }
 

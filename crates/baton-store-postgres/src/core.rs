@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use baton_core::kit::runtime::StoreRuntime;
 use baton_core::kit::sys::lock;
 use baton_core::{format_duration, Error, ErrorKind, StoreUrl};
 use tokio::sync::{broadcast, watch};
@@ -38,10 +39,13 @@ const POOL_MAX: usize = 16;
 
 /// The store's shared state, behind the public handle: every operation is a method of it,
 /// run on the store's runtime.
-pub(crate) struct Inner {
+/// The PostgreSQL store's state and operations, run on its runtime as
+/// [`crate::PostgresStore`].
+pub struct Inner {
     pub(crate) url: StoreUrl,
     pub(crate) cfg: PostgresConfig,
-    pub(crate) handle: tokio::runtime::Handle,
+    /// The store's own runtime: one thread. Dropping the store stops it.
+    pub(crate) runtime: StoreRuntime,
     pub(crate) sql: Sql,
     /// First half of every advisory lock number this schema uses.
     pub(crate) magic: i32,

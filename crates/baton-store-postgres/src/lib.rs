@@ -30,6 +30,7 @@ mod listen;
 mod schema;
 mod store;
 
+pub use crate::core::Inner as PostgresBackend;
 pub use acquire::TICKET_TTL;
 pub use config::{PostgresConfig, DEFAULT_CONNECT_TIMEOUT, DEFAULT_SCHEMA, DEFAULT_TIMEOUT};
 pub use layout::{DEFAULT_TTL, MAX_LIMIT};

@@ -77,7 +77,9 @@ impl Inner {
         let cfg = self.cfg.clone();
         let channel = self.channel.clone();
         let wake = self.wake.clone();
-        self.handle.spawn(listen(cfg, channel, wake, ready));
+        self.runtime
+            .handle()
+            .spawn(listen(cfg, channel, wake, ready));
     }
 }
 

@@ -1,9 +1,9 @@
 //! The PostgreSQL store: one row per granted lease, one row per queued waiter, one row
 //! per key with its limit and token sequence, in one schema of one database.
 //!
-//! This file holds the public store type, its opening, and the thin [`Store`] impl: each
-//! operation runs on the store's own runtime (`baton_core::kit::runtime`) and is given up
-//! there when its caller stops waiting (a grant nobody receives is released). Errors are
+//! This file holds the public store type, its opening, and its [`Backend`]: [`OnRuntime`]
+//! runs each operation on the store's own runtime and gives it up there when its caller
+//! stops waiting (a grant nobody receives is released). Errors are
 //! bare; `crate::open` wraps the store in the context layer, which names the operation,
 //! key and store. The work is in files by role, each
 //! stating what it guarantees:
@@ -23,11 +23,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
-use baton_core::kit::runtime::{Call, StoreRuntime};
+use baton_core::kit::backend::{Backend, OnRuntime};
+use baton_core::kit::runtime::{Cancel, StoreRuntime};
 use baton_core::{
     AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error, ErrorKind, HolderId, Key,
-    KeyStatus, Lease, Op, Released, SlotStatus, Store, StoreUrl,
+    KeyStatus, Lease, Op, Released, Resize, SlotStatus, StoreUrl,
 };
 use tokio::sync::{broadcast, watch};
 
@@ -37,32 +37,36 @@ use crate::core::Inner;
 use crate::layout::{magic, pid_namespace};
 use crate::schema::Sql;
 
-/// The PostgreSQL store. See the crate docs and README for the mechanism and its bounds.
-pub struct PostgresStore {
-    pub(crate) inner: Arc<Inner>,
-    /// The store's own runtime: one thread, where a request, its connection's I/O and its
-    /// answer meet. Dropping the store stops it.
-    runtime: StoreRuntime,
-}
+/// The PostgreSQL store. See the crate docs and README for the mechanism and its bounds;
+/// [`PostgresStore::open`] opens one, and it derefs to [`Inner`] for its schema.
+pub type PostgresStore = OnRuntime<Inner>;
 
-impl fmt::Debug for PostgresStore {
+impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PostgresStore")
-            .field("url", &self.inner.url)
-            .field("schema", &self.inner.cfg.schema)
+            .field("url", &self.url)
+            .field("schema", &self.cfg.schema)
             .finish_non_exhaustive()
     }
 }
 
-impl PostgresStore {
+impl Inner {
+    /// The schema baton's tables live in.
+    pub fn schema(&self) -> &str {
+        &self.cfg.schema
+    }
+}
+
+impl Backend for Inner {
     /// Opens the PostgreSQL store the URL names: `postgres://user@host:5432/db`.
     ///
     /// Connects lazily: a server that is down shows on the first operation, as
     /// [`ErrorKind::Unavailable`]. The schema (default `baton`, `?schema=NAME`) is created
-    /// on first use. Starts the store's own runtime thread, which drives every
-    /// connection; dropping the store stops it. Its errors are bare (kind and message):
-    /// [`crate::open`] adds the operation, key and store to each.
-    pub fn open(url: &StoreUrl) -> Result<PostgresStore, Error> {
+    /// on first use. Starts the store's own runtime thread, where a request, its
+    /// connection's I/O and its answer meet, and which drives every connection; dropping
+    /// the store stops it. Its errors are bare (kind and message): [`crate::open`] adds
+    /// the operation, key and store to each.
+    fn open(url: &StoreUrl) -> Result<Inner, Error> {
         let cfg = PostgresConfig::from_url(url)?;
         let runtime = StoreRuntime::start("baton-postgres", 1).map_err(|e| {
             Error::new(ErrorKind::Unavailable, "cannot start the store's runtime")
@@ -73,13 +77,13 @@ impl PostgresStore {
         let (wake, _) = broadcast::channel(1024);
         let (listening_tx, listening) = watch::channel(false);
         let sql = Sql::new(&cfg.schema);
-        let inner = Inner {
+        Ok(Inner {
             url: url.clone(),
             magic: magic(&cfg.schema),
             channel: format!("baton_{}", cfg.schema),
             pid_ns: pid_namespace(),
             cfg,
-            handle: runtime.handle().clone(),
+            runtime,
             sql,
             pool: Mutex::new(Vec::new()),
             schema_ready: AtomicBool::new(false),
@@ -88,27 +92,15 @@ impl PostgresStore {
             listener_started: AtomicBool::new(false),
             listening,
             listening_tx: Mutex::new(Some(listening_tx)),
-        };
-        Ok(PostgresStore {
-            inner: Arc::new(inner),
-            runtime,
         })
     }
 
-    /// The schema baton's tables live in.
-    pub fn schema(&self) -> &str {
-        &self.inner.cfg.schema
-    }
-
-    fn call<'a>(&'a self, op: Op, key: Option<&'a Key>) -> Call<'a> {
-        Call::new(op, key, &self.inner.url)
-    }
-}
-
-#[async_trait]
-impl Store for PostgresStore {
     fn url(&self) -> &StoreUrl {
-        &self.inner.url
+        &self.url
+    }
+
+    fn runtime(&self) -> &StoreRuntime {
+        &self.runtime
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -122,71 +114,29 @@ impl Store for PostgresStore {
         )
     }
 
-    async fn acquire(&self, req: &AcquireRequest) -> Result<Lease, Error> {
-        // The TTL is checked (`kit::time::validate_ttl`) where the request is encoded.
-        req.validate()?;
-        let inner = Arc::clone(&self.inner);
-        let give_back = Arc::clone(&self.inner);
-        let req = req.clone();
-        self.runtime
-            .grant(
-                self.call(Op::Acquire, Some(&req.key)),
-                |cancel| inner.acquire_task(req.clone(), cancel),
-                // Nobody waits for it any more (the acquire was cancelled): give it back.
-                move |lease| async move {
-                    let _ = give_back.release_step(&lease).await;
-                },
-            )
-            .await
+    /// The TTL is checked (`kit::time::validate_ttl`) where the request is encoded.
+    async fn acquire(self: Arc<Self>, req: AcquireRequest, cancel: Cancel) -> Result<Lease, Error> {
+        self.acquire_task(req, cancel).await
     }
 
-    async fn release(&self, lease: &Lease) -> Result<Released, Error> {
-        let inner = Arc::clone(&self.inner);
-        let l = lease.clone();
-        self.runtime
-            .run(self.call(Op::Release, Some(&lease.key)), async move {
-                inner.release_step(&l).await.map_err(|f| inner.map(f))
-            })
-            .await
+    async fn release(self: &Arc<Self>, lease: &Lease) -> Result<Released, Error> {
+        self.release_step(lease).await.map_err(|f| self.map(f))
     }
 
-    fn release_now(&self, lease: &Lease) -> bool {
-        let inner = Arc::clone(&self.inner);
-        let l = lease.clone();
-        let bound = self.inner.cfg.timeout + Duration::from_secs(1);
-        self.runtime
-            .block_for(bound, async move { inner.release_step(&l).await.is_ok() })
-            .unwrap_or(false)
-    }
-
-    async fn inspect(&self, key: &Key) -> Result<KeyStatus, Error> {
-        let inner = Arc::clone(&self.inner);
-        let k = key.clone();
-        self.runtime
-            .run(self.call(Op::Inspect, Some(key)), async move {
-                inner.inspect_step(&k).await
-            })
-            .await
-    }
-
-    async fn list(&self) -> Result<Vec<Key>, Error> {
-        let inner = Arc::clone(&self.inner);
-        self.runtime
-            .run(
-                self.call(Op::List, None),
-                async move { inner.list_step().await },
-            )
-            .await
+    fn release_bound(&self) -> Duration {
+        self.cfg.timeout + Duration::from_secs(1)
     }
 
     async fn renew(&self, lease: &Lease) -> Result<Lease, Error> {
-        let inner = Arc::clone(&self.inner);
-        let l = lease.clone();
-        self.runtime
-            .run(self.call(Op::Renew, Some(&lease.key)), async move {
-                inner.renew_step(&l).await
-            })
-            .await
+        self.renew_step(lease).await
+    }
+
+    async fn inspect(&self, key: &Key) -> Result<KeyStatus, Error> {
+        self.inspect_step(key).await
+    }
+
+    async fn list(&self) -> Result<Vec<Key>, Error> {
+        self.list_step().await
     }
 
     async fn break_lease(
@@ -194,44 +144,27 @@ impl Store for PostgresStore {
         key: &Key,
         holder: Option<HolderId>,
     ) -> Result<Vec<SlotStatus>, Error> {
-        let inner = Arc::clone(&self.inner);
-        let k = key.clone();
-        self.runtime
-            .run(self.call(Op::Break, Some(key)), async move {
-                inner.break_step(&k, holder).await
-            })
-            .await
+        self.break_step(key, holder).await
     }
 
-    async fn resize(&self, key: &Key, limit: u32) -> Result<KeyStatus, Error> {
-        let inner = Arc::clone(&self.inner);
-        let k = key.clone();
-        self.runtime
-            .run(self.call(Op::Resize, Some(key)), async move {
-                inner.resize_step(&k, limit).await?;
-                inner.inspect_step(&k).await
-            })
-            .await
+    async fn resize(&self, key: &Key, change: Resize) -> Result<KeyStatus, Error> {
+        self.resize_step(key, change).await?;
+        self.inspect_step(key).await
     }
 
-    async fn barrier(&self, req: &BarrierRequest) -> Result<BarrierPassed, Error> {
-        baton_core::barrier::validate(req)?;
+    /// Dropping the caller's future withdraws the arrival (the task sees its cancel and
+    /// withdraws).
+    async fn barrier(
+        self: Arc<Self>,
+        req: BarrierRequest,
+        cancel: Cancel,
+    ) -> Result<BarrierPassed, Error> {
         let parties = i32::try_from(req.parties).map_err(|_| {
             Error::new(
                 ErrorKind::InvalidInput,
                 format!("a barrier has at most {} parties", i32::MAX),
             )
         })?;
-        let inner = Arc::clone(&self.inner);
-        let req = req.clone();
-        // Dropping the future withdraws the arrival (the task sees its cancel and
-        // withdraws); a pass nobody receives needs no giving back.
-        self.runtime
-            .grant(
-                self.call(Op::Barrier, Some(&req.key)),
-                |cancel| inner.barrier_task(req.clone(), parties, cancel),
-                |_passed| async {},
-            )
-            .await
+        self.barrier_task(req, parties, cancel).await
     }
 }

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use baton_core::kit::{errors, status};
 use baton_core::{
-    Error, ErrorKind, Holder, HolderId, Key, KeyStatus, Liveness, SlotState, SlotStatus, Token,
+    Error, ErrorKind, Holder, HolderId, Key, KeyStatus, Liveness, Resize, SlotState, SlotStatus,
+    Token,
 };
 
 use crate::core::Inner;
@@ -162,19 +163,43 @@ impl Inner {
         Ok(out)
     }
 
-    pub(crate) async fn resize(&self, key: &Key, limit: u32) -> Result<KeyStatus, Error> {
-        errors::check_limit(limit, MAX_LIMIT)?;
+    /// An absolute change is one script; a relative one reads the limit (the script's
+    /// `changed` answer) and writes the changed limit only if it is still the one read,
+    /// retried on conflict.
+    pub(crate) async fn resize(&self, key: &Key, change: Resize) -> Result<KeyStatus, Error> {
         let base = layout::base(&self.config.prefix, key);
-        let a = self
-            .run(&self.scripts.resize, &[base, limit.to_string()])
-            .await?;
-        match a.first().map(String::as_str) {
-            Some("none") => Err(errors::no_such_key_to_resize()),
-            Some("ok") => self.inspect(key).await,
-            _ => Err(Error::new(
-                ErrorKind::Unavailable,
-                format!("the resize script answered {a:?}"),
-            )),
+        if let Resize::To(limit) = change {
+            errors::check_limit(limit, MAX_LIMIT)?;
         }
+        // The limit a relative change read, once the script answered it.
+        let mut current: Option<u32> = None;
+        for _ in 0..errors::RESIZE_TRIES {
+            let (limit, replaces) = match (change, current) {
+                (Resize::To(n), _) => (n, String::new()),
+                // Only reads: 0 is never a limit, so the script answers `changed`.
+                (Resize::By(_), None) => (1, "0".to_owned()),
+                (Resize::By(_), Some(c)) => (change.apply(c, MAX_LIMIT)?, c.to_string()),
+            };
+            let a = self
+                .run(
+                    &self.scripts.resize,
+                    &[base.clone(), limit.to_string(), replaces],
+                )
+                .await?;
+            match (a.first().map(String::as_str), a.get(1)) {
+                (Some("none"), _) => return Err(errors::no_such_key_to_resize()),
+                (Some("ok"), _) => return self.inspect(key).await,
+                (Some("changed"), Some(n)) if n.parse::<u32>().is_ok_and(|n| n >= 1) => {
+                    current = n.parse().ok();
+                }
+                _ => {
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        format!("the resize script answered {a:?}"),
+                    ))
+                }
+            }
+        }
+        Err(errors::resize_kept_changing())
     }
 }

@@ -60,7 +60,8 @@ impl Scripts {
     }
 }
 
-pub(crate) struct Inner {
+/// The Redis store's state and operations, run on its runtime as [`crate::RedisStore`].
+pub struct Inner {
     pub(crate) url: StoreUrl,
     pub(crate) config: RedisConfig,
     pub(crate) runtime: StoreRuntime,

@@ -347,10 +347,13 @@ wake_eligible(meta.limit)
 return out
 "#;
 
-/// Changes a key's limit (never evicting). ARGV: base, limit. Answers `none` or `ok`.
+/// Changes a key's limit (never evicting). ARGV: base, limit, and the limit it replaces
+/// (empty: whatever it is). Answers `none`, `ok`, or `changed LIMIT` (the limit is not the
+/// one it was to replace; nothing was written).
 pub(crate) const RESIZE: &str = r#"
 local meta = load_meta()
 if not meta then return {'none'} end
+if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= meta.limit then return {'changed', tostring(meta.limit)} end
 load_holders()
 check_waiters()
 redis.call('HSET', B .. ':meta', 'limit', tonumber(ARGV[2]))

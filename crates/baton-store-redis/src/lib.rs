@@ -24,6 +24,7 @@ use std::sync::Arc;
 use baton_core::kit::context;
 use baton_core::{Result, Store, StoreUrl};
 
+pub use crate::core::Inner as RedisBackend;
 pub use baton_core::kit::time::DEFAULT_TTL;
 pub use config::{Durability, RedisConfig, DEFAULT_PREFIX};
 pub use store::RedisStore;

@@ -1,22 +1,22 @@
-//! The Redis store's public type: opening it, its configuration, and the `Store` trait,
-//! each operation run on the store's own runtime and delegated to the role files:
-//! `acquire.rs` (the grant), `lease.rs` (renew, release), `admin.rs` (status, list,
-//! break, resize); `layout.rs` has what the store keeps in Redis and its scripts.
+//! The Redis store's public type and its [`Backend`]: opening it, its configuration,
+//! and each operation delegated to the role files: `acquire.rs` (the grant), `lease.rs`
+//! (renew, release), `admin.rs` (status, list, break, resize), `barrier.rs`; `layout.rs`
+//! has what the store keeps in Redis and its scripts. [`OnRuntime`] runs them on the
+//! store's own runtime.
 //!
 //! Guarantees: an acquire whose future is dropped is cancelled on the store's runtime; a
 //! cancelled or failed acquire withdraws its request by id (its queue entry, and a grant
 //! it may have got), and a grant made as its caller went away is released.
 
 use std::fmt;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
+use baton_core::kit::backend::{Backend, OnRuntime};
 use baton_core::kit::runtime::{Call, Cancel, StoreRuntime};
 use baton_core::{
     AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error, ErrorKind, HolderId, Key,
-    KeyStatus, Lease, Op, Released, SlotStatus, Store, StoreUrl,
+    KeyStatus, Lease, Op, Released, Resize, SlotStatus, StoreUrl,
 };
 
 use crate::admin::MAX_LIMIT;
@@ -27,24 +27,30 @@ use crate::core::Inner;
 /// next look after the TTL (it wakes for it) and one round trip.
 const RECOVERY_EXTRA: Duration = Duration::from_millis(1000);
 
-/// The Redis store. See the crate docs and README for the mechanism and its bounds.
-pub struct RedisStore {
-    inner: Arc<Inner>,
-}
+/// The Redis store. See the crate docs and README for the mechanism and its bounds;
+/// [`RedisStore::open`] opens one, and it derefs to [`Inner`] for its configuration.
+pub type RedisStore = OnRuntime<Inner>;
 
-impl fmt::Debug for RedisStore {
+impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
-            .field("url", &self.inner.url)
-            .field("config", &self.inner.config)
+            .field("url", &self.url)
+            .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
 
-impl RedisStore {
+impl Inner {
+    /// The store's configuration.
+    pub fn config(&self) -> &RedisConfig {
+        &self.config
+    }
+}
+
+impl Backend for Inner {
     /// Opens the Redis store the URL names. Does not connect: the first operation does
     /// (and checks the server), so this never blocks.
-    pub fn open(url: &StoreUrl) -> Result<RedisStore, Error> {
+    fn open(url: &StoreUrl) -> Result<Inner, Error> {
         let config = RedisConfig::from_url(url)?;
         let runtime = StoreRuntime::start("baton-redis", 2).map_err(|e| {
             Error::new(
@@ -55,39 +61,15 @@ impl RedisStore {
             .with_store(url)
             .with_source(e)
         })?;
-        let inner =
-            Inner::new(url.clone(), config, runtime).map_err(|e| e.context(Op::Open, None, url))?;
-        Ok(RedisStore {
-            inner: Arc::new(inner),
-        })
+        Inner::new(url.clone(), config, runtime).map_err(|e| e.context(Op::Open, None, url))
     }
 
-    /// The store's configuration.
-    pub fn config(&self) -> &RedisConfig {
-        &self.inner.config
-    }
-
-    async fn on_runtime<T: Send + 'static, Fut>(
-        &self,
-        op: Op,
-        key: Option<&Key>,
-        f: impl FnOnce(Arc<Inner>) -> Fut,
-    ) -> Result<T, Error>
-    where
-        Fut: Future<Output = Result<T, Error>> + Send + 'static,
-    {
-        let fut = f(Arc::clone(&self.inner));
-        self.inner
-            .runtime
-            .run(Call::new(op, key, &self.inner.url), fut)
-            .await
-    }
-}
-
-#[async_trait]
-impl Store for RedisStore {
     fn url(&self) -> &StoreUrl {
-        &self.inner.url
+        &self.url
+    }
+
+    fn runtime(&self) -> &StoreRuntime {
+        &self.runtime
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -98,8 +80,7 @@ impl Store for RedisStore {
         )
     }
 
-    async fn acquire(&self, req: &AcquireRequest) -> Result<Lease, Error> {
-        req.validate()?;
+    fn check(&self, req: &AcquireRequest) -> Result<(), Error> {
         if req.limit > MAX_LIMIT {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
@@ -109,73 +90,42 @@ impl Store for RedisStore {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    async fn acquire(self: Arc<Self>, req: AcquireRequest, cancel: Cancel) -> Result<Lease, Error> {
         let id = format!("{:032x}", HolderId::random().0);
-        let (inner, back, req2) = (
-            Arc::clone(&self.inner),
-            Arc::clone(&self.inner),
-            req.clone(),
-        );
-        let work = |cancel: Cancel| async move {
-            let result = tokio::select! {
-                r = inner.acquire_inner(&req2, &id) => r,
-                _ = cancel => Err(Call::new(Op::Acquire, Some(&req2.key), &inner.url).cancelled()),
-            };
-            match result {
-                Ok(l) => Ok(l),
-                Err(e) => {
-                    let confirmed = inner.withdraw(&req2, &id).await;
-                    if !confirmed && e.kind() == ErrorKind::Unavailable {
-                        Err(e.with_grant_unknown())
-                    } else {
-                        Err(e)
-                    }
+        let result = tokio::select! {
+            r = self.acquire_inner(&req, &id) => r,
+            _ = cancel => Err(Call::new(Op::Acquire, Some(&req.key), &self.url).cancelled()),
+        };
+        match result {
+            Ok(l) => Ok(l),
+            Err(e) => {
+                let confirmed = self.withdraw(&req, &id).await;
+                if !confirmed && e.kind() == ErrorKind::Unavailable {
+                    Err(e.with_grant_unknown())
+                } else {
+                    Err(e)
                 }
             }
-        };
-        let give_back = |lease: Lease| async move {
-            let _ = back.release(&lease).await;
-        };
-        let call = Call::new(Op::Acquire, Some(&req.key), &self.inner.url);
-        self.inner.runtime.grant(call, work, give_back).await
+        }
     }
 
-    async fn release(&self, lease: &Lease) -> Result<Released, Error> {
-        let l = lease.clone();
-        self.on_runtime(Op::Release, Some(&lease.key), |inner| async move {
-            inner.release(&l).await
-        })
-        .await
-    }
-
-    fn release_now(&self, lease: &Lease) -> bool {
-        let inner = Arc::clone(&self.inner);
-        let l = lease.clone();
-        let release = async move { inner.release(&l).await.is_ok() };
-        self.inner
-            .runtime
-            .block_for(Duration::from_secs(5), release)
-            .unwrap_or(false)
-    }
-
-    async fn inspect(&self, key: &Key) -> Result<KeyStatus, Error> {
-        let k = key.clone();
-        self.on_runtime(Op::Inspect, Some(key), |inner| async move {
-            inner.inspect(&k).await
-        })
-        .await
-    }
-
-    async fn list(&self) -> Result<Vec<Key>, Error> {
-        self.on_runtime(Op::List, None, |inner| async move { inner.list().await })
-            .await
+    async fn release(self: &Arc<Self>, lease: &Lease) -> Result<Released, Error> {
+        Inner::release(self, lease).await
     }
 
     async fn renew(&self, lease: &Lease) -> Result<Lease, Error> {
-        let l = lease.clone();
-        self.on_runtime(Op::Renew, Some(&lease.key), |inner| async move {
-            inner.renew(&l).await
-        })
-        .await
+        Inner::renew(self, lease).await
+    }
+
+    async fn inspect(&self, key: &Key) -> Result<KeyStatus, Error> {
+        Inner::inspect(self, key).await
+    }
+
+    async fn list(&self) -> Result<Vec<Key>, Error> {
+        Inner::list(self).await
     }
 
     async fn break_lease(
@@ -183,48 +133,36 @@ impl Store for RedisStore {
         key: &Key,
         holder: Option<HolderId>,
     ) -> Result<Vec<SlotStatus>, Error> {
-        let k = key.clone();
-        self.on_runtime(Op::Break, Some(key), |inner| async move {
-            inner.break_lease(&k, holder).await
-        })
-        .await
+        Inner::break_lease(self, key, holder).await
     }
 
-    async fn resize(&self, key: &Key, limit: u32) -> Result<KeyStatus, Error> {
-        let k = key.clone();
-        self.on_runtime(Op::Resize, Some(key), |inner| async move {
-            inner.resize(&k, limit).await
-        })
-        .await
+    async fn resize(&self, key: &Key, change: Resize) -> Result<KeyStatus, Error> {
+        Inner::resize(self, key, change).await
     }
 
-    /// A barrier wait on the store's runtime. Whatever happens (a pass, an error, this
-    /// future dropped), a party that did not pass withdraws its arrival before the task
-    /// ends; one whose generation passed meanwhile returns the pass.
-    async fn barrier(&self, req: &BarrierRequest) -> Result<BarrierPassed, Error> {
-        baton_core::barrier::validate(req)?;
+    /// Whatever happens (a pass, an error, a cancel), a party that did not pass withdraws
+    /// its arrival before the task ends; one whose generation passed meanwhile returns
+    /// the pass.
+    async fn barrier(
+        self: Arc<Self>,
+        req: BarrierRequest,
+        cancel: Cancel,
+    ) -> Result<BarrierPassed, Error> {
         let id = format!("{:032x}", HolderId::random().0);
-        let (inner, req2) = (Arc::clone(&self.inner), req.clone());
-        let work = |cancel: Cancel| async move {
-            let result = tokio::select! {
-                r = inner.barrier_inner(&req2, &id) => r,
-                _ = cancel => Err(Call::new(Op::Barrier, Some(&req2.key), &inner.url).cancelled()),
-            };
-            match result {
-                Ok(p) => Ok(p),
-                Err(e) => match inner.barrier_leave(&req2, &id).await {
-                    Some(generation) => Ok(BarrierPassed {
-                        key: req2.key.clone(),
-                        generation,
-                        parties: req2.parties,
-                    }),
-                    None => Err(e),
-                },
-            }
+        let result = tokio::select! {
+            r = self.barrier_inner(&req, &id) => r,
+            _ = cancel => Err(Call::new(Op::Barrier, Some(&req.key), &self.url).cancelled()),
         };
-        let call = Call::new(Op::Barrier, Some(&req.key), &self.inner.url);
-        // A pass holds nothing: there is nothing to give back.
-        let nothing = |_: BarrierPassed| async {};
-        self.inner.runtime.grant(call, work, nothing).await
+        match result {
+            Ok(p) => Ok(p),
+            Err(e) => match self.barrier_leave(&req, &id).await {
+                Some(generation) => Ok(BarrierPassed {
+                    key: req.key.clone(),
+                    generation,
+                    parties: req.parties,
+                }),
+                None => Err(e),
+            },
+        }
     }
 }

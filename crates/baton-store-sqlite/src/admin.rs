@@ -13,11 +13,13 @@ use std::time::Duration;
 
 use baton_core::kit::time::{monotonic_ns, unix_ms_now};
 use baton_core::kit::{errors, status};
-use baton_core::{Error, Holder, HolderId, Key, KeyStatus, Op, SlotState, SlotStatus, Token};
+use baton_core::{
+    Error, Holder, HolderId, Key, KeyStatus, Op, Resize, SlotState, SlotStatus, Token,
+};
 use rusqlite::TransactionBehavior;
 
-use crate::core::Inner;
-use crate::layout::{text, LeaseRow};
+use crate::core::{Fail, Inner};
+use crate::layout::{int_in, text, LeaseRow};
 use crate::queue::View;
 use crate::sys::Probe;
 
@@ -164,17 +166,25 @@ impl Inner {
         freed.ok_or_else(|| self.ctx(errors::no_such_key(), op, Some(key)))
     }
 
-    pub(crate) fn resize_blocking(&self, key: &Key, limit: u32) -> Result<(), Error> {
+    /// Reads the limit and writes the changed one in one IMMEDIATE transaction, so a
+    /// relative change counts from the limit it replaces.
+    pub(crate) fn resize_blocking(&self, key: &Key, change: Resize) -> Result<(), Error> {
         let op = Op::Resize;
-        if limit == 0 {
-            return Err(self.ctx(errors::limit_zero(), op, Some(key)));
-        }
-        let n = self.with_tx(TransactionBehavior::Immediate, op, Some(key), |tx| {
-            Ok(tx
-                .prepare_cached("UPDATE baton_keys SET lim = ?2 WHERE key = ?1")?
-                .execute(rusqlite::params![key.as_str(), limit])?)
+        let found = self.with_tx(TransactionBehavior::Immediate, op, Some(key), |tx| {
+            let current = {
+                let mut q = tx.prepare_cached("SELECT lim FROM baton_keys WHERE key = ?1")?;
+                let mut rows = q.query([key.as_str()])?;
+                match rows.next()? {
+                    None => return Ok(false),
+                    Some(r) => int_in(r, 0, "lim", 1, i64::from(u32::MAX))? as u32,
+                }
+            };
+            let limit = change.apply(current, u32::MAX).map_err(Fail::Err)?;
+            tx.prepare_cached("UPDATE baton_keys SET lim = ?2 WHERE key = ?1")?
+                .execute(rusqlite::params![key.as_str(), limit])?;
+            Ok(true)
         })?;
-        if n == 0 {
+        if !found {
             return Err(self.ctx(errors::no_such_key_to_resize(), op, Some(key)));
         }
         Ok(())

@@ -27,7 +27,7 @@ use async_trait::async_trait;
 use baton_core::kit::runtime::{self, Call};
 use baton_core::{
     AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error, HolderId, Key, KeyStatus,
-    Lease, Op, Released, SlotStatus, Store, StoreUrl,
+    Lease, Op, Released, Resize, SlotStatus, Store, StoreUrl,
 };
 
 use crate::config::SqliteConfig;
@@ -174,10 +174,10 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn resize(&self, key: &Key, limit: u32) -> Result<KeyStatus, Error> {
+    async fn resize(&self, key: &Key, change: Resize) -> Result<KeyStatus, Error> {
         let k = key.clone();
         self.blocking(Op::Resize, Some(key), move |inner| {
-            inner.resize_blocking(&k, limit)?;
+            inner.resize_blocking(&k, change)?;
             inner.inspect_blocking(&k)
         })
         .await

@@ -434,7 +434,10 @@ async fn shrinking_a_limit_evicts_nobody_and_grants_resume_below_it() {
     let s = open(&db(tmp.path()));
     let a = s.acquire(&req("rs", 2, Wait::NoWait)).await.expect("a");
     let b = s.acquire(&req("rs", 2, Wait::NoWait)).await.expect("b");
-    let st = s.resize(&a.key, 1).await.expect("resize");
+    let st = s
+        .resize(&a.key, baton_core::Resize::To(1))
+        .await
+        .expect("resize");
     assert_eq!(st.limit, 1);
     assert_eq!(st.held(), 2, "nobody evicted: {st:?}");
     s.renew(&b)
@@ -455,10 +458,15 @@ async fn shrinking_a_limit_evicts_nobody_and_grants_resume_below_it() {
     let c = s.acquire(&req("rs", 1, Wait::NoWait)).await.expect("c");
     assert_eq!((c.slot, c.limit), (0, 1));
     // Growing it lets a second holder in.
-    s.resize(&c.key, 3).await.expect("grow");
+    s.resize(&c.key, baton_core::Resize::To(3))
+        .await
+        .expect("grow");
     let d = s.acquire(&req("rs", 3, Wait::NoWait)).await.expect("d");
     assert_eq!(d.slot, 1);
-    let err = s.resize(&c.key, 0).await.expect_err("zero");
+    let err = s
+        .resize(&c.key, baton_core::Resize::To(0))
+        .await
+        .expect_err("zero");
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
 }
 

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 
 use baton_core::kit::{errors, status};
-use baton_core::{Error, Holder, HolderId, Key, KeyStatus, Liveness, SlotStatus, Token};
+use baton_core::{Error, Holder, HolderId, Key, KeyStatus, Liveness, Resize, SlotStatus, Token};
 use zookeeper_client as zk;
 
 use crate::core::Inner;
@@ -152,17 +152,26 @@ impl Inner {
         Ok(out)
     }
 
-    pub(crate) async fn resize(&self, key: &Key, limit: u32) -> Result<KeyStatus, Error> {
-        errors::check_limit(limit, MAX_LIMIT)?;
+    /// Reads the limit and writes the changed one only if the node's version is unchanged
+    /// since (retried on conflict), so a relative change counts from the limit it replaces.
+    pub(crate) async fn resize(&self, key: &Key, change: Resize) -> Result<KeyStatus, Error> {
+        if let Resize::To(limit) = change {
+            errors::check_limit(limit, MAX_LIMIT)?;
+        }
         let c = self.admin().await?;
         let kp = layout::key_path(&self.config.root, key);
+        let mut tries = 0;
         loop {
+            tries += 1;
+            if tries > errors::RESIZE_TRIES {
+                return Err(errors::resize_kept_changing());
+            }
             let (data, stat) = match self.raw(c.get_data(&kp)).await? {
                 Ok(v) => v,
                 Err(zk::Error::NoNode) => return Err(errors::no_such_key_to_resize()),
                 Err(e) => return Err(self.map(e)),
             };
-            layout::parse_limit(&kp, &data)?;
+            let limit = change.apply(layout::parse_limit(&kp, &data)?, MAX_LIMIT)?;
             match self
                 .raw(c.set_data(&kp, &layout::key_data(limit), Some(stat.version)))
                 .await?

@@ -25,7 +25,8 @@ pub(crate) struct Held {
     pub(crate) slot_node: String,
 }
 
-pub(crate) struct Inner {
+/// The ZooKeeper store's state and operations, run on its runtime as [`crate::ZkStore`].
+pub struct Inner {
     pub(crate) url: StoreUrl,
     pub(crate) config: ZkConfig,
     pub(crate) runtime: StoreRuntime,

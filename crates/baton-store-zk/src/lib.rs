@@ -23,6 +23,7 @@ use std::sync::Arc;
 use baton_core::kit::context;
 use baton_core::{Result, Store, StoreUrl};
 
+pub use crate::core::Inner as ZkBackend;
 pub use config::{ZkConfig, DEFAULT_PREFIX};
 pub use store::ZkStore;
 

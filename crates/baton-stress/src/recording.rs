@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use baton_core::{
     AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error, ErrorKind, HolderId, Key,
-    KeyStatus, Lease, Released, SlotStatus, Store, StoreUrl,
+    KeyStatus, Lease, Released, Resize, SlotStatus, Store, StoreUrl,
 };
 
 use crate::clock::monotonic_ns;
@@ -127,8 +127,8 @@ impl Store for RecordingStore {
         self.inner.break_lease(key, holder).await
     }
 
-    async fn resize(&self, key: &Key, limit: u32) -> baton_core::Result<KeyStatus> {
-        self.inner.resize(key, limit).await
+    async fn resize(&self, key: &Key, change: Resize) -> baton_core::Result<KeyStatus> {
+        self.inner.resize(key, change).await
     }
 
     async fn barrier(&self, req: &BarrierRequest) -> baton_core::Result<BarrierPassed> {

@@ -173,10 +173,33 @@ fn resize_changes_the_limit_and_never_evicts() {
     let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("json");
     assert_eq!(v["type"], "resized");
     assert_eq!(v["limit"], 3);
-    lease_cmd(&dir, &["resize", "sem", "0"])
+    // A step: +N and -N change the limit (a bare -N is a step, not a flag).
+    let out = lease_cmd(&dir, &["resize", "--json", "sem", "+2"]).output();
+    out.code(0);
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("json");
+    assert_eq!(
+        (v["change"].as_str(), v["limit"].as_u64()),
+        (Some("+2"), Some(5))
+    );
+    lease_cmd(&dir, &["resize", "sem", "-3"])
+        .output()
+        .code(0)
+        .stdout_has("by -3 to 2 slot(s)");
+    // A step below 1 is refused, naming the limit, and changes nothing.
+    lease_cmd(&dir, &["resize", "sem", "-2"])
         .output()
         .code(2)
+        .stderr_has("limit of 2")
         .one_error_line();
+    let out = lease_cmd(&dir, &["status", "--json", "sem"]).output();
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("json");
+    assert_eq!(v["limit"].as_u64(), Some(2), "{out:?}");
+    for bad in ["0", "+0", "x", "1.5", "--3"] {
+        lease_cmd(&dir, &["resize", "sem", bad])
+            .output()
+            .code(2)
+            .one_error_line();
+    }
     lease_cmd(&dir, &["resize", "nosuch", "2"])
         .output()
         .code(1)

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 
 use crate::{
     AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, HolderId, Key, KeyStatus, Lease,
-    Op, Released, Result, SlotStatus, Store, StoreUrl,
+    Op, Released, Resize, Result, SlotStatus, Store, StoreUrl,
 };
 
 /// A store whose errors all carry their context; see the module docs.
@@ -79,8 +79,8 @@ impl Store for Contextual {
         self.ctx(r, Op::Break, Some(key))
     }
 
-    async fn resize(&self, key: &Key, limit: u32) -> Result<KeyStatus> {
-        let r = self.inner.resize(key, limit).await;
+    async fn resize(&self, key: &Key, change: Resize) -> Result<KeyStatus> {
+        let r = self.inner.resize(key, change).await;
         self.ctx(r, Op::Resize, Some(key))
     }
 

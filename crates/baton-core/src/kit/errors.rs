@@ -87,6 +87,18 @@ pub fn check_limit(limit: u32, max: u32) -> Result<(), Error> {
     Ok(())
 }
 
+/// How many times a store retries a resize's compare-and-set when another resize changed
+/// the limit between its read and its write.
+pub const RESIZE_TRIES: usize = 100;
+
+/// `Unavailable`: [`RESIZE_TRIES`] resizes in a row found the limit changed under them.
+pub fn resize_kept_changing() -> Error {
+    Error::new(
+        ErrorKind::Unavailable,
+        format!("the key's limit kept changing under {RESIZE_TRIES} attempts to resize it"),
+    )
+}
+
 /// The barrier's give-up: `Busy` for a no-wait arrival (`timeout` is `None`), `Timeout`
 /// when the wait ran out; the arrival was withdrawn either way.
 pub fn barrier_gave_up(timeout: Option<Duration>) -> Error {

@@ -4,6 +4,8 @@
 //! of its records, the grant) and takes the rest from here, so two stores never say the
 //! same thing in two ways:
 //!
+//! - [`backend`]: one `Store` for every store that runs on a runtime of its own: the store
+//!   writes its operations as a [`backend::Backend`], [`backend::OnRuntime`] does the rest.
 //! - [`context`]: the error-context layer (operation, key and store on every error).
 //! - [`runtime`]: run on the store's own executor, cancel when the caller goes away, give
 //!   back a grant nobody waits for; the blocking-thread twin for stores whose calls block.
@@ -16,6 +18,7 @@
 //! - [`sys`]: OFD locks, the filesystem type, user and group names, a poison-tolerant
 //!   mutex, backoff jitter.
 
+pub mod backend;
 pub mod context;
 pub mod errors;
 pub mod runtime;

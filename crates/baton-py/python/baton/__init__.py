@@ -299,10 +299,14 @@ class Store:
         that you lead from it; hold the lock. Raises LimitMismatchError on a semaphore."""
         return self._store.leader(key)
 
-    def resize(self, key: str, limit: int) -> Dict[str, Any]:
-        """Changes a key's limit (lease stores) and returns its status. Lowering it never
-        evicts a holder. Raises UnsupportedError on kernel-lock stores."""
-        return self._store.resize(key, limit)
+    def resize(
+        self, key: str, limit: Optional[int] = None, *, by: Optional[int] = None
+    ) -> Dict[str, Any]:
+        """Changes a key's limit (lease stores), to `limit` or by the step `by` (applied
+        atomically to the store's limit; a limit stays at least 1), and returns its
+        status. Lowering it never evicts a holder. Raises UnsupportedError on kernel-lock
+        stores."""
+        return self._store.resize(key, limit, by)
 
     def keys(self) -> List[str]:
         """Every key in the store, sorted."""

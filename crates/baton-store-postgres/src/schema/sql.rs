@@ -47,7 +47,7 @@ pub struct Sql {
     /// Breaks a key's leases (of one holder when `$2` is not null), returning them: deletes
     /// them, or, when the key has a lock-delay, marks them lost (held back).
     pub break_leases: String,
-    /// Sets a key's limit.
+    /// Sets a key's limit (`$2`) if it is still the limit read (`$3`).
     pub resize: String,
     /// Wakes a key's waiters.
     pub notify: String,
@@ -181,7 +181,7 @@ CREATE INDEX IF NOT EXISTS barrier_arrivals_key ON {s}.barrier_arrivals (key, ti
                    (extract(epoch FROM l.acquired_at) * 1000)::float8, false AS held_back) \
                  SELECT * FROM held_back UNION ALL SELECT * FROM gone"
             ),
-            resize: format!("UPDATE {s}.keys SET lim = $2 WHERE key = $1"),
+            resize: format!("UPDATE {s}.keys SET lim = $2 WHERE key = $1 AND lim = $3"),
             notify: "SELECT pg_notify($1, $2)::text".to_owned(),
         }
     }
