@@ -49,7 +49,8 @@ pub(crate) enum Found {
     Missing,
 }
 
-pub(crate) struct Inner {
+/// The RabbitMQ store's state and operations, run on its runtime as [`crate::AmqpStore`].
+pub struct Inner {
     pub(crate) url: StoreUrl,
     pub(crate) config: AmqpConfig,
     pub(crate) runtime: StoreRuntime,

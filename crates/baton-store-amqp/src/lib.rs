@@ -25,6 +25,7 @@ use std::sync::Arc;
 use baton_core::kit::context;
 use baton_core::{Result, Store, StoreUrl};
 
+pub use crate::core::Inner as AmqpBackend;
 pub use config::{AmqpConfig, DEFAULT_PREFIX};
 pub use store::AmqpStore;
 

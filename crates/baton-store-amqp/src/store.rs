@@ -1,22 +1,25 @@
-//! The RabbitMQ store's public type: opening it, its configuration, and the `Store`
-//! trait, each operation run on the store's own runtime and delegated to the role files:
-//! `acquire.rs` (the grant), `lease.rs` (renew, release), `admin.rs` (status, list);
-//! `layout.rs` has what the store keeps in RabbitMQ.
+//! The RabbitMQ store's public type and its [`Backend`]: opening it, its configuration,
+//! and each operation delegated to the role files: `acquire.rs` (the grant), `lease.rs`
+//! (renew, release), `admin.rs` (status, list); `layout.rs` has what the store keeps in
+//! RabbitMQ. [`OnRuntime`] runs them on the store's own runtime.
 //!
 //! Guarantees: an acquire whose future is dropped is cancelled on the store's runtime; a
 //! cancelled or failed acquire closes its connection, which returns all it had to the
-//! broker, and a grant made as its caller went away is released.
+//! broker (unless the connection was left holding back a lost lease's slot, which it
+//! does for the lost lease's TTL and then closes), and a grant made as its caller went
+//! away is released.
+//!
+//! Break, resize and barriers answer `Unsupported` (README: why).
 
 use std::fmt;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
+use baton_core::kit::backend::{Backend, OnRuntime};
 use baton_core::kit::runtime::{Call, Cancel, StoreRuntime};
 use baton_core::{
-    AcquireRequest, Capabilities, Error, ErrorKind, Key, KeyStatus, Lease, Op, Released, Store,
-    StoreUrl,
+    AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error, ErrorKind, HolderId, Key,
+    KeyStatus, Lease, Op, Released, Resize, SlotStatus, StoreUrl,
 };
 
 use crate::acquire::Ending;
@@ -24,29 +27,44 @@ use crate::config::AmqpConfig;
 use crate::core::Inner;
 use crate::layout::MAX_LIMIT;
 
-/// What the store adds to a lease's TTL (its connection's heartbeat timeout) before a
-/// silently dead holder's slot is free: the broker checks heartbeats in whole periods and
-/// may notice a missed one up to another timeout late (measured: see README).
+/// What the store adds to a lease's TTL before a dead holder's slot is free: a killed
+/// holder's slot comes back at once and is then held back for the lost lease's TTL; a
+/// silent holder's connection is closed by the broker after it missed heartbeats for
+/// the heartbeat timeout (the TTL, in whole seconds) and one more check period, and its
+/// slot is then held back for the TTL too (measured: README).
 const RECOVERY_EXTRA: Duration = Duration::from_secs(3);
 
-/// The RabbitMQ store. See the crate docs and README for the mechanism and its bounds.
-pub struct AmqpStore {
-    inner: Arc<Inner>,
-}
+/// The RabbitMQ store. See the crate docs and README for the mechanism and its bounds;
+/// [`AmqpStore::open`] opens one, and it derefs to [`Inner`] for its configuration.
+pub type AmqpStore = OnRuntime<Inner>;
 
-impl fmt::Debug for AmqpStore {
+impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpStore")
-            .field("url", &self.inner.url)
-            .field("config", &self.inner.config)
+            .field("url", &self.url)
+            .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
 
-impl AmqpStore {
+impl Inner {
+    /// The store's configuration.
+    pub fn config(&self) -> &AmqpConfig {
+        &self.config
+    }
+}
+
+fn unsupported(what: &str, why: &str) -> Error {
+    Error::new(
+        ErrorKind::Unsupported,
+        format!("the RabbitMQ store has no {what}: {why}"),
+    )
+}
+
+impl Backend for Inner {
     /// Opens the RabbitMQ store the URL names. Does not connect: the first operation
     /// does, so this never blocks.
-    pub fn open(url: &StoreUrl) -> Result<AmqpStore, Error> {
+    fn open(url: &StoreUrl) -> Result<Inner, Error> {
         let config = AmqpConfig::from_url(url)?;
         let runtime = StoreRuntime::start("baton-amqp", 2).map_err(|e| {
             Error::new(
@@ -57,44 +75,22 @@ impl AmqpStore {
             .with_store(url)
             .with_source(e)
         })?;
-        Ok(AmqpStore {
-            inner: Arc::new(Inner::new(url.clone(), config, runtime)),
-        })
+        Ok(Inner::new(url.clone(), config, runtime))
     }
 
-    /// The store's configuration.
-    pub fn config(&self) -> &AmqpConfig {
-        &self.inner.config
-    }
-
-    async fn on_runtime<T: Send + 'static, Fut>(
-        &self,
-        op: Op,
-        key: Option<&Key>,
-        f: impl FnOnce(Arc<Inner>) -> Fut,
-    ) -> Result<T, Error>
-    where
-        Fut: Future<Output = Result<T, Error>> + Send + 'static,
-    {
-        let fut = f(Arc::clone(&self.inner));
-        self.inner
-            .runtime
-            .run(Call::new(op, key, &self.inner.url), fut)
-            .await
-    }
-}
-
-#[async_trait]
-impl Store for AmqpStore {
     fn url(&self) -> &StoreUrl {
-        &self.inner.url
+        &self.url
+    }
+
+    fn runtime(&self) -> &StoreRuntime {
+        &self.runtime
     }
 
     fn capabilities(&self) -> Capabilities {
         Capabilities::lease_store(
-            "at once when the holder's connection closes (its process died); within the \
-             heartbeat timeout of its connection (the lease's TTL, 30s unless the request \
-             sets one) plus a few seconds when it went silent",
+            "the lease's TTL (30s unless the request sets one) after its holder's \
+             connection closed (its process died: at once) or went silent (the broker \
+             notices within the heartbeat timeout, the TTL, plus one check)",
             RECOVERY_EXTRA,
         )
         .with_break(false)
@@ -103,8 +99,7 @@ impl Store for AmqpStore {
         .with_barrier(false)
     }
 
-    async fn acquire(&self, req: &AcquireRequest) -> Result<Lease, Error> {
-        req.validate()?;
+    fn check(&self, req: &AcquireRequest) -> Result<(), Error> {
         if req.limit > MAX_LIMIT {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
@@ -115,84 +110,83 @@ impl Store for AmqpStore {
             ));
         }
         if req.lock_delay.is_some_and(|d| !d.is_zero()) {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "the RabbitMQ store has no lock-delay",
+            return Err(unsupported(
+                "lock-delay",
+                "a lost lease's slot is always held back for its TTL",
             ));
         }
-        let (inner, back, req2) = (
-            Arc::clone(&self.inner),
-            Arc::clone(&self.inner),
-            req.clone(),
-        );
-        let work = |mut cancel: Cancel| async move {
-            let cancelled =
-                |inner: &Inner| Call::new(Op::Acquire, Some(&req2.key), &inner.url).cancelled();
-            let conn = tokio::select! {
-                r = inner.lease_connection(&req2) => r?,
-                _ = &mut cancel => return Err(cancelled(&inner)),
-            };
-            let result = tokio::select! {
-                r = inner.contend(&conn, &req2) => r,
-                _ = &mut cancel => Err(Ending::Withdraw(cancelled(&inner))),
-            };
-            match result {
-                Ok((lease, held)) => {
-                    inner.keep(lease.key.as_str(), lease.token.0, held);
-                    Ok(lease)
-                }
-                Err(Ending::Withdraw(e)) => {
-                    // Everything the request had lives on its connection: closing it
-                    // returns the gate and a slot, and ends its place among the waiters.
-                    inner.hang_up(&conn).await;
-                    Err(e)
-                }
-                Err(Ending::HandedOver(e)) => Err(e),
+        Ok(())
+    }
+
+    async fn acquire(
+        self: Arc<Self>,
+        req: AcquireRequest,
+        mut cancel: Cancel,
+    ) -> Result<Lease, Error> {
+        let cancelled = || Call::new(Op::Acquire, Some(&req.key), &self.url).cancelled();
+        let conn = tokio::select! {
+            r = self.lease_connection(&req) => r?,
+            _ = &mut cancel => return Err(cancelled()),
+        };
+        let result = tokio::select! {
+            r = self.contend(&conn, &req) => r,
+            _ = &mut cancel => Err(Ending::Withdraw(cancelled())),
+        };
+        match result {
+            Ok((lease, held)) => {
+                self.keep(lease.key.as_str(), lease.token.0, held);
+                Ok(lease)
             }
-        };
-        let give_back = |lease: Lease| async move {
-            let _ = back.release(&lease).await;
-        };
-        let call = Call::new(Op::Acquire, Some(&req.key), &self.inner.url);
-        self.inner.runtime.grant(call, work, give_back).await
+            Err(Ending::Withdraw(e)) => {
+                // Everything the request had lives on its connection: closing it
+                // returns the gate and a slot, and ends its place among the waiters.
+                self.hang_up(&conn).await;
+                Err(e)
+            }
+            Err(Ending::HandedOver(e)) => Err(e),
+        }
     }
 
-    async fn release(&self, lease: &Lease) -> Result<Released, Error> {
-        let l = lease.clone();
-        self.on_runtime(Op::Release, Some(&lease.key), |inner| async move {
-            inner.release(&l).await
-        })
-        .await
-    }
-
-    fn release_now(&self, lease: &Lease) -> bool {
-        let inner = Arc::clone(&self.inner);
-        let l = lease.clone();
-        let release = async move { inner.release(&l).await.is_ok() };
-        self.inner
-            .runtime
-            .block_for(Duration::from_secs(5), release)
-            .unwrap_or(false)
-    }
-
-    async fn inspect(&self, key: &Key) -> Result<KeyStatus, Error> {
-        let k = key.clone();
-        self.on_runtime(Op::Inspect, Some(key), |inner| async move {
-            inner.inspect(&k).await
-        })
-        .await
-    }
-
-    async fn list(&self) -> Result<Vec<Key>, Error> {
-        self.on_runtime(Op::List, None, |inner| async move { inner.list().await })
-            .await
+    async fn release(self: &Arc<Self>, lease: &Lease) -> Result<Released, Error> {
+        Inner::release(self, lease).await
     }
 
     async fn renew(&self, lease: &Lease) -> Result<Lease, Error> {
-        let l = lease.clone();
-        self.on_runtime(Op::Renew, Some(&lease.key), |inner| async move {
-            inner.renew(&l).await
-        })
-        .await
+        Inner::renew(self, lease).await
+    }
+
+    async fn inspect(&self, key: &Key) -> Result<KeyStatus, Error> {
+        Inner::inspect(self, key).await
+    }
+
+    async fn list(&self) -> Result<Vec<Key>, Error> {
+        Inner::list(self).await
+    }
+
+    async fn break_lease(
+        &self,
+        _key: &Key,
+        _holder: Option<HolderId>,
+    ) -> Result<Vec<SlotStatus>, Error> {
+        Err(unsupported(
+            "break",
+            "a held slot is an unacknowledged delivery on its holder's connection, which \
+             AMQP gives no other client a way to end (rabbitmqctl close_connection does)",
+        ))
+    }
+
+    async fn resize(&self, _key: &Key, _change: Resize) -> Result<KeyStatus, Error> {
+        Err(unsupported(
+            "resize",
+            "the limit lives in the gate message, which only its holder could rewrite",
+        ))
+    }
+
+    async fn barrier(
+        self: Arc<Self>,
+        _req: BarrierRequest,
+        _cancel: Cancel,
+    ) -> Result<BarrierPassed, Error> {
+        Err(unsupported("barriers", "not built"))
     }
 }
