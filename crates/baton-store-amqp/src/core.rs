@@ -1,5 +1,5 @@
 //! The connections: one of its own per acquire (it becomes the lease's connection, whose
-//! heartbeat is the lease's TTL), one shared for reading and administration; every call
+//! heartbeat timeout is half the lease's TTL), one shared for reading and administration; every call
 //! bounded by the URL's timeout; queue declarations; and the one mapping of lapin's
 //! errors into `baton_core::Error`.
 //!

@@ -2,8 +2,8 @@
 //! unacknowledged delivery on its channel, so only the handle that granted it can renew
 //! or release it. Renew is a synchronous round trip on that channel (a passive
 //! declaration of the lease's proof queue): its answer proves the connection alive at the
-//! send time, and the broker cannot return the slot before it has missed the
-//! connection's heartbeats for the heartbeat timeout (the lease's TTL) after that.
+//! send time, and a slot the broker returns later, without a release, is held back for the
+//! TTL after it came back, so no one else holds it before send time + TTL.
 //! A connection or channel that closed, or a blocked connection, is a lost lease at once.
 
 use baton_core::{Error, ErrorKind, Lease, Released};

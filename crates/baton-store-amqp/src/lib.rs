@@ -6,8 +6,10 @@
 //! waiter holding the gate takes a slot message from the key's slots queue (`limit`
 //! messages, prefetch 1, never acknowledged while held) and hands the gate on by closing
 //! its channel. A held slot is an unacknowledged delivery on the holder's own connection,
-//! whose heartbeat timeout is the lease's TTL: the slot returns at once when that
-//! connection closes, and within the heartbeat timeout when it goes silent. The fencing
+//! whose heartbeat timeout is half the lease's TTL: the slot returns when that connection
+//! closes (at once when the holder's process died, after missed heartbeats when it went
+//! silent), and a slot returned without a release is held back for the lease's TTL, so
+//! the old holder has declared its loss (and `baton run` stopped its command) first. The fencing
 //! token is the gate message's `x-delivery-count` + 1: every hand-over adds one, and a
 //! quorum queue keeps it across broker restarts. See `README.md` for the layout, the
 //! bounds, what was verified on the broker and what the store cannot do.

@@ -30,8 +30,8 @@ use crate::layout::MAX_LIMIT;
 /// What the store adds to a lease's TTL before a dead holder's slot is free: a killed
 /// holder's slot comes back at once and is then held back for the lost lease's TTL; a
 /// silent holder's connection is closed by the broker after it missed heartbeats for
-/// the heartbeat timeout (the TTL, in whole seconds) and one more check period, and its
-/// slot is then held back for the TTL too (measured: README).
+/// about 2.5 heartbeat timeouts (half the TTL, at least 1s: measured, README), and its
+/// slot is then held back for the TTL too.
 const RECOVERY_EXTRA: Duration = Duration::from_secs(3);
 
 /// The RabbitMQ store. See the crate docs and README for the mechanism and its bounds;
