@@ -88,9 +88,9 @@ impl Backend for Inner {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities::lease_store(
-            "the lease's TTL (30s unless the request sets one) after its holder's \
-             connection closed (its process died: at once) or went silent (the broker \
-             notices within the heartbeat timeout, the TTL, plus one check)",
+            "the lease's TTL (30s unless the request sets one) after the broker saw its \
+             holder's connection end: at once when the holder's process died, after about \
+             2.5 heartbeat timeouts (half the TTL, at least 1s) when it went silent",
             RECOVERY_EXTRA,
         )
         .with_break(false)
