@@ -7,6 +7,7 @@
 //! heartbeat timeout of their connections) outlasts every hold by a wide margin; the lease
 //! properties use a 1 s TTL with a keeper.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,11 +23,13 @@ const TTL: Duration = Duration::from_secs(10);
 fn harness() -> Harness {
     match baton_conformance::servers::url_from_env("BATON_TEST_AMQP") {
         Err(why) => Harness::skipped(why, open),
-        Ok(url) => harness_at(&url).servers(Servers {
-            script: "rabbitmq",
-            cluster: false,
-            at: harness_at,
-        }),
+        Ok(url) => harness_at(&url)
+            .servers(Servers {
+                script: "rabbitmq",
+                cluster: false,
+                at: harness_at,
+            })
+            .corrupt("garbage-holder-record", garbage_record),
     }
 }
 
@@ -47,6 +50,55 @@ fn harness_at(url: &str) -> Harness {
             ttl: Duration::from_secs(1),
             detection: Duration::from_secs(3),
         })
+}
+
+/// A message that is not a holder record in the record queue of slot 0 (published on a
+/// thread of its own: the hook is called from inside the test's runtime).
+fn garbage_record(url: &str, key: &baton_core::Key) -> std::io::Result<Vec<PathBuf>> {
+    let u = StoreUrl::parse(url).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let c = baton_store_amqp::AmqpConfig::from_url(&u)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let queue = format!("{}.k.{}.rec.0", c.prefix, key.as_str());
+    let amqp = format!(
+        "amqp://{}:{}@{}:{}/{}",
+        c.user,
+        c.password,
+        c.host,
+        c.port,
+        c.vhost.replace('/', "%2f")
+    );
+    std::thread::spawn(move || -> std::io::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+            let io = |e: lapin::Error| std::io::Error::other(e.to_string());
+            let conn = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
+                .await
+                .map_err(io)?;
+            let ch = conn.create_channel().await.map_err(io)?;
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(io)?;
+            ch.basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                b"{\"token\": \"many\"}",
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .map_err(io)?
+            .await
+            .map_err(io)?;
+            conn.close(200, "OK".into()).await.map_err(io)?;
+            Ok(())
+        })
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the publishing thread panicked"))??;
+    Ok(Vec::new())
 }
 
 baton_conformance::suite!(open, harness);
