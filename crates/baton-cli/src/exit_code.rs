@@ -79,16 +79,16 @@ pub const HELP_TABLE: &str = "\
 Exit status:
   N      baton run: the command's own exit status
   128+N  baton run: the command died of signal N (or baton got signal N while waiting)
-  0      status, list, break, resize, fence: done; leader: there is a leader;
+  0      status, list, break, resize, delete, fence: done; leader: there is a leader;
          barrier: passed; stress: every property held
-  1      status KEY: no such key; break: the store cannot break leases, or nothing to break;
+  1      status KEY, delete: no such key; break: the store cannot break leases, or nothing to break;
          leader: no leader; stress: a property was violated (listed) or an event failed
   2      usage error: bad option, key, duration or store URL, no command, -n 0,
          or -n differs from the key's existing limit; leader: the key is a semaphore
   69     the store cannot be used (unreachable, permissions, foreign owner, corrupt state);
          fence: the database cannot be used or the SQL failed (nothing written)
   75     run: not acquired (busy with --no-wait, or -w ran out); -E CODE changes it;
-         barrier: -w ran out (the arrival was withdrawn)
+         barrier: -w ran out (the arrival was withdrawn); delete: the key is in use
   76     run: the lease was lost while the command ran; its process group was
          stopped before the lease could be granted again
   77     fence: the write was refused, a newer token was seen (this holder lost the lock)

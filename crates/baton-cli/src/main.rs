@@ -7,6 +7,7 @@
 mod barrier;
 mod brk;
 mod common;
+mod delete;
 mod exit_code;
 mod fence;
 mod leader;
@@ -103,6 +104,15 @@ enum Command {
     #[command(after_help = exit_code::HELP_TABLE)]
     Resize(resize::Args),
 
+    /// Remove a key nobody holds or waits for (every store but the directory store).
+    ///
+    /// Its limit, lock-delay and records go; the next acquire creates it anew, with its
+    /// own limit, and its tokens keep rising from the old ones. While a slot is held (or
+    /// held back by a lock-delay) or a request waits, it is refused and changes nothing:
+    /// exit 75. No such key: exit 1.
+    #[command(after_help = exit_code::HELP_TABLE)]
+    Delete(delete::Args),
+
     /// Write to a SQLite database only if this holder's fencing token is still current.
     ///
     /// Inside `baton run`: `baton fence --db results.db "INSERT ..."` takes the key and
@@ -140,6 +150,7 @@ fn main() -> ExitCode {
         Command::Break(args) => brk::run(store, args),
         Command::Leader(args) => leader::run(store, args),
         Command::Resize(args) => resize::run(store, args),
+        Command::Delete(args) => delete::run(store, args),
         Command::Fence(args) => fence::run(args),
         Command::Barrier(args) => barrier::run(store, args),
         Command::Stress(args) => stress::run(store, args),

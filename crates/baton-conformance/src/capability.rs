@@ -16,7 +16,7 @@ use crate::{Harness, Recovery, LIVENESS_BOUND};
 /// Every capability the store declares works, and every one it does not declare answers
 /// `Unsupported` (so a forgotten method cannot pass as "not declared", and a declared one
 /// cannot hide behind the trait's default):
-/// - renew, break, resize and barrier are called on a fresh key: declared → anything but
+/// - renew, break, resize, barrier and delete are called on a fresh key: declared → anything but
 ///   `Unsupported`; not declared → `Unsupported`;
 /// - a declared lock-delay is kept by the key and shown by status; an undeclared one is
 ///   refused, not ignored;
@@ -70,6 +70,11 @@ pub async fn capabilities_are_honest(h: &Harness) {
         lab.store.break_lease(&key, None).await.map(|_| ()),
     );
     let _ = lab.store.release(&lease).await;
+    check(
+        "delete",
+        caps.delete,
+        lab.store.delete(&key).await.map(|_| ()),
+    );
 
     let delayed = lab.key("caps-delay");
     let mut req = lab.request(&delayed, 1, Wait::NoWait);
@@ -161,6 +166,98 @@ pub async fn waiters_are_served_in_order(h: &Harness) {
     );
     let st = lab.inspect(&key).await;
     assert_eq!(st.waiters, Some(0), "waiters left behind: {st:?}");
+}
+
+/// `baton delete KEY` (the `Store::delete` contract): a key nobody holds or waits for
+/// is removed, and one in use is refused and kept.
+///
+/// While a slot is held, delete is `Busy` and the key keeps its holder; where the store
+/// counts waiters, a request waiting behind the holder is served when the holder
+/// releases (the refused delete lost nothing). Once nothing holds or waits: delete
+/// succeeds, status is `NotFound`, list leaves the key out, a second delete is
+/// `NotFound`, and the next acquire makes the key anew with another limit and a token
+/// above every token the key granted before. Run where the store declares delete.
+pub async fn delete_removes_only_an_unused_key(h: &Harness) {
+    let lab = Lab::new(h, "delete_removes_only_an_unused_key");
+    let caps = lab.store.capabilities();
+    let key = lab.key("delete");
+    let held = lab.grant(&lab.request(&key, 1, Wait::NoWait)).await;
+    let busy = |what: &'static str| {
+        move |r: baton_core::Result<()>| {
+            let e = r.expect_err(what);
+            assert_eq!(e.kind(), ErrorKind::Busy, "{what}: {e:#}");
+            assert!(e.to_string().contains("in use"), "{what}: {e:#}");
+        }
+    };
+    busy("delete of a held key must be refused")(lab.store.delete(&key).await);
+    assert_eq!(
+        lab.inspect(&key).await.held(),
+        1,
+        "a refused delete freed the holder"
+    );
+    let mut last = held.token;
+    if caps.waiters {
+        let store = Arc::clone(&lab.store);
+        let req = lab.request(&key, 1, Wait::Forever);
+        let waiter = tokio::spawn(async move {
+            let lease = store.acquire(&req).await.expect("the waiter is granted");
+            store.release(&lease).await.expect("release");
+            lease.token
+        });
+        bounded("the waiter queueing", LIVENESS_BOUND, async {
+            while lab.inspect(&key).await.waiters != Some(1) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        let e = lab
+            .store
+            .delete(&key)
+            .await
+            .expect_err("delete with a waiter");
+        assert!(
+            e.kind() == ErrorKind::Busy && e.to_string().contains("waiting"),
+            "a delete refused while a request waits must say so: {e:#}"
+        );
+        assert_eq!(lab.release(&held).await, Released::Released);
+        last = bounded("the waiter", LIVENESS_BOUND, waiter)
+            .await
+            .expect("waiter task");
+    } else {
+        assert_eq!(lab.release(&held).await, Released::Released);
+    }
+    bounded("delete", LIVENESS_BOUND, lab.store.delete(&key))
+        .await
+        .unwrap_or_else(|e| panic!("delete of an unused key '{key}': {e:#}"));
+    let gone = lab
+        .store
+        .inspect(&key)
+        .await
+        .expect_err("status of a deleted key");
+    assert_eq!(gone.kind(), ErrorKind::NotFound, "{gone:#}");
+    let keys = lab.store.list().await.expect("list");
+    assert!(
+        !keys.contains(&key),
+        "list still names a deleted key: {keys:?}"
+    );
+    let again = lab.store.delete(&key).await.expect_err("a second delete");
+    assert_eq!(again.kind(), ErrorKind::NotFound, "{again:#}");
+    // Made anew, with another limit; its tokens go on rising.
+    let anew = lab.grant(&lab.request(&key, 3, Wait::NoWait)).await;
+    assert!(
+        anew.token > last,
+        "a key made again after delete granted token {} after {last}",
+        anew.token
+    );
+    assert_eq!(lab.inspect(&key).await.limit, 3);
+    assert_eq!(lab.release(&anew).await, Released::Released);
+    let missing = lab.key("never-made");
+    let e = lab
+        .store
+        .delete(&missing)
+        .await
+        .expect_err("delete of a key never made");
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e:#}");
 }
 
 /// What [`waiters_ride_out_restart`] measured.

@@ -35,6 +35,7 @@ const BREAK: Cap = (|c| c.break_lease, "break");
 const RESIZE: Cap = (|c| c.resize, "resize");
 const FIFO: Cap = (|c| c.fifo, "FIFO waiters");
 const WAITERS: Cap = (|c| c.waiters, "a waiter count");
+const DELETE: Cap = (|c| c.delete, "delete");
 const DELAY: Cap = (|c| c.lock_delay, "lock-delay");
 const BARRIER: Cap = (|c| c.barrier, "barriers");
 
@@ -53,6 +54,10 @@ pub fn needs(name: &str) -> Needs {
         },
         "waiters_are_served_in_order" => Needs {
             caps: &[FIFO, WAITERS],
+            ..Needs::default()
+        },
+        "delete_removes_only_an_unused_key" => Needs {
+            caps: &[DELETE],
             ..Needs::default()
         },
         "paused_holder_is_superseded"

@@ -84,6 +84,8 @@ pub enum Op {
     Parse,
     /// Arriving at a barrier.
     Barrier,
+    /// Removing a key.
+    Delete,
 }
 
 impl fmt::Display for Op {
@@ -99,6 +101,7 @@ impl fmt::Display for Op {
             Op::Resize => "resize",
             Op::Parse => "parse",
             Op::Barrier => "barrier",
+            Op::Delete => "delete",
         })
     }
 }

@@ -149,6 +149,8 @@ pub struct Capabilities {
     pub barrier: bool,
     /// `inspect` counts the requests that wait ([`KeyStatus::waiters`]).
     pub waiters: bool,
+    /// A key nobody holds or waits for can be removed ([`Store::delete`]).
+    pub delete: bool,
     /// How soon a dead holder's slot comes back, as a bound.
     pub bound: Recovery,
     /// The same, in words, for `status` and docs.
@@ -165,7 +167,7 @@ impl Capabilities {
     }
 
     /// What every lease store of baton has: renew, break, resize, FIFO waiters, lock-delay,
-    /// barriers and a waiter count, with a dead holder's slot back within the TTL plus
+    /// barriers, a waiter count and delete, with a dead holder's slot back within the TTL plus
     /// `extra`.
     pub fn lease_store(recovery: &'static str, extra: Duration) -> Capabilities {
         Capabilities {
@@ -176,6 +178,7 @@ impl Capabilities {
             lock_delay: true,
             barrier: true,
             waiters: true,
+            delete: true,
             bound: Recovery::WithinTtl { extra },
             recovery,
         }
@@ -220,6 +223,12 @@ impl Capabilities {
     /// Sets `waiters`.
     pub fn with_waiters(mut self, on: bool) -> Capabilities {
         self.waiters = on;
+        self
+    }
+
+    /// Sets `delete`.
+    pub fn with_delete(mut self, on: bool) -> Capabilities {
+        self.delete = on;
         self
     }
 
@@ -403,6 +412,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn resize(&self, key: &Key, change: Resize) -> Result<KeyStatus> {
         let _ = change;
         Err(unsupported(self.url(), Op::Resize, key))
+    }
+
+    /// Removes a key that nobody holds or waits for: its limit, lock-delay and records go
+    /// (the next acquire creates it anew), and its tokens keep rising (a key made again
+    /// never hands out a token its earlier life did). Refuses with `Busy`, naming what
+    /// holds it, while a slot is held, a lost lease's slot is held back, or a request waits
+    /// (where the store can see waiters); `NotFound` when there is no such key.
+    async fn delete(&self, key: &Key) -> Result<()> {
+        Err(unsupported(self.url(), Op::Delete, key))
     }
 
     /// Arrives at the barrier `req.key` and waits until `req.parties` parties (this one

@@ -166,7 +166,8 @@ impl Store {
     }
 
     /// What the store can do: renew (leases expire unless renewed), break_lease, resize,
-    /// fifo, lock_delay, and recovery (how soon a dead holder's slot comes back).
+    /// fifo, lock_delay, barrier, waiters (status counts them), delete, and recovery (how
+    /// soon a dead holder's slot comes back).
     #[getter]
     fn capabilities<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let c = self.inner()?.capabilities();
@@ -176,6 +177,9 @@ impl Store {
         d.set_item("resize", c.resize)?;
         d.set_item("fifo", c.fifo)?;
         d.set_item("lock_delay", c.lock_delay)?;
+        d.set_item("barrier", c.barrier)?;
+        d.set_item("waiters", c.waiters)?;
+        d.set_item("delete", c.delete)?;
         d.set_item("recovery", c.recovery)?;
         Ok(d)
     }
@@ -269,6 +273,13 @@ impl Store {
             Box::pin(async move { s.break_lease(&key, holder).await })
         })?;
         Ok(freed.map_err(to_py)?.len())
+    }
+
+    /// Removes a key nobody holds or waits for (BusyError while one does).
+    fn delete(&self, py: Python<'_>, key: &str) -> PyResult<()> {
+        let key = self.key(key)?;
+        let r = self.run(py, |s| Box::pin(async move { s.delete(&key).await }))?;
+        r.map_err(to_py)
     }
 
     /// Arrives at barrier `key` and waits until `parties` parties have arrived.

@@ -163,6 +163,23 @@ def test_resize_where_the_store_can(store, key, kind):
             store.resize(key, **bad)
 
 
+def test_delete_where_the_store_can(store, key, kind):
+    with store.lock(key, slots=2):
+        if not store.capabilities["delete"]:
+            with pytest.raises(baton.UnsupportedError):
+                store.delete(key)
+            return
+        with pytest.raises(baton.BusyError):
+            store.delete(key)
+    store.delete(key)
+    assert key not in store.keys()
+    with pytest.raises(baton.NotFoundError):
+        store.delete(key)
+    with store.lock(key, slots=3) as held:
+        assert store.status(key)["limit"] == 3
+        assert held.token > 0
+
+
 def test_unavailable_store():
     store = baton.open("postgres://nobody@127.0.0.1:1/none?timeout=2s")
     with pytest.raises(baton.UnavailableError) as e:

@@ -9,7 +9,7 @@
 //! does for the lost lease's TTL and then closes), and a grant made as its caller went
 //! away is released.
 //!
-//! Break, resize and barriers answer `Unsupported` (README: why).
+//! Break, resize, delete and barriers answer `Unsupported` (README: why).
 
 use std::fmt;
 use std::sync::Arc;
@@ -97,6 +97,7 @@ impl Backend for Inner {
         .with_resize(false)
         .with_lock_delay(false)
         .with_barrier(false)
+        .with_delete(false)
     }
 
     fn check(&self, req: &AcquireRequest) -> Result<(), Error> {
@@ -179,6 +180,14 @@ impl Backend for Inner {
         Err(unsupported(
             "resize",
             "the limit lives in the gate message, which only its holder could rewrite",
+        ))
+    }
+
+    async fn delete(&self, _key: &Key) -> Result<(), Error> {
+        Err(unsupported(
+            "delete",
+            "the fencing token is the gate queue's delivery count, which a deleted key's \
+             gate would take with it (a key made again would start its tokens at 1)",
         ))
     }
 

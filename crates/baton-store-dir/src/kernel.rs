@@ -415,6 +415,10 @@ impl Store for DirStore {
             .with_barrier(true)
     }
 
+    async fn delete(&self, key: &Key) -> Result<(), Error> {
+        Err(crate::root::no_delete(&self.root, key))
+    }
+
     async fn acquire(&self, req: &AcquireRequest) -> Result<Lease, Error> {
         let key = &req.key;
         // The kernel frees a dead holder's lock at once and says nothing: this mode never

@@ -220,6 +220,11 @@ impl Store for LeaseStore {
         )
         .with_fifo(false)
         .with_waiters(false)
+        .with_delete(false)
+    }
+
+    async fn delete(&self, key: &Key) -> Result<(), Error> {
+        Err(crate::root::no_delete(&self.root, key))
     }
 
     async fn acquire(&self, req: &AcquireRequest) -> Result<Lease, Error> {

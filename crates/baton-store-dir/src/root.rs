@@ -554,6 +554,21 @@ fn open_root(config: &DirConfig) -> Result<OwnedFd, RootError> {
     })
 }
 
+/// `Unsupported` for delete, with the reason: a process that has a key's files open (a
+/// waiter blocked on a slot's lock, a cached descriptor) would go on locking the removed
+/// files while new requests lock new ones, so removing them could grant a slot twice;
+/// and the lease mode's token chain would start again.
+pub(crate) fn no_delete(root: &Root, key: &Key) -> Error {
+    root.err(
+        ErrorKind::Unsupported,
+        Op::Delete,
+        key,
+        "the directory store cannot delete a key yet: a process that has the key's files \
+         open could go on locking the removed ones while new requests lock new ones \
+         (remove the key's directory by hand only when no baton process can be using it)",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

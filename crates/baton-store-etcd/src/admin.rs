@@ -14,7 +14,7 @@ use baton_core::kit::errors;
 use baton_core::kit::status::{above_limit_note, broken, held_back_note, keys_from_names};
 use baton_core::kit::time::unix_ms_now;
 use baton_core::{HolderId, Key, KeyStatus, Op, Resize, Result, SlotStatus, Token};
-use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp};
 
 use crate::acquire::HoldBack;
 use crate::core::Inner;
@@ -219,7 +219,59 @@ impl Inner {
                 return self.inspect(key).await;
             }
         }
-        Err(errors::resize_kept_changing())
+        Err(errors::kept_changing("resize it"))
+    }
+
+    /// Reads every entry of the key at one revision, refuses while a slot is held or held
+    /// back or a request waits, and deletes them all in a transaction that fails if any of
+    /// them changed since (retried). Tokens are create revisions, which keep rising across
+    /// a key made again.
+    pub(crate) async fn delete(&self, key: &Key) -> Result<()> {
+        let names = self.names(key);
+        let all = names.all();
+        for _ in 0..errors::RESIZE_TRIES {
+            let resp = self
+                .call(Op::Delete, Some(key), |mut c, _| {
+                    let k = all.clone();
+                    async move { c.get(k, Some(GetOptions::new().with_prefix())).await }
+                })
+                .await?;
+            let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            let count = |prefix: &str| {
+                resp.kvs()
+                    .iter()
+                    .filter(|kv| kv.key().starts_with(prefix.as_bytes()))
+                    .count()
+            };
+            if !resp
+                .kvs()
+                .iter()
+                .any(|kv| kv.key() == names.limit.as_bytes())
+            {
+                return Err(errors::no_such_key());
+            }
+            // A holder keeps its waiter key while it holds; a grant record without its
+            // slot is a lost lease the lock-delay may still hold back.
+            let held = count(&names.slots);
+            let waiting = count(&names.waiters).saturating_sub(held);
+            let held_back = count(&names.holds) + count(&names.grants).saturating_sub(held);
+            if held + waiting + held_back > 0 {
+                let waiting = u32::try_from(waiting).unwrap_or(u32::MAX);
+                return Err(errors::in_use(held, Some(waiting), held_back));
+            }
+            let txn = Txn::new()
+                .when([
+                    Compare::mod_revision(all.clone(), CompareOp::Less, revision + 1).with_prefix(),
+                ])
+                .and_then([TxnOp::delete(
+                    all.clone(),
+                    Some(DeleteOptions::new().with_prefix()),
+                )]);
+            if self.txn(Op::Delete, key, txn).await?.succeeded() {
+                return Ok(());
+            }
+        }
+        Err(errors::kept_changing("delete it"))
     }
 }
 

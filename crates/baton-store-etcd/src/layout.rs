@@ -129,6 +129,13 @@ pub(crate) struct Names {
 }
 
 impl Names {
+    /// The prefix every entry of the key has.
+    pub(crate) fn all(&self) -> String {
+        self.limit
+            .strip_suffix("limit")
+            .unwrap_or(&self.limit)
+            .to_owned()
+    }
     pub(crate) fn grant(&self, slot: u32) -> String {
         format!("{}{slot}", self.grants)
     }

@@ -149,6 +149,10 @@ impl Backend for Inner {
         Inner::resize(self, key, change).await
     }
 
+    async fn delete(&self, key: &Key) -> Result<(), Error> {
+        Inner::delete(self, key).await
+    }
+
     /// Whatever happens (a pass, an error, a cancel), the arrival's etcd lease is revoked
     /// before the task ends, so no arrival outlives the call.
     async fn barrier(

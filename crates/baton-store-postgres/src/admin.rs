@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use baton_core::kit::errors::{
-    check_limit, no_such_key, no_such_key_to_resize, resize_kept_changing, RESIZE_TRIES,
+    check_limit, in_use, kept_changing, no_such_key, no_such_key_to_resize, RESIZE_TRIES,
 };
 use baton_core::kit::status::{above_limit_note, broken, held_back_note, keys_from_names};
 use baton_core::{
@@ -227,7 +227,49 @@ impl Inner {
                 return Ok(());
             }
         }
-        Err(resize_kept_changing())
+        Err(kept_changing("resize it"))
+    }
+
+    /// One server-side function (`delete_key`) that takes the key row's lock, refuses
+    /// while a lease is held or held back or a live waiter queues, and otherwise keeps the
+    /// key's last token as its floor and removes its rows.
+    pub(crate) async fn delete_step(&self, key: &Key) -> Result<(), Error> {
+        let k = key.as_str().to_owned();
+        let magic = self.magic;
+        let (found, held, waiting, back) = self
+            .with_conn(|inner, conn| {
+                let k = k.clone();
+                Box::pin(async move {
+                    let rows = inner
+                        .query(
+                            conn,
+                            &inner.sql.delete,
+                            &[(&k, Type::TEXT), (&magic, Type::INT4)],
+                        )
+                        .await?;
+                    let r = rows
+                        .first()
+                        .ok_or_else(|| Fail::Err(no_answer("delete_key")))?;
+                    Ok((
+                        col::<bool>(r, 0)?,
+                        col::<i64>(r, 1)?,
+                        col::<i64>(r, 2)?,
+                        col::<i64>(r, 3)?,
+                    ))
+                })
+            })
+            .await
+            .map_err(|f| self.map(f))?;
+        let n = |v: i64| usize::try_from(v).unwrap_or(0);
+        match (found, held + waiting + back) {
+            (false, _) => Err(no_such_key()),
+            (true, 0) => Ok(()),
+            (true, _) => Err(in_use(
+                n(held),
+                Some(u32::try_from(waiting).unwrap_or(u32::MAX)),
+                n(back),
+            )),
+        }
     }
 }
 
@@ -265,4 +307,12 @@ fn slot_status(l: &LeaseRow, delay_ms: u64, pid_ns: Option<&str>) -> SlotStatus 
         }
     }
     st
+}
+
+/// `Unavailable`: a function of baton's answered no row.
+fn no_answer(function: &str) -> Error {
+    Error::new(
+        baton_core::ErrorKind::Unavailable,
+        format!("the server function {function} answered no row"),
+    )
 }

@@ -29,8 +29,10 @@ pub use sql::Sql;
 /// store that finds a newer version refuses the schema instead of guessing; one that finds
 /// version 1 (leases that expired by the server's clock) upgrades it: it adds the renewal
 /// counter, the TTL, the lost mark and the key's lock-delay, and replaces the functions, so
-/// a baton that knows only version 1 then refuses the schema.
-pub const SCHEMA_VERSION: i32 = 2;
+/// a baton that knows only version 1 then refuses the schema. Version 3 adds the token
+/// floors of deleted keys (`retired_keys`, `delete_key`); a version 2 schema is upgraded
+/// in place the same way.
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The columns version 2 added to version 1's tables: a schema that lacks them is
 /// upgraded, not refused.
@@ -109,11 +111,17 @@ pub const SHAPE: &[(&str, &[(&str, &str)])] = &[
             ("expires_at", "timestamp with time zone"),
         ],
     ),
+    ("retired_keys", &[("key", "text"), ("seq", "bigint")]),
 ];
 
-/// The functions `attempt`, `release` and `leave`, with their argument counts (checked
+/// The functions `attempt`, `release`, `leave` and `delete_key`, with their argument counts (checked
 /// to exist; a missing one, or one with an older argument list, is created).
-pub const FUNCTIONS: &[(&str, i16)] = &[("attempt", 15), ("release", 5), ("leave", 4)];
+pub const FUNCTIONS: &[(&str, i16)] = &[
+    ("attempt", 15),
+    ("release", 5),
+    ("leave", 4),
+    ("delete_key", 2),
+];
 
 /// `Corrupt`, permanent: `what` (a table, the schema) belongs to something other than
 /// this baton; retrying will not change it.
@@ -232,8 +240,8 @@ impl Inner {
         let want = SCHEMA_VERSION.to_string();
         match version.as_deref() {
             Some(v) if v == want => {}
-            // Version 1 is upgraded in place (see SCHEMA_VERSION).
-            Some("1") => return Ok(false),
+            // Versions 1 and 2 are upgraded in place (see SCHEMA_VERSION).
+            Some("1" | "2") => return Ok(false),
             Some(v) if v.parse::<i32>().is_ok_and(|n| n > SCHEMA_VERSION) => {
                 return Err(newer(schema, v))
             }

@@ -152,6 +152,10 @@ impl Backend for Inner {
         self.inspect_step(key).await
     }
 
+    async fn delete(&self, key: &Key) -> Result<(), Error> {
+        self.delete_step(key).await
+    }
+
     /// Dropping the caller's future withdraws the arrival (the task sees its cancel and
     /// withdraws).
     async fn barrier(

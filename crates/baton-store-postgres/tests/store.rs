@@ -1036,7 +1036,8 @@ async fn a_lease_the_server_clock_calls_expired_stays_held() {
 
 /// A schema version 1 made (leases that expired by the server's clock) is upgraded in
 /// place by the first use: its live lease stays its holder's (its TTL taken from its
-/// stamps), tokens go on from its sequence, and the version row says 2.
+/// stamps), tokens go on from its sequence (also after the key is deleted and made
+/// again), and the version row says the current version.
 #[tokio::test(flavor = "current_thread")]
 async fn a_version_1_schema_is_upgraded_in_place() {
     let Some(base) = base_url("a_version_1_schema_is_upgraded_in_place") else {
@@ -1092,6 +1093,14 @@ async fn a_version_1_schema_is_upgraded_in_place() {
         .expect("grant after the upgrade");
     assert_eq!(l.token.0, 6);
     store.release(&l).await.expect("release");
+    // Deleted and made again with another limit: tokens go on from the old key's.
+    store.delete(&k).await.expect("delete");
+    let again = store
+        .acquire(&request(&k, 2, Wait::NoWait, Duration::from_secs(60)))
+        .await
+        .expect("the key made again");
+    assert_eq!((again.token.0, again.limit), (7, 2));
+    store.release(&again).await.expect("release");
     c.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .await
         .expect("drop");

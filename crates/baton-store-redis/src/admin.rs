@@ -200,6 +200,26 @@ impl Inner {
                 }
             }
         }
-        Err(errors::resize_kept_changing())
+        Err(errors::kept_changing("resize it"))
+    }
+
+    /// One script: refuses while a slot is held or held back or a request waits.
+    pub(crate) async fn delete(&self, key: &Key) -> Result<(), Error> {
+        let base = layout::base(&self.config.prefix, key);
+        let a = self.run(&self.scripts.delete, &[base]).await?;
+        let n = |i: usize| a.get(i).and_then(|v| v.parse::<u32>().ok());
+        match a.first().map(String::as_str) {
+            Some("none") => Err(errors::no_such_key()),
+            Some("ok") => Ok(()),
+            Some("in_use") if a.len() == 4 => Err(errors::in_use(
+                n(1).unwrap_or(0) as usize,
+                n(2),
+                n(3).unwrap_or(0) as usize,
+            )),
+            _ => Err(Error::new(
+                ErrorKind::Unavailable,
+                format!("the delete script answered {a:?}"),
+            )),
+        }
     }
 }

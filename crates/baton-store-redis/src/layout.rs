@@ -361,6 +361,27 @@ wake_eligible(tonumber(ARGV[2]))
 return {'ok'}
 "#;
 
+/// Deletes a key nobody holds or waits for. ARGV: base. Answers `none`, `ok`, or
+/// `in_use HELD WAITING LOST` (nothing was written). The token counter stays, so a key
+/// made again goes on from it.
+pub(crate) const DELETE: &str = r#"
+local meta = load_meta()
+if not meta then return {'none'} end
+local holders = load_holders()
+check_waiters()
+local held, lost = 0, 0
+for _, h in ipairs(holders) do
+  if h.lost == '1' then lost = lost + 1 else held = held + 1 end
+end
+local waiting = redis.call('ZCARD', B .. ':waiters')
+if held + lost + waiting > 0 then
+  return {'in_use', tostring(held), tostring(waiting), tostring(lost)}
+end
+for i = 0, meta.limit - 1 do redis.call('DEL', B .. ':slot:' .. i) end
+redis.call('DEL', B .. ':meta', B .. ':holders', B .. ':waiters', B .. ':wcount', B .. ':winfo')
+return {'ok'}
+"#;
+
 /// Barrier keys, under the base `PREFIX:b:{K}`: `B:gen` (hash: `gen`, the next
 /// generation's number, and `parties` while one waits), `B:arr` (sorted set: arrival id →
 /// refresh counter), `B:ainfo` (arrival id → `TTL_MS|holder JSON`), `B:done` (arrival id →

@@ -140,6 +140,10 @@ impl Backend for Inner {
         Inner::resize(self, key, change).await
     }
 
+    async fn delete(&self, key: &Key) -> Result<(), Error> {
+        Inner::delete(self, key).await
+    }
+
     /// Whatever happens (a pass, an error, a cancel), a party that did not pass withdraws
     /// its arrival before the task ends; one whose generation passed meanwhile returns
     /// the pass.

@@ -143,7 +143,9 @@ impl Inner {
         let now = monotonic_ns();
         let created = tx
             .prepare_cached(
-                "INSERT INTO baton_keys(key, lim, seq) VALUES (?1, ?2, 0) ON CONFLICT(key) DO NOTHING",
+                "INSERT INTO baton_keys(key, lim, seq) VALUES (?1, ?2, \
+                 coalesce((SELECT seq FROM baton_retired_keys WHERE key = ?1), 0)) \
+                 ON CONFLICT(key) DO NOTHING",
             )?
             .execute(rusqlite::params![k, req.limit])?;
         if let (1, Some(ms)) = (created, enc.lock_delay_ms) {

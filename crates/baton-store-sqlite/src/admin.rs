@@ -19,7 +19,7 @@ use baton_core::{
 use rusqlite::TransactionBehavior;
 
 use crate::core::{Fail, Inner};
-use crate::layout::{int_in, text, LeaseRow};
+use crate::layout::{self, int_in, text, LeaseRow};
 use crate::queue::View;
 use crate::sys::Probe;
 
@@ -188,5 +188,67 @@ impl Inner {
             return Err(self.ctx(errors::no_such_key_to_resize(), op, Some(key)));
         }
         Ok(())
+    }
+
+    /// In one IMMEDIATE transaction: refuses while a lease is live, a lost lease's slot is
+    /// held back or a waiter's process is alive; otherwise keeps the key's last token in
+    /// `baton_retired_keys` (so a key made again goes on from it) and removes its rows.
+    pub(crate) fn delete_blocking(&self, key: &Key) -> Result<(), Error> {
+        let op = Op::Delete;
+        let mut probe = Probe::new(&self.lock_path);
+        let now = monotonic_ns();
+        let boot = self.boot_id.as_str();
+        let outcome = self.with_tx(TransactionBehavior::Immediate, op, Some(key), |tx| {
+            let Some(view) = self.read_view(tx, key)? else {
+                return Ok(None);
+            };
+            let held = view
+                .leases
+                .iter()
+                .filter(|l| view.lease_live(l, boot, now))
+                .count();
+            let delay_ns = view.delay_ms.unwrap_or(0).saturating_mul(1_000_000);
+            let expired_held_back = view
+                .leases
+                .iter()
+                .filter(|l| l.boot_id == boot && !view.lease_live(l, boot, now))
+                .filter(|l| now < l.expires_boot_ns.saturating_add(delay_ns))
+                .count();
+            let held_back = expired_held_back
+                + (0..view.lim)
+                    .filter(|s| view.held_back(*s, boot, now).is_some())
+                    .count();
+            let mut waiting = 0u32;
+            self.each_ticket(tx, key, i64::MAX, |t| {
+                if View::ticket_live(&t, boot, now) && probe.alive(t.ticket) {
+                    waiting += 1;
+                }
+                true
+            })?;
+            if held + held_back > 0 || waiting > 0 {
+                return Ok(Some(Err(errors::in_use(held, Some(waiting), held_back))));
+            }
+            layout::require_retired_schema(tx)?;
+            tx.prepare_cached(
+                "INSERT INTO baton_retired_keys(key, seq) VALUES (?1, ?2) \
+                 ON CONFLICT(key) DO UPDATE SET seq = max(seq, excluded.seq)",
+            )?
+            .execute(rusqlite::params![key.as_str(), view.last_token])?;
+            for table in [
+                "baton_leases",
+                "baton_waiters",
+                "baton_lock_delays",
+                "baton_held_back",
+                "baton_keys",
+            ] {
+                tx.prepare_cached(&format!("DELETE FROM {table} WHERE key = ?1"))?
+                    .execute([key.as_str()])?;
+            }
+            Ok(Some(Ok(())))
+        })?;
+        match outcome {
+            None => Err(self.ctx(errors::no_such_key(), op, Some(key))),
+            Some(r) => r.map_err(|e| self.ctx(e, op, Some(key))),
+        }
     }
 }

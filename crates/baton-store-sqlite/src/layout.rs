@@ -26,11 +26,16 @@ use crate::core::{corrupt, Fail};
 pub const APPLICATION_ID: i32 = 0x6261_746E;
 
 /// `PRAGMA user_version` of the schema this code writes (and the newest it reads).
-/// Version 2 added lock-delays (`baton_lock_delays`, `baton_held_back`). A version-1 file
-/// gets the two tables beside its own and stays version 1, so older batons keep using
-/// it, until a key with a lock-delay is created in it: that transaction raises it to 2,
-/// so that no baton that would ignore the delay grants in it any more.
-pub const SCHEMA_VERSION: i32 = 2;
+/// Version 2 added lock-delays (`baton_lock_delays`, `baton_held_back`), version 3 the
+/// token floors of deleted keys (`baton_retired_keys`). An older file gets the newer
+/// tables beside its own and keeps its version, so older batons keep using it, until a
+/// transaction uses what they would ignore: creating a key with a lock-delay raises it to
+/// 2, deleting a key to 3 (a baton that knows no floors would hand a key made again its
+/// old tokens).
+pub const SCHEMA_VERSION: i32 = 3;
+
+/// The first version with lock-delays.
+const LOCK_DELAY_VERSION: i32 = 2;
 
 /// The `user_version` of files written before lock-delays, still read and written.
 const SCHEMA_VERSION_1: i32 = 1;
@@ -83,22 +88,41 @@ CREATE TABLE IF NOT EXISTS baton_held_back(
 ) STRICT;
 ";
 
-const TABLES: [&str; 5] = [
+/// The token floors of deleted keys (schema version 3): a key made again takes its
+/// tokens on from the last one its earlier life granted.
+pub(crate) const RETIRED_TABLE: &str = "
+CREATE TABLE IF NOT EXISTS baton_retired_keys(
+    key TEXT PRIMARY KEY NOT NULL,
+    seq INTEGER NOT NULL CHECK (seq >= 0)
+) STRICT;
+";
+
+const TABLES: [&str; 6] = [
     "baton_keys",
     "baton_leases",
     "baton_waiters",
     "baton_lock_delays",
     "baton_held_back",
+    "baton_retired_keys",
 ];
 
-/// Raises a version-1 file to version 2 inside the caller's write transaction (called
-/// when a key with a lock-delay is created).
-pub(crate) fn require_lock_delay_schema(tx: &Connection) -> Result<(), Fail> {
-    let version: i32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if version < SCHEMA_VERSION {
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+/// Raises an older file to `version` inside the caller's write transaction.
+fn require_version(tx: &Connection, version: i32) -> Result<(), Fail> {
+    let have: i32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if have < version {
+        tx.pragma_update(None, "user_version", version)?;
     }
     Ok(())
+}
+
+/// Raises a version-1 file to version 2 (called when a key with a lock-delay is created).
+pub(crate) fn require_lock_delay_schema(tx: &Connection) -> Result<(), Fail> {
+    require_version(tx, LOCK_DELAY_VERSION)
+}
+
+/// Raises an older file to version 3 (called when a key is deleted).
+pub(crate) fn require_retired_schema(tx: &Connection) -> Result<(), Fail> {
+    require_version(tx, SCHEMA_VERSION)
 }
 
 /// Checks that `conn`'s file is baton's (creating the schema in an empty file) and puts
@@ -116,6 +140,7 @@ pub(crate) fn check_or_init(conn: &mut Connection, path: &Path) -> Result<(), Fa
         if app == 0 && objects == 0 {
             tx.execute_batch(SCHEMA)?;
             tx.execute_batch(LOCK_DELAY_TABLES)?;
+            tx.execute_batch(RETIRED_TABLE)?;
             tx.pragma_update(None, "application_id", APPLICATION_ID)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
@@ -134,14 +159,19 @@ pub(crate) fn check_or_init(conn: &mut Connection, path: &Path) -> Result<(), Fa
             .permanent(),
         ));
     }
-    if version == SCHEMA_VERSION_1 && has_tables(conn, &TABLES[..3])? && !has_tables(conn, &TABLES)?
+    let known = (SCHEMA_VERSION_1..=SCHEMA_VERSION).contains(&version);
+    if known
+        && version < SCHEMA_VERSION
+        && has_tables(conn, &TABLES[..3])?
+        && !has_tables(conn, &TABLES)?
     {
-        // Add the lock-delay tables; the version stays 1 (see SCHEMA_VERSION).
+        // Add the newer tables; the version stays (see SCHEMA_VERSION).
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(LOCK_DELAY_TABLES)?;
+        tx.execute_batch(RETIRED_TABLE)?;
         tx.commit()?;
     }
-    if version != SCHEMA_VERSION && version != SCHEMA_VERSION_1 {
+    if !known {
         let kind = if version > SCHEMA_VERSION {
             ErrorKind::Unsupported
         } else {

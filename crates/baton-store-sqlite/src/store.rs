@@ -174,6 +174,14 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn delete(&self, key: &Key) -> Result<(), Error> {
+        let k = key.clone();
+        self.blocking(Op::Delete, Some(key), move |inner| {
+            inner.delete_blocking(&k)
+        })
+        .await
+    }
+
     async fn resize(&self, key: &Key, change: Resize) -> Result<KeyStatus, Error> {
         let k = key.clone();
         self.blocking(Op::Resize, Some(key), move |inner| {

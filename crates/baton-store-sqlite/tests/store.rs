@@ -926,7 +926,7 @@ fn garbage_lock_delay_rows_are_corrupt_and_free_nothing() {
 }
 
 #[tokio::test]
-async fn a_version_1_file_stays_1_until_a_key_gets_a_lock_delay() {
+async fn a_version_1_file_stays_1_until_a_key_gets_a_lock_delay_and_2_until_a_delete() {
     let tmp = tempfile::tempdir().expect("tmp");
     let path = db(tmp.path());
     drop(open(&path));
@@ -948,9 +948,21 @@ async fn a_version_1_file_stays_1_until_a_key_gets_a_lock_delay() {
         .acquire(&delayed("delayed", Wait::NoWait, Duration::from_secs(1)))
         .await
         .expect("delayed");
-    assert_eq!(user_version(&path), SCHEMA_VERSION);
+    // Version 2 has lock-delays; only a delete raises it to 3.
+    assert_eq!(user_version(&path), 2);
     assert_eq!(
         s.inspect(&b.key).await.expect("inspect").lock_delay_ms,
         Some(1000)
     );
+    // A delete raises it to 3 (the token floors), and the key made again goes on from
+    // the deleted one's tokens.
+    s.release(&b).await.expect("release");
+    s.delete(&b.key).await.expect("delete");
+    assert_eq!(user_version(&path), SCHEMA_VERSION);
+    let again = s
+        .acquire(&req("delayed", 2, Wait::NoWait))
+        .await
+        .expect("made again");
+    assert!(again.token > b.token, "{} after {}", again.token, b.token);
+    assert_eq!(again.limit, 2);
 }

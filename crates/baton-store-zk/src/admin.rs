@@ -164,7 +164,7 @@ impl Inner {
         loop {
             tries += 1;
             if tries > errors::RESIZE_TRIES {
-                return Err(errors::resize_kept_changing());
+                return Err(errors::kept_changing("resize it"));
             }
             let (data, stat) = match self.raw(c.get_data(&kp)).await? {
                 Ok(v) => v,
@@ -183,5 +183,29 @@ impl Inner {
             }
         }
         self.inspect(key).await
+    }
+
+    /// Deletes the key's node: ZooKeeper refuses while it has children (a holder's or a
+    /// waiter's node, each in a live session), so nobody's request is lost. Tokens are
+    /// czxids, which keep rising across a key made again.
+    pub(crate) async fn delete(&self, key: &Key) -> Result<(), Error> {
+        let c = self.admin().await?;
+        let kp = layout::key_path(&self.config.root, key);
+        for _ in 0..errors::RESIZE_TRIES {
+            match self.raw(c.delete(&kp, None)).await? {
+                Ok(()) => return Ok(()),
+                Err(zk::Error::NoNode) => return Err(errors::no_such_key()),
+                Err(zk::Error::NotEmpty) => {
+                    let st = self.inspect(key).await?;
+                    let waiting = st.waiters.unwrap_or(0);
+                    if st.held() > 0 || waiting > 0 {
+                        return Err(errors::in_use(st.held(), st.waiters, 0));
+                    }
+                    // The last child went between the delete and the look: try again.
+                }
+                Err(e) => return Err(self.map(e)),
+            }
+        }
+        Err(errors::kept_changing("delete it"))
     }
 }

@@ -131,6 +131,10 @@ impl Store for RecordingStore {
         self.inner.resize(key, change).await
     }
 
+    async fn delete(&self, key: &Key) -> baton_core::Result<()> {
+        self.inner.delete(key).await
+    }
+
     async fn barrier(&self, req: &BarrierRequest) -> baton_core::Result<BarrierPassed> {
         self.inner.barrier(req).await
     }

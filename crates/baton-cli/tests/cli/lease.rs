@@ -437,3 +437,54 @@ fn a_killed_broker_ends_the_run_with_76() {
     out.code(76).stderr_has("lost");
     assert!(!process_alive(child), "the command outlived the run");
 }
+
+#[test]
+fn delete_removes_an_unused_key_and_refuses_one_in_use() {
+    let dir = Dir::new();
+    let url = format!("sqlite:{}", dir.file("locks.db").display());
+    let cmd = |args: &[&str]| {
+        let mut c = dir.bare(&["-s", &url]);
+        c.args(args);
+        c
+    };
+    let holder = cmd(&["run", "-n", "2", "-k", "gpu", "--", "sleep", "30"]).spawn();
+    wait_until("a holder", || {
+        let out = cmd(&["status", "--json", "gpu"]).output();
+        serde_json::from_str::<serde_json::Value>(out.stdout.trim())
+            .is_ok_and(|v| v["held"].as_u64() == Some(1))
+    });
+    // In use: refused, exit 75, one line naming the holder count; nothing changes.
+    cmd(&["delete", "gpu"])
+        .output()
+        .code(75)
+        .stderr_has("1 slot(s) held")
+        .one_error_line();
+    // SIGTERM: baton stops its command and releases.
+    holder.signal(libc::SIGTERM);
+    holder.finish();
+    let out = cmd(&["delete", "--json", "gpu"]).output();
+    out.code(0);
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("json");
+    assert_eq!(
+        (v["type"].as_str(), v["key"].as_str()),
+        (Some("deleted"), Some("gpu"))
+    );
+    cmd(&["status", "gpu"]).output().code(1);
+    cmd(&["delete", "gpu"]).output().code(1).one_error_line();
+    // Made anew with another limit.
+    cmd(&["run", "-n", "3", "-k", "gpu", "--", "true"])
+        .output()
+        .code(0);
+    // The directory store cannot delete yet, and says why.
+    let kernel = Dir::new();
+    kernel
+        .cmd(&["run", "-k", "kk", "--", "true"])
+        .output()
+        .code(0);
+    kernel
+        .cmd(&["delete", "kk"])
+        .output()
+        .code(69)
+        .stderr_has("cannot delete a key yet")
+        .one_error_line();
+}

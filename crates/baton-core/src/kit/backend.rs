@@ -84,6 +84,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// See [`Store::resize`].
     fn resize(&self, key: &Key, change: Resize) -> impl Future<Output = Result<KeyStatus>> + Send;
 
+    /// See [`Store::delete`].
+    fn delete(&self, key: &Key) -> impl Future<Output = Result<()>> + Send;
+
     /// One barrier wait (already validated). Whatever ends it (a pass, an error, a
     /// cancel), an arrival that did not pass is withdrawn before it returns.
     fn barrier(
@@ -219,6 +222,12 @@ impl<B: Backend + fmt::Debug> Store for OnRuntime<B> {
             b.resize(&k, change).await
         })
         .await
+    }
+
+    async fn delete(&self, key: &Key) -> Result<()> {
+        let k = key.clone();
+        self.run(Op::Delete, Some(key), |b| async move { b.delete(&k).await })
+            .await
     }
 
     async fn barrier(&self, req: &BarrierRequest) -> Result<BarrierPassed> {

@@ -84,6 +84,11 @@ impl Store for Contextual {
         self.ctx(r, Op::Resize, Some(key))
     }
 
+    async fn delete(&self, key: &Key) -> Result<()> {
+        let r = self.inner.delete(key).await;
+        self.ctx(r, Op::Delete, Some(key))
+    }
+
     async fn barrier(&self, req: &BarrierRequest) -> Result<BarrierPassed> {
         let r = self.inner.barrier(req).await;
         self.ctx(r, Op::Barrier, Some(&req.key))

@@ -87,15 +87,43 @@ pub fn check_limit(limit: u32, max: u32) -> Result<(), Error> {
     Ok(())
 }
 
-/// How many times a store retries a resize's compare-and-set when another resize changed
-/// the limit between its read and its write.
+/// `Busy` for delete: the key is in use. `held` slots are held, `waiting` requests wait
+/// (`None`: the store cannot count them), and `held_back` slots of lost leases are still
+/// held back by the key's lock-delay.
+pub fn in_use(held: usize, waiting: Option<u32>, held_back: usize) -> Error {
+    let mut parts = Vec::new();
+    if held > 0 {
+        parts.push(format!("{held} slot(s) held"));
+    }
+    if held_back > 0 {
+        parts.push(format!(
+            "{held_back} lost lease slot(s) still held back by the lock-delay"
+        ));
+    }
+    match waiting {
+        Some(n) if n > 0 => parts.push(format!("{n} request(s) waiting")),
+        _ => {}
+    }
+    Error::new(
+        ErrorKind::Busy,
+        format!(
+            "the key is in use ({}); delete removes only a key nobody holds or waits for \
+             (wait for them, or `baton break` the holders first)",
+            parts.join(", ")
+        ),
+    )
+}
+
+/// How many times a store retries a resize's or a delete's compare-and-set when another
+/// request changed the key between its read and its write.
 pub const RESIZE_TRIES: usize = 100;
 
-/// `Unavailable`: [`RESIZE_TRIES`] resizes in a row found the limit changed under them.
-pub fn resize_kept_changing() -> Error {
+/// `Unavailable`: [`RESIZE_TRIES`] compare-and-sets in a row found the key changed under
+/// them; `what` is what they tried (`resize it`).
+pub fn kept_changing(what: &str) -> Error {
     Error::new(
         ErrorKind::Unavailable,
-        format!("the key's limit kept changing under {RESIZE_TRIES} attempts to resize it"),
+        format!("the key kept changing under {RESIZE_TRIES} attempts to {what}"),
     )
 }
 

@@ -318,6 +318,13 @@ class Store:
         its next renewal."""
         return self._store.break_lease(key, holder)
 
+    def delete(self, key: str) -> None:
+        """Removes a key nobody holds or waits for: its limit and records go, the next
+        lock makes it anew, and its tokens keep rising. Raises BusyError while a slot is
+        held or a request waits, NotFoundError for no such key, UnsupportedError on the
+        directory store."""
+        self._store.delete(key)
+
     def barrier(
         self, key: str, parties: int, wait: Optional[Duration] = None
     ) -> Dict[str, Any]:

@@ -51,6 +51,9 @@ pub struct Sql {
     pub resize: String,
     /// Wakes a key's waiters.
     pub notify: String,
+    /// `delete_key($1 key, $2 magic)`: `found, held, waiting, held_back`; deleted when
+    /// found and all three are 0.
+    pub delete: String,
 }
 
 impl Sql {
@@ -123,6 +126,11 @@ CREATE TABLE IF NOT EXISTS {s}.barrier_arrivals (
     expires_at timestamptz NOT NULL
 );
 CREATE INDEX IF NOT EXISTS barrier_arrivals_key ON {s}.barrier_arrivals (key, ticket);
+-- Version 3: the token floors of deleted keys.
+CREATE TABLE IF NOT EXISTS {s}.retired_keys (
+    key text PRIMARY KEY,
+    seq bigint NOT NULL
+);
 "#
             ),
             create_functions: functions(&s),
@@ -142,7 +150,7 @@ CREATE INDEX IF NOT EXISTS barrier_arrivals_key ON {s}.barrier_arrivals (key, ti
             version: format!("SELECT value FROM {s}.meta WHERE name = 'schema_version'"),
             set_version: format!(
                 "INSERT INTO {s}.meta AS m (name, value) VALUES ('schema_version', $1) \
-                 ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value WHERE m.value = '1'"
+                 ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value WHERE m.value IN ('1', '2')"
             ),
             columns: "SELECT c.relname::text, a.attname::text, format_type(a.atttypid, a.atttypmod) \
                  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
@@ -183,6 +191,9 @@ CREATE INDEX IF NOT EXISTS barrier_arrivals_key ON {s}.barrier_arrivals (key, ti
             ),
             resize: format!("UPDATE {s}.keys SET lim = $2 WHERE key = $1 AND lim = $3"),
             notify: "SELECT pg_notify($1, $2)::text".to_owned(),
+            delete: format!(
+                "SELECT o_found, o_held, o_waiting, o_back FROM {s}.delete_key($1, $2)"
+            ),
         }
     }
 }
@@ -302,7 +313,9 @@ BEGIN
         INTO v_lim, v_seq, v_delay, v_types FROM {s}.keys k WHERE k.key = p_key FOR UPDATE;
     IF NOT FOUND THEN
         INSERT INTO {s}.keys AS k (key, lim, seq, lock_delay_ms)
-            VALUES (p_key, p_lim, 0, greatest(coalesce(p_lock_delay_ms, 0), 0))
+            VALUES (p_key, p_lim,
+                    coalesce((SELECT rk.seq FROM {s}.retired_keys rk WHERE rk.key = p_key), 0),
+                    greatest(coalesce(p_lock_delay_ms, 0), 0))
             ON CONFLICT (key) DO NOTHING;
         SELECT k.lim, k.seq, k.lock_delay_ms,
                pg_typeof(k.lim)::text || ' ' || pg_typeof(k.seq)::text || ' '
@@ -531,6 +544,48 @@ BEGIN
                  AND objsubid = 2) THEN
         PERFORM pg_advisory_unlock(p_magic, (p_ticket % 2147483647)::integer);
     END IF;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION {s}.delete_key(p_key text, p_magic integer)
+RETURNS TABLE(o_found boolean, o_held bigint, o_waiting bigint, o_back bigint)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_seq bigint;
+    v_delay bigint;
+    v_held bigint;
+    v_back bigint;
+    v_last bigint;
+    v_waiting bigint;
+BEGIN
+    -- The key row's lock first: an attempt takes it before it grants or queues, so none
+    -- is half done, and each statement below sees every attempt that committed.
+    SELECT k.seq, k.lock_delay_ms INTO v_seq, v_delay
+        FROM {s}.keys k WHERE k.key = p_key FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT false, 0::bigint, 0::bigint, 0::bigint;
+        RETURN;
+    END IF;
+    SELECT count(*) FILTER (WHERE NOT l.lost),
+           count(*) FILTER (WHERE l.lost AND (l.lost_at IS NULL
+               OR l.lost_at + v_delay * interval '1 millisecond' > clock_timestamp())),
+           max(l.token)
+        INTO v_held, v_back, v_last FROM {s}.leases l WHERE l.key = p_key;
+    SELECT count(*) INTO v_waiting FROM {s}.waiters w WHERE w.key = p_key
+        AND w.expires_at > clock_timestamp()
+        AND NOT pg_try_advisory_xact_lock_shared(p_magic, (w.ticket % 2147483647)::integer);
+    IF v_held + v_back + v_waiting > 0 THEN
+        RETURN QUERY SELECT true, v_held, v_waiting, v_back;
+        RETURN;
+    END IF;
+    -- A key made again takes its tokens on from here.
+    INSERT INTO {s}.retired_keys AS rk (key, seq)
+        VALUES (p_key, greatest(v_seq, coalesce(v_last, 0)))
+        ON CONFLICT (key) DO UPDATE SET seq = greatest(rk.seq, excluded.seq);
+    DELETE FROM {s}.leases l WHERE l.key = p_key;
+    DELETE FROM {s}.waiters w WHERE w.key = p_key;
+    DELETE FROM {s}.keys k WHERE k.key = p_key;
+    RETURN QUERY SELECT true, 0::bigint, 0::bigint, 0::bigint;
 END
 $fn$;
 "#
