@@ -126,23 +126,8 @@ impl Inner {
         let names = Names::new(&self.config.prefix, &req.key);
         self.ensure_key(conn, &names, req.limit).await?;
         if req.wait == Wait::NoWait {
-            // Busy when no slot is free, or when earlier requests wait (it must not pass
-            // them, nor wait behind them).
-            let free = self.look(conn, &names.slots()).await?;
-            let queued = self.look(conn, &names.waiters()).await?;
-            let none_free = matches!(free, Found::Queue { messages: 0, .. });
-            if let Found::Queue { consumers, .. } = queued {
-                if none_free || consumers > 0 {
-                    return Err(self
-                        .busy(
-                            conn,
-                            &names,
-                            req.limit,
-                            (consumers > 0).then_some(consumers),
-                        )
-                        .await
-                        .into());
-                }
+            if let Some(busy) = self.busy_now(conn, &names, req.limit).await? {
+                return Err(busy.into());
             }
         }
 
@@ -314,6 +299,40 @@ impl Inner {
             let _ = tokio::time::timeout(bound, ch.close(200, "OK".into())).await;
             let _ = tokio::time::timeout(bound, conn.close(200, "OK".into())).await;
         });
+    }
+
+    /// A no-wait request's `Busy`, when no slot is free or earlier requests wait (it must
+    /// not pass them, nor wait behind them); `None` when it may go on.
+    pub(crate) async fn busy_now(
+        &self,
+        conn: &Connection,
+        names: &Names,
+        limit: u32,
+    ) -> Result<Option<Error>, Error> {
+        let free = self.look(conn, &names.slots()).await?;
+        let queued = self.look(conn, &names.waiters()).await?;
+        let none_free = matches!(free, Found::Queue { messages: 0, .. });
+        if let Found::Queue { consumers, .. } = queued {
+            if none_free || consumers > 0 {
+                let ahead = (consumers > 0).then_some(consumers);
+                return Ok(Some(self.busy(conn, names, limit, ahead).await));
+            }
+        }
+        Ok(None)
+    }
+
+    /// A no-wait request's first look, on the store's own connection before the request
+    /// opens one of its own: an existing key that is busy answers at once.
+    pub(crate) async fn busy_at_once(&self, req: &AcquireRequest) -> Result<Option<Error>, Error> {
+        if req.wait != Wait::NoWait {
+            return Ok(None);
+        }
+        let conn = self.admin().await?;
+        let names = Names::new(&self.config.prefix, &req.key);
+        if matches!(self.look(&conn, &names.gate()).await?, Found::Missing) {
+            return Ok(None);
+        }
+        self.busy_now(&conn, &names, req.limit).await
     }
 
     /// How long the next wait may take: the request's deadline, or for a no-wait request

@@ -125,6 +125,13 @@ impl Backend for Inner {
         mut cancel: Cancel,
     ) -> Result<Lease, Error> {
         let cancelled = || Call::new(Op::Acquire, Some(&req.key), &self.url).cancelled();
+        let busy = tokio::select! {
+            r = self.busy_at_once(&req) => r?,
+            _ = &mut cancel => return Err(cancelled()),
+        };
+        if let Some(e) = busy {
+            return Err(e);
+        }
         let conn = tokio::select! {
             r = self.lease_connection(&req) => r?,
             _ = &mut cancel => return Err(cancelled()),
