@@ -1,11 +1,15 @@
-//! `amqp://user:pass@host:5672/vhost[?prefix=baton&timeout=5s]`, parsed from the store URL.
+//! `amqp://user:pass@host:5672/vhost[?prefix=baton&timeout=5s&password_file=PATH]`,
+//! parsed from the store URL.
 //!
 //! The vhost is the path after the host, percent-decoded (`%2f` is `/`, RabbitMQ's
-//! default vhost; an empty path is `/` too). `Debug` hides the password.
+//! default vhost; an empty path is `/` too). The password comes from the URL, else the
+//! file `?password_file=` names (private to its owner, or refused); without either, the
+//! user and password are `guest`. `Debug` hides the password.
 
 use std::fmt;
 use std::time::Duration;
 
+use baton_core::secret::{self, PasswordSources, Secret};
 use baton_core::{parse_duration, percent_decode, Error, ErrorKind, Op, StoreUrl};
 
 /// The prefix of every queue baton declares when the URL names none.
@@ -45,7 +49,8 @@ impl fmt::Debug for AmqpConfig {
 }
 
 impl AmqpConfig {
-    /// Parses an `amqp://` URL. Options: `prefix`, `timeout` (a duration such as `5s`).
+    /// Parses an `amqp://` URL. Options: `prefix`, `timeout` (a duration such as `5s`),
+    /// `password_file`.
     pub fn from_url(url: &StoreUrl) -> Result<AmqpConfig, Error> {
         let bad = |why: String| {
             Error::new(ErrorKind::InvalidInput, why)
@@ -58,6 +63,7 @@ impl AmqpConfig {
                 url.scheme()
             )));
         }
+        secret::check_user_info(url)?;
         let a = url.authority(5672, "amqp://guest:guest@127.0.0.1:5672/%2f")?;
         if a.endpoints.len() != 1 {
             return Err(bad(
@@ -88,6 +94,7 @@ impl AmqpConfig {
                     }
                     prefix = value.to_owned();
                 }
+                secret::PASSWORD_FILE_PARAM => {}
                 "timeout" => {
                     timeout = parse_duration(value)
                         .ok()
@@ -101,16 +108,26 @@ impl AmqpConfig {
                 }
                 other => {
                     return Err(bad(format!(
-                        "unknown option '{other}' (the RabbitMQ store knows: prefix, timeout)"
+                        "unknown option '{other}' (the RabbitMQ store knows: prefix, timeout, \
+                         password_file)"
                     )))
                 }
             }
         }
+        let sources = PasswordSources {
+            url: a.password.clone().map(Secret::new),
+            file: secret::password_file_param(url)?,
+            env: Vec::new(),
+        };
+        let password = sources
+            .resolve(&secret::process_env)
+            .map_err(|e| e.context(Op::Open, None, url))?
+            .map(|(p, _)| p.expose().to_owned());
         Ok(AmqpConfig {
             host,
             port,
             user: a.user.unwrap_or_else(|| "guest".into()),
-            password: a.password.unwrap_or_else(|| "guest".into()),
+            password: password.unwrap_or_else(|| "guest".into()),
             vhost,
             prefix,
             timeout,
