@@ -277,6 +277,7 @@ impl Inner {
         let mut watch = Watch {
             stream: None,
             targets: Vec::new(),
+            from: None,
         };
         loop {
             let Some((limit, limit_mod)) = view.limit else {
@@ -324,9 +325,13 @@ impl Inner {
             let targets = watch_targets(&a.names, &view, pos, limit, watch_slots);
             if watch.stream.is_none() || watch.targets != targets {
                 let prefixes = [a.names.slots.clone(), a.names.holds.clone()];
-                watch = self
-                    .watch_keys(op, key, targets, &prefixes, view.revision + 1)
-                    .await?;
+                watch = self.watch_keys(op, key, targets, &prefixes).await?;
+                if watch.from.is_some_and(|r| r > view.revision) {
+                    // Something changed between the read and the watch: read again (the
+                    // watch stays if it still watches the right keys).
+                    view = self.read_view(op, key, &a.names).await?;
+                    continue;
+                }
             }
             // Wait for an event, the next keep-alive, or the deadline.
             let next_keep = a.refreshed + keep_every;

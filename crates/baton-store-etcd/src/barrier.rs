@@ -41,12 +41,10 @@ use baton_core::kit::time::{next_wake, Refresh, ARRIVAL_TTL};
 use baton_core::{
     BarrierPassed, BarrierRequest, Error, ErrorKind, Holder, Key, Liveness, Op, Wait,
 };
-use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp, WatchOptions,
-};
+use etcd_client::{Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 
-use crate::core::{gets, polling, txn_reads, wait_for_change, Inner};
+use crate::core::{gets, txn_reads, wait_for_change, Inner};
 use crate::layout::{corrupt, show};
 
 /// When a barrier wait that starts at `start` gives up: at once for a no-wait arrival,
@@ -310,32 +308,30 @@ impl Inner {
         let mut from = my_rev + 1;
         let mut watch: Option<etcd_client::WatchStream> = None;
         loop {
+            // A watch from the current revision (live at once; see `Inner::watch_keys`);
+            // what changed since the last look and before the watch is read now.
+            let mut changed = false;
             if watch.is_none() {
-                let gen_key = names.gen.clone();
-                let stream = self
-                    .call(op, Some(key), |mut c, _| {
-                        let k = gen_key.clone();
-                        async move {
-                            c.watch(k, Some(WatchOptions::new().with_start_revision(from)))
-                                .await
-                        }
-                    })
-                    .await;
+                let w = self
+                    .watch_keys(op, key, vec![names.gen.clone()], &[])
+                    .await?;
                 // Without a stream (no member answered): poll until one does.
-                watch = polling(stream)?;
+                changed = w.from.is_some_and(|r| r >= from);
+                watch = w.stream;
             }
             let until = next_wake([Some(keep.due_at()), deadline]).unwrap_or(keep.due_at());
             // Woken only by the generation moving past `g` (or the key's deletion).
-            let look = wait_for_change(&mut watch, until, |r| {
-                r.events().iter().any(|e| {
-                    e.event_type() == EventType::Delete
-                        || e.kv().is_none_or(|kv| {
-                            self.parse_gen(&names, Some(kv))
-                                .map_or(true, |(n, _)| n > g)
-                        })
+            let look = changed
+                || wait_for_change(&mut watch, until, |r| {
+                    r.events().iter().any(|e| {
+                        e.event_type() == EventType::Delete
+                            || e.kv().is_none_or(|kv| {
+                                self.parse_gen(&names, Some(kv))
+                                    .map_or(true, |(n, _)| n > g)
+                            })
+                    })
                 })
-            })
-            .await;
+                .await;
             if look {
                 let (standing, rev) = self.standing(key, &names, &mine, g, gen_mod).await?;
                 from = rev + 1;

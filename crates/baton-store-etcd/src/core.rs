@@ -202,6 +202,9 @@ pub(crate) fn is_lease_exists(e: &etcd_client::Error) -> bool {
 pub(crate) struct Watch {
     pub(crate) stream: Option<WatchStream>,
     pub(crate) targets: Vec<String>,
+    /// The store's revision when every watch was in place: what changed after it is
+    /// delivered; what changed up to it the caller must read (`None`: polling).
+    pub(crate) from: Option<i64>,
 }
 
 impl Inner {
@@ -410,38 +413,87 @@ impl Inner {
     /// Opens one watch stream on `targets` from revision `from` (those in `prefixes` as
     /// prefixes); without a stream when no member answered (the caller then polls at the
     /// keep-alive pace until one does).
+    /// Watches `targets` (a prefix each when it is in `prefixes`) from the current
+    /// revision, and waits for etcd to confirm each watch. A watch created from a revision
+    /// already past is served from etcd's catch-up loop, which runs every 100 ms; from the
+    /// current one it is live at once. The caller compares [`Watch::from`] with the
+    /// revision it read and reads again when something changed in between.
     pub(crate) async fn watch_keys(
         &self,
         op: Op,
         key: &Key,
         targets: Vec<String>,
         prefixes: &[String],
-        from: i64,
     ) -> Result<Watch, Error> {
         let t2 = targets.clone();
-        let stream = self
+        let timeout = self.config.timeout;
+        let watched = self
             .call(op, Some(key), |mut c, _| {
                 let targets = t2.clone();
                 let prefixes = prefixes.to_vec();
                 async move {
                     let mut stream: Option<WatchStream> = None;
-                    for t in targets {
-                        let mut o = WatchOptions::new().with_start_revision(from);
-                        if prefixes.contains(&t) {
+                    for t in &targets {
+                        let mut o = WatchOptions::new();
+                        if prefixes.contains(t) {
                             o = o.with_prefix();
                         }
                         match stream.as_mut() {
-                            None => stream = Some(c.watch(t, Some(o)).await?),
-                            Some(s) => s.watch(t, Some(o)).await?,
+                            None => stream = Some(c.watch(t.clone(), Some(o)).await?),
+                            Some(s) => s.watch(t.clone(), Some(o)).await?,
                         }
                     }
-                    stream.ok_or_else(|| etcd_client::Error::WatchError("nothing to watch".into()))
+                    let mut s = stream
+                        .ok_or_else(|| etcd_client::Error::WatchError("nothing to watch".into()))?;
+                    // One `created` answer per watch; an event among them is a change the
+                    // caller must see, and counts as a change after the read.
+                    let (mut created, mut from) = (0, 0i64);
+                    let confirm = async {
+                        while created < targets.len() {
+                            match s.message().await? {
+                                Some(r) => {
+                                    let rev = r.header().map(|h| h.revision()).unwrap_or(0);
+                                    if r.created() {
+                                        created += 1;
+                                    }
+                                    if !r.events().is_empty() {
+                                        from = i64::MAX;
+                                    } else {
+                                        from = from.max(rev);
+                                    }
+                                }
+                                None => {
+                                    return Err(etcd_client::Error::WatchError(
+                                        "the watch stream ended".into(),
+                                    ))
+                                }
+                            }
+                        }
+                        Ok::<_, etcd_client::Error>(())
+                    };
+                    match tokio::time::timeout(timeout, confirm).await {
+                        Ok(r) => r?,
+                        Err(_) => {
+                            return Err(etcd_client::Error::WatchError(
+                                "etcd did not confirm the watch in time".into(),
+                            ))
+                        }
+                    }
+                    Ok((s, from))
                 }
             })
             .await;
-        Ok(Watch {
-            stream: polling(stream)?,
-            targets,
+        Ok(match polling(watched)? {
+            Some((stream, from)) => Watch {
+                stream: Some(stream),
+                targets,
+                from: Some(from),
+            },
+            None => Watch {
+                stream: None,
+                targets,
+                from: None,
+            },
         })
     }
 
@@ -458,7 +510,7 @@ impl Inner {
 
 /// A watch stream that could be opened, or `None` (poll) when no member answered; other
 /// errors end the wait.
-pub(crate) fn polling(stream: Result<WatchStream, Error>) -> Result<Option<WatchStream>, Error> {
+pub(crate) fn polling<T>(stream: Result<T, Error>) -> Result<Option<T>, Error> {
     match stream {
         Ok(s) => Ok(Some(s)),
         // Fall back to polling at the keep-alive pace until a member answers.
