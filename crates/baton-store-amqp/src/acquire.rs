@@ -113,14 +113,6 @@ impl Inner {
         conn: &Arc<Connection>,
         req: &AcquireRequest,
     ) -> Result<(Lease, Held), Ending> {
-        self.contend_inner(conn, req).await
-    }
-
-    async fn contend_inner(
-        &self,
-        conn: &Arc<Connection>,
-        req: &AcquireRequest,
-    ) -> Result<(Lease, Held), Ending> {
         let ttl = validate_ttl(req.ttl, &req.key)?;
         let deadline = req.deadline(Instant::now());
         let names = Names::new(&self.config.prefix, &req.key);
