@@ -73,6 +73,17 @@ if ! "$py" -c 'import kazoo' 2>/dev/null; then
   fi
 fi
 
+# The RabbitMQ peer: pika (the 2014 blog's token-message semaphore). The broker comes from
+# scripts/server-rabbitmq, started by baton-bench when BATON_TEST_AMQP is unset.
+if ! "$py" -c 'import pika' 2>/dev/null; then
+  log "installing pika for the RabbitMQ peer"
+  if [ "$py" = bench/.venv/bin/python ]; then
+    bench/.venv/bin/pip install -q pika >&2 || log "cannot install pika: the RabbitMQ peer is skipped"
+  else
+    python3 -m pip install -q --user pika >&2 || log "cannot install pika: the RabbitMQ peer is skipped"
+  fi
+fi
+
 # flock(1) is util-linux; strace is optional (the syscall table is skipped without it).
 apt_updated=
 apt_install() {

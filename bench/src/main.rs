@@ -3,12 +3,14 @@
 //! filelock, and util-linux `flock(1)` (benchmarks 1–4); for SQLite, raw `BEGIN IMMEDIATE`
 //! transactions (5–6); for PostgreSQL, advisory locks and a lease table (7–8); for etcd,
 //! `etcdctl lock` and python-etcd3 (9–11); for Redis, redis-py's and python-redis-lock's
-//! `Lock` (12–14); for ZooKeeper, kazoo's `Lock` (15–18). See `bench/README.md`.
+//! `Lock` (12–14); for ZooKeeper, kazoo's `Lock` (15–18); for RabbitMQ, a pika
+//! token-message semaphore (19–21). See `bench/README.md`.
 //!
 //! `baton-bench run` runs every benchmark, writes raw results as JSON Lines and prints a
 //! Markdown report on stdout (progress goes to stderr). The hidden subcommands are the
 //! worker processes the benchmarks start from this same binary.
 
+mod amqp;
 mod cli;
 mod contended;
 mod etcd;
@@ -123,7 +125,7 @@ struct RunArgs {
     /// Where lock files go (default: /dev/shm if it is tmpfs, else /tmp).
     #[arg(long)]
     lock_dir: Option<PathBuf>,
-    /// Run only these benchmarks (comma-separated: inproc,cli,handoff,storm,sqlite,sqlite-burst,postgres,etcd,redis,zk).
+    /// Run only these benchmarks (comma-separated: inproc,cli,handoff,storm,sqlite,sqlite-burst,postgres,etcd,redis,zk,amqp).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -401,6 +403,24 @@ fn run(args: RunArgs) -> Result<()> {
             dir: dir.join("zk"),
         };
         let out = zk::run(&cfg, &mut rec)?;
+        violations += out.violations as u64;
+        md.push_str(&out.markdown);
+    }
+    if wants("amqp") {
+        eprintln!("benchmarks 19 to 21: RabbitMQ store");
+        let cfg = amqp::Config {
+            rounds: if args.quick { 2 } else { 7 },
+            ops: if args.quick { 20 } else { 300 },
+            calls: if args.quick { 3 } else { 20 },
+            clients: vec![8, 32],
+            duration: Duration::from_millis(if args.quick { 500 } else { 3000 }),
+            baton: args.baton.clone(),
+            python: Some(args.python.clone()),
+            peers: args.peers.clone(),
+            server_script: PathBuf::from("scripts/server-rabbitmq"),
+            dir: dir.join("amqp"),
+        };
+        let out = amqp::run(&cfg, &mut rec)?;
         violations += out.violations as u64;
         md.push_str(&out.markdown);
     }

@@ -368,6 +368,7 @@ fn a_frozen_server_ends_the_run_with_76_while_it_is_still_frozen() {
         ("redis", "BATON_TEST_REDIS"),
         ("etcd", "BATON_TEST_ETCD"),
         ("zookeeper", "BATON_TEST_ZK"),
+        ("rabbitmq", "BATON_TEST_AMQP"),
     ] {
         let Some(server) = PrivateServer::start(name, var) else {
             continue;
@@ -401,6 +402,40 @@ fn a_frozen_server_ends_the_run_with_76_while_it_is_still_frozen() {
         // Only now does the server answer again.
         server.run("thaw");
     }
+}
+
+/// A RabbitMQ broker killed (kill -9) under a running command: the lease's connection
+/// is gone, so `baton run` stops the command's group and exits 76 (it never resumes the
+/// lease on a new connection, even once the broker is back).
+#[test]
+fn a_killed_broker_ends_the_run_with_76() {
+    let Some(server) = PrivateServer::start("rabbitmq", "BATON_TEST_AMQP") else {
+        return;
+    };
+    let dir = Dir::new();
+    let pidfile = dir.file("child.pid");
+    let run = dir
+        .bare(&[
+            "-s",
+            &server.url,
+            "run",
+            "-k",
+            "killed-broker",
+            "--ttl",
+            "2s",
+            "--",
+            "sh",
+            "-c",
+        ])
+        .args(&[&format!("echo $$ > {}; exec sleep 600", pidfile.display())])
+        .spawn();
+    wait_until("the command started", || pidfile.exists());
+    let child = read_pid(&pidfile);
+    // kill -9 of the broker, then a start on the same data directory.
+    server.run("crash");
+    let out = run.finish();
+    out.code(76).stderr_has("lost");
+    assert!(!process_alive(child), "the command outlived the run");
 }
 
 #[test]

@@ -1,0 +1,159 @@
+//! What the store keeps in RabbitMQ: the queues of a key, their names and arguments, and
+//! the bodies of the messages baton publishes.
+//!
+//! Per key `K`, every name starting `PREFIX.k.K`:
+//! - `.gate`: a durable quorum queue with single-active-consumer and one message, the
+//!   gate (body: the key's limit). Waiters consume it in arrival order; the one the broker
+//!   makes active holds the gate while it takes a slot, then returns it (closes its
+//!   channel), which makes the next waiter active. The message is never acknowledged, so
+//!   its `x-delivery-count` rises by one at every hand-over and is the fencing token.
+//! - `.slots`: a durable quorum queue of `limit` messages, one per slot (body: the slot
+//!   number), consumed only by the gate's holder. A held slot is an unacknowledged
+//!   delivery on its holder's connection; closing the channel returns it.
+//! - `.waiters`: a durable classic queue that never has messages: every waiting acquire
+//!   consumes it, so its consumer count is the number of waiters (a single-active-consumer
+//!   quorum queue counts only its active consumer).
+//! - `.meta`: a durable classic queue with one message, the key's limit, for `inspect`.
+//! - `.rec.N`: a durable classic queue per slot with the holder records of slot N (the
+//!   newest wins), and `.held.N.TOKEN`: an exclusive queue of the holder's connection,
+//!   which exists exactly as long as that grant: a record whose `held` queue is gone is
+//!   stale.
+//! - `.init`: an exclusive queue, the lock under which a key's queues are created.
+//!
+//! And `PREFIX.keys`, a durable classic queue with one message per key (its name), for
+//! `list`.
+
+use baton_core::kit::errors;
+use baton_core::{Error, Key};
+use serde::{Deserialize, Serialize};
+
+/// The highest limit a key can have (one message and one record queue per slot).
+pub(crate) const MAX_LIMIT: u32 = 1000;
+
+/// The queue names of one key.
+#[derive(Clone, Debug)]
+pub(crate) struct Names {
+    key: String,
+    base: String,
+}
+
+impl Names {
+    pub(crate) fn new(prefix: &str, key: &Key) -> Names {
+        Names {
+            key: key.as_str().to_owned(),
+            base: format!("{prefix}.k.{}", key.as_str()),
+        }
+    }
+
+    pub(crate) fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub(crate) fn gate(&self) -> String {
+        format!("{}.gate", self.base)
+    }
+
+    pub(crate) fn slots(&self) -> String {
+        format!("{}.slots", self.base)
+    }
+
+    pub(crate) fn waiters(&self) -> String {
+        format!("{}.waiters", self.base)
+    }
+
+    pub(crate) fn meta(&self) -> String {
+        format!("{}.meta", self.base)
+    }
+
+    pub(crate) fn init(&self) -> String {
+        format!("{}.init", self.base)
+    }
+
+    pub(crate) fn record(&self, slot: u32) -> String {
+        format!("{}.rec.{slot}", self.base)
+    }
+
+    pub(crate) fn held(&self, slot: u32, token: u64) -> String {
+        format!("{}.held.{slot}.{token}", self.base)
+    }
+}
+
+/// The queue of key names.
+pub(crate) fn keys_queue(prefix: &str) -> String {
+    format!("{prefix}.keys")
+}
+
+/// The gate message's body, and the meta message's.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct Gate {
+    pub(crate) limit: u32,
+}
+
+impl Gate {
+    pub(crate) fn parse(what: &str, data: &[u8]) -> Result<Gate, Error> {
+        let g: Gate = serde_json::from_slice(data)
+            .map_err(|e| errors::corrupt(what, format!("is not baton's ({e})")))?;
+        if g.limit == 0 || g.limit > MAX_LIMIT {
+            return Err(errors::corrupt(
+                what,
+                format!("names a limit of {} slots", g.limit),
+            ));
+        }
+        Ok(g)
+    }
+}
+
+/// A slot message's body: the slot number.
+pub(crate) fn parse_slot(data: &[u8], limit: u32) -> Result<u32, Error> {
+    std::str::from_utf8(data)
+        .ok()
+        .and_then(|s| s.parse::<u32>().ok())
+        .filter(|s| *s < limit)
+        .ok_or_else(|| {
+            errors::corrupt(
+                "a slot message",
+                format!(
+                    "is not a slot number below the limit {limit}: {:?}",
+                    String::from_utf8_lossy(data)
+                ),
+            )
+        })
+}
+
+/// A holder record: who holds slot `slot` with `token`, since when, with which TTL, and
+/// whether the holder released it. A slot whose newest record was not released was lost
+/// (its holder's connection ended), and the next holder waits out the record's TTL before
+/// it takes the slot: the old holder stops its work by then.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Record {
+    pub(crate) token: u64,
+    /// The holder, as [`baton_core::Holder::to_json`] writes it.
+    pub(crate) holder: String,
+    pub(crate) since_unix_ms: u64,
+    pub(crate) ttl_ms: u64,
+    #[serde(default)]
+    pub(crate) released: bool,
+}
+
+impl Record {
+    /// The newest of the records in `messages` (the highest token).
+    pub(crate) fn newest(slot: u32, messages: &[Vec<u8>]) -> Result<Option<Record>, Error> {
+        let mut newest: Option<Record> = None;
+        for m in messages {
+            let r: Record = serde_json::from_slice(m).map_err(|e| {
+                errors::corrupt(
+                    format!("the holder record of slot {slot}"),
+                    format!("is not baton's ({e})"),
+                )
+            })?;
+            // A release re-publishes its record marked released: on a tie, that one.
+            let newer = newest
+                .as_ref()
+                .is_none_or(|n| r.token > n.token || (r.token == n.token && r.released));
+            if newer {
+                newest = Some(r);
+            }
+        }
+        Ok(newest)
+    }
+}
