@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
@@ -49,12 +50,24 @@ pub(crate) enum Found {
     Missing,
 }
 
+/// How many channels the admin connection opens before it is replaced. Its looks open a
+/// channel each (a passive declaration of a missing queue closes its channel), and once
+/// the channel numbers wrap past the broker's `channel_max` (2047 by default) lapin 4.12
+/// answers a reused number with the error of the channel that had it before: the first
+/// look at a key not made yet then came back hundreds of grants later as "no queue
+/// …gate". A new connection long before the wrap keeps that from happening.
+const ADMIN_CHANNELS: u32 = 1000;
+
 /// The RabbitMQ store's state and operations, run on its runtime as [`crate::AmqpStore`].
 pub struct Inner {
     pub(crate) url: StoreUrl,
     pub(crate) config: AmqpConfig,
     pub(crate) runtime: StoreRuntime,
     admin: Mutex<Option<Arc<Connection>>>,
+    /// Channels opened on the current admin connection (see [`ADMIN_CHANNELS`]).
+    admin_channels: AtomicU32,
+    /// The current admin connection's address, to count its channels.
+    admin_at: AtomicUsize,
     /// Leases granted through this handle, by key and token.
     held: StdMutex<HashMap<(String, u64), Arc<Held>>>,
 }
@@ -95,6 +108,8 @@ impl Inner {
             config,
             runtime,
             admin: Mutex::new(None),
+            admin_channels: AtomicU32::new(0),
+            admin_at: AtomicUsize::new(0),
             held: StdMutex::new(HashMap::new()),
         }
     }
@@ -132,20 +147,33 @@ impl Inner {
 
     /// The store's own connection for reading and administration, reconnected when it
     /// ends.
+    /// It is replaced (the old one closes when its last user lets go) before it has
+    /// opened [`ADMIN_CHANNELS`] channels.
     pub(crate) async fn admin(&self) -> Result<Arc<Connection>, Error> {
         let mut g = self.admin.lock().await;
         if let Some(c) = g.as_ref() {
-            if c.status().connected() {
+            if c.status().connected()
+                && self.admin_channels.load(Ordering::Relaxed) < ADMIN_CHANNELS
+            {
                 return Ok(Arc::clone(c));
             }
         }
         let c = self.connect(ADMIN_HEARTBEAT).await?;
+        self.admin_channels.store(0, Ordering::Relaxed);
+        self.admin_at
+            .store(Arc::as_ptr(&c) as usize, Ordering::Relaxed);
         *g = Some(Arc::clone(&c));
         Ok(c)
     }
 
     /// A new channel on `conn`.
     pub(crate) async fn channel(&self, conn: &Connection) -> Result<Channel, Error> {
+        if std::ptr::eq(
+            conn,
+            self.admin_at.load(Ordering::Relaxed) as *const Connection,
+        ) {
+            self.admin_channels.fetch_add(1, Ordering::Relaxed);
+        }
         self.bounded(conn.create_channel()).await
     }
 

@@ -206,3 +206,33 @@ async fn tokens_rise_across_a_broker_crash() {
         s.release(&l).await.expect("release");
     }
 }
+
+/// A handle's admin connection outlives its channel numbers wrapping (past the broker's
+/// `channel_max`, 2047): a look at a key not made yet, whose channel the broker closed,
+/// is not answered again thousands of channels later. Without the admin connection's
+/// replacement the 683rd grant in a row on one handle failed with "no queue …gate".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_look_at_a_missing_key_is_not_answered_again_after_many_looks() {
+    let Some(s) = store("a_look_at_a_missing_key_is_not_answered_again_after_many_looks") else {
+        return;
+    };
+    let ttl = Duration::from_secs(30);
+    // The first no-wait request looks for the key's gate before it exists.
+    let l = s
+        .acquire(&req("wrap/key", 1, Wait::NoWait, ttl))
+        .await
+        .expect("the first grant");
+    s.release(&l).await.expect("release");
+    let key = Key::new("wrap/key").expect("key");
+    for i in 0..2200 {
+        s.inspect(&key)
+            .await
+            .unwrap_or_else(|e| panic!("status {i}: {e:#}"));
+    }
+    let again = s
+        .acquire(&req("wrap/key", 1, Wait::NoWait, ttl))
+        .await
+        .unwrap_or_else(|e| panic!("a grant after many looks: {e:#}"));
+    assert!(again.token > l.token);
+    s.release(&again).await.expect("release");
+}
