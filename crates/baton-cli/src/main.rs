@@ -97,14 +97,14 @@ enum Command {
     #[command(after_help = exit_code::HELP_TABLE)]
     Leader(leader::Args),
 
-    /// Change a semaphore's limit (lease stores: every store but kernel-lock dir:PATH).
+    /// Change a semaphore's limit to N, or by +N/-N (lease stores but RabbitMQ; not kernel-lock dir:PATH).
     ///
     /// Lowering it never evicts a holder: new grants wait until fewer than the new limit
     /// hold the key. Requests must then ask for the new limit (-n).
     #[command(after_help = exit_code::HELP_TABLE)]
     Resize(resize::Args),
 
-    /// Remove a key nobody holds or waits for (every store but the directory store).
+    /// Remove a key nobody holds or waits for (every store but the directory and RabbitMQ stores).
     ///
     /// Its limit, lock-delay and records go; the next acquire creates it anew, with its
     /// own limit, and its tokens keep rising from the old ones. While a slot is held (or

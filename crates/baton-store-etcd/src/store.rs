@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use baton_core::kit::backend::{Backend, OnRuntime};
+use baton_core::kit::backend::{self, Backend, OnRuntime};
 use baton_core::kit::runtime::{Call, Cancel, StoreRuntime};
 use baton_core::kit::time::DEFAULT_TTL;
 use baton_core::{
@@ -103,22 +103,24 @@ impl Backend for Inner {
         )
     }
 
-    async fn acquire(self: Arc<Self>, req: AcquireRequest, cancel: Cancel) -> Result<Lease, Error> {
+    async fn acquire(
+        self: Arc<Self>,
+        req: AcquireRequest,
+        mut cancel: Cancel,
+    ) -> Result<Lease, Error> {
         let pooled = self.take_pooled(req.ttl.unwrap_or(DEFAULT_TTL));
         let id = pooled.unwrap_or_else(random_lease_id);
-        let result = tokio::select! {
-            r = self.acquire_inner(&req, id, pooled.is_some()) => r,
-            _ = cancel => Err(Call::new(Op::Acquire, Some(&req.key), &self.url).cancelled()),
-        };
         // A failed or cancelled request revokes its lease (which deletes its waiter key).
         // A request that reached no member may still be delivered later; if the clean-up
         // could not confirm either, a grant may exist (it expires with its lease).
-        match result {
-            Err(e) if !self.revoke_quiet(id).await && e.kind() == ErrorKind::Unavailable => {
-                Err(e.with_grant_unknown())
-            }
-            r => r,
-        }
+        let call = Call::new(Op::Acquire, Some(&req.key), &self.url);
+        backend::or_withdraw(
+            call,
+            self.acquire_inner(&req, id, pooled.is_some()),
+            &mut cancel,
+            || self.revoke_quiet(id),
+        )
+        .await
     }
 
     async fn release(self: &Arc<Self>, lease: &Lease) -> Result<Released, Error> {

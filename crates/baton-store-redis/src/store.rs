@@ -12,7 +12,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_core::kit::backend::{Backend, OnRuntime};
+use baton_core::kit::backend::{self, Backend, OnRuntime};
 use baton_core::kit::runtime::{Call, Cancel, StoreRuntime};
 use baton_core::{
     AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error, ErrorKind, HolderId, Key,
@@ -93,23 +93,17 @@ impl Backend for Inner {
         Ok(())
     }
 
-    async fn acquire(self: Arc<Self>, req: AcquireRequest, cancel: Cancel) -> Result<Lease, Error> {
+    async fn acquire(
+        self: Arc<Self>,
+        req: AcquireRequest,
+        mut cancel: Cancel,
+    ) -> Result<Lease, Error> {
         let id = format!("{:032x}", HolderId::random().0);
-        let result = tokio::select! {
-            r = self.acquire_inner(&req, &id) => r,
-            _ = cancel => Err(Call::new(Op::Acquire, Some(&req.key), &self.url).cancelled()),
-        };
-        match result {
-            Ok(l) => Ok(l),
-            Err(e) => {
-                let confirmed = self.withdraw(&req, &id).await;
-                if !confirmed && e.kind() == ErrorKind::Unavailable {
-                    Err(e.with_grant_unknown())
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        let call = Call::new(Op::Acquire, Some(&req.key), &self.url);
+        backend::or_withdraw(call, self.acquire_inner(&req, &id), &mut cancel, || {
+            self.withdraw(&req, &id)
+        })
+        .await
     }
 
     async fn release(self: &Arc<Self>, lease: &Lease) -> Result<Released, Error> {
@@ -153,20 +147,10 @@ impl Backend for Inner {
         cancel: Cancel,
     ) -> Result<BarrierPassed, Error> {
         let id = format!("{:032x}", HolderId::random().0);
-        let result = tokio::select! {
-            r = self.barrier_inner(&req, &id) => r,
-            _ = cancel => Err(Call::new(Op::Barrier, Some(&req.key), &self.url).cancelled()),
-        };
-        match result {
-            Ok(p) => Ok(p),
-            Err(e) => match self.barrier_leave(&req, &id).await {
-                Some(generation) => Ok(BarrierPassed {
-                    key: req.key.clone(),
-                    generation,
-                    parties: req.parties,
-                }),
-                None => Err(e),
-            },
-        }
+        let call = Call::new(Op::Barrier, Some(&req.key), &self.url);
+        backend::or_leave(&req, call, self.barrier_inner(&req, &id), cancel, || {
+            self.barrier_leave(&req, &id)
+        })
+        .await
     }
 }

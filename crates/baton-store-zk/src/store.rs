@@ -13,7 +13,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_core::kit::backend::{Backend, OnRuntime};
+use baton_core::kit::backend::{self, Backend, OnRuntime};
 use baton_core::kit::runtime::{Call, Cancel, StoreRuntime};
 use baton_core::{
     AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error, ErrorKind, HolderId, Key,
@@ -121,23 +121,15 @@ impl Backend for Inner {
             r = self.acquire_session(&req) => r?,
             _ = &mut cancel => return Err(cancelled()),
         };
-        let result = tokio::select! {
-            r = self.contend(&client, &req, &guid) => r,
-            _ = &mut cancel => Err(cancelled()),
-        };
-        match result {
-            Ok(l) => Ok(l),
-            Err(e) => {
-                let confirmed = self.withdraw(&client, &req, &guid).await;
-                // Dropping the session makes the server delete whatever is left.
-                drop(client);
-                if !confirmed && e.kind() == ErrorKind::Unavailable {
-                    Err(e.with_grant_unknown())
-                } else {
-                    Err(e)
-                }
-            }
-        }
+        let call = Call::new(Op::Acquire, Some(&req.key), &self.url);
+        // Dropping the session afterwards makes the server delete whatever is left.
+        backend::or_withdraw(
+            call,
+            self.contend(&client, &req, &guid),
+            &mut cancel,
+            || self.withdraw(&client, &req, &guid),
+        )
+        .await
     }
 
     async fn release(self: &Arc<Self>, lease: &Lease) -> Result<Released, Error> {
@@ -181,20 +173,10 @@ impl Backend for Inner {
         cancel: Cancel,
     ) -> Result<BarrierPassed, Error> {
         let id = format!("{:032x}", HolderId::random().0);
-        let result = tokio::select! {
-            r = self.barrier_inner(&req, &id) => r,
-            _ = cancel => Err(Call::new(Op::Barrier, Some(&req.key), &self.url).cancelled()),
-        };
-        match result {
-            Ok(p) => Ok(p),
-            Err(e) => match self.barrier_leave(&req, &id).await {
-                Some(generation) => Ok(BarrierPassed {
-                    key: req.key.clone(),
-                    generation,
-                    parties: req.parties,
-                }),
-                None => Err(e),
-            },
-        }
+        let call = Call::new(Op::Barrier, Some(&req.key), &self.url);
+        backend::or_leave(&req, call, self.barrier_inner(&req, &id), cancel, || {
+            self.barrier_leave(&req, &id)
+        })
+        .await
     }
 }

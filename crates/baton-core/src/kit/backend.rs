@@ -21,8 +21,8 @@ use async_trait::async_trait;
 
 use crate::kit::runtime::{Call, Cancel, StoreRuntime};
 use crate::{
-    AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, HolderId, Key, KeyStatus, Lease,
-    Op, Released, Resize, Result, SlotStatus, Store, StoreUrl,
+    AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, ErrorKind, HolderId, Key,
+    KeyStatus, Lease, Op, Released, Resize, Result, SlotStatus, Store, StoreUrl,
 };
 
 /// What a store that runs on its own runtime implements; [`OnRuntime`] makes it a
@@ -94,6 +94,68 @@ pub trait Backend: Send + Sync + Sized + 'static {
         req: BarrierRequest,
         cancel: Cancel,
     ) -> impl Future<Output = Result<BarrierPassed>> + Send;
+}
+
+/// The end of a [`Backend::acquire`] that withdraws what it leaves: `work` races `cancel`;
+/// when it fails or is cancelled, `withdraw` removes the request from the store and says
+/// whether it could confirm that. A request that failed `Unavailable` and whose withdrawal
+/// could not be confirmed may have been granted: its error says so (`grant_unknown`).
+pub async fn or_withdraw<T, W, WFut>(
+    call: Call<'_>,
+    work: impl Future<Output = Result<T>>,
+    cancel: &mut Cancel,
+    withdraw: W,
+) -> Result<T>
+where
+    W: FnOnce() -> WFut,
+    WFut: Future<Output = bool>,
+{
+    let result = tokio::select! {
+        r = work => r,
+        _ = cancel => Err(call.cancelled()),
+    };
+    match result {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            let confirmed = withdraw().await;
+            if !confirmed && e.kind() == ErrorKind::Unavailable {
+                Err(e.with_grant_unknown())
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The end of a [`Backend::barrier`] whose arrival stays until it leaves: `work` races
+/// `cancel`; whatever ends it without a pass, `leave` withdraws the arrival and answers
+/// the generation that passed meanwhile, if one did (then the wait passed after all).
+pub async fn or_leave<L, LFut>(
+    req: &BarrierRequest,
+    call: Call<'_>,
+    work: impl Future<Output = Result<BarrierPassed>>,
+    cancel: Cancel,
+    leave: L,
+) -> Result<BarrierPassed>
+where
+    L: FnOnce() -> LFut,
+    LFut: Future<Output = Option<u64>>,
+{
+    let result = tokio::select! {
+        r = work => r,
+        _ = cancel => Err(call.cancelled()),
+    };
+    match result {
+        Ok(p) => Ok(p),
+        Err(e) => match leave().await {
+            Some(generation) => Ok(BarrierPassed {
+                key: req.key.clone(),
+                generation,
+                parties: req.parties,
+            }),
+            None => Err(e),
+        },
+    }
 }
 
 /// A [`Backend`] as a [`Store`]: see the module docs. It derefs to the backend, for the

@@ -552,7 +552,6 @@ RETURNS TABLE(o_found boolean, o_held bigint, o_waiting bigint, o_back bigint)
 LANGUAGE plpgsql AS $fn$
 DECLARE
     v_seq bigint;
-    v_delay bigint;
     v_held bigint;
     v_back bigint;
     v_last bigint;
@@ -560,15 +559,15 @@ DECLARE
 BEGIN
     -- The key row's lock first: an attempt takes it before it grants or queues, so none
     -- is half done, and each statement below sees every attempt that committed.
-    SELECT k.seq, k.lock_delay_ms INTO v_seq, v_delay
-        FROM {s}.keys k WHERE k.key = p_key FOR UPDATE;
+    SELECT k.seq INTO v_seq FROM {s}.keys k WHERE k.key = p_key FOR UPDATE;
     IF NOT FOUND THEN
         RETURN QUERY SELECT false, 0::bigint, 0::bigint, 0::bigint;
         RETURN;
     END IF;
+    -- A lost lease's row holds its slot back until a waiter frees it on its own clock;
+    -- the server's clock does not decide that here either.
     SELECT count(*) FILTER (WHERE NOT l.lost),
-           count(*) FILTER (WHERE l.lost AND (l.lost_at IS NULL
-               OR l.lost_at + v_delay * interval '1 millisecond' > clock_timestamp())),
+           count(*) FILTER (WHERE l.lost),
            max(l.token)
         INTO v_held, v_back, v_last FROM {s}.leases l WHERE l.key = p_key;
     SELECT count(*) INTO v_waiting FROM {s}.waiters w WHERE w.key = p_key
