@@ -149,11 +149,13 @@ pub fn open_dir(
     fill: &dyn Fn(BorrowedFd<'_>) -> io::Result<()>,
 ) -> io::Result<Option<OwnedFd>> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let mut made = false;
+    // A directory removed right after it was made (a key deleted at once) is made again,
+    // a few times.
+    let mut made = 0;
     loop {
         match rustix::fs::openat(dir, name, flags, Mode::empty()) {
             Ok(fd) => return Ok(Some(fd)),
-            Err(rustix::io::Errno::NOENT) if create && !made => {}
+            Err(rustix::io::Errno::NOENT) if create && made < 16 => {}
             Err(rustix::io::Errno::NOENT) if !create => return Ok(None),
             Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
                 // O_NOFOLLOW | O_DIRECTORY answers ENOTDIR for a symlink: say which it is.
@@ -172,7 +174,7 @@ pub fn open_dir(
             }
             Err(e) => return Err(errno(e)),
         }
-        made = true;
+        made += 1;
         create_dir(dir, name, share, fill)?;
     }
 }
@@ -238,6 +240,31 @@ fn create_dir(
             Err(e)
         }
     }
+}
+
+/// Removes the directory `name` of `dir` and the files in it, as far as it can: a
+/// subdirectory in it (baton never makes one) keeps it, and so may a file someone creates
+/// in it meanwhile, after a few tries. True when it is gone.
+pub fn remove_dir(dir: BorrowedFd<'_>, name: &str) -> bool {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    for _ in 0..8 {
+        let Ok(fd) = rustix::fs::openat(dir, name, flags, Mode::empty()) else {
+            return true;
+        };
+        remove_tree(dir, name, fd.as_fd());
+        std::thread::yield_now();
+    }
+    rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).is_err()
+}
+
+/// The names [`deleted_name`] gave `name` in `dir`: directories of a deleted key that
+/// are still there.
+pub fn deleted_names(dir: BorrowedFd<'_>, name: &str) -> io::Result<Vec<String>> {
+    let prefix = format!(".{name}.deleted.");
+    Ok(entries_of_all(dir)?
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect())
 }
 
 /// Removes the temporary directory `tmp` of `dir` (open as `fd`) and the files in it.
@@ -334,10 +361,20 @@ fn write_all(fd: BorrowedFd<'_>, mut data: &[u8]) -> io::Result<()> {
 
 /// A temporary name beside `name` that no other process or thread uses.
 fn temp_name(name: &str) -> String {
+    unique_name(name, "tmp")
+}
+
+/// The name a deleted key's directory `name` is renamed to before it is removed: no
+/// other process or thread uses it, and it starts with `.`, so it is never a key.
+pub fn deleted_name(name: &str) -> String {
+    unique_name(name, "deleted")
+}
+
+fn unique_name(name: &str, what: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static SEQ: AtomicU64 = AtomicU64::new(0);
     format!(
-        ".{name}.tmp.{}.{}",
+        ".{name}.{what}.{}.{}",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     )

@@ -6,6 +6,7 @@
 //! ROOT/jobs%nightly/limit    the key's limit, created once (temp file + link)
 //! ROOT/jobs%nightly/token    the token counter: 20 digits and a newline
 //! ROOT/jobs%nightly/gate     semaphore waiters queue on its lock; releases poke it
+//! ROOT/jobs%nightly/waiting  each waiting request holds a read lock on it (for delete)
 //! ROOT/jobs%nightly/slot.0   the lock of slot 0; its contents: the holder's record
 //! ROOT/jobs%nightly/slot.1   ... one file per slot
 //! ```
@@ -26,6 +27,11 @@
 //! - Recovery: the kernel drops a dead holder's locks when its process exits.
 //! - No residue: a cancelled wait's thread is interrupted and joined before the acquire
 //!   returns (see `wait.rs`).
+//! - Delete: refused while a request waits (it cannot write-lock `waiting`) or a slot is
+//!   held (it cannot lock every slot file); with every slot locked it renames the key's
+//!   directory away and only then unlocks (see `root/retire.rs`). A grant checks after
+//!   locking its slot that its directory is still the key's, so a request that had the
+//!   old directory open starts over on the key made anew.
 //!
 //! Descriptors are cached per key: the counter's (used under a mutex) and each free slot's
 //! (taken out while held, so two holders in one process never share an open file
@@ -36,11 +42,11 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use baton_core::kit::errors;
-use baton_core::kit::sys::lock;
+use baton_core::kit::sys::{self, lock, LockKind, Range};
 use baton_core::kit::time::unix_ms_now;
 use baton_core::{
     AcquireRequest, BarrierPassed, BarrierRequest, Capabilities, Error, ErrorKind, Holder,
@@ -51,7 +57,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Mode;
 use crate::fs;
-use crate::root::{exited_slot, Root};
+use crate::root::{exited_slot, Root, DELETED_TRIES};
 use crate::wait::{WaitFor, Waiter};
 
 /// The directory store in its default (kernel-lock) mode. See the module docs for the
@@ -242,6 +248,14 @@ impl DirStore {
         }
         let result = fs::read_counter(fd)
             .map_err(|e| io_err("cannot read the token counter", e))
+            .and_then(|last| match last {
+                // A new counter: a key made again after a delete starts above its floor.
+                None => self
+                    .root
+                    .token_floor(key)
+                    .map_err(|e| io_err("cannot read the key's token floor", e)),
+                last => Ok(last),
+            })
             .and_then(|last| {
                 if last == Some(u64::MAX) {
                     let e = errors::corrupt("the token counter", "is exhausted");
@@ -319,6 +333,16 @@ impl DirStore {
                 dir_path: format!("/proc/self/fd/{}", dir.as_raw_fd()),
             }
         };
+        // Held (a read lock) while this request waits, so that a delete sees it.
+        let waiting = fs::open_file(dir.as_fd(), "waiting", true, self.root.share)
+            .and_then(|fd| {
+                sys::ofd_try_lock(fd.as_fd(), LockKind::Read, Range::WHOLE)?;
+                Ok(fd)
+            })
+            .map_err(|e| {
+                self.root
+                    .io_err(Op::Acquire, key, "cannot open the key's waiting file", e)
+            })?;
         let mut waiter = Waiter::start(what).map_err(|e| {
             self.root
                 .io_err(Op::Acquire, key, "cannot start waiting", e)
@@ -343,10 +367,122 @@ impl DirStore {
             },
             _ => waiter.wait().await,
         };
+        drop(waiting);
         result.map_err(|e| {
             self.root
                 .io_err(Op::Acquire, key, "waiting for a slot failed", e)
         })
+    }
+
+    /// Takes a slot of the key `req` names, waiting as it says. A slot taken in a
+    /// directory that is no longer the key's (the key was deleted meanwhile) is let go,
+    /// and the request starts over on the key made anew.
+    async fn take_slot(
+        &self,
+        req: &AcquireRequest,
+    ) -> Result<(Arc<KeyFiles>, u32, OwnedFd), Error> {
+        let key = &req.key;
+        let started = Instant::now();
+        for _ in 0..DELETED_TRIES {
+            let files = self.files_for(req)?;
+            let limit = files.limit;
+            // An error in a directory the key no longer has (its files removed under us)
+            // means: start over on the key made anew.
+            let gone = |e: Error| match self.root.is_current(key, &files.dir) {
+                true => Err(e),
+                false => Ok(()),
+            };
+            let got = match self.try_slots(&files, key) {
+                Ok(got) => got,
+                Err(e) => {
+                    gone(e)?;
+                    self.root.forget(key);
+                    continue;
+                }
+            };
+            let (slot, fd) = match got {
+                Some(got) => got,
+                None => {
+                    let wait = match req.wait {
+                        Wait::NoWait => {
+                            let e = errors::busy(limit, limit, None, None);
+                            return Err(self.root.ctx(e, Op::Acquire, key));
+                        }
+                        Wait::Timeout(d) => Wait::Timeout(d.saturating_sub(started.elapsed())),
+                        Wait::Forever => Wait::Forever,
+                    };
+                    match self.wait_for_slot(&files, key, wait).await {
+                        Ok(got) => got,
+                        Err(e) => {
+                            gone(e)?;
+                            self.root.forget(key);
+                            continue;
+                        }
+                    }
+                }
+            };
+            if self.root.is_current(key, &files.dir) {
+                return Ok((files, slot, fd));
+            }
+            drop(fd);
+            self.root.forget(key);
+        }
+        Err(self.root.err(
+            ErrorKind::Unavailable,
+            Op::Acquire,
+            key,
+            format!(
+                "the key was deleted {DELETED_TRIES} times while this request was taking a slot"
+            ),
+        ))
+    }
+
+    /// Deletes a key nobody holds or waits for (see the module docs).
+    fn delete_key(&self, key: &Key) -> Result<(), Error> {
+        let op = Op::Delete;
+        let share = self.root.share;
+        let io_err = |what: &str, e| self.root.io_err(op, key, what, e);
+        let (dir, limit) = self.root.existing_key(key, op)?;
+        let waiting = fs::open_file(dir.as_fd(), "waiting", true, share)
+            .map_err(|e| io_err("cannot open the key's waiting file", e))?;
+        if !sys::ofd_try_lock(waiting.as_fd(), LockKind::Write, Range::WHOLE)
+            .map_err(|e| io_err("cannot lock the key's waiting file", e))?
+        {
+            return Err(self.root.ctx(errors::in_use_by_waiters(), op, key));
+        }
+        let mut slots = Vec::with_capacity(limit as usize);
+        let mut held = 0;
+        for slot in 0..limit {
+            let fd = fs::open_file(dir.as_fd(), &Self::slot_name(slot), true, share)
+                .map_err(|e| io_err(&format!("cannot open slot file slot.{slot}"), e))?;
+            if fs::try_lock(fd.as_fd()).map_err(|e| io_err("cannot lock a slot file", e))? {
+                slots.push(fd);
+            } else {
+                held += 1;
+            }
+        }
+        if held > 0 {
+            return Err(self.root.ctx(errors::in_use(held, None, 0), op, key));
+        }
+        // Nobody takes a token without a slot, and every slot is this call's.
+        let last = match fs::open_existing_ro(dir.as_fd(), "token")
+            .map_err(|e| io_err("cannot open the token counter", e))?
+        {
+            Some(fd) => fs::read_counter(fd.as_fd())
+                .map_err(|e| io_err("cannot read the token counter", e))?
+                .unwrap_or(0),
+            None => 0,
+        };
+        let retired = self.root.retire(key, &dir, last)?;
+        // Let go of the slots only now: whoever locks one next finds its directory is no
+        // longer the key's. A semaphore's front waiter is poked to look.
+        drop(slots);
+        drop(waiting);
+        if let Ok(gate) = fs::open_file(dir.as_fd(), "gate", false, share) {
+            let _ = rustix::io::pwrite(&gate, b"\n", 0);
+        }
+        retired.remove();
+        Ok(())
     }
 
     fn release_sync(&self, lease: &Lease) -> Result<Released, Error> {
@@ -413,10 +549,11 @@ impl Store for DirStore {
         Capabilities::new("at once: the kernel drops a dead holder's lock when its process exits")
             .with_bound(Recovery::AtOnce)
             .with_barrier(true)
+            .with_delete(true)
     }
 
     async fn delete(&self, key: &Key) -> Result<(), Error> {
-        Err(crate::root::no_delete(&self.root, key))
+        self.delete_key(key)
     }
 
     async fn acquire(&self, req: &AcquireRequest) -> Result<Lease, Error> {
@@ -432,18 +569,8 @@ impl Store for DirStore {
                 "kernel locks cannot have a lock-delay: the kernel frees a dead holder's lock at once without telling anyone it was lost (use dir:PATH?mode=lease)",
             ));
         }
-        let files = self.files_for(req)?;
+        let (files, slot, fd) = self.take_slot(req).await?;
         let limit = files.limit;
-        let (slot, fd) = match self.try_slots(&files, key)? {
-            Some(got) => got,
-            None => match req.wait {
-                Wait::NoWait => {
-                    let e = errors::busy(limit, limit, None, None);
-                    return Err(self.root.ctx(e, Op::Acquire, key));
-                }
-                wait => self.wait_for_slot(&files, key, wait).await?,
-            },
-        };
         // From here on, an error drops `fd`, which releases the slot.
         let token = self.next_token(&files, key)?;
         let acquired_unix_ms = unix_ms_now();

@@ -220,11 +220,10 @@ impl Store for LeaseStore {
         )
         .with_fifo(false)
         .with_waiters(false)
-        .with_delete(false)
     }
 
     async fn delete(&self, key: &Key) -> Result<(), Error> {
-        Err(crate::root::no_delete(&self.root, key))
+        self.delete_key(key)
     }
 
     async fn acquire(&self, req: &AcquireRequest) -> Result<Lease, Error> {

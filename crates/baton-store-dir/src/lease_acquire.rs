@@ -21,13 +21,14 @@ use std::time::{Duration, Instant};
 use baton_core::kit::errors;
 use baton_core::kit::sys::lock;
 use baton_core::kit::time::{unix_ms_now, validate_ttl};
-use baton_core::{AcquireRequest, Error, ErrorKind, Lease, Liveness, Op, Token, Wait};
+use baton_core::{AcquireRequest, Error, ErrorKind, Key, Lease, Liveness, Op, Token, Wait};
 
 use crate::fs;
 use crate::lease::{Held, LeaseStore};
 use crate::lease_layout::{
     at_maximum, now_ns, read_record, seen_file, slot_file, token_file, LeaseRecord, Listing, State,
 };
+use crate::root::DELETED_TRIES;
 
 /// How often a waiting acquirer looks again, at most (it starts faster and backs off).
 pub(crate) const MAX_POLL: Duration = Duration::from_millis(200);
@@ -66,18 +67,38 @@ impl LeaseStore {
     /// pass again at a poll that starts at 2 ms and backs off to 200 ms (or, when only
     /// held-back slots are in the way, once their lock-delay ends).
     pub(crate) async fn acquire_lease(&self, req: &AcquireRequest) -> Result<Lease, Error> {
-        let (dir, limit) = self.root.key_for_acquire(req)?;
+        let (mut dir, mut limit) = self.root.key_for_acquire(req)?;
         let ttl = validate_ttl(req.ttl, &req.key)?;
         let started = Instant::now();
         let mut seen = HashMap::new();
         let mut backoff = MIN_POLL;
+        let mut deleted = 0;
         loop {
+            if !self.root.is_current(&req.key, &dir) {
+                // Deleted while this request waited: wait for the key made anew.
+                deleted += 1;
+                self.root.forget(&req.key);
+                (dir, limit) = self.root.key_for_acquire(req)?;
+                seen.clear();
+            }
             // Read afresh each pass, as the limit is: a malformed delay is Corrupt.
-            let delay = self.root.lock_delay(&dir, &req.key, Op::Acquire)?;
-            let (held_back, held) = match self
-                .try_once(&dir, req, limit, ttl, &mut seen, delay)
-                .await?
-            {
+            let pass = match self.root.lock_delay(&dir, &req.key, Op::Acquire) {
+                Ok(delay) => self
+                    .try_once(&dir, req, limit, ttl, &mut seen, delay)
+                    .await
+                    .map(|pass| (pass, delay)),
+                Err(e) => Err(e),
+            };
+            let (pass, delay) = match pass {
+                Ok(got) => got,
+                // The key's files were removed under this pass: start over on the key
+                // made anew (see `root/retire.rs`).
+                Err(_) if deleted < DELETED_TRIES && !self.root.is_current(&req.key, &dir) => {
+                    continue
+                }
+                Err(e) => return Err(e),
+            };
+            let (held_back, held) = match pass {
                 Pass::Granted(lease) => return Ok(*lease),
                 Pass::Busy { held_back, held } => (held_back, held),
             };
@@ -185,26 +206,20 @@ impl LeaseStore {
             }
             let sent_at = Instant::now();
             let token = self
-                .take_token(dir.as_fd())
+                .take_token(dir.as_fd(), key)
                 .map_err(|e| io_err("cannot take a token", e))?;
-            let now = unix_ms_now();
-            let record = LeaseRecord {
-                state: State::Held,
-                slot,
-                gen: gen.checked_add(1).ok_or_else(|| {
-                    io_err("cannot take the slot", at_maximum("lease generation"))
-                })?,
-                token,
-                ttl_ms: ttl.as_millis() as u64,
-                heartbeat: 0,
-                acquired_unix_ms: now,
-                renewed_unix_ms: now,
-                holder: req.holder.clone(),
-            };
+            let record = LeaseRecord::held(slot, gen, token, ttl, req.holder.clone())
+                .map_err(|e| io_err("cannot take the slot", e))?;
+            let now = record.acquired_unix_ms;
             if self
                 .claim(dir.as_fd(), &record)
                 .map_err(|e| io_err("cannot create a lease file", e))?
             {
+                if !self.root.is_current(key, dir) {
+                    // A slot of a deleted key's directory (see `root/retire.rs`): not a
+                    // grant; the next pass looks at the key made anew.
+                    return Ok(busy);
+                }
                 lock(&self.held).insert(
                     (key.clone(), slot, token.0),
                     Held {
@@ -228,13 +243,16 @@ impl LeaseStore {
         Ok(busy)
     }
 
-    /// Takes the next token with the `token.T` chain.
-    fn take_token(&self, dir: BorrowedFd<'_>) -> io::Result<Token> {
+    /// Takes the next token with the `token.T` chain; the first token of a key made
+    /// again after a delete is above the token floor the delete left.
+    fn take_token(&self, dir: BorrowedFd<'_>, key: &Key) -> io::Result<Token> {
         loop {
-            let next = Listing::read(dir)?
-                .last_token()
-                .checked_add(1)
-                .ok_or_else(|| at_maximum("token"))?;
+            let listing = Listing::read(dir)?;
+            let last = match listing.tokens.is_empty() {
+                true => self.root.token_floor(key)?.unwrap_or(0),
+                false => listing.last_token(),
+            };
+            let next = last.checked_add(1).ok_or_else(|| at_maximum("token"))?;
             if !fs::create_once(dir, &token_file(next), b"", self.root.share)? {
                 continue;
             }

@@ -47,6 +47,32 @@ pub(crate) struct LeaseRecord {
     pub holder: Holder,
 }
 
+impl LeaseRecord {
+    /// A held lease of `slot` in the generation after `gen`, stamped now.
+    pub fn held(
+        slot: u32,
+        gen: u64,
+        token: Token,
+        ttl: std::time::Duration,
+        holder: Holder,
+    ) -> io::Result<LeaseRecord> {
+        let now = baton_core::kit::time::unix_ms_now();
+        Ok(LeaseRecord {
+            state: State::Held,
+            slot,
+            gen: gen
+                .checked_add(1)
+                .ok_or_else(|| at_maximum("lease generation"))?,
+            token,
+            ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            heartbeat: 0,
+            acquired_unix_ms: now,
+            renewed_unix_ms: now,
+            holder,
+        })
+    }
+}
+
 /// The lease and token files of a key directory.
 #[derive(Default)]
 pub(crate) struct Listing {

@@ -18,6 +18,8 @@ use crate::config::{DirConfig, Mode};
 use crate::fs;
 use crate::share::{self, Sharing};
 
+mod retire;
+
 /// An open store directory.
 #[derive(Debug)]
 pub(crate) struct Root {
@@ -39,6 +41,9 @@ struct KeyDir {
 /// The file in the root that records which mode the store is in, so that a kernel-mode
 /// and a lease-mode process never lock the same key by different means.
 const MODE_FILE: &str = ".baton-mode";
+
+/// How many times a request opens a key again because the key was deleted under it.
+pub(crate) const DELETED_TRIES: u32 = 16;
 
 /// The directory of barriers in the root (`+` is never in a key).
 const BARRIERS: &str = "+barriers";
@@ -166,16 +171,20 @@ impl Root {
     ) -> Result<Option<(Arc<OwnedFd>, u32)>, Error> {
         let cached = lock(&self.keys).get(key).map(|k| (k.dir.clone(), k.limit));
         if let Some((dir, limit)) = cached {
-            // A directory deleted under a long-lived process must not be used: others
-            // would lock files in its replacement. Deleting a key in use is unsupported,
-            // but this keeps one process from drifting onto a dead inode.
-            if rustix::fs::fstat(dir.as_fd()).is_ok_and(|st| st.st_nlink > 0) {
+            // A directory deleted (or replaced) under a long-lived process must not be
+            // used: others lock the files of the one at the key's name.
+            if self.is_current(key, &dir) {
                 // Lease mode supports resize: its limit is read afresh every time.
                 if self.config.mode == Mode::Lease {
-                    let limit = self.read_limit(&dir, key, op)?;
+                    match self.read_limit(&dir, key, op) {
+                        Ok(limit) => return Ok(Some((dir, limit))),
+                        // Deleted just now: open it again by name, below.
+                        Err(_) if !self.is_current(key, &dir) => {}
+                        Err(e) => return Err(e),
+                    }
+                } else {
                     return Ok(Some((dir, limit)));
                 }
-                return Ok(Some((dir, limit)));
             }
         }
         let name = dir_name(key);
@@ -188,19 +197,56 @@ impl Root {
                 None => Ok(()),
             }
         };
-        let dir = fs::open_dir(self.fd.as_fd(), &name, create.is_some(), self.share, &fill)
-            .map_err(|e| self.io_err(op, key, "cannot open the key's directory", e))?;
-        let Some(dir) = dir else { return Ok(None) };
-        let limit = match create {
+        // A key deleted while this opens it (see `root/retire.rs`) loses its files under
+        // us: that is not an error but a key to open again by name.
+        let mut tries = 0;
+        let (dir, limit) = loop {
+            let dir = fs::open_dir(self.fd.as_fd(), &name, create.is_some(), self.share, &fill)
+                .map_err(|e| self.io_err(op, key, "cannot open the key's directory", e))?;
+            let Some(dir) = dir else { return Ok(None) };
+            match self.limit_of_opened(&dir, key, create, &record, op) {
+                Ok(Some(limit)) => break (dir, limit),
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    tries += 1;
+                    if tries < DELETED_TRIES && !self.is_current(key, &dir) {
+                        continue;
+                    }
+                    return Err(e);
+                }
+            }
+        };
+        let dir = Arc::new(dir);
+        lock(&self.keys).insert(
+            key.clone(),
+            KeyDir {
+                dir: dir.clone(),
+                limit,
+            },
+        );
+        Ok(Some((dir, limit)))
+    }
+
+    /// The limit of a key directory just opened, recorded first with `record` when
+    /// `create` asks for it: `None` when the key is not (or not yet) there.
+    fn limit_of_opened(
+        &self,
+        dir: &OwnedFd,
+        key: &Key,
+        create: Option<(u32, Option<u64>)>,
+        record: &Option<String>,
+        op: Op,
+    ) -> Result<Option<u32>, Error> {
+        match create {
             Some((want, _)) => {
                 // The lock-delay lives in the limit file, so that a key is created with
                 // both at once (one `link`) and no reader ever sees one without the other.
                 // A directory left without one (by a crash of an older baton) gets it here.
-                let record = record.unwrap_or_default();
+                let record = record.clone().unwrap_or_default();
                 match fs::create_once(dir.as_fd(), "limit", record.as_bytes(), self.share) {
-                    Ok(true) => want,
-                    Ok(false) => self.read_limit(&dir, key, op)?,
-                    Err(e) => return Err(self.io_err(op, key, "cannot record the key's limit", e)),
+                    Ok(true) => Ok(Some(want)),
+                    Ok(false) => self.read_limit(dir, key, op).map(Some),
+                    Err(e) => Err(self.io_err(op, key, "cannot record the key's limit", e)),
                 }
             }
             None => {
@@ -213,18 +259,9 @@ impl Root {
                 {
                     return Ok(None);
                 }
-                self.read_limit(&dir, key, op)?
+                self.read_limit(dir, key, op).map(Some)
             }
-        };
-        let dir = Arc::new(dir);
-        lock(&self.keys).insert(
-            key.clone(),
-            KeyDir {
-                dir: dir.clone(),
-                limit,
-            },
-        );
-        Ok(Some((dir, limit)))
+        }
     }
 
     /// The key's directory and limit for `status`, `break` and `resize`: `NotFound` if
@@ -276,14 +313,10 @@ impl Root {
     pub fn set_limit(&self, key: &Key, change: Resize) -> Result<(), Error> {
         let op = Op::Resize;
         let (dir, _) = self.existing_key(key, op)?;
-        let turn = fs::open_file(dir.as_fd(), "resize", true, self.share)
-            .map_err(|e| self.io_err(op, key, "cannot open the key's resize lock", e))?;
-        loop {
-            match fs::lock_wait(turn.as_fd()) {
-                Ok(()) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(self.io_err(op, key, "cannot lock the key's resize lock", e)),
-            }
+        let _turn = self.resize_turn(&dir, key, op)?;
+        if !self.is_current(key, &dir) {
+            // Deleted while this waited for its turn.
+            return Err(self.ctx(errors::no_such_key_to_resize(), op, key));
         }
         // The lock-delay is the key's for life: a resize keeps it.
         let (current, delay_ms) = self.read_meta(&dir, key, op)?;
@@ -297,7 +330,22 @@ impl Root {
             self.share,
         )
         .map_err(|e| self.io_err(op, key, "cannot write the key's limit", e))
-        // `turn` closes here, and its lock goes with it.
+        // `_turn` closes here, and its lock goes with it.
+    }
+
+    /// Waits for the key's `resize` lock (lease mode), which a resize and a delete hold
+    /// while they change the key's limit or remove the key: held while the returned file
+    /// is open.
+    pub fn resize_turn(&self, dir: &OwnedFd, key: &Key, op: Op) -> Result<OwnedFd, Error> {
+        let turn = fs::open_file(dir.as_fd(), "resize", true, self.share)
+            .map_err(|e| self.io_err(op, key, "cannot open the key's resize lock", e))?;
+        loop {
+            match fs::lock_wait(turn.as_fd()) {
+                Ok(()) => return Ok(turn),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.io_err(op, key, "cannot lock the key's resize lock", e)),
+            }
+        }
     }
 
     /// The directory of barrier `key` (`+barriers/<key>`: `+` is never in a key, so
@@ -342,7 +390,7 @@ impl Root {
         // a key is not baton's, and is passed over rather than failing every `list`.
         let keys: Vec<(String, String)> = names
             .into_iter()
-            .filter(|n| n != BARRIERS)
+            .filter(|n| n != BARRIERS && n != retire::RETIRED)
             .map(|n| (n.replace('%', "/"), format!("the directory '{n}'")))
             .filter(|(k, _)| Key::new(k.as_str()).is_ok())
             .collect();
@@ -552,21 +600,6 @@ fn open_root(config: &DirConfig) -> Result<OwnedFd, RootError> {
             Some(e),
         )
     })
-}
-
-/// `Unsupported` for delete, with the reason: a process that has a key's files open (a
-/// waiter blocked on a slot's lock, a cached descriptor) would go on locking the removed
-/// files while new requests lock new ones, so removing them could grant a slot twice;
-/// and the lease mode's token chain would start again.
-pub(crate) fn no_delete(root: &Root, key: &Key) -> Error {
-    root.err(
-        ErrorKind::Unsupported,
-        Op::Delete,
-        key,
-        "the directory store cannot delete a key yet: a process that has the key's files \
-         open could go on locking the removed ones while new requests lock new ones \
-         (remove the key's directory by hand only when no baton process can be using it)",
-    )
 }
 
 #[cfg(test)]

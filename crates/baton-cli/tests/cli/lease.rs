@@ -475,16 +475,27 @@ fn delete_removes_an_unused_key_and_refuses_one_in_use() {
     cmd(&["run", "-n", "3", "-k", "gpu", "--", "true"])
         .output()
         .code(0);
-    // The directory store cannot delete yet, and says why.
+    // The directory store (the default) deletes too: refused while held, then gone.
     let kernel = Dir::new();
-    kernel
-        .cmd(&["run", "-k", "kk", "--", "true"])
-        .output()
-        .code(0);
+    let holder = kernel
+        .cmd(&["run", "-k", "kk", "--", "sleep", "30"])
+        .spawn();
+    wait_until("a holder", || {
+        let out = kernel.cmd(&["status", "--json", "kk"]).output();
+        serde_json::from_str::<serde_json::Value>(out.stdout.trim())
+            .is_ok_and(|v| v["held"].as_u64() == Some(1))
+    });
     kernel
         .cmd(&["delete", "kk"])
         .output()
-        .code(69)
-        .stderr_has("cannot delete a key yet")
+        .code(75)
+        .stderr_has("1 slot(s) held")
         .one_error_line();
+    holder.signal(libc::SIGTERM);
+    holder.finish();
+    kernel.cmd(&["delete", "kk"]).output().code(0);
+    kernel.cmd(&["status", "kk"]).output().code(1);
+    let listed = kernel.cmd(&["list"]).output();
+    listed.code(0);
+    assert!(!listed.stdout.contains("kk"), "{}", listed.stdout);
 }

@@ -104,12 +104,21 @@ pub fn in_use(held: usize, waiting: Option<u32>, held_back: usize) -> Error {
         Some(n) if n > 0 => parts.push(format!("{n} request(s) waiting")),
         _ => {}
     }
+    in_use_because(&parts.join(", "))
+}
+
+/// `Busy` for delete on a store that knows requests wait for the key but cannot count
+/// them.
+pub fn in_use_by_waiters() -> Error {
+    in_use_because("requests are waiting")
+}
+
+fn in_use_because(why: &str) -> Error {
     Error::new(
         ErrorKind::Busy,
         format!(
-            "the key is in use ({}); delete removes only a key nobody holds or waits for \
-             (wait for them, or `baton break` the holders first)",
-            parts.join(", ")
+            "the key is in use ({why}); delete removes only a key nobody holds or waits for \
+             (wait for them, or `baton break` the holders first)"
         ),
     )
 }
