@@ -260,6 +260,91 @@ pub async fn delete_removes_only_an_unused_key(h: &Harness) {
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e:#}");
 }
 
+/// Deletes racing grants never let two requests hold a mutex at once, and never let a
+/// token go back: four handles take and release one key in a loop (half of them without
+/// waiting, half waiting 30 ms), with short gaps, while a fifth deletes the key whenever
+/// it can, for two seconds. Every grant bumps a counter that must have been 0 and
+/// records its token, which must be above every earlier grant's. The key must have been
+/// deleted and granted again in the race, or it proves nothing.
+pub async fn delete_racing_grants_never_shares_a_slot(h: &Harness) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let lab = Lab::new(h, "delete_racing_grants_never_shares_a_slot");
+    let key = lab.key("race");
+    let inside = Arc::new(AtomicU32::new(0));
+    let tokens = Arc::new(Mutex::new(Vec::new()));
+    let stop = Instant::now() + Duration::from_secs(2);
+    let mut tasks = Vec::new();
+    for n in 0..4u64 {
+        let store = h.open();
+        let wait = if n % 2 == 0 {
+            Wait::NoWait
+        } else {
+            Wait::Timeout(Duration::from_millis(30))
+        };
+        let req = lab.request(&key, 1, wait);
+        let (inside, tokens) = (Arc::clone(&inside), Arc::clone(&tokens));
+        tasks.push(tokio::spawn(async move {
+            let mut granted = 0u64;
+            while Instant::now() < stop {
+                let lease = match bounded("acquire", LIVENESS_BOUND, store.acquire(&req)).await {
+                    Ok(lease) => lease,
+                    Err(e) if matches!(e.kind(), ErrorKind::Busy | ErrorKind::Timeout) => {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        continue;
+                    }
+                    Err(e) => panic!("an acquire racing deletes failed: {e:#}"),
+                };
+                assert_eq!(
+                    inside.fetch_add(1, Ordering::SeqCst),
+                    0,
+                    "two holders of a mutex at once while its key was being deleted"
+                );
+                tokens.lock().expect("tokens").push(lease.token);
+                tokio::time::sleep(Duration::from_micros(300)).await;
+                inside.fetch_sub(1, Ordering::SeqCst);
+                let released = bounded("release", LIVENESS_BOUND, store.release(&lease)).await;
+                assert_eq!(
+                    released.expect("release"),
+                    Released::Released,
+                    "a grant was released by someone else"
+                );
+                granted += 1;
+                // A gap now and then, so that the key is sometimes free to delete.
+                tokio::time::sleep(Duration::from_millis(1 + (granted + n) % 3)).await;
+            }
+            granted
+        }));
+    }
+    let mut deleted = 0u32;
+    while Instant::now() < stop {
+        match bounded("delete", LIVENESS_BOUND, lab.store.delete(&key)).await {
+            Ok(()) => deleted += 1,
+            Err(e) if matches!(e.kind(), ErrorKind::Busy | ErrorKind::NotFound) => {
+                tokio::task::yield_now().await;
+            }
+            Err(e) => panic!("a delete racing grants failed: {e:#}"),
+        }
+    }
+    let mut granted = 0;
+    for t in tasks {
+        granted += t.await.expect("a racing task panicked");
+    }
+    let tokens = tokens.lock().expect("tokens").clone();
+    if let Some(w) = tokens.windows(2).find(|w| w[0] >= w[1]) {
+        panic!(
+            "a token went back across deletes: {} then {} (all: {tokens:?})",
+            w[0], w[1]
+        );
+    }
+    report(&format!(
+        "delete_racing_grants_never_shares_a_slot: {granted} grants, {deleted} deletes"
+    ));
+    assert!(
+        granted >= 4 && deleted >= 1,
+        "the race did not happen: {granted} grants, {deleted} deletes in 2 s"
+    );
+}
+
 /// What [`waiters_ride_out_restart`] measured.
 #[derive(Clone, Copy, Debug)]
 pub struct RideOutReport {

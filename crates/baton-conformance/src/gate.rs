@@ -56,7 +56,7 @@ pub fn needs(name: &str) -> Needs {
             caps: &[FIFO, WAITERS],
             ..Needs::default()
         },
-        "delete_removes_only_an_unused_key" => Needs {
+        "delete_removes_only_an_unused_key" | "delete_racing_grants_never_shares_a_slot" => Needs {
             caps: &[DELETE],
             ..Needs::default()
         },

@@ -363,6 +363,7 @@ macro_rules! suite {
             barrier_passes_in_generations,
             waiters_are_served_in_order,
             delete_removes_only_an_unused_key,
+            delete_racing_grants_never_shares_a_slot,
             paused_holder_is_superseded,
             killed_lease_holder_recovers,
             wall_clock_jump_keeps_lease,
