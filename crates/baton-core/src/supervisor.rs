@@ -781,6 +781,28 @@ unsafe fn write_decimal(out: *mut u8, mut value: u64) {
     unsafe { *out.add(n) = 0 };
 }
 
+/// Writes to stderr that the supervisor's SIGKILL went out `late_ns` after it was due.
+///
+/// # Safety
+/// Async-signal-safe: only stack buffers and `write`.
+unsafe fn warn_late(late_ns: u64) {
+    let head = b"baton: the supervisor sent SIGKILL ";
+    let tail = b" ms after it was due (the host did not run it in time): the command may have outlived its lease\n";
+    let mut buf = [0u8; 200];
+    let mut n = head.len();
+    buf[..n].copy_from_slice(head);
+    let mut digits = [0u8; 21];
+    // SAFETY: digits has 21 bytes.
+    unsafe { write_decimal(digits.as_mut_ptr(), late_ns / 1_000_000) };
+    let len = digits.iter().position(|b| *b == 0).unwrap_or(0);
+    buf[n..n + len].copy_from_slice(&digits[..len]);
+    n += len;
+    buf[n..n + tail.len()].copy_from_slice(tail);
+    n += tail.len();
+    // SAFETY: writing a stack buffer to fd 2.
+    unsafe { write_all_raw(2, &buf[..n]) };
+}
+
 fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
@@ -964,6 +986,11 @@ unsafe fn supervise(p: &Prepared, control: [libc::c_int; 2], report: [libc::c_in
             if !killed && kill_due.is_some_and(|t| now >= t) {
                 libc::kill(-pid, libc::SIGKILL);
                 killed = true;
+                // Sent so late that the group may outlive the deadline: this process was
+                // not scheduled in time (an overloaded or paused host). Say so.
+                if let Some(d) = deadline.filter(|d| d.saturating_sub(now) < reserve / 2) {
+                    warn_late(now.saturating_sub(d.saturating_sub(reserve)));
+                }
             }
             // Sleep until the next thing due, a child's end, or a message.
             let wake = match (

@@ -196,3 +196,51 @@ fn a_process_that_leaves_the_group_escapes_as_documented() {
         libc::kill(pid, libc::SIGKILL);
     }
 }
+
+#[test]
+fn a_supervisor_that_runs_too_late_says_so() {
+    let dir = Dir::new();
+    let url = format!("{}?mode=lease", dir.store());
+    let bg = dir.file("bg.pid");
+    let script = stubborn(&bg);
+    let holder = on(
+        &dir,
+        &url,
+        &[
+            "run",
+            "--ttl",
+            "1s",
+            "--kill-grace",
+            "200ms",
+            "-k",
+            "late",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    )
+    .spawn();
+    let grandchild = read_pid(&bg);
+    // The supervisor is baton's child; freeze it with baton, past the lease's deadline.
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", holder.pid()))
+        .expect("baton's children");
+    let supervisor: i32 = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the supervisor's pid");
+    holder.signal(libc::SIGSTOP);
+    // SAFETY: kill with the pid of this test's baton's child.
+    unsafe { libc::kill(supervisor, libc::SIGSTOP) };
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // SAFETY: as above.
+    unsafe { libc::kill(supervisor, libc::SIGCONT) };
+    wait_until("the group is stopped", || !process_alive(grandchild));
+    holder.signal(libc::SIGCONT);
+    holder
+        .finish()
+        .code(76)
+        .stderr_has("ms after it was due")
+        .stderr_has("may have outlived its lease");
+}
