@@ -4,8 +4,8 @@
 //! 2. The request joins the waiters: it consumes `waiters` (to be counted) and `gate`
 //!    (single active consumer: the broker makes waiters active in the order they came).
 //! 3. Given the gate message, it checks the limit in it; the token is the message's
-//!    `x-delivery-count` + 1 (every hand-over of the never-acknowledged gate message adds
-//!    one, and quorum queues keep the count across broker restarts).
+//!    `base` + `x-delivery-count` + 1 (every hand-over of the never-acknowledged gate
+//!    message adds one, and quorum queues keep the count across broker restarts).
 //! 4. It consumes `slots` (prefetch 1): the first slot message returned is its slot,
 //!    kept unacknowledged. It declares its `held` proof queue and writes its record.
 //! 5. It returns the gate by closing the gate channel: the next waiter becomes active.
@@ -31,7 +31,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, Consumer};
 
 use crate::core::{persistent, quorum, soft, Found, Held, Inner};
-use crate::layout::{self, Gate, Names, Record};
+use crate::layout::{self, Floor, Gate, Names, Record};
 
 /// How long a no-wait acquire waits for the gate or a slot that the broker said was
 /// there (the gate passes through each request's hands in milliseconds).
@@ -158,7 +158,10 @@ impl Inner {
         if g.limit != req.limit {
             return Err(errors::limit_mismatch(g.limit, req.limit).into());
         }
-        let token = delivery_count(&pass)? + 1;
+        let token = g
+            .base
+            .checked_add(delivery_count(&pass)? + 1)
+            .ok_or_else(|| errors::corrupt("the gate message's base", "overflows a token"))?;
 
         // Holding the gate: the first slot that is (or comes) free is this request's.
         let ch = self.confirm_channel(conn).await?;
@@ -406,8 +409,10 @@ impl Inner {
     }
 
     /// The key's queues, the slot messages, the meta message, the key's name in the key
-    /// list and, last, the gate: the gate's existence says the key is complete.
+    /// list and, last, the gate: the gate's existence says the key is complete. The gate
+    /// starts its tokens above the key's floor (read under the `init` lock).
     async fn create_key(&self, conn: &Connection, names: &Names, limit: u32) -> Result<(), Error> {
+        let base = Floor::highest(&self.peek_all(conn, &names.floor()).await?)?;
         let ch = self.confirm_channel(conn).await?;
         let slots = names.slots();
         self.declare(&ch, &slots, quorum(false)).await?;
@@ -419,7 +424,7 @@ impl Inner {
         }
         self.declare(&ch, &names.waiters(), FieldTable::default())
             .await?;
-        let body = serde_json::to_vec(&Gate { limit })
+        let body = serde_json::to_vec(&Gate { limit, base })
             .map_err(|e| Error::new(ErrorKind::Unavailable, format!("gate message: {e}")))?;
         let meta = names.meta();
         self.declare(&ch, &meta, FieldTable::default()).await?;
