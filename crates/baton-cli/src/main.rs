@@ -104,7 +104,7 @@ enum Command {
     #[command(after_help = exit_code::HELP_TABLE)]
     Resize(resize::Args),
 
-    /// Remove a key nobody holds or waits for (every store but RabbitMQ).
+    /// Remove a key nobody holds or waits for (every store).
     ///
     /// Its limit, lock-delay and records go; the next acquire creates it anew, with its
     /// own limit, and its tokens keep rising from the old ones. While a slot is held (or

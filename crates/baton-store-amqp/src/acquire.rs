@@ -1,11 +1,14 @@
 //! The grant, on the acquire's own connection (heartbeat: half the lease's TTL).
 //!
-//! 1. The key's queues exist (`ensure_key`, under the key's `init` lock the first time).
+//! 1. The key's queues exist (`ensure_key`, under the key's `init` lock the first time;
+//!    the new gate's token `base` is the floor a delete of the key left).
 //! 2. The request joins the waiters: it consumes `waiters` (to be counted) and `gate`
 //!    (single active consumer: the broker makes waiters active in the order they came).
+//!    When a delete removed the key's queues meanwhile (the broker cancels the consumers
+//!    of a deleted queue, or answers `NOT_FOUND`), it goes back to 1.
 //! 3. Given the gate message, it checks the limit in it; the token is the message's
-//!    `x-delivery-count` + 1 (every hand-over of the never-acknowledged gate message adds
-//!    one, and quorum queues keep the count across broker restarts).
+//!    `base` + `x-delivery-count` + 1 (every hand-over of the never-acknowledged gate
+//!    message adds one, and quorum queues keep the count across broker restarts).
 //! 4. It consumes `slots` (prefetch 1): the first slot message returned is its slot,
 //!    kept unacknowledged. It declares its `held` proof queue and writes its record.
 //! 5. It returns the gate by closing the gate channel: the next waiter becomes active.
@@ -31,11 +34,24 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, Consumer};
 
 use crate::core::{persistent, quorum, soft, Found, Held, Inner};
-use crate::layout::{self, Gate, Names, Record};
+use crate::layout::{self, Floor, Gate, Names, Record};
 
 /// How long a no-wait acquire waits for the gate or a slot that the broker said was
 /// there (the gate passes through each request's hands in milliseconds).
-const NO_WAIT_BOUND: Duration = Duration::from_secs(2);
+pub(crate) const NO_WAIT_BOUND: Duration = Duration::from_secs(2);
+
+/// How many times in a row an acquire makes a key anew that a delete removed under it
+/// before it gives up.
+const VANISHED_TRIES: u32 = 100;
+
+/// The end of [`Inner::queue_up`].
+enum Queued {
+    /// The gate message came: the counting channel, the gate channel, the counting
+    /// consumer (kept to the end) and the gate message.
+    Passed(Box<(Channel, Channel, Consumer, Delivery)>),
+    /// The key's queues were deleted: make the key anew and queue up again.
+    Vanished,
+}
 
 /// How an acquire without a grant ends.
 #[derive(Debug)]
@@ -64,7 +80,7 @@ pub(crate) fn heartbeat(ttl: Duration) -> u16 {
 }
 
 /// The gate message's `x-delivery-count`: how many times it was handed over before.
-fn delivery_count(d: &Delivery) -> Result<u64, Error> {
+pub(crate) fn delivery_count(d: &Delivery) -> Result<u64, Error> {
     let Some(headers) = d.properties.headers().as_ref() else {
         return Ok(0);
     };
@@ -116,49 +132,42 @@ impl Inner {
         let ttl = validate_ttl(req.ttl, &req.key)?;
         let deadline = req.deadline(Instant::now());
         let names = Names::new(&self.config.prefix, &req.key);
-        self.ensure_key(conn, &names, req.limit).await?;
-        if req.wait == Wait::NoWait {
-            if let Some(busy) = self.busy_now(conn, &names, req.limit).await? {
-                return Err(busy.into());
+        // A delete can remove the key between its creation (or the look that found it)
+        // and the wait: the wait then ends (the broker cancels the consumers of a deleted
+        // queue) and the request makes the key anew, as an acquire after the delete would.
+        let mut vanished = 0;
+        let (count_ch, gate_ch, _counted, pass) = loop {
+            self.ensure_key(conn, &names, req.limit).await?;
+            if req.wait == Wait::NoWait {
+                if let Some(busy) = self.busy_now(conn, &names, req.limit).await? {
+                    return Err(busy.into());
+                }
             }
-        }
-
-        // Join the waiters: counted on `waiters` (on a channel without a prefetch limit:
-        // the broker counts only consumers that could take a message), queued on the gate.
-        let count_ch = self.channel(conn).await?;
-        let no_ack = BasicConsumeOptions {
-            no_ack: true,
-            ..BasicConsumeOptions::default()
-        };
-        // Kept to the end: lapin cancels a consumer whose handle is dropped.
-        let _counted = self
-            .bounded(count_ch.basic_consume(
-                names.waiters().as_str().into(),
-                "".into(),
-                no_ack,
-                FieldTable::default(),
-            ))
-            .await?;
-        let gate_ch = self.channel(conn).await?;
-        self.bounded(gate_ch.basic_qos(1, BasicQosOptions::default()))
-            .await?;
-        let mut gate = self
-            .bounded(gate_ch.basic_consume(
-                names.gate().as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            ))
-            .await?;
-        let bound = self.wait_bound(req, deadline);
-        let Some(pass) = next(&mut gate, bound).await? else {
-            return Err(self.gave_up(conn, req, &names).await.into());
+            match self.queue_up(conn, req, &names, deadline).await? {
+                Queued::Passed(passed) => break *passed,
+                Queued::Vanished => {
+                    vanished += 1;
+                    if vanished >= VANISHED_TRIES {
+                        return Err(Error::new(
+                            ErrorKind::Unavailable,
+                            format!(
+                                "the key was deleted under {VANISHED_TRIES} attempts to wait \
+                                 for it in a row"
+                            ),
+                        )
+                        .into());
+                    }
+                }
+            }
         };
         let g = Gate::parse("the gate message", &pass.data)?;
         if g.limit != req.limit {
             return Err(errors::limit_mismatch(g.limit, req.limit).into());
         }
-        let token = delivery_count(&pass)? + 1;
+        let token = g
+            .base
+            .checked_add(delivery_count(&pass)? + 1)
+            .ok_or_else(|| errors::corrupt("the gate message's base", "overflows a token"))?;
 
         // Holding the gate: the first slot that is (or comes) free is this request's.
         let ch = self.confirm_channel(conn).await?;
@@ -255,6 +264,75 @@ impl Inner {
                 record,
             },
         ))
+    }
+
+    /// Joins the waiters: counted on `waiters` (on a channel without a prefetch limit: the
+    /// broker counts only consumers that could take a message), queued on the gate, until
+    /// the gate message comes. `Vanished` when the key's queues were deleted before or
+    /// during the wait (its channels are closed then).
+    async fn queue_up(
+        &self,
+        conn: &Connection,
+        req: &AcquireRequest,
+        names: &Names,
+        deadline: Option<Instant>,
+    ) -> Result<Queued, Ending> {
+        let count_ch = self.channel(conn).await?;
+        let no_ack = BasicConsumeOptions {
+            no_ack: true,
+            ..BasicConsumeOptions::default()
+        };
+        // Kept to the end: lapin cancels a consumer whose handle is dropped.
+        let counted = match self
+            .raw(count_ch.basic_consume(
+                names.waiters().as_str().into(),
+                "".into(),
+                no_ack,
+                FieldTable::default(),
+            ))
+            .await?
+        {
+            Ok(c) => c,
+            Err(e) if soft(&e) == Some(AMQPSoftError::NOTFOUND) => return Ok(Queued::Vanished),
+            Err(e) => return Err(self.map(e).into()),
+        };
+        let gate_ch = self.channel(conn).await?;
+        self.bounded(gate_ch.basic_qos(1, BasicQosOptions::default()))
+            .await?;
+        let mut gate = match self
+            .raw(gate_ch.basic_consume(
+                names.gate().as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ))
+            .await?
+        {
+            Ok(c) => c,
+            Err(e) if soft(&e) == Some(AMQPSoftError::NOTFOUND) => {
+                let _ = self.bounded(count_ch.close(200, "OK".into())).await;
+                return Ok(Queued::Vanished);
+            }
+            Err(e) => return Err(self.map(e).into()),
+        };
+        let bound = self.wait_bound(req, deadline);
+        match next(&mut gate, bound).await {
+            Ok(Some(pass)) => Ok(Queued::Passed(Box::new((count_ch, gate_ch, counted, pass)))),
+            Ok(None) => Err(self.gave_up(conn, req, names).await.into()),
+            Err(e) => {
+                // The broker cancels the consumers of a deleted queue; the key may be
+                // made anew already by the time this looks, so any end of the wait on a
+                // connection still up goes back to making sure the key exists (which
+                // makes it only when its gate is missing, under the `init` lock). A
+                // lost connection is not a deleted key.
+                if conn.status().connected() {
+                    let _ = self.bounded(gate_ch.close(200, "OK".into())).await;
+                    let _ = self.bounded(count_ch.close(200, "OK".into())).await;
+                    return Ok(Queued::Vanished);
+                }
+                Err(e.into())
+            }
+        }
     }
 
     /// Keeps the slot delivered on `ch` until `until`, then marks the lost lease's record
@@ -373,7 +451,27 @@ impl Inner {
             }
             return Ok(());
         }
-        let ch = loop {
+        let ch = self.lock_key(conn, names).await?;
+        if matches!(self.look(conn, &names.gate()).await?, Found::Missing) {
+            self.create_key(conn, names, limit).await?;
+        }
+        self.bounded(ch.queue_delete(lock.as_str().into(), QueueDeleteOptions::default()))
+            .await?;
+        let _ = self.bounded(ch.close(200, "OK".into())).await;
+        Ok(())
+    }
+
+    /// Takes the key's `init` lock (an exclusive queue of `conn`): the lock under which
+    /// its queues are created and deleted. Gives up after twice the URL's timeout. The
+    /// lock goes when the returned channel deletes it or when `conn` closes.
+    pub(crate) async fn lock_key(
+        &self,
+        conn: &Connection,
+        names: &Names,
+    ) -> Result<Channel, Error> {
+        let lock = names.init();
+        let until = Instant::now() + self.config.timeout * 2;
+        loop {
             let ch = self.channel(conn).await?;
             let exclusive = QueueDeclareOptions {
                 exclusive: true,
@@ -383,7 +481,7 @@ impl Inner {
                 .raw(ch.queue_declare(lock.as_str().into(), exclusive, FieldTable::default()))
                 .await?
             {
-                Ok(_) => break ch,
+                Ok(_) => return Ok(ch),
                 Err(e) if soft(&e) == Some(AMQPSoftError::RESOURCELOCKED) => {
                     if Instant::now() >= until {
                         return Err(Error::new(
@@ -395,19 +493,15 @@ impl Inner {
                 }
                 Err(e) => return Err(self.map(e)),
             }
-        };
-        if matches!(self.look(conn, &names.gate()).await?, Found::Missing) {
-            self.create_key(conn, names, limit).await?;
         }
-        self.bounded(ch.queue_delete(lock.as_str().into(), QueueDeleteOptions::default()))
-            .await?;
-        let _ = self.bounded(ch.close(200, "OK".into())).await;
-        Ok(())
     }
 
     /// The key's queues, the slot messages, the meta message, the key's name in the key
-    /// list and, last, the gate: the gate's existence says the key is complete.
+    /// list and, last, the gate: the gate's existence says the key is complete. The gate
+    /// starts its tokens above the key's floor, which a delete of the key left (read under
+    /// the `init` lock, which every delete takes too).
     async fn create_key(&self, conn: &Connection, names: &Names, limit: u32) -> Result<(), Error> {
+        let base = Floor::highest(&self.peek_all(conn, &names.floor()).await?)?;
         let ch = self.confirm_channel(conn).await?;
         let slots = names.slots();
         self.declare(&ch, &slots, quorum(false)).await?;
@@ -419,7 +513,7 @@ impl Inner {
         }
         self.declare(&ch, &names.waiters(), FieldTable::default())
             .await?;
-        let body = serde_json::to_vec(&Gate { limit })
+        let body = serde_json::to_vec(&Gate { limit, base })
             .map_err(|e| Error::new(ErrorKind::Unavailable, format!("gate message: {e}")))?;
         let meta = names.meta();
         self.declare(&ch, &meta, FieldTable::default()).await?;
@@ -478,7 +572,10 @@ impl Inner {
 
 /// The next delivery of `consumer`, or `None` when `until` passes first. A consumer that
 /// ends (its channel or connection closed) is `Unavailable`.
-async fn next(consumer: &mut Consumer, until: Option<Instant>) -> Result<Option<Delivery>, Error> {
+pub(crate) async fn next(
+    consumer: &mut Consumer,
+    until: Option<Instant>,
+) -> Result<Option<Delivery>, Error> {
     let got = match until {
         None => consumer.next().await,
         Some(t) => {

@@ -43,7 +43,11 @@ impl Inner {
 
     /// The key's limit, from its meta message (another reader may have it for a moment:
     /// look again).
-    async fn limit_of(&self, conn: &Connection, names: &Names) -> Result<u32, baton_core::Error> {
+    pub(crate) async fn limit_of(
+        &self,
+        conn: &Connection,
+        names: &Names,
+    ) -> Result<u32, baton_core::Error> {
         for _ in 0..50 {
             if let Some(m) = self.peek_all(conn, &names.meta()).await?.first() {
                 return Ok(Gate::parse("the key's meta message", m)?.limit);

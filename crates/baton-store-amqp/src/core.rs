@@ -25,7 +25,7 @@ use tokio::sync::Mutex;
 use crate::config::AmqpConfig;
 
 /// The heartbeat of the store's own reading connection, in seconds.
-const ADMIN_HEARTBEAT: u16 = 10;
+pub(crate) const ADMIN_HEARTBEAT: u16 = 10;
 
 /// A granted lease's connection and channel, kept while the lease is held from this
 /// handle. The slot is the unacknowledged delivery on `channel`.

@@ -3,10 +3,11 @@
 //!
 //! Per key `K`, every name starting `PREFIX.k.K`:
 //! - `.gate`: a durable quorum queue with single-active-consumer and one message, the
-//!   gate (body: the key's limit). Waiters consume it in arrival order; the one the broker
+//!   gate (body: the key's limit and token base). Waiters consume it in arrival order; the one the broker
 //!   makes active holds the gate while it takes a slot, then returns it (closes its
 //!   channel), which makes the next waiter active. The message is never acknowledged, so
-//!   its `x-delivery-count` rises by one at every hand-over and is the fencing token.
+//!   its `x-delivery-count` rises by one at every hand-over: the fencing token is the
+//!   base + that count + 1.
 //! - `.slots`: a durable quorum queue of `limit` messages, one per slot (body: the slot
 //!   number), consumed only by the gate's holder. A held slot is an unacknowledged
 //!   delivery on its holder's connection; closing the channel returns it.
@@ -18,10 +19,13 @@
 //!   newest wins), and `.held.N.TOKEN`: an exclusive queue of the holder's connection,
 //!   which exists exactly as long as that grant: a record whose `held` queue is gone is
 //!   stale.
-//! - `.init`: an exclusive queue, the lock under which a key's queues are created.
+//! - `.init`: an exclusive queue, the lock under which a key's queues are created and
+//!   deleted.
 //!
 //! And `PREFIX.keys`, a durable classic queue with one message per key (its name), for
-//! `list`.
+//! `list`; and per key deleted at least once, `PREFIX.floor.K`, a durable classic queue
+//! with one persistent message, the key's token floor (outside `PREFIX.k.K`: it outlives
+//! the key's deletion, and the key's next creation starts its gate's `base` there).
 
 use baton_core::kit::errors;
 use baton_core::{Error, Key};
@@ -34,6 +38,7 @@ pub(crate) const MAX_LIMIT: u32 = 1000;
 #[derive(Clone, Debug)]
 pub(crate) struct Names {
     key: String,
+    prefix: String,
     base: String,
 }
 
@@ -41,6 +46,7 @@ impl Names {
     pub(crate) fn new(prefix: &str, key: &Key) -> Names {
         Names {
             key: key.as_str().to_owned(),
+            prefix: prefix.to_owned(),
             base: format!("{prefix}.k.{}", key.as_str()),
         }
     }
@@ -76,6 +82,12 @@ impl Names {
     pub(crate) fn held(&self, slot: u32, token: u64) -> String {
         format!("{}.held.{slot}.{token}", self.base)
     }
+
+    /// The key's token floor, kept when the key is deleted (not under the key's own
+    /// names, which a delete removes).
+    pub(crate) fn floor(&self) -> String {
+        format!("{}.floor.{}", self.prefix, self.key)
+    }
 }
 
 /// The queue of key names.
@@ -87,6 +99,11 @@ pub(crate) fn keys_queue(prefix: &str) -> String {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct Gate {
     pub(crate) limit: u32,
+    /// What the key's tokens start above: a grant's token is `base` + the gate message's
+    /// `x-delivery-count` + 1. A key made anew after a delete starts at its floor (see
+    /// [`Floor`]); a gate written before delete existed has none (0).
+    #[serde(default)]
+    pub(crate) base: u64,
 }
 
 impl Gate {
@@ -100,6 +117,31 @@ impl Gate {
             ));
         }
         Ok(g)
+    }
+}
+
+/// The body of the message in a key's floor queue ([`Names::floor`]): every token the
+/// key granted before it was deleted is below `base` + 1, so a key made anew whose gate
+/// starts at this `base` grants only higher ones.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct Floor {
+    pub(crate) base: u64,
+}
+
+impl Floor {
+    /// The highest floor among `messages` (a delete leaves one), 0 when there is none.
+    pub(crate) fn highest(messages: &[Vec<u8>]) -> Result<u64, Error> {
+        let mut base = 0;
+        for m in messages {
+            let f: Floor = serde_json::from_slice(m).map_err(|e| {
+                errors::corrupt(
+                    "the key's token floor message",
+                    format!("is not baton's ({e})"),
+                )
+            })?;
+            base = base.max(f.base);
+        }
+        Ok(base)
     }
 }
 
@@ -155,5 +197,27 @@ impl Record {
             }
         }
         Ok(newest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gate_written_before_delete_existed_has_base_zero() {
+        let g = Gate::parse("gate", br#"{"limit":3}"#).expect("old gate");
+        assert_eq!(g, Gate { limit: 3, base: 0 });
+        let g = Gate::parse("gate", br#"{"limit":1,"base":41}"#).expect("new gate");
+        assert_eq!(g.base, 41);
+    }
+
+    #[test]
+    fn the_highest_floor_wins_and_none_is_zero() {
+        assert_eq!(Floor::highest(&[]).expect("none"), 0);
+        let f = |b: u64| serde_json::to_vec(&Floor { base: b }).expect("json");
+        assert_eq!(Floor::highest(&[f(7), f(12), f(3)]).expect("floors"), 12);
+        let e = Floor::highest(&[b"many".to_vec()]).expect_err("garbage");
+        assert_eq!(e.kind(), baton_core::ErrorKind::Corrupt);
     }
 }

@@ -10,14 +10,17 @@
 //! closes (at once when the holder's process died, after missed heartbeats when it went
 //! silent), and a slot returned without a release is held back for the lease's TTL, so
 //! the old holder has declared its loss (and `baton run` stopped its command) first. The fencing
-//! token is the gate message's `x-delivery-count` + 1: every hand-over adds one, and a
-//! quorum queue keeps it across broker restarts. See `README.md` for the layout, the
-//! bounds, what was verified on the broker and what the store cannot do.
+//! token is the gate message's `base` + its `x-delivery-count` + 1: every hand-over adds
+//! one, and a quorum queue keeps it across broker restarts. A delete (holding the gate
+//! and the key's creation lock) leaves the key's last token in a durable floor queue, and
+//! the key's next creation starts its gate's `base` there. See `README.md` for the
+//! layout, the bounds, what was verified on the broker and what the store cannot do.
 
 mod acquire;
 mod admin;
 mod config;
 mod core;
+mod delete;
 mod layout;
 mod lease;
 mod store;

@@ -1,6 +1,6 @@
 //! The RabbitMQ store's public type and its [`Backend`]: opening it, its configuration,
 //! and each operation delegated to the role files: `acquire.rs` (the grant), `lease.rs`
-//! (renew, release), `admin.rs` (status, list); `layout.rs` has what the store keeps in
+//! (renew, release), `admin.rs` (status, list), `delete.rs`; `layout.rs` has what the store keeps in
 //! RabbitMQ. [`OnRuntime`] runs them on the store's own runtime.
 //!
 //! Guarantees: an acquire whose future is dropped is cancelled on the store's runtime; a
@@ -9,7 +9,7 @@
 //! does for the lost lease's TTL and then closes), and a grant made as its caller went
 //! away is released.
 //!
-//! Break, resize, delete and barriers answer `Unsupported` (README: why).
+//! Break, resize and barriers answer `Unsupported` (README: why).
 
 use std::fmt;
 use std::sync::Arc;
@@ -97,7 +97,6 @@ impl Backend for Inner {
         .with_resize(false)
         .with_lock_delay(false)
         .with_barrier(false)
-        .with_delete(false)
     }
 
     fn check(&self, req: &AcquireRequest) -> Result<(), Error> {
@@ -190,12 +189,8 @@ impl Backend for Inner {
         ))
     }
 
-    async fn delete(&self, _key: &Key) -> Result<(), Error> {
-        Err(unsupported(
-            "delete",
-            "the fencing token is the gate queue's delivery count, which a deleted key's \
-             gate would take with it (a key made again would start its tokens at 1)",
-        ))
+    async fn delete(&self, key: &Key) -> Result<(), Error> {
+        Inner::delete(self, key).await
     }
 
     async fn barrier(

@@ -236,3 +236,267 @@ async fn a_look_at_a_missing_key_is_not_answered_again_after_many_looks() {
     assert!(again.token > l.token);
     s.release(&again).await.expect("release");
 }
+
+/// The queues of `names` under `prefix` on the broker at `url` that exist, with their
+/// ready messages (passive declarations, each on a channel of its own).
+async fn existing(url: &str, names: &[String]) -> Vec<(String, u32)> {
+    let u = StoreUrl::parse(url).expect("url");
+    let c = baton_store_amqp::AmqpConfig::from_url(&u).expect("config");
+    let amqp = format!(
+        "amqp://{}:{}@{}:{}/{}",
+        c.user,
+        c.password,
+        c.host,
+        c.port,
+        c.vhost.replace('/', "%2f")
+    );
+    let conn = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let mut out = Vec::new();
+    for n in names {
+        let ch = conn.create_channel().await.expect("channel");
+        let opts = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..lapin::options::QueueDeclareOptions::default()
+        };
+        if let Ok(q) = ch
+            .queue_declare(n.as_str().into(), opts, lapin::types::FieldTable::default())
+            .await
+        {
+            out.push((n.clone(), q.message_count()));
+            let _ = ch.close(200, "OK".into()).await;
+        }
+    }
+    let _ = conn.close(200, "OK".into()).await;
+    out
+}
+
+/// A store under a prefix of its own at `url`, and the prefix.
+fn store_and_prefix(url: &str) -> (Arc<dyn Store>, String) {
+    let prefix = format!(
+        "d-{}-{:x}",
+        std::process::id(),
+        baton_core::HolderId::random().0 as u64
+    );
+    let u = StoreUrl::parse(&format!("{url}?prefix={prefix}")).expect("url");
+    (baton_store_amqp::open(&u).expect("open"), prefix)
+}
+
+/// Every queue a key of `limit` slots can have (its proof queues aside, which live only
+/// as long as a grant's connection), and its floor.
+fn key_queues(prefix: &str, key: &str, limit: u32) -> Vec<String> {
+    let base = format!("{prefix}.k.{key}");
+    let mut v: Vec<String> = ["gate", "slots", "waiters", "meta", "init"]
+        .iter()
+        .map(|q| format!("{base}.{q}"))
+        .collect();
+    v.extend((0..limit).map(|s| format!("{base}.rec.{s}")));
+    v.push(format!("{prefix}.floor.{key}"));
+    v
+}
+
+/// A deleted key's token floor outlives the key and a broker restart: delete leaves
+/// nothing of the key but its floor queue (one message), and the key made again after
+/// a restart grants tokens above every token it granted before.
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_rise_across_a_delete_and_a_broker_restart() {
+    if store("tokens_rise_across_a_delete_and_a_broker_restart").is_none() {
+        return;
+    }
+    let server = Server::start("rabbitmq", "start", "stop").expect("a private broker");
+    let (s, prefix) = store_and_prefix(server.url());
+    let key = Key::new("del/key").expect("key");
+    let mut last = 0;
+    for _ in 0..4 {
+        let l = s
+            .acquire(&req("del/key", 2, Wait::NoWait, TTL))
+            .await
+            .expect("before");
+        assert!(l.token.0 > last, "{} after {last}", l.token);
+        last = l.token.0;
+        s.release(&l).await.expect("release");
+    }
+    s.delete(&key).await.expect("delete");
+    let left = existing(server.url(), &key_queues(&prefix, "del/key", 2)).await;
+    assert_eq!(
+        left,
+        vec![(format!("{prefix}.floor.del/key"), 1)],
+        "delete must leave only the floor"
+    );
+    tokio::task::block_in_place(|| server.run("restart")).expect("restart");
+    let start = Instant::now();
+    let l = loop {
+        match s
+            .acquire(&req(
+                "del/key",
+                1,
+                Wait::Timeout(Duration::from_secs(30)),
+                TTL,
+            ))
+            .await
+        {
+            Ok(l) => break l,
+            Err(e) if e.kind() == ErrorKind::Unavailable => {
+                assert!(start.elapsed() < Duration::from_secs(60), "{e:#}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("after the restart: {e:#}"),
+        }
+    };
+    assert!(
+        l.token.0 > last,
+        "the key made again after a delete and a restart granted token {} after {last}",
+        l.token
+    );
+    assert_eq!(s.inspect(&key).await.expect("status").limit, 1);
+    s.release(&l).await.expect("release");
+    // And once more, without a restart: the floor of the second life is above the first.
+    last = l.token.0;
+    s.delete(&key).await.expect("the second delete");
+    let again = s
+        .acquire(&req("del/key", 1, Wait::NoWait, TTL))
+        .await
+        .expect("the third life");
+    assert!(again.token.0 > last, "{} after {last}", again.token);
+    s.release(&again).await.expect("release");
+}
+
+/// A lost lease's slot (its holder's connection ended without a release) is held back,
+/// so delete refuses the key (its holder may still be at work) until a request has
+/// waited out the TTL and released it.
+#[tokio::test(flavor = "multi_thread")]
+async fn delete_refuses_a_held_back_slot() {
+    let Some(s) = store("delete_refuses_a_held_back_slot") else {
+        return;
+    };
+    let ttl = Duration::from_secs(1);
+    let key = Key::new("back").expect("key");
+    let other = baton_store_amqp::open(s.url()).expect("open");
+    let theirs = other
+        .acquire(&req("back", 1, Wait::NoWait, ttl))
+        .await
+        .expect("theirs");
+    drop(other);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let e = s.delete(&key).await.expect_err("a lost slot");
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e:#}");
+    assert!(e.to_string().contains("held back"), "{e:#}");
+    let l = s
+        .acquire(&req("back", 1, Wait::Timeout(Duration::from_secs(10)), ttl))
+        .await
+        .expect("after the hold-back");
+    assert!(l.token > theirs.token);
+    let e = s.delete(&key).await.expect_err("held");
+    assert!(e.to_string().contains("1 slot(s) held"), "{e:#}");
+    s.release(&l).await.expect("release");
+    s.delete(&key).await.expect("delete");
+}
+
+/// Deletes racing acquires: every waiting acquire is granted (one whose key was deleted
+/// under it makes the key anew), none hangs, no two hold the one slot at once, every
+/// grant is released as held, and the tokens rise in the order of the grants across
+/// every life of the key. Some deletes succeed; the others are refused as in use (or
+/// find no key). At the end nothing of the key is left but its floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deletes_racing_acquires_lose_and_duplicate_no_grant() {
+    let Some(_) = store("deletes_racing_acquires_lose_and_duplicate_no_grant") else {
+        return;
+    };
+    let url = baton_conformance::servers::url_from_env("BATON_TEST_AMQP").expect("url");
+    let (s, prefix) = store_and_prefix(&url);
+    let key = Key::new("race").expect("key");
+    let holding = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tokens = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    const ROUNDS: usize = 25;
+    let run = async {
+        let mut tasks = Vec::new();
+        for w in 0..3usize {
+            let (s, holding, tokens) = (Arc::clone(&s), Arc::clone(&holding), Arc::clone(&tokens));
+            tasks.push(tokio::spawn(async move {
+                let mut granted = 0;
+                for i in 0..ROUNDS {
+                    // One worker asks without waiting; Busy is its only refusal.
+                    let wait = if w == 0 {
+                        Wait::NoWait
+                    } else {
+                        Wait::Timeout(Duration::from_secs(30))
+                    };
+                    let l = match s.acquire(&req("race", 1, wait, TTL)).await {
+                        Ok(l) => l,
+                        Err(e) if w == 0 && e.kind() == ErrorKind::Busy => continue,
+                        Err(e) => panic!("worker {w}, round {i}: {e:#}"),
+                    };
+                    let before = holding.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    assert_eq!(before, 0, "two holders of the one slot");
+                    tokens.lock().expect("tokens").push(l.token.0);
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    holding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    assert_eq!(
+                        s.release(&l).await.expect("release"),
+                        Released::Released,
+                        "worker {w}: a grant was lost"
+                    );
+                    granted += 1;
+                    tokio::time::sleep(Duration::from_millis(10 + 7 * (i as u64 % 5))).await;
+                }
+                granted
+            }));
+        }
+        let deleter = {
+            let (s, key, done) = (Arc::clone(&s), key.clone(), Arc::clone(&done));
+            tokio::spawn(async move {
+                let (mut ok, mut busy, mut missing) = (0, 0, 0);
+                let mut i = 0u64;
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    i += 1;
+                    match s.delete(&key).await {
+                        Ok(()) => ok += 1,
+                        Err(e) if e.kind() == ErrorKind::Busy => {
+                            assert!(e.to_string().contains("in use"), "{e:#}");
+                            busy += 1
+                        }
+                        Err(e) if e.kind() == ErrorKind::NotFound => missing += 1,
+                        Err(e) => panic!("delete {i}: {e:#}"),
+                    }
+                    tokio::time::sleep(Duration::from_millis(2 + i % 11)).await;
+                }
+                (ok, busy, missing)
+            })
+        };
+        let mut granted = 0;
+        for t in tasks {
+            granted += t.await.expect("worker");
+        }
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        (granted, deleter.await.expect("deleter"))
+    };
+    let (granted, (ok, busy, missing)) = tokio::time::timeout(Duration::from_secs(240), run)
+        .await
+        .expect("a request or a delete hung");
+    eprintln!("{granted} grants; deletes: {ok} done, {busy} in use, {missing} no key");
+    assert!(
+        granted >= 2 * ROUNDS,
+        "the waiting workers were not all granted"
+    );
+    assert!(ok > 0, "no delete succeeded: the race was not run");
+    let tokens = tokens.lock().expect("tokens").clone();
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens did not rise in grant order: {tokens:?}"
+    );
+    // Idle now: the last delete succeeds (or the key is gone already).
+    match s.delete(&key).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => panic!("the last delete: {e:#}"),
+    }
+    assert_eq!(
+        s.inspect(&key).await.expect_err("gone").kind(),
+        ErrorKind::NotFound
+    );
+    assert!(!s.list().await.expect("list").contains(&key));
+    let left = existing(&url, &key_queues(&prefix, "race", 1)).await;
+    assert_eq!(left, vec![(format!("{prefix}.floor.race"), 1)], "orphans");
+}
