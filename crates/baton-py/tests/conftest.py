@@ -1,6 +1,6 @@
 """Fixtures: one store URL per store this build has. dir, dir lease mode and SQLite always
-(in a temporary directory); PostgreSQL, etcd, Redis and ZooKeeper from BATON_TEST_POSTGRES /
-BATON_TEST_ETCD / BATON_TEST_REDIS / BATON_TEST_ZK.
+(in a temporary directory); PostgreSQL, etcd, Redis, ZooKeeper and RabbitMQ from
+BATON_TEST_POSTGRES / BATON_TEST_ETCD / BATON_TEST_REDIS / BATON_TEST_ZK / BATON_TEST_AMQP.
 Without those a networked test is skipped, and under CI=true it fails instead."""
 
 import os
@@ -20,14 +20,16 @@ NETWORKED = {
     "etcd": "BATON_TEST_ETCD",
     "redis": "BATON_TEST_REDIS",
     "zk": "BATON_TEST_ZK",
+    "amqp": "BATON_TEST_AMQP",
 }
 ALL = LOCAL + list(NETWORKED)
-LEASE = ["dir-lease", "sqlite", "postgres", "etcd", "redis", "zk"]
+LEASE = ["dir-lease", "sqlite", "postgres", "etcd", "redis", "zk", "amqp"]
 # Short TTLs for loss tests; etcd grants leases of at least 2s; a ZooKeeper lease is a
 # session whose timeout is the TTL (the test server accepts 1s..60s; 2s leaves room for
-# a loaded machine's scheduler).
+# a loaded machine's scheduler); a RabbitMQ lease's heartbeat is half its TTL, whole
+# seconds, so 2s gives the shortest, 1s.
 SHORT_TTL = {"dir-lease": "1s", "sqlite": "1s", "postgres": "1s", "etcd": "2s", "redis": "1s",
-             "zk": "2s"}
+             "zk": "2s", "amqp": "2s"}
 
 
 def url_for(kind: str, tmp_path) -> str:

@@ -79,6 +79,11 @@ def test_async_errors_are_the_same_classes(store, key):
 
 
 def test_async_barrier(store, key):
+    if not store.capabilities["barrier"]:
+        with pytest.raises(baton.UnsupportedError):
+            run(store.barrier_async(key, 2, wait="1s"))
+        return
+
     async def main():
         return await asyncio.gather(
             store.barrier_async(key, 2, wait="30s"),
