@@ -460,24 +460,33 @@ fn table(s: &Summary) -> String {
     );
     let outcomes: Vec<String> = s.outcomes.iter().map(|(k, v)| format!("{k} {v}")).collect();
     let mut line = |k: &str, v: String| out.push_str(&format!("  {k:<22}{v}\n"));
+    // Durations in the unit a person reads them in (`3.2ms`, `8m24s`).
+    let ms = |v: f64| baton_stress::report::human_ns((v * 1e6).max(0.0) as u64);
     line("events", format!("{} ({})", s.events, outcomes.join(", ")));
     line("grants", s.grants.to_string());
     line(
         "throughput",
-        format!("{:.1} grants/s over {:.2}s", s.throughput_per_s, s.wall_s),
+        format!(
+            "{:.1} grants/s over {}",
+            s.throughput_per_s,
+            ms(s.wall_s * 1e3)
+        ),
     );
     line(
         "wait",
         format!(
-            "p50 {:.1}ms  p99 {:.1}ms  max {:.1}ms",
-            s.wait.p50_ms, s.wait.p99_ms, s.wait.max_ms
+            "p50 {}  p99 {}  max {}",
+            ms(s.wait.p50_ms),
+            ms(s.wait.p99_ms),
+            ms(s.wait.max_ms)
         ),
     );
     line(
         "overhead per handoff",
         format!(
-            "{:.2}ms (wall / grants - hold {:.0}ms)",
-            s.overhead_per_handoff_ms, s.hold_ms
+            "{} (wall / grants - hold {})",
+            ms(s.overhead_per_handoff_ms),
+            ms(s.hold_ms)
         ),
     );
     line(
@@ -491,8 +500,9 @@ fn table(s: &Summary) -> String {
         line(
             "recovery",
             format!(
-                "p50 {:.1}ms  max {:.1}ms (death to next grant)",
-                r.p50_ms, r.max_ms
+                "p50 {}  max {} (death to next grant)",
+                ms(r.p50_ms),
+                ms(r.max_ms)
             ),
         );
     }
@@ -516,8 +526,9 @@ fn table(s: &Summary) -> String {
         line(
             "stage transition",
             format!(
-                "p50 {:.1}ms  max {:.1}ms (last arrival to pass)",
-                t.p50_ms, t.max_ms
+                "p50 {}  max {} (last arrival to pass)",
+                ms(t.p50_ms),
+                ms(t.max_ms)
             ),
         );
     }

@@ -457,6 +457,45 @@ fn single_records_one_event_and_the_report_is_self_contained() {
 }
 
 #[test]
+fn a_storms_report_shows_its_queue_and_each_wait_by_arrival_in_human_units() {
+    let dir = Dir::new();
+    let report = dir.file("storm.html");
+    dir.bare(&[
+        "stress",
+        "storm",
+        "-s",
+        &format!("dir:{}", dir.file("locks").display()),
+        "--events",
+        "40",
+        "--stddev",
+        "200ms",
+        "--hold",
+        "5ms",
+        "--report",
+        report.to_str().expect("utf8"),
+        "-q",
+    ])
+    .output()
+    .code(0);
+    let html = std::fs::read_to_string(&report).expect("the report");
+    for section in ["Timeline", "Queue depth", "Wait by arrival", "Wait times"] {
+        assert!(
+            html.contains(&format!("<h2>{section}</h2>")),
+            "{section}: {html}"
+        );
+    }
+    // One dot per request, each with its arrival and wait in human units.
+    assert_eq!(html.matches("<circle").count(), 40, "{html}");
+    assert!(html.contains("aria-label=\"queue depth\""), "{html}");
+    // Axis ticks carry units; no raw millisecond floats anywhere.
+    assert!(
+        html.contains("ms</text>") || html.contains("s</text>"),
+        "{html}"
+    );
+    assert!(!html.contains(" ms<") && !html.contains(".000"), "{html}");
+}
+
+#[test]
 fn bad_options_are_usage_errors() {
     let dir = Dir::new();
     dir.cmd(&["stress", "crash", "--kill-fraction", "2"])
