@@ -500,7 +500,12 @@ async fn supervise(
         Some(s) => Ok(s),
         None => launch.start(&args.command),
     };
-    let run = supervisor.and_then(|s| s.run(&[lease.token.0, u64::from(lease.slot)]));
+    let mut state = keeper.map(Keeper::watch);
+    let first = match state.as_mut().map(|w| w.borrow_and_update().clone()) {
+        Some(LeaseState::Held { deadline }) => Some(deadline),
+        _ => None,
+    };
+    let run = supervisor.and_then(|s| s.run(&[lease.token.0, u64::from(lease.slot)], first));
     let mut child = match run {
         Ok(child) => child,
         Err(err) => {
@@ -510,8 +515,8 @@ async fn supervise(
             return Err(exec_failure(&args.command[0], &err));
         }
     };
-    let mut state = keeper.map(Keeper::watch);
     let mut lost_reason: Option<String> = None;
+    // A renewal between the keeper's first deadline and the command's start.
     if let Some(LeaseState::Held { deadline }) =
         state.as_mut().map(|w| w.borrow_and_update().clone())
     {

@@ -443,8 +443,12 @@ async fn keep(
 
     let mut child = match supervisor {
         Some(s) => {
+            let first = match keeper.state() {
+                LeaseState::Held { deadline } => Some(deadline),
+                _ => None,
+            };
             let c = s
-                .run(&[lease.token.0])
+                .run(&[lease.token.0], first)
                 .map_err(|e| format!("cannot start the child: {e}"))?;
             if let LeaseState::Held { deadline } = keeper.state() {
                 c.deadline(deadline);

@@ -406,10 +406,14 @@ impl Supervisor {
         crate::pid_start_ticks(pid).map(|start| crate::ProcessRef { pid, start })
     }
 
-    /// Starts the command, with the late variables set to `values` (in order). Returns
-    /// once it has been exec'd; an exec failure is the error (`NotFound` for a missing
-    /// program, as a shell's 127).
-    pub fn run(self, values: &[u64]) -> io::Result<Child> {
+    /// Starts the command, with the late variables set to `values` (in order), its group
+    /// held from the start to `deadline` (the keeper's, on a lease store; later ones go
+    /// through [`Child::deadline`]). The deadline reaches the supervisor before the
+    /// command starts: a caller paused or descheduled just after this returns cannot
+    /// leave the command running with no deadline at all. Returns once the command has
+    /// been exec'd; an exec failure is the error (`NotFound` for a missing program, as a
+    /// shell's 127).
+    pub fn run(self, values: &[u64], deadline: Option<Instant>) -> io::Result<Child> {
         let me = std::mem::ManuallyDrop::new(self);
         let mut child = Child {
             supervisor: me.pid,
@@ -421,6 +425,9 @@ impl Supervisor {
             stopped: false,
             gone_ns: None,
         };
+        if let Some(by) = deadline {
+            child.deadline(by);
+        }
         child.send(
             MSG_GO,
             values.first().copied().unwrap_or(0),
@@ -469,7 +476,7 @@ impl Child {
         stop: StopPolicy,
         verbose: bool,
     ) -> io::Result<Child> {
-        Supervisor::start(argv, env, &[], tty, stop, verbose)?.run(&[])
+        Supervisor::start(argv, env, &[], tty, stop, verbose)?.run(&[], None)
     }
 
     /// Whether the supervisor had to stop the group (its deadline came, or a stop was
@@ -825,7 +832,9 @@ unsafe fn supervise(p: &Prepared, control: [libc::c_int; 2], report: [libc::c_in
         let (control, report) = (control[0], report[1]);
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
         // Wait to be told to go (the lease is granted); end-of-file first means the
-        // acquire gave up or baton died: nothing was started, nothing to stop.
+        // acquire gave up or baton died: nothing was started, nothing to stop. A deadline
+        // told before the go is the first one: the group is held to it from its start.
+        let mut first_deadline: Option<u64> = None;
         loop {
             let mut msg = [0u8; MSG_LEN];
             let mut got = 0usize;
@@ -839,11 +848,15 @@ unsafe fn supervise(p: &Prepared, control: [libc::c_int; 2], report: [libc::c_in
                 }
                 got += n as usize;
             }
-            if u64::from_ne_bytes(field(&msg, 0)) == MSG_GO {
-                for (i, &out) in p.late_values.iter().enumerate() {
-                    write_decimal(out, u64::from_ne_bytes(field(&msg, 8 + 8 * i)));
+            match u64::from_ne_bytes(field(&msg, 0)) {
+                MSG_GO => {
+                    for (i, &out) in p.late_values.iter().enumerate() {
+                        write_decimal(out, u64::from_ne_bytes(field(&msg, 8 + 8 * i)));
+                    }
+                    break;
                 }
-                break;
+                MSG_DEADLINE => first_deadline = Some(u64::from_ne_bytes(field(&msg, 8))),
+                _ => {}
             }
         }
         let mut chld: libc::sigset_t = std::mem::zeroed();
@@ -902,7 +915,7 @@ unsafe fn supervise(p: &Prepared, control: [libc::c_int; 2], report: [libc::c_in
         let reserve = duration_ns(p.stop.reserve);
         // The instant by which the group must be dead, as baton last said (frozen once a
         // stop has begun: a stop is never taken back).
-        let mut deadline: Option<u64> = None;
+        let mut deadline: Option<u64> = first_deadline;
         // baton asked for a stop, or is gone.
         let mut stop_requested = false;
         let mut baton_gone = false;

@@ -266,8 +266,12 @@ struct Command {
 
 /// Starts the command of a granted lease; its supervisor follows the keeper's deadlines.
 fn run_command(s: Supervisor, lease: &Lease, kept: Option<&Kept>) -> Result<Command, String> {
+    let first = kept.and_then(|k| match k.keeper.state() {
+        LeaseState::Held { deadline } => Some(deadline),
+        _ => None,
+    });
     let child = s
-        .run(&[lease.token.0])
+        .run(&[lease.token.0], first)
         .map_err(|e| format!("cannot start the command: {e}"))?;
     let forward = match kept {
         Some(k) => {
