@@ -1,9 +1,10 @@
-//! The grant. The request node is created in the acquire's own session (timeout: the
-//! TTL), named by a GUID so that a create whose answer was lost is found again. The first
-//! `limit` request nodes hold; a waiter watches the `limit` nodes nearest ahead of it and
-//! the key node (a resize), and looks again when one of them changes. Whatever ends an
-//! acquire without a grant, `withdraw` deletes its nodes by GUID; dropping the session
-//! afterwards makes the server delete anything left.
+//! The grant. The request node is created in the handle's session for the request's TTL
+//! (timeout: the TTL; shared by its leases and waiting requests), named by a GUID so that
+//! a create whose answer was lost is found again. The first `limit` request nodes hold; a
+//! waiter watches the `limit` nodes nearest ahead of it and the key node (a resize), and
+//! looks again when one of them changes. Whatever ends an acquire without a grant,
+//! `withdraw` deletes its nodes by GUID; if it cannot confirm that, the deletion goes on
+//! in the background until the server answers (`delete_later`).
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -33,10 +34,14 @@ fn retryable(e: Error) -> Error {
 }
 
 impl Inner {
-    /// The session an acquire of `req` runs in: its timeout is the lease's TTL.
-    pub(crate) async fn acquire_session(&self, req: &AcquireRequest) -> Result<zk::Client, Error> {
+    /// The session an acquire of `req` runs in, and the TTL it is for (its timeout).
+    pub(crate) async fn acquire_session(
+        &self,
+        req: &AcquireRequest,
+    ) -> Result<(zk::Client, Duration), Error> {
         let ttl = validate_ttl(req.ttl, &req.key)?;
-        self.session(ttl).await.map_err(retryable)
+        let c = self.lease_session(ttl).await.map_err(retryable)?;
+        Ok((c, ttl))
     }
 
     /// Reads the key node (creating it with the request's limit) and checks that it and
@@ -383,7 +388,12 @@ impl Inner {
         false
     }
 
-    async fn withdraw_once(&self, c: &zk::Client, kp: &str, guid: &str) -> Result<(), Error> {
+    pub(crate) async fn withdraw_once(
+        &self,
+        c: &zk::Client,
+        kp: &str,
+        guid: &str,
+    ) -> Result<(), Error> {
         let names = match self.raw(c.list_children(kp)).await? {
             Ok(n) => n,
             Err(zk::Error::NoNode) => return Ok(()),

@@ -1,6 +1,7 @@
-//! The connection: a long-lived session for reading and administration, one session of
-//! its own per lease (its timeout is the lease's TTL), every call bounded by the URL's
-//! timeout, and the one mapping of ZooKeeper's errors into `baton_core::Error`.
+//! The connection: a long-lived session for reading and administration, one shared
+//! session per lease TTL for the leases and waiting requests of this handle (its timeout
+//! is that TTL), every call bounded by the URL's timeout, and the one mapping of
+//! ZooKeeper's errors into `baton_core::Error`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -55,6 +56,10 @@ pub struct Inner {
     pub(crate) config: ZkConfig,
     pub(crate) runtime: StoreRuntime,
     admin: Mutex<Option<zk::Client>>,
+    /// The sessions this handle's requests and leases run in, by TTL (the session
+    /// timeout asked for): shared, as a kazoo or Curator client shares its one session, so
+    /// a lease costs no session of its own (see `lease_session`).
+    sessions: Mutex<HashMap<Duration, zk::Client>>,
     /// Leases granted through this handle, by key and token.
     pub(crate) held: StdMutex<HashMap<(String, u64), Arc<Held>>>,
     /// How many times a watch woke a waiting acquire of this handle (not a timeout).
@@ -68,6 +73,7 @@ impl Inner {
             config,
             runtime,
             admin: Mutex::new(None),
+            sessions: Mutex::new(HashMap::new()),
             held: StdMutex::new(HashMap::new()),
             wakeups: AtomicU64::new(0),
         }
@@ -110,6 +116,23 @@ impl Inner {
         }
         let c = self.session(ADMIN_SESSION).await?;
         *g = Some(c.clone());
+        Ok(c)
+    }
+
+    /// The session for requests and leases with this TTL: the handle's live one, or a new
+    /// one. Every lease in it ends when it ends (its keeper learns at its next renewal),
+    /// and its server expires it no sooner than its timeout after the last request any of
+    /// them sent, so each lease's own deadline (send time of its last answered request +
+    /// TTL) still comes first.
+    pub(crate) async fn lease_session(&self, ttl: Duration) -> Result<zk::Client, Error> {
+        let mut g = self.sessions.lock().await;
+        if let Some(c) = g.get(&ttl) {
+            if !c.state().is_terminated() {
+                return Ok(c.clone());
+            }
+        }
+        let c = self.session(ttl).await?;
+        g.insert(ttl, c.clone());
         Ok(c)
     }
 

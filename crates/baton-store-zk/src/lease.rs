@@ -1,7 +1,11 @@
-//! Release and renew. A lease granted through this handle has its own session: renew is
-//! a round trip on it (`exists` on the request node), which proves the session alive at
-//! the send time, so the server cannot expire it before send time + session timeout
-//! (the lease's TTL). A lease from another handle is found by its token (czxid).
+//! Release and renew. A lease granted through this handle lives in the handle's session
+//! for its TTL: renew is a round trip on it (`exists` on the request node), which proves
+//! the session alive at the send time, so the server cannot expire it before send time +
+//! session timeout (the lease's TTL). A lease from another handle is found by its token
+//! (czxid).
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use baton_core::{Error, ErrorKind, Lease, Released};
 use zookeeper_client as zk;
@@ -35,7 +39,7 @@ impl Inner {
         }
     }
 
-    pub(crate) async fn release(&self, lease: &Lease) -> Result<Released, Error> {
+    pub(crate) async fn release(self: &Arc<Self>, lease: &Lease) -> Result<Released, Error> {
         let Some(h) = self.forget(lease.key.as_str(), lease.token.0) else {
             return match self.find_by_token(lease).await? {
                 Some((node, slot_node)) => {
@@ -51,8 +55,13 @@ impl Inner {
         let r = self
             .delete_lease(&h.client, &h.node, Some(&h.slot_node))
             .await;
-        // Dropping the last handle on the session closes it; the server deletes anything
-        // left of it.
+        if matches!(&r, Err(e) if e.kind() != ErrorKind::Lost) {
+            // Not confirmed, and the session lives on for the handle's other requests: its
+            // nodes would keep the slot held. They go as soon as the server answers.
+            if let Some((kp, guid)) = node_guid(&h.node) {
+                self.delete_later(h.client.clone(), kp.to_owned(), guid.to_owned());
+            }
+        }
         drop(h);
         match r {
             Err(e) if e.kind() == ErrorKind::Lost => Ok(Released::NotHeld),
@@ -67,21 +76,19 @@ impl Inner {
         node: &str,
         slot_node: Option<&str>,
     ) -> Result<Released, Error> {
-        let guid = node
-            .rsplit('/')
-            .next()
-            .and_then(|n| n.strip_prefix("q-"))
-            .and_then(|r| r.rsplit_once('-'))
-            .map(|(g, _)| g.to_owned())
-            .unwrap_or_default();
+        let guid = node_guid(node).map(|(_, g)| g).unwrap_or_default();
         if let Some(sp) = slot_node {
-            if let Ok((d, stat)) = self.bounded(c.get_data(sp)).await {
-                if d == guid.as_bytes() {
+            // A slot node that cannot be read is not known to be gone: the release is not
+            // confirmed (in the handle's shared session it would hold the slot on).
+            match self.raw(c.get_data(sp)).await? {
+                Ok((d, stat)) if d == guid.as_bytes() => {
                     match self.raw(c.delete(sp, Some(stat.version))).await? {
                         Ok(()) | Err(zk::Error::NoNode) | Err(zk::Error::BadVersion) => {}
                         Err(e) => return Err(self.map(e)),
                     }
                 }
+                Ok(_) | Err(zk::Error::NoNode) => {}
+                Err(e) => return Err(self.map(e)),
             }
         }
         match self.raw(c.delete(node, None)).await? {
@@ -89,6 +96,23 @@ impl Inner {
             Err(zk::Error::NoNode) => Ok(Released::NotHeld),
             Err(e) => Err(self.map(e)),
         }
+    }
+
+    /// Deletes what a request or a lease left in session `c` (its nodes, found by GUID)
+    /// in the background, until the server confirms it or the session ends: the
+    /// guaranteed delete of Curator, which the leak of kazoo#732 and CURATOR-315 lacked.
+    /// The session is the handle's, shared by its other requests, so it does not end
+    /// soon by itself.
+    pub(crate) fn delete_later(self: &Arc<Self>, c: zk::Client, kp: String, guid: String) {
+        let me = Arc::clone(self);
+        self.runtime.handle().spawn(async move {
+            while !c.state().is_terminated() {
+                if me.withdraw_once(&c, &kp, &guid).await.is_ok() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
     }
 
     /// The request node of a lease (by its czxid) and the slot node it claimed.
@@ -115,4 +139,11 @@ impl Inner {
         }
         Ok(None)
     }
+}
+
+/// The key path and GUID of a request node `KEY_PATH/q-GUID-SEQ`.
+fn node_guid(node: &str) -> Option<(&str, &str)> {
+    let (kp, name) = node.rsplit_once('/')?;
+    let (guid, _) = name.strip_prefix("q-")?.rsplit_once('-')?;
+    Some((kp, guid))
 }

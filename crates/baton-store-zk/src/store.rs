@@ -5,9 +5,9 @@
 //! runtime.
 //!
 //! Guarantees: an acquire whose future is dropped is cancelled on the store's runtime; a
-//! cancelled or failed acquire deletes its nodes by GUID and drops its session (the
-//! server deletes what is left of it), and a grant made as its caller went away is
-//! released.
+//! cancelled or failed acquire deletes its nodes by GUID (and, if it cannot confirm that,
+//! goes on deleting them in the background until the server answers or the session ends;
+//! a release does the same), and a grant made as its caller went away is released.
 
 use std::fmt;
 use std::sync::Arc;
@@ -117,17 +117,25 @@ impl Backend for Inner {
     ) -> Result<Lease, Error> {
         let guid = format!("{:032x}", HolderId::random().0);
         let cancelled = || Call::new(Op::Acquire, Some(&req.key), &self.url).cancelled();
-        let client = tokio::select! {
+        let (client, _ttl) = tokio::select! {
             r = self.acquire_session(&req) => r?,
             _ = &mut cancel => return Err(cancelled()),
         };
         let call = Call::new(Op::Acquire, Some(&req.key), &self.url);
-        // Dropping the session afterwards makes the server delete whatever is left.
         backend::or_withdraw(
             call,
             self.contend(&client, &req, &guid),
             &mut cancel,
-            || self.withdraw(&client, &req, &guid),
+            || async {
+                let confirmed = self.withdraw(&client, &req, &guid).await;
+                if !confirmed {
+                    // The session lives on for the handle's other requests: what is left
+                    // of this one goes as soon as the server answers.
+                    let kp = crate::layout::key_path(&self.config.root, &req.key);
+                    self.delete_later(client.clone(), kp, guid.clone());
+                }
+                confirmed
+            },
         )
         .await
     }
