@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use baton_core::kit::errors;
 use baton_core::kit::time::{next_wake, unix_ms_now, validate_ttl, Refresh};
 use baton_core::{AcquireRequest, Error, ErrorKind, Holder, Lease, Liveness, Token, Wait};
-use redis::aio::MultiplexedConnection;
 
 use crate::core::Inner;
 use crate::layout;
@@ -198,7 +197,7 @@ impl Inner {
         // First sight of each lease or waiter in its exact state.
         let mut first_seen: HashMap<[String; 5], (Instant, Duration, bool)> = HashMap::new();
         let mut refresh = Refresh::new(ttl, Instant::now());
-        let mut wake: Option<MultiplexedConnection> = None;
+        let mut wake: Option<crate::direct::Direct> = None;
         let wake_key = format!("{base}:wake:{id}");
         let mut tries_without_wait = 0u32;
         loop {
@@ -284,12 +283,12 @@ impl Inner {
     /// Sleeps in `BLPOP` on the request's own list for at most `d` (a push wakes it).
     pub(crate) async fn sleep_on(
         &self,
-        wake: &mut Option<MultiplexedConnection>,
+        wake: &mut Option<crate::direct::Direct>,
         key: &str,
         d: Duration,
     ) -> Result<(), Error> {
         if wake.is_none() {
-            *wake = Some(self.connect(false).await?);
+            *wake = Some(self.connect().await?);
         }
         let Some(c) = wake.as_mut() else {
             return Ok(());

@@ -121,6 +121,7 @@ impl Inner {
                         .query_async(&mut c),
                 )
                 .await?;
+            self.put_back(c);
             names.extend(batch);
             if next == 0 {
                 break;
