@@ -162,3 +162,92 @@ impl ConnectionLike for Direct {
         self.db
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use baton_core::{AcquireRequest, Holder, HolderId, Key, Store, StoreUrl, Wait};
+
+    use super::*;
+    use crate::core::Inner;
+
+    /// Where an uncontended acquire + release spends its time: one writing `EVALSHA` on
+    /// this connection and on the redis crate's multiplexed one, and the store's two
+    /// calls through `Store` (hopping onto the store's runtime) and as one task on that
+    /// runtime (no hop). A measurement, not a check: `cargo test --release -p
+    /// baton-store-redis --lib -- --ignored --nocapture where_the_time_goes` with
+    /// `BATON_TEST_REDIS` set.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore]
+    async fn where_the_time_goes() {
+        let url = StoreUrl::parse(&std::env::var("BATON_TEST_REDIS").expect("BATON_TEST_REDIS"))
+            .expect("url");
+        let cfg = crate::RedisConfig::from_url(&url).expect("config");
+        let script = redis::Script::new("return redis.call('INCR', ARGV[1])");
+        let mut own = Direct::connect(&cfg.host, cfg.port, None, None, cfg.db)
+            .await
+            .expect("connect");
+        let info = format!("redis://{}:{}/{}", cfg.host, cfg.port, cfg.db);
+        let mut multiplexed = redis::Client::open(info)
+            .expect("client")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let store = Arc::new(crate::RedisStore::open(&url).expect("open"));
+        let mut req = AcquireRequest::new(
+            Key::new("bench/where").expect("key"),
+            Holder::current(vec![]),
+        );
+        req.wait = Wait::NoWait;
+        req.ttl = Some(Duration::from_secs(30));
+        let n = 3000u32;
+        for round in 0..4 {
+            let t = Instant::now();
+            for _ in 0..n {
+                let _: i64 = script
+                    .arg("bench-where")
+                    .invoke_async(&mut own)
+                    .await
+                    .expect("own");
+            }
+            let own_t = t.elapsed() / n;
+            let t = Instant::now();
+            for _ in 0..n {
+                let _: i64 = script
+                    .arg("bench-where")
+                    .invoke_async(&mut multiplexed)
+                    .await
+                    .expect("multiplexed");
+            }
+            let mux_t = t.elapsed() / n;
+            let t = Instant::now();
+            for _ in 0..n / 3 {
+                let l = store.acquire(&req).await.expect("acquire");
+                store.release(&l).await.expect("release");
+            }
+            let hop_t = t.elapsed() / (n / 3);
+            let (s2, r2) = (Arc::clone(&store), req.clone());
+            let no_hop_t = store
+                .runtime
+                .handle()
+                .spawn(async move {
+                    let inner: &Inner = &s2;
+                    let t = Instant::now();
+                    for _ in 0..n / 3 {
+                        let id = format!("{:032x}", HolderId::random().0);
+                        let l = inner.acquire_inner(&r2, &id).await.expect("acquire");
+                        inner.release(&l).await.expect("release");
+                    }
+                    t.elapsed() / (n / 3)
+                })
+                .await
+                .expect("task");
+            eprintln!(
+                "round {round}: EVALSHA (INCR) own connection {own_t:?}, multiplexed {mux_t:?}; \
+                 acquire + release through Store {hop_t:?}, on the store's runtime {no_hop_t:?}"
+            );
+        }
+    }
+}
