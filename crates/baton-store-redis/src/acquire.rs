@@ -75,6 +75,14 @@ fn dead(holder: Option<&Holder>) -> bool {
     holder.is_some_and(|h| h.liveness() == Liveness::Dead)
 }
 
+/// The slot and token of a grant a release pushed (`g SLOT TOKEN`).
+fn granted_by_release(pushed: &str) -> Option<(u32, u64)> {
+    let mut w = pushed.strip_prefix("g ")?.split(' ');
+    let slot = w.next()?.parse().ok()?;
+    let token = w.next()?.parse().ok()?;
+    Some((slot, token))
+}
+
 /// The holder id as the scripts store it.
 pub(crate) fn holder_id(h: &Holder) -> String {
     format!("{:032x}", h.id.0)
@@ -149,12 +157,9 @@ impl Inner {
                         .get(i..i + 3)
                         .ok_or_else(|| layout::corrupt("a short answer"))?;
                     i += 3;
-                    let (ttl_ms, json) = f[2]
-                        .split_once('|')
-                        .and_then(|(t, j)| Some((t.parse::<u64>().ok()?, j)))
-                        .ok_or_else(|| {
-                            layout::corrupt(format!("the waiter record of {} is not baton's", f[0]))
-                        })?;
+                    let (ttl_ms, json) = layout::waiter_info(&f[2]).ok_or_else(|| {
+                        layout::corrupt(format!("the waiter record of {} is not baton's", f[0]))
+                    })?;
                     seen.push(Seen {
                         claim: [
                             "w".into(),
@@ -275,23 +280,38 @@ impl Inner {
             let until = next_wake([deadline, Some(refresh.due_at()), takeover])
                 .unwrap_or_else(|| refresh.due_at());
             if until > now {
-                self.sleep_on(&mut wake, &wake_key, until - now).await?;
+                let pushed = self.sleep_on(&mut wake, &wake_key, until - now).await?;
+                if let Some((slot, token)) = pushed.as_deref().and_then(granted_by_release) {
+                    // The release granted this request the slot: its lease counts from the
+                    // last attempt's send, which came before the grant.
+                    return Ok(Lease {
+                        key: req.key.clone(),
+                        slot,
+                        limit: req.limit,
+                        token: Token(token),
+                        holder: req.holder.clone(),
+                        ttl: Some(ttl),
+                        acquired_unix_ms: unix_ms_now(),
+                        sent_at: Some(sent),
+                    });
+                }
             }
         }
     }
 
-    /// Sleeps in `BLPOP` on the request's own list for at most `d` (a push wakes it).
+    /// Sleeps in `BLPOP` on the request's own list for at most `d` (a push wakes it);
+    /// returns what was pushed, if anything was.
     pub(crate) async fn sleep_on(
         &self,
         wake: &mut Option<crate::direct::Direct>,
         key: &str,
         d: Duration,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<String>, Error> {
         if wake.is_none() {
             *wake = Some(self.connect().await?);
         }
         let Some(c) = wake.as_mut() else {
-            return Ok(());
+            return Ok(None);
         };
         // BLPOP takes seconds with decimals (Redis 6+); 0 would block forever.
         let secs = d.as_secs_f64().max(0.01);
@@ -305,13 +325,18 @@ impl Inner {
         )
         .await;
         match r {
-            Ok(Ok(_)) => Ok(()),
+            // [list, value], or nil when the wait ran out.
+            Ok(Ok(redis::Value::Array(kv))) => Ok(match kv.get(1) {
+                Some(redis::Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+                _ => None,
+            }),
+            Ok(Ok(_)) => Ok(None),
             Ok(Err(e)) => {
                 *wake = None;
                 let e = self.map(e);
                 if e.is_retryable() {
                     // The next attempt finds out whether the server is there.
-                    Ok(())
+                    Ok(None)
                 } else {
                     Err(e)
                 }
@@ -319,7 +344,7 @@ impl Inner {
             Err(_) => {
                 // The server did not answer: a new connection next time.
                 *wake = None;
-                Ok(())
+                Ok(None)
             }
         }
     }

@@ -88,7 +88,7 @@ impl Inner {
         let dead = infos
             .iter()
             .filter(|w| {
-                w.split_once('|')
+                layout::waiter_info(w)
                     .and_then(|(_, j)| Holder::from_json(j))
                     .is_some_and(|h| h.liveness() == Liveness::Dead)
             })

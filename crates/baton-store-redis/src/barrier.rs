@@ -144,6 +144,7 @@ impl Inner {
             let until = next_wake([deadline, Some(refresh.due_at()), stale])
                 .unwrap_or_else(|| refresh.due_at());
             if until > now {
+                // A barrier's pushes only wake it: the next look finds out.
                 self.sleep_on(&mut wake, &wake_key, until - now).await?;
             }
         }

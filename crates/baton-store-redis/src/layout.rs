@@ -13,8 +13,8 @@
 //! | `B:ticket` | string | the arrival counter of waiters |
 //! | `B:waiters` | sorted set | member = request id, score = arrival ticket (FIFO) |
 //! | `B:wcount` | sorted set | member = request id, score = the waiter's refresh counter |
-//! | `B:winfo` | hash | request id → `TTL_MS|holder JSON` |
-//! | `B:wake:ID` | list | the waiter's own wake-up list (`BLPOP`); one push per hand-off |
+//! | `B:winfo` | hash | request id → `TTL_MS|HOLDER_ID|holder JSON` (`TTL_MS|holder JSON` from older versions) |
+//! | `B:wake:ID` | list | the waiter's own wake-up list (`BLPOP`); one push per hand-off: `1` (look again) or `g SLOT TOKEN` (the release granted it that slot) |
 //!
 //! Guarantees: a script checks every record it reads before it writes anything (Redis
 //! does not roll a script back), and answers `CORRUPT <what is wrong>` for anything baton
@@ -44,6 +44,18 @@ pub(crate) fn key_of_meta<'a>(prefix: &str, name: &'a str) -> Option<&'a str> {
     name.strip_prefix(prefix)?
         .strip_prefix(":{")?
         .strip_suffix("}:meta")
+}
+
+/// A waiter record's TTL (ms) and holder JSON (`TTL_MS|HOLDER_ID|JSON`, or an older
+/// version's `TTL_MS|JSON`).
+pub(crate) fn waiter_info(v: &str) -> Option<(u64, &str)> {
+    let (t, rest) = v.split_once('|')?;
+    let ttl = t.parse().ok()?;
+    let json = match rest.split_once('|') {
+        Some((hid, j)) if !hid.is_empty() && hid.bytes().all(|b| b.is_ascii_hexdigit()) => j,
+        _ => rest,
+    };
+    Some((ttl, json))
 }
 
 /// `Corrupt`, as the scripts and the decoding say it.
@@ -214,7 +226,12 @@ for c = 1, n do
 end
 if n > 0 then holders = load_holders() end
 for _, h in ipairs(holders) do
-  if h.grant == id and h.lost == '0' then return {'granted', h.slot, h.token, h.acq} end
+  if h.grant == id and h.lost == '0' then
+    -- Granted before (by a release, or an attempt whose answer was lost): what the
+    -- release pushed to its list is not needed.
+    redis.call('DEL', B .. ':wake:' .. id)
+    return {'granted', h.slot, h.token, h.acq}
+  end
 end
 local rank = rd('zset', 'ZRANK', B .. ':waiters', id)
 local ahead = rank or redis.call('ZCARD', B .. ':waiters')
@@ -243,7 +260,7 @@ if mode == 'wait' then
     local t = redis.call('INCR', B .. ':ticket')
     redis.call('ZADD', B .. ':waiters', t, id)
     redis.call('ZADD', B .. ':wcount', 0, id)
-    redis.call('HSET', B .. ':winfo', id, ttl .. '|' .. holder)
+    redis.call('HSET', B .. ':winfo', id, ttl .. '|' .. hid .. '|' .. holder)
   end
 end
 if freed then wake_eligible(meta.limit) end
@@ -274,7 +291,11 @@ return {'ok', c}
 "#;
 
 /// Releases a lease. ARGV: base, slot, token. Answers `released` or `not_held`; a
-/// release hands the slot to exactly one waiter: the one its freeing made eligible.
+/// release hands the slot to exactly one waiter: the one its freeing made eligible. When
+/// that slot is the only free one, the release grants it to the head of the queue itself
+/// (`INCR`, the slot record from the waiter's record, the queue entry removed) and pushes
+/// `g SLOT TOKEN`, so the waiter needs no script of its own; else it pushes `1` and the
+/// waiter's next attempt takes the slot.
 pub(crate) const RELEASE: &str = r#"
 local slot, token = ARGV[2], ARGV[3]
 local sk, hk = B .. ':slot:' .. slot, B .. ':holders'
@@ -284,14 +305,34 @@ local meta = load_meta()
 -- The waiter the freed slot makes eligible, read before anything is written.
 local card = rd('zset', 'ZCARD', hk)
 local mine = redis.call('ZSCORE', hk, slot)
-local next_id = nil
+local next_id, free, g = nil, 0, nil
 if meta then
-  local free = meta.limit - card + (mine and 1 or 0)
+  free = meta.limit - card + (mine and 1 or 0)
   if free > 0 then next_id = rd('zset', 'ZRANGE', B .. ':waiters', free - 1, free - 1)[1] end
+end
+if next_id and free == 1 and mine then
+  check_waiters()
+  check_counter(B .. ':token')
+  local info = redis.call('HGET', B .. ':winfo', next_id)
+  if not info then corrupt('the waiter ' .. next_id .. ' of ' .. B .. ':waiters has no record') end
+  local t, h, j = string.match(info, '^(%d+)|(%x+)|(.*)$')
+  if t then g = {ttl = t, hid = h, holder = j} end
 end
 redis.call('DEL', sk)
 redis.call('ZREM', hk, slot)
-if next_id then push(next_id) end
+if g then
+  local tok = redis.call('INCR', B .. ':token')
+  local now = now_ms()
+  redis.call('HSET', sk, 'grant', next_id, 'hid', g.hid, 'token', tok, 'ttl', g.ttl,
+    'holder', g.holder, 'acq', now, 'ren', now, 'lost', '0', 'lost_ms', '0')
+  redis.call('ZADD', hk, 0, slot)
+  remove_waiter(next_id)
+  local wk = B .. ':wake:' .. next_id
+  redis.call('LPUSH', wk, 'g ' .. slot .. ' ' .. tok)
+  redis.call('PEXPIRE', wk, 3600000)
+elseif next_id then
+  push(next_id)
+end
 return {'released'}
 "#;
 
