@@ -12,7 +12,9 @@
 //!   removes it only if it is still in that state (compare-and-swap on the counter). The
 //!   server's clock plays no part: a step of it cannot end a lease that is renewed.
 //! - **FIFO without polling.** A queued request sleeps in `BLPOP` on its own list; a
-//!   release pushes to the one waiter its slot made eligible. It wakes on its own only to
+//!   release pushes to the one waiter its slot made eligible (and when that slot is the
+//!   only free one, grants it to the head waiter in the same script and pushes the
+//!   grant, so the waiter needs no script of its own). It wakes on its own only to
 //!   refresh its queue entry (every TTL/3), to take over what stood still, or at its
 //!   deadline.
 //! - **Retries are the same request.** An attempt whose answer was lost is recognised by
