@@ -18,7 +18,7 @@ contended forks N processes (multiprocessing, one connection each); each loops b
 acquire + release on the same key until the deadline, stamping request, grant and release
 on CLOCK_MONOTONIC (one clock for every process). The parent merges the grant..release
 intervals and counts overlaps (violations of mutual exclusion), and prints {"impl",
-"clients", "acquisitions", "seconds", "per_s", "wait_p50_ns", "wait_p99_ns", "jain",
+"clients", "acquisitions", "seconds", "per_s", "handoffs", "handoffs_per_s", "wait_p50_ns", "wait_p99_ns", "jain",
 "violations", "counts"}.
 """
 
@@ -93,8 +93,8 @@ def contended(impl: str, host: str, port: int, n: int, secs: float) -> None:
     placeholder = -1
     shared = ctx.Array("q", [placeholder, placeholder])
     procs = []
-    for _ in range(n):
-        p = ctx.Process(target=_child, args=(impl, host, port, name, shared, placeholder, ready, out))
+    for who in range(n):
+        p = ctx.Process(target=_child, args=(impl, host, port, name, who, shared, placeholder, ready, out))
         p.start()
         procs.append(p)
     for _ in range(n):
@@ -112,16 +112,19 @@ def contended(impl: str, host: str, port: int, n: int, secs: float) -> None:
     waits = sorted(w for r in results for w in r[1])
     counts = [len(r[0]) for r in results]
     violations = sum(1 for a, b in zip(holds, holds[1:]) if b[0] < a[1])
+    # A hand-off: a grant whose process is not the previous grant's (in grant order).
+    handoffs = sum(1 for a, b in zip(holds, holds[1:]) if b[2] != a[2])
     total = len(holds)
     print(json.dumps({
         "impl": impl, "clients": n, "acquisitions": total, "seconds": seconds,
-        "per_s": total / seconds, "wait_p50_ns": percentile(waits, 50),
+        "per_s": total / seconds, "handoffs": handoffs,
+        "handoffs_per_s": handoffs / seconds, "wait_p50_ns": percentile(waits, 50),
         "wait_p99_ns": percentile(waits, 99), "jain": jain(counts),
         "violations": violations, "counts": counts,
     }))
 
 
-def _child(impl, host, port, name, shared, placeholder, ready, out):
+def _child(impl, host, port, name, who, shared, placeholder, ready, out):
     client = redis.Redis(host=host, port=port, db=0)
     client.ping()
     acquire, release = make_lock(impl, client, name)
@@ -141,7 +144,7 @@ def _child(impl, host, port, name, shared, placeholder, ready, out):
         t_grant = now()
         t_rel = now()
         release()
-        holds.append((t_grant, t_rel))
+        holds.append((t_grant, t_rel, who))
         waits.append(t_grant - t_req)
     out.put((holds, waits))
 

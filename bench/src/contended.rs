@@ -18,6 +18,8 @@ use crate::util::{now_ns, Result};
 pub struct Contended {
     /// Acquisitions, all clients together.
     pub total: u64,
+    /// Hand-offs: grants, in grant order, whose client is not the previous grant's.
+    pub handoffs: u64,
     /// How long the round ran.
     pub seconds: f64,
     /// The median wait for a grant, ns.
@@ -35,6 +37,11 @@ impl Contended {
     /// Acquisitions per second.
     pub fn per_s(&self) -> f64 {
         self.total as f64 / self.seconds
+    }
+
+    /// Hand-offs per second.
+    pub fn handoffs_per_s(&self) -> f64 {
+        self.handoffs as f64 / self.seconds
     }
 }
 
@@ -58,6 +65,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 /// What one client saw: per hold (grant ns, release ns, token), and its waits.
 #[derive(Default)]
 struct ClientLog {
+    who: usize,
     holds: Vec<(u64, u64, u64)>,
     waits: Vec<u64>,
 }
@@ -77,10 +85,13 @@ pub fn run<C: Client>(
     let end = start + duration;
     rt.block_on(async {
         let mut tasks = Vec::new();
-        for mut client in clients {
+        for (who, mut client) in clients.into_iter().enumerate() {
             let (inside, bad, logs) = (Arc::clone(&inside), Arc::clone(&bad), Arc::clone(&logs));
             tasks.push(tokio::spawn(async move {
-                let mut log = ClientLog::default();
+                let mut log = ClientLog {
+                    who,
+                    ..ClientLog::default()
+                };
                 while Instant::now() < end {
                     let t_req = now_ns();
                     let token = client.acquire().await?;
@@ -127,8 +138,12 @@ fn summarize(
     let counts: Vec<u64> = logs.iter().map(|l| l.holds.len() as u64).collect();
     let mut waits: Vec<u64> = logs.iter().flat_map(|l| l.waits.iter().copied()).collect();
     waits.sort_unstable();
-    let mut holds: Vec<(u64, u64, u64)> = logs.into_iter().flat_map(|l| l.holds).collect();
+    let mut holds: Vec<(u64, u64, u64, usize)> = logs
+        .into_iter()
+        .flat_map(|l| l.holds.into_iter().map(move |(g, r, t)| (g, r, t, l.who)))
+        .collect();
     holds.sort_unstable();
+    let handoffs = holds.windows(2).filter(|w| w[1].3 != w[0].3).count() as u64;
     let mut violations = inside_violations;
     for w in holds.windows(2) {
         if w[1].0 < w[0].1 {
@@ -140,6 +155,7 @@ fn summarize(
     }
     Contended {
         total: holds.len() as u64,
+        handoffs,
         seconds,
         p50: percentile(&waits, 50.0),
         p99: percentile(&waits, 99.0),

@@ -13,7 +13,8 @@
 //!   its own store handle, `Wait::Forever` + release, mutual exclusion checked as for etcd
 //!   (`contended.rs`). The Python peers: N forked processes, each its own connection,
 //!   blocking acquire + release, their grant..release intervals merged and checked for
-//!   overlap too.
+//!   overlap too. Beside acquisitions/s, hand-offs/s: grants whose client is not the
+//!   previous grant's, in grant order.
 //!
 //! The server is `BATON_TEST_REDIS`, or one started for the run with `scripts/server-redis`
 //! (and stopped after it).
@@ -575,9 +576,11 @@ pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<Outcome> {
          grant..release intervals (`CLOCK_MONOTONIC`) are merged and checked for overlap. \
          redis-py's blocking acquire polls `SET NX` every 0.1 s; python-redis-lock waits in \
          `BLPOP` on a signal list its release pushes to. Neither queues: a releaser may take \
-         the lock straight back.\n\n\
-         | N | implementation | acquisitions/s | p50 wait | p99 wait | fairness (Jain) | violations |\n\
-         |---:|---|---:|---:|---:|---:|---:|\n",
+         the lock straight back. **hand-offs/s** counts the grants (merged in grant order) \
+         whose client is not the previous grant's: a lock that lets its releaser take it \
+         straight back has many acquisitions and few hand-offs.\n\n\
+         | N | implementation | acquisitions/s | hand-offs/s | p50 wait | p99 wait | fairness (Jain) | violations |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|\n",
         cfg.duration.as_secs_f64(),
     ));
     let mut violations = 0;
@@ -588,19 +591,22 @@ pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<Outcome> {
         rec.write(
             "redis_contended",
             json!({"impl": "baton", "clients": n, "acquisitions": c.total, "seconds": c.seconds,
-                   "per_s": c.per_s(), "wait_p50_ns": c.p50, "wait_p99_ns": c.p99,
+                   "per_s": c.per_s(), "handoffs": c.handoffs,
+                   "handoffs_per_s": c.handoffs_per_s(), "wait_p50_ns": c.p50, "wait_p99_ns": c.p99,
                    "jain": c.jain, "violations": c.violations}),
         )?;
         eprintln!(
-            "  redis contended N={n}: baton {:.0}/s p50 {} Jain {:.3}",
+            "  redis contended N={n}: baton {:.0}/s ({:.0} hand-offs/s) p50 {} Jain {:.3}",
             c.per_s(),
+            c.handoffs_per_s(),
             fmt_ns(c.p50 as f64),
             c.jain
         );
         violations += c.violations;
         md.push_str(&format!(
-            "| {n} | baton | {:.0} | {} | {} | {:.3} | {} |\n",
+            "| {n} | baton | {:.0} | {:.0} | {} | {} | {:.3} | {} |\n",
             c.per_s(),
+            c.handoffs_per_s(),
             fmt_ns(c.p50 as f64),
             fmt_ns(c.p99 as f64),
             c.jain,
@@ -616,43 +622,49 @@ pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<Outcome> {
                 }
                 rec.write("redis_contended", v2)?;
                 let per_s = v["per_s"].as_f64().unwrap_or(0.0);
+                let handoffs_s = v["handoffs_per_s"].as_f64().unwrap_or(0.0);
                 let pv = v["violations"].as_u64().unwrap_or(0);
                 eprintln!(
-                    "  redis contended N={n}: {imp} {per_s:.0}/s Jain {:.3}",
+                    "  redis contended N={n}: {imp} {per_s:.0}/s ({handoffs_s:.0} hand-offs/s) Jain {:.3}",
                     v["jain"].as_f64().unwrap_or(0.0)
                 );
                 md.push_str(&format!(
-                    "| {n} | {label} | {per_s:.0} | {} | {} | {:.3} | {pv} |\n",
+                    "| {n} | {label} | {per_s:.0} | {handoffs_s:.0} | {} | {} | {:.3} | {pv} |\n",
                     fmt_ns(v["wait_p50_ns"].as_f64().unwrap_or(0.0)),
                     fmt_ns(v["wait_p99_ns"].as_f64().unwrap_or(0.0)),
                     v["jain"].as_f64().unwrap_or(0.0),
                 ));
                 if imp == "redis-py" {
-                    py_rate = Some(per_s);
+                    py_rate = Some((per_s, handoffs_s));
                 }
             }
         }
-        verdicts.push((n, c.per_s(), py_rate, c.jain));
+        verdicts.push((n, c.per_s(), c.handoffs_per_s(), py_rate, c.jain));
     }
     md.push('\n');
-    for (n, rate, py_rate, jain) in verdicts {
-        let tput = py_rate.map(|p| rate / p);
+    for (n, rate, handoffs, py_rate, jain) in verdicts {
+        let tput = py_rate.map(|(p, _)| rate / p);
+        let handoff_ratio = py_rate.and_then(|(_, h)| (h > 0.0).then(|| handoffs / h));
         rec.write(
             "redis_contended_summary",
-            json!({"clients": n, "baton_per_s": rate, "redis_py_per_s": py_rate,
-                   "baton_over_redis_py": tput, "target_throughput": 10.0,
+            json!({"clients": n, "baton_per_s": rate, "redis_py_per_s": py_rate.map(|p| p.0),
+                   "baton_handoffs_per_s": handoffs,
+                   "redis_py_handoffs_per_s": py_rate.map(|p| p.1),
+                   "baton_over_redis_py": tput,
+                   "baton_over_redis_py_handoffs": handoff_ratio, "target_throughput": 10.0,
                    "throughput_met": tput.map(|t| t >= 10.0), "jain": jain,
                    "target_jain": 0.99, "jain_met": jain >= 0.99}),
         )?;
         md.push_str(&format!(
-            "N = {n}: baton / redis-py throughput **{}** (target ≥ 10×: **{}**); baton's Jain \
-             {jain:.3} (target ≥ 0.99: **{}**).\n",
+            "N = {n}: baton / redis-py throughput **{}** (target ≥ 10×: **{}**); hand-offs/s \
+             {}; baton's Jain {jain:.3} (target ≥ 0.99: **{}**).\n",
             tput.map_or("—".into(), |t| format!("{t:.1}×")),
             match tput {
                 Some(t) if t >= 10.0 => "met",
                 Some(_) => "missed",
                 None => "not run",
             },
+            handoff_ratio.map_or("—".into(), |t| format!("{t:.1}×")),
             if jain >= 0.99 { "met" } else { "missed" },
         ));
     }

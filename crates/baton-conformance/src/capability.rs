@@ -143,14 +143,22 @@ pub async fn waiters_are_served_in_order(h: &Harness) {
         .await;
     }
     lab.release(&first).await;
-    // Either the first waiter has the slot already, or it is next in line: a no-wait
-    // newcomer is Busy either way.
+    // Either a waiter has the slot, or one is next in line: a no-wait newcomer is Busy.
+    // Only when the queue drained first (each waiter releases at once, and a store that
+    // hands off within its release can serve all three before the newcomer's request
+    // arrives) may it be granted, after all three.
     let newcomer = lab.acquire(&lab.request(&key, 1, Wait::NoWait)).await;
-    if let Ok(l) = &newcomer {
-        let _ = lab.release(l).await;
+    match &newcomer {
+        Ok(l) => {
+            let _ = lab.release(l).await;
+            let order = order.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            assert!(
+                order.len() == 3 && order.iter().all(|(_, t)| *t < l.token),
+                "a no-wait newcomer passed the queue: {l:?}, waiters granted before it: {order:?}"
+            );
+        }
+        Err(err) => assert_eq!(err.kind(), ErrorKind::Busy, "{err:#}"),
     }
-    let err = newcomer.expect_err("a no-wait newcomer passed the queue");
-    assert_eq!(err.kind(), ErrorKind::Busy, "{err:#}");
     for t in tasks {
         let released = bounded("the waiters", LIVENESS_BOUND, t)
             .await

@@ -12,7 +12,9 @@
 //!   removes it only if it is still in that state (compare-and-swap on the counter). The
 //!   server's clock plays no part: a step of it cannot end a lease that is renewed.
 //! - **FIFO without polling.** A queued request sleeps in `BLPOP` on its own list; a
-//!   release pushes to the one waiter its slot made eligible. It wakes on its own only to
+//!   release pushes to the one waiter its slot made eligible (and when that slot is the
+//!   only free one, grants it to the head waiter in the same script and pushes the
+//!   grant, so the waiter needs no script of its own). It wakes on its own only to
 //!   refresh its queue entry (every TTL/3), to take over what stood still, or at its
 //!   deadline.
 //! - **Retries are the same request.** An attempt whose answer was lost is recognised by
@@ -25,7 +27,6 @@ use std::time::{Duration, Instant};
 use baton_core::kit::errors;
 use baton_core::kit::time::{next_wake, unix_ms_now, validate_ttl, Refresh};
 use baton_core::{AcquireRequest, Error, ErrorKind, Holder, Lease, Liveness, Token, Wait};
-use redis::aio::MultiplexedConnection;
 
 use crate::core::Inner;
 use crate::layout;
@@ -74,6 +75,14 @@ fn num<T: std::str::FromStr>(v: Option<&String>, what: &str) -> Result<T, Error>
 
 fn dead(holder: Option<&Holder>) -> bool {
     holder.is_some_and(|h| h.liveness() == Liveness::Dead)
+}
+
+/// The slot and token of a grant a release pushed (`g SLOT TOKEN`).
+fn granted_by_release(pushed: &str) -> Option<(u32, u64)> {
+    let mut w = pushed.strip_prefix("g ")?.split(' ');
+    let slot = w.next()?.parse().ok()?;
+    let token = w.next()?.parse().ok()?;
+    Some((slot, token))
 }
 
 /// The holder id as the scripts store it.
@@ -150,12 +159,9 @@ impl Inner {
                         .get(i..i + 3)
                         .ok_or_else(|| layout::corrupt("a short answer"))?;
                     i += 3;
-                    let (ttl_ms, json) = f[2]
-                        .split_once('|')
-                        .and_then(|(t, j)| Some((t.parse::<u64>().ok()?, j)))
-                        .ok_or_else(|| {
-                            layout::corrupt(format!("the waiter record of {} is not baton's", f[0]))
-                        })?;
+                    let (ttl_ms, json) = layout::waiter_info(&f[2]).ok_or_else(|| {
+                        layout::corrupt(format!("the waiter record of {} is not baton's", f[0]))
+                    })?;
                     seen.push(Seen {
                         claim: [
                             "w".into(),
@@ -198,7 +204,7 @@ impl Inner {
         // First sight of each lease or waiter in its exact state.
         let mut first_seen: HashMap<[String; 5], (Instant, Duration, bool)> = HashMap::new();
         let mut refresh = Refresh::new(ttl, Instant::now());
-        let mut wake: Option<MultiplexedConnection> = None;
+        let mut wake: Option<crate::direct::Direct> = None;
         let wake_key = format!("{base}:wake:{id}");
         let mut tries_without_wait = 0u32;
         loop {
@@ -276,23 +282,38 @@ impl Inner {
             let until = next_wake([deadline, Some(refresh.due_at()), takeover])
                 .unwrap_or_else(|| refresh.due_at());
             if until > now {
-                self.sleep_on(&mut wake, &wake_key, until - now).await?;
+                let pushed = self.sleep_on(&mut wake, &wake_key, until - now).await?;
+                if let Some((slot, token)) = pushed.as_deref().and_then(granted_by_release) {
+                    // The release granted this request the slot: its lease counts from the
+                    // last attempt's send, which came before the grant.
+                    return Ok(Lease {
+                        key: req.key.clone(),
+                        slot,
+                        limit: req.limit,
+                        token: Token(token),
+                        holder: req.holder.clone(),
+                        ttl: Some(ttl),
+                        acquired_unix_ms: unix_ms_now(),
+                        sent_at: Some(sent),
+                    });
+                }
             }
         }
     }
 
-    /// Sleeps in `BLPOP` on the request's own list for at most `d` (a push wakes it).
+    /// Sleeps in `BLPOP` on the request's own list for at most `d` (a push wakes it);
+    /// returns what was pushed, if anything was.
     pub(crate) async fn sleep_on(
         &self,
-        wake: &mut Option<MultiplexedConnection>,
+        wake: &mut Option<crate::direct::Direct>,
         key: &str,
         d: Duration,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<String>, Error> {
         if wake.is_none() {
-            *wake = Some(self.connect(false).await?);
+            *wake = Some(self.connect().await?);
         }
         let Some(c) = wake.as_mut() else {
-            return Ok(());
+            return Ok(None);
         };
         // BLPOP takes seconds with decimals (Redis 6+); 0 would block forever.
         let secs = d.as_secs_f64().max(0.01);
@@ -306,13 +327,18 @@ impl Inner {
         )
         .await;
         match r {
-            Ok(Ok(_)) => Ok(()),
+            // [list, value], or nil when the wait ran out.
+            Ok(Ok(redis::Value::Array(kv))) => Ok(match kv.get(1) {
+                Some(redis::Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+                _ => None,
+            }),
+            Ok(Ok(_)) => Ok(None),
             Ok(Err(e)) => {
                 *wake = None;
                 let e = self.map(e);
                 if e.is_retryable() {
                     // The next attempt finds out whether the server is there.
-                    Ok(())
+                    Ok(None)
                 } else {
                     Err(e)
                 }
@@ -320,7 +346,7 @@ impl Inner {
             Err(_) => {
                 // The server did not answer: a new connection next time.
                 *wake = None;
-                Ok(())
+                Ok(None)
             }
         }
     }

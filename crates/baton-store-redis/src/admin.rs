@@ -88,7 +88,7 @@ impl Inner {
         let dead = infos
             .iter()
             .filter(|w| {
-                w.split_once('|')
+                layout::waiter_info(w)
                     .and_then(|(_, j)| Holder::from_json(j))
                     .is_some_and(|h| h.liveness() == Liveness::Dead)
             })
@@ -121,6 +121,7 @@ impl Inner {
                         .query_async(&mut c),
                 )
                 .await?;
+            self.put_back(c);
             names.extend(batch);
             if next == 0 {
                 break;

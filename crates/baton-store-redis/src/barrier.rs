@@ -15,7 +15,6 @@ use std::time::Instant;
 use baton_core::kit::errors;
 use baton_core::kit::time::{next_wake, Refresh, ARRIVAL_TTL};
 use baton_core::{BarrierPassed, BarrierRequest, Error, ErrorKind, Holder, Liveness, Wait};
-use redis::aio::MultiplexedConnection;
 
 use crate::core::{Answer, Inner};
 use crate::layout;
@@ -80,7 +79,7 @@ impl Inner {
         };
         let mut first_seen: HashMap<(String, String), (Instant, bool)> = HashMap::new();
         let mut refresh = Refresh::new(ARRIVAL_TTL, Instant::now());
-        let mut wake: Option<MultiplexedConnection> = None;
+        let mut wake: Option<crate::direct::Direct> = None;
         let wake_key = format!("{base}:wake:{id}");
         let mut arrived = false;
         loop {
@@ -145,6 +144,7 @@ impl Inner {
             let until = next_wake([deadline, Some(refresh.due_at()), stale])
                 .unwrap_or_else(|| refresh.due_at());
             if until > now {
+                // A barrier's pushes only wake it: the next look finds out.
                 self.sleep_on(&mut wake, &wake_key, until - now).await?;
             }
         }

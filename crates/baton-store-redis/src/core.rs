@@ -1,11 +1,11 @@
-//! The connection to Redis: one multiplexed connection per store handle for the scripts
-//! (reconnected after a failure), a connection of its own for each waiting request's
-//! `BLPOP`, the server checks made on every new connection, and the one mapping of
-//! Redis's failures into [`baton_core::Error`].
+//! The connection to Redis: the scripts' connections (each lent to one operation at a
+//! time, [`crate::direct`], kept idle between operations), a connection of its own for
+//! each waiting request's `BLPOP`, the server checks made on every new connection, and the
+//! one mapping of Redis's failures into [`baton_core::Error`].
 //!
 //! Guarantees: every round trip is bounded by the URL's `timeout`; a connection that
-//! failed or timed out is dropped and the next call connects anew, so a restarted server
-//! is found again. A server baton cannot keep its contract on (Redis Cluster, a replica,
+//! failed or timed out, or whose operation was cancelled mid-command, is dropped and the
+//! next call connects anew, so a restarted server is found again. A server baton cannot keep its contract on (Redis Cluster, a replica,
 //! a Sentinel, an eviction policy other than `noeviction`, and without `?durable=off` no
 //! `appendonly yes` + `appendfsync always`) is refused with the reason and the fix,
 //! marked permanent. Scripts are sent by SHA and reloaded when the server lost them.
@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use baton_core::kit::runtime::StoreRuntime;
 use baton_core::{Error, ErrorKind, StoreUrl};
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Script, Value};
-use tokio::sync::Mutex;
+use redis::{Script, Value};
+
+use crate::direct::Direct;
 
 use crate::config::{Durability, RedisConfig};
 use crate::layout;
@@ -67,10 +67,14 @@ pub struct Inner {
     pub(crate) url: StoreUrl,
     pub(crate) config: RedisConfig,
     pub(crate) runtime: StoreRuntime,
-    client: Client,
-    conn: Mutex<Option<MultiplexedConnection>>,
+    /// The scripts' idle connections.
+    idle: std::sync::Mutex<Vec<Direct>>,
     pub(crate) scripts: Scripts,
 }
+
+/// How many idle script connections a handle keeps (more are made while operations
+/// overlap, and closed after).
+const IDLE_MAX: usize = 4;
 
 /// The answer of a script: its values as text.
 pub(crate) type Answer = Vec<String>;
@@ -81,24 +85,11 @@ impl Inner {
         config: RedisConfig,
         runtime: StoreRuntime,
     ) -> Result<Inner, Error> {
-        let info = redis::ConnectionInfo {
-            addr: redis::ConnectionAddr::Tcp(config.host.clone(), config.port),
-            redis: redis::RedisConnectionInfo {
-                db: config.db,
-                username: config.user.clone(),
-                password: config.password.clone(),
-                ..Default::default()
-            },
-        };
-        let client = Client::open(info).map_err(|e| {
-            Error::new(ErrorKind::InvalidInput, "the Redis client refused the URL").with_source(e)
-        })?;
         Ok(Inner {
             url,
             config,
             runtime,
-            client,
-            conn: Mutex::new(None),
+            idle: std::sync::Mutex::new(Vec::new()),
             scripts: Scripts::new(),
         })
     }
@@ -107,57 +98,58 @@ impl Inner {
         format!("{}:{}", self.config.host, self.config.port)
     }
 
-    /// A new connection: with the request timeout on every answer (`scripts`), or with
-    /// none (a waiter's `BLPOP`, bounded by its caller), checked before use.
-    pub(crate) async fn connect(&self, bounded: bool) -> Result<MultiplexedConnection, Error> {
-        let mut cfg = AsyncConnectionConfig::new().set_connection_timeout(self.config.timeout);
-        if bounded {
-            cfg = cfg.set_response_timeout(self.config.timeout);
+    /// A script connection for one operation: an idle one, or a new one (checked).
+    pub(crate) async fn conn(&self) -> Result<Direct, Error> {
+        let idle = self.idle.lock().map(|mut g| g.pop()).unwrap_or(None);
+        if let Some(c) = idle {
+            return Ok(c);
         }
+        let mut c = self.connect().await?;
+        self.check_server(&mut c).await?;
+        Ok(c)
+    }
+
+    /// A new connection, connected and authenticated within twice the request timeout
+    /// (not checked: a waiter's `BLPOP` connection, whose store checked its server).
+    pub(crate) async fn connect(&self) -> Result<Direct, Error> {
         let bound = self.config.timeout * 2;
-        let mut c = match tokio::time::timeout(
-            bound,
-            self.client
-                .get_multiplexed_async_connection_with_config(&cfg),
-        )
-        .await
-        {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(self.map(e)),
-            Err(_) => {
-                return Err(Error::new(
-                    ErrorKind::Unavailable,
-                    format!(
-                        "Redis at {} did not answer within {:?}",
-                        self.where_(),
-                        bound
-                    ),
-                ))
+        let cfg = &self.config;
+        let connect = Direct::connect(
+            &cfg.host,
+            cfg.port,
+            cfg.user.as_deref(),
+            cfg.password.as_deref(),
+            cfg.db,
+        );
+        match tokio::time::timeout(bound, connect).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(self.map(e)),
+            Err(_) => Err(Error::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "Redis at {} did not answer within {:?}",
+                    self.where_(),
+                    bound
+                ),
+            )),
+        }
+    }
+
+    /// Gives back a connection after its operation: kept if every command on it was
+    /// answered whole, else closed.
+    pub(crate) fn put_back(&self, c: Direct) {
+        if !c.reusable() {
+            return;
+        }
+        if let Ok(mut g) = self.idle.lock() {
+            if g.len() < IDLE_MAX {
+                g.push(c);
             }
-        };
-        if bounded {
-            self.check_server(&mut c).await?;
         }
-        Ok(c)
-    }
-
-    /// The scripts' connection, connected (and checked) when there is none.
-    pub(crate) async fn conn(&self) -> Result<MultiplexedConnection, Error> {
-        let mut g = self.conn.lock().await;
-        if let Some(c) = g.as_ref() {
-            return Ok(c.clone());
-        }
-        let c = self.connect(true).await?;
-        *g = Some(c.clone());
-        Ok(c)
-    }
-
-    async fn drop_conn(&self) {
-        *self.conn.lock().await = None;
     }
 
     /// Refuses a server baton cannot keep its contract on.
-    async fn check_server(&self, c: &mut MultiplexedConnection) -> Result<(), Error> {
+    async fn check_server(&self, c: &mut impl redis::aio::ConnectionLike) -> Result<(), Error> {
         let info: String = self.bounded(redis::cmd("INFO").query_async(c)).await?;
         let field = |name: &str| {
             info.lines()
@@ -260,15 +252,8 @@ impl Inner {
             inv.arg(a);
         }
         let r: Result<Value, Error> = self.bounded(inv.invoke_async(&mut c)).await;
-        match r {
-            Ok(v) => answer(v),
-            Err(e) => {
-                if e.kind() == ErrorKind::Unavailable && e.is_retryable() {
-                    self.drop_conn().await;
-                }
-                Err(e)
-            }
-        }
+        self.put_back(c);
+        r.and_then(answer)
     }
 
     /// Maps a Redis failure.

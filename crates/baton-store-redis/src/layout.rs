@@ -13,8 +13,8 @@
 //! | `B:ticket` | string | the arrival counter of waiters |
 //! | `B:waiters` | sorted set | member = request id, score = arrival ticket (FIFO) |
 //! | `B:wcount` | sorted set | member = request id, score = the waiter's refresh counter |
-//! | `B:winfo` | hash | request id → `TTL_MS|holder JSON` |
-//! | `B:wake:ID` | list | the waiter's own wake-up list (`BLPOP`); one push per hand-off |
+//! | `B:winfo` | hash | request id → `TTL_MS|HOLDER_ID|holder JSON` (`TTL_MS|holder JSON` from older versions) |
+//! | `B:wake:ID` | list | the waiter's own wake-up list (`BLPOP`); one push per hand-off: `1` (look again) or `g SLOT TOKEN` (the release granted it that slot) |
 //!
 //! Guarantees: a script checks every record it reads before it writes anything (Redis
 //! does not roll a script back), and answers `CORRUPT <what is wrong>` for anything baton
@@ -46,6 +46,18 @@ pub(crate) fn key_of_meta<'a>(prefix: &str, name: &'a str) -> Option<&'a str> {
         .strip_suffix("}:meta")
 }
 
+/// A waiter record's TTL (ms) and holder JSON (`TTL_MS|HOLDER_ID|JSON`, or an older
+/// version's `TTL_MS|JSON`).
+pub(crate) fn waiter_info(v: &str) -> Option<(u64, &str)> {
+    let (t, rest) = v.split_once('|')?;
+    let ttl = t.parse().ok()?;
+    let json = match rest.split_once('|') {
+        Some((hid, j)) if !hid.is_empty() && hid.bytes().all(|b| b.is_ascii_hexdigit()) => j,
+        _ => rest,
+    };
+    Some((ttl, json))
+}
+
 /// `Corrupt`, as the scripts and the decoding say it.
 pub(crate) fn corrupt(what: impl std::fmt::Display) -> Error {
     baton_core::kit::errors::corrupt(what, "(baton's Redis keys were changed by something else)")
@@ -72,10 +84,22 @@ local function num(v)
   if n == nil or n ~= math.floor(n) or n < 0 then return nil end
   return n
 end
+-- `cmd` on `k` (a record baton keeps as a `want`); the server's WRONGTYPE is answered as
+-- the record that is not baton's, so a read needs no TYPE of its own.
+local function rd(want, cmd, k, ...)
+  local r = redis.pcall(cmd, k, ...)
+  if type(r) == 'table' and r['err'] then
+    if string.find(r['err'], 'WRONGTYPE', 1, true) then
+      corrupt(k .. ' is a ' .. redis.call('TYPE', k)['ok'] .. ' where baton keeps a ' .. want)
+    end
+    error(r)
+  end
+  return r
+end
 local function load_meta()
   local k = B .. ':meta'
-  if not need(k, 'hash') then return nil end
-  local m = redis.call('HMGET', k, 'v', 'limit', 'delay_ms')
+  local m = rd('hash', 'HMGET', k, 'v', 'limit', 'delay_ms')
+  if not m[1] and not m[2] and not m[3] and redis.call('EXISTS', k) == 0 then return nil end
   local lim, d = num(m[2]), num(m[3])
   if m[1] ~= '1' or lim == nil or lim < 1 or d == nil then
     corrupt(k .. ' is not baton\'s key record (v=1, limit, delay_ms)')
@@ -83,22 +107,20 @@ local function load_meta()
   return {limit = lim, delay = d}
 end
 local function check_counter(k)
-  if need(k, 'string') and num(redis.call('GET', k)) == nil then
-    corrupt(k .. ' does not hold a counter')
-  end
+  local v = rd('string', 'GET', k)
+  if v and num(v) == nil then corrupt(k .. ' does not hold a counter') end
 end
 local function load_holders()
   local hk = B .. ':holders'
-  need(hk, 'zset')
-  local z = redis.call('ZRANGE', hk, 0, -1, 'WITHSCORES')
+  local z = rd('zset', 'ZRANGE', hk, 0, -1, 'WITHSCORES')
   local out = {}
   for i = 1, #z, 2 do
     local slot, count = z[i], z[i + 1]
     local sk = B .. ':slot:' .. slot
-    if num(slot) == nil or not need(sk, 'hash') then
+    local r = num(slot) ~= nil and rd('hash', 'HMGET', sk, 'grant', 'token', 'ttl', 'lost', 'holder', 'acq', 'ren', 'hid', 'lost_ms')
+    if not r or (not r[1] and redis.call('EXISTS', sk) == 0) then
       corrupt(hk .. ' names slot ' .. slot .. ' without its record ' .. sk)
     end
-    local r = redis.call('HMGET', sk, 'grant', 'token', 'ttl', 'lost', 'holder', 'acq', 'ren', 'hid', 'lost_ms')
     if not r[1] or num(r[2]) == nil or num(r[3]) == nil or (r[4] ~= '0' and r[4] ~= '1') or not r[5] then
       corrupt('the holder record ' .. sk .. ' is not baton\'s (grant, token, ttl, lost, holder)')
     end
@@ -163,17 +185,24 @@ local id, limit, ttl, holder, hid, delay, mode = ARGV[2], tonumber(ARGV[3]), ARG
 local meta = load_meta()
 local holders = load_holders()
 check_counter(B .. ':token')
-check_waiters()
+local n, i, freed = tonumber(ARGV[9]), 10, false
+-- The queue's records are checked before the first write that needs them; a grant with no
+-- claims to a request not in the queue reads only B:waiters (checked by its ZRANK).
+local checked = false
+local function check_queue()
+  if not checked then check_waiters(); checked = true end
+end
 if meta == nil then
+  check_queue()
   meta = {limit = limit, delay = delay}
   redis.call('HSET', B .. ':meta', 'v', '1', 'limit', limit, 'delay_ms', delay)
 elseif meta.limit ~= limit then
   return {'mismatch', meta.limit}
 end
+if n > 0 then check_queue() end
 local now = now_ms()
 local byslot = {}
 for _, h in ipairs(holders) do byslot[h.slot] = h end
-local n, i, freed = tonumber(ARGV[9]), 10, false
 for c = 1, n do
   local kind, a, g, cnt, lost = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   i = i + 5
@@ -197,10 +226,16 @@ for c = 1, n do
 end
 if n > 0 then holders = load_holders() end
 for _, h in ipairs(holders) do
-  if h.grant == id and h.lost == '0' then return {'granted', h.slot, h.token, h.acq} end
+  if h.grant == id and h.lost == '0' then
+    -- Granted before (by a release, or an attempt whose answer was lost): what the
+    -- release pushed to its list is not needed.
+    redis.call('DEL', B .. ':wake:' .. id)
+    return {'granted', h.slot, h.token, h.acq}
+  end
 end
-local rank = redis.call('ZRANK', B .. ':waiters', id)
+local rank = rd('zset', 'ZRANK', B .. ':waiters', id)
 local ahead = rank or redis.call('ZCARD', B .. ':waiters')
+if rank then check_queue() end
 local free = meta.limit - #holders
 if ahead < free then
   local taken = {}
@@ -211,10 +246,11 @@ if ahead < free then
   redis.call('HSET', B .. ':slot:' .. slot, 'grant', id, 'hid', hid, 'token', tok, 'ttl', ttl,
     'holder', holder, 'acq', now, 'ren', now, 'lost', '0', 'lost_ms', '0')
   redis.call('ZADD', B .. ':holders', 0, slot)
-  remove_waiter(id)
+  if rank then remove_waiter(id) end
   if freed then wake_eligible(meta.limit) end
   return {'granted', slot, tok, now}
 end
+check_queue()
 local status = 'busy'
 if mode == 'wait' then
   status = 'queued'
@@ -224,7 +260,7 @@ if mode == 'wait' then
     local t = redis.call('INCR', B .. ':ticket')
     redis.call('ZADD', B .. ':waiters', t, id)
     redis.call('ZADD', B .. ':wcount', 0, id)
-    redis.call('HSET', B .. ':winfo', id, ttl .. '|' .. holder)
+    redis.call('HSET', B .. ':winfo', id, ttl .. '|' .. hid .. '|' .. holder)
   end
 end
 if freed then wake_eligible(meta.limit) end
@@ -246,10 +282,8 @@ return out
 pub(crate) const RENEW: &str = r#"
 local slot, token = ARGV[2], ARGV[3]
 local sk = B .. ':slot:' .. slot
-if not need(sk, 'hash') then return {'gone'} end
-need(B .. ':holders', 'zset')
-local r = redis.call('HMGET', sk, 'token', 'lost')
-if tonumber(r[1]) ~= tonumber(token) or not redis.call('ZSCORE', B .. ':holders', slot) then return {'gone'} end
+local r = rd('hash', 'HMGET', sk, 'token', 'lost')
+if tonumber(r[1]) ~= tonumber(token) or not rd('zset', 'ZSCORE', B .. ':holders', slot) then return {'gone'} end
 if r[2] ~= '0' then return {'lost'} end
 local c = redis.call('ZINCRBY', B .. ':holders', 1, slot)
 redis.call('HSET', sk, 'ren', now_ms())
@@ -257,22 +291,47 @@ return {'ok', c}
 "#;
 
 /// Releases a lease. ARGV: base, slot, token. Answers `released` or `not_held`; a
-/// release hands the slot to exactly one waiter: the one its freeing made eligible.
+/// release hands the slot to exactly one waiter: the one its freeing made eligible. When
+/// that slot is the only free one, the release grants it to the head of the queue itself
+/// (`INCR`, the slot record from the waiter's record, the queue entry removed) and pushes
+/// `g SLOT TOKEN`, so the waiter needs no script of its own; else it pushes `1` and the
+/// waiter's next attempt takes the slot.
 pub(crate) const RELEASE: &str = r#"
 local slot, token = ARGV[2], ARGV[3]
-local sk = B .. ':slot:' .. slot
-if not need(sk, 'hash') then return {'not_held'} end
-need(B .. ':holders', 'zset')
-local meta = load_meta()
-check_waiters()
-local r = redis.call('HMGET', sk, 'token', 'lost', 'grant')
+local sk, hk = B .. ':slot:' .. slot, B .. ':holders'
+local r = rd('hash', 'HMGET', sk, 'token', 'lost')
 if tonumber(r[1]) ~= tonumber(token) or r[2] ~= '0' then return {'not_held'} end
-redis.call('DEL', sk)
-redis.call('ZREM', B .. ':holders', slot)
-if r[3] then remove_waiter(r[3]) end
+local meta = load_meta()
+-- The waiter the freed slot makes eligible, read before anything is written.
+local card = rd('zset', 'ZCARD', hk)
+local mine = redis.call('ZSCORE', hk, slot)
+local next_id, free, g = nil, 0, nil
 if meta then
-  local free = free_slots(meta.limit)
-  if free > 0 then wake_ranks(free - 1, free) end
+  free = meta.limit - card + (mine and 1 or 0)
+  if free > 0 then next_id = rd('zset', 'ZRANGE', B .. ':waiters', free - 1, free - 1)[1] end
+end
+if next_id and free == 1 and mine then
+  check_waiters()
+  check_counter(B .. ':token')
+  local info = redis.call('HGET', B .. ':winfo', next_id)
+  if not info then corrupt('the waiter ' .. next_id .. ' of ' .. B .. ':waiters has no record') end
+  local t, h, j = string.match(info, '^(%d+)|(%x+)|(.*)$')
+  if t then g = {ttl = t, hid = h, holder = j} end
+end
+redis.call('DEL', sk)
+redis.call('ZREM', hk, slot)
+if g then
+  local tok = redis.call('INCR', B .. ':token')
+  local now = now_ms()
+  redis.call('HSET', sk, 'grant', next_id, 'hid', g.hid, 'token', tok, 'ttl', g.ttl,
+    'holder', g.holder, 'acq', now, 'ren', now, 'lost', '0', 'lost_ms', '0')
+  redis.call('ZADD', hk, 0, slot)
+  remove_waiter(next_id)
+  local wk = B .. ':wake:' .. next_id
+  redis.call('LPUSH', wk, 'g ' .. slot .. ' ' .. tok)
+  redis.call('PEXPIRE', wk, 3600000)
+elseif next_id then
+  push(next_id)
 end
 return {'released'}
 "#;

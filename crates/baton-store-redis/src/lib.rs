@@ -15,6 +15,7 @@ mod admin;
 mod barrier;
 mod config;
 mod core;
+mod direct;
 mod layout;
 mod lease;
 mod store;
