@@ -6,8 +6,9 @@
 //!   library, against kazoo's `Lock` (`acquire(blocking=False)` + `release()` on one
 //!   connected client, `bench/peers/kazoo_peer.py`). Beside them, the floor: a raw
 //!   ephemeral create + delete on one session through the `zookeeper-client` crate and
-//!   through kazoo, and the crate's session open + create + delete + close (baton opens
-//!   one session per lease: its timeout is the lease's TTL).
+//!   through kazoo, and the crate's session open + create + delete + close (what a
+//!   session per lease costs: baton's design until it shared one session per store handle
+//!   and TTL).
 //! - 16, per call: `baton run -s zk://… -k K -- true` against a kazoo one-shot doing what
 //!   lockex does (a fresh `python -c`: connect, `Lock` acquire, run `true`, release, stop).
 //! - 17, contended: N clients (8 and 32) on one key for a fixed time; baton N store
@@ -104,7 +105,7 @@ fn hosts(url: &str) -> Result<String> {
 
 /// `ops` ephemeral creates + deletes on one session of the `zookeeper-client` crate;
 /// with `session`, each pair on a session of its own, opened and closed around it (what
-/// baton's one session per lease costs at the least). Returns ns per pair.
+/// a session per lease costs at the least). Returns ns per pair.
 fn raw_floor(hosts: &str, base: &str, ops: u64, session: bool) -> Result<f64> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -364,16 +365,18 @@ pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<Outcome> {
          tickTime 500 ms, the transaction log fsynced before each answer), its data on {fs}. \
          {} rounds, alternating; baton {} ops a round, kazoo {}, the floor rows {} pairs \
          (the session row half that). **baton**: `Store::acquire` (`Wait::NoWait`, ttl 30 s) \
-         + `Store::release` on `zk://…` through the library: a **new session per lease** \
-         (its timeout is the TTL: the server's `createSession`, itself a logged write), \
-         the key node read and checked, the request node created (ephemeral sequential, \
-         `Create2` gives the czxid token), the queue listed, the slot node created; the \
-         release deletes both nodes and closes the session (`closeSession`, logged). \
+         + `Store::release` on `zk://…` through the library, in the handle's **one session \
+         for the TTL** (opened by the first acquire, shared by every lease after it): the \
+         key node read and its children checked, the request node created (ephemeral \
+         sequential, `Create2` gives the czxid token), the key node read again and the \
+         queue listed, the slot node created; the release reads and deletes the slot node \
+         and deletes the request node (nine round trips, four of them logged writes). \
          **kazoo `Lock`** (`acquire(blocking=False)` + `release()`, one client connected \
          outside the loop): create the request node, list the children, delete it — one \
          session for every acquire, no slot, no token. The floor rows: an ephemeral create + \
          delete on one session (the least a lock needs), the same with a session opened and \
-         closed around each pair (the least baton's one session per lease needs), and \
+         closed around each pair (the least a session per lease needs, as baton's design \
+         before this one had), and \
          kazoo's create + delete.\n\n\
          | implementation | median per acquire + release (floor rows: per pair) | rounds |\n\
          |---|---:|---|\n\
@@ -400,13 +403,12 @@ pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<Outcome> {
     if python.is_some() {
         md.push_str(&format!(
             "kazoo / baton: **{kazoo_ratio:.2}×** (target ≥ 2× faster: **{}**). baton / its \
-             floor with a session per lease ({}): {:.2}×; / create + delete on one session \
-             ({}): {:.2}×.\n\n",
+             floor, create + delete on one session ({}): {:.2}×; a session per lease would \
+             cost at least {} a lease.\n\n",
             if met { "met" } else { "missed" },
-            fmt_ns(med[3]),
-            b / med[3],
             fmt_ns(med[2]),
             b / med[2],
+            fmt_ns(med[3]),
         ));
     }
 
@@ -524,7 +526,7 @@ pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<Outcome> {
     md.push_str(&format!(
         "### 17. ZooKeeper store: contended throughput and fairness\n\n\
          N clients on one key for {:.1} s each, the hold empty. **baton**: N store handles \
-         in one process, acquire (`Wait::Forever`, a session per lease) + release in a loop; \
+         in one process, acquire (`Wait::Forever`, each handle its one session) + release in a loop; \
          checked: a counter each holder bumps on entry (must have been 0), grant..release \
          intervals that must not overlap, tokens rising in grant order. **kazoo**: N forked \
          processes (`bench/peers/kazoo_peer.py contended`), each its own session, blocking \
