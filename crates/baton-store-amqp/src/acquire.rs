@@ -489,8 +489,19 @@ impl Inner {
     ) -> Result<Option<Error>, Error> {
         let free = self.look(conn, &names.slots()).await?;
         let queued = self.look(conn, &names.waiters()).await?;
-        let none_free = matches!(free, Found::Queue { messages: 0, .. });
         if let Found::Queue { consumers, .. } = queued {
+            let none_free = match free {
+                Found::Queue { messages: 0, .. } => true,
+                // Ready messages above a lowered limit are no free slot: count the slots out
+                // (under another limit than the key's, the request goes on to be told so).
+                Found::Queue { messages, .. } if consumers == 0 => {
+                    match self.meta_of(conn, names).await {
+                        Ok(m) if m.limit == limit => m.span().saturating_sub(messages) >= limit,
+                        _ => false,
+                    }
+                }
+                _ => false,
+            };
             if none_free || consumers > 0 {
                 let ahead = (consumers > 0).then_some(consumers);
                 return Ok(Some(self.busy(conn, names, limit, ahead).await));
@@ -542,7 +553,20 @@ impl Inner {
             Ok(Found::Queue { messages, .. }) => messages,
             _ => 0,
         };
-        errors::busy(limit.saturating_sub(free), limit, ahead, None)
+        let out = self.slots_out(conn, names, limit, free).await;
+        errors::busy(out, limit, ahead, None)
+    }
+
+    /// How many slots are out of `slots` (held, held back, or being taken), from the
+    /// number of `ready` messages: every slot number below the key's span has one message
+    /// (a nudge counts as ready, so this can be one low). `limit` stands for the span
+    /// when the meta message cannot be read.
+    async fn slots_out(&self, conn: &Connection, names: &Names, limit: u32, ready: u32) -> u32 {
+        let span = match self.meta_of(conn, names).await {
+            Ok(m) => m.span(),
+            Err(_) => limit,
+        };
+        span.saturating_sub(ready)
     }
 
     /// Creates the key's queues and messages unless its gate exists, under the key's
