@@ -97,7 +97,7 @@ enum Command {
     #[command(after_help = exit_code::HELP_TABLE)]
     Leader(leader::Args),
 
-    /// Change a semaphore's limit to N, or by +N/-N (lease stores but RabbitMQ; not kernel-lock dir:PATH).
+    /// Change a semaphore's limit to N, or by +N/-N (lease stores; not kernel-lock dir:PATH).
     ///
     /// Lowering it never evicts a holder: new grants wait until fewer than the new limit
     /// hold the key. Requests must then ask for the new limit (-n).

@@ -6,11 +6,15 @@
 //!    (single active consumer: the broker makes waiters active in the order they came).
 //!    When a delete removed the key's queues meanwhile (the broker cancels the consumers
 //!    of a deleted queue, or answers `NOT_FOUND`), it goes back to 1.
-//! 3. Given the gate message, it checks the limit in it; the token is the message's
+//! 3. Before it queues up, it checks the key's limit (the `meta` message; a waiter
+//!    already queued takes the limit a resize gives the key). Given the gate message,
+//!    its token is the message's
 //!    `base` + `x-delivery-count` + 1 (every hand-over of the never-acknowledged gate
 //!    message adds one, and quorum queues keep the count across broker restarts).
-//! 4. It consumes `slots` (prefetch 1): the first slot message returned is its slot,
-//!    kept unacknowledged. It declares its `held` proof queue and writes its record.
+//! 4. It consumes `slots` (prefetch 1), reading the limit at every delivery: the first
+//!    slot message below the limit, while fewer than the limit hold the key, is its
+//!    slot, kept unacknowledged ([`Inner::take_slot`]: slots above a lowered limit are
+//!    set aside and counted). It declares its `held` proof queue and writes its record.
 //! 5. It returns the gate by closing the gate channel: the next waiter becomes active.
 //!
 //! Whatever ends an acquire without a grant, closing its connection returns everything
@@ -26,8 +30,9 @@ use baton_core::{AcquireRequest, Error, ErrorKind, Lease, Token, Wait};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
+    QueuePurgeOptions,
 };
 use lapin::protocol::AMQPSoftError;
 use lapin::types::{AMQPValue, FieldTable};
@@ -138,6 +143,28 @@ impl Inner {
         let mut vanished = 0;
         let (count_ch, gate_ch, _counted, pass) = loop {
             self.ensure_key(conn, &names, req.limit).await?;
+            // The key's limit when the request joins: once queued, a waiter takes the
+            // limit a resize gives the key meanwhile.
+            match self.entry_limit(conn, &names).await? {
+                Some(have) if have != req.limit => {
+                    return Err(errors::limit_mismatch(have, req.limit).into());
+                }
+                Some(_) => {}
+                None => {
+                    vanished += 1;
+                    if vanished >= VANISHED_TRIES {
+                        return Err(Error::new(
+                            ErrorKind::Unavailable,
+                            format!(
+                                "the key was deleted under {VANISHED_TRIES} attempts to wait \
+                                 for it in a row"
+                            ),
+                        )
+                        .into());
+                    }
+                    continue;
+                }
+            }
             if req.wait == Wait::NoWait {
                 if let Some(busy) = self.busy_now(conn, &names, req.limit).await? {
                     return Err(busy.into());
@@ -160,10 +187,8 @@ impl Inner {
                 }
             }
         };
+        // The gate message's limit is the key's first; the meta message has the limit now.
         let g = Gate::parse("the gate message", &pass.data)?;
-        if g.limit != req.limit {
-            return Err(errors::limit_mismatch(g.limit, req.limit).into());
-        }
         let token = g
             .base
             .checked_add(delivery_count(&pass)? + 1)
@@ -173,22 +198,9 @@ impl Inner {
         let ch = self.confirm_channel(conn).await?;
         self.bounded(ch.basic_qos(1, BasicQosOptions::default()))
             .await?;
-        let mut slots = self
-            .bounded(ch.basic_consume(
-                names.slots().as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            ))
-            .await?;
-        let bound = self.wait_bound(req, deadline);
-        let Some(d) = next(&mut slots, bound).await? else {
+        let Some((slot, limit)) = self.take_slot(conn, &ch, req, &names, deadline).await? else {
             return Err(self.gave_up(conn, req, &names).await.into());
         };
-        let slot = layout::parse_slot(&d.data, g.limit)?;
-        // No more deliveries; the one it has stays unacknowledged on this channel.
-        self.bounded(ch.basic_cancel(slots.tag(), BasicCancelOptions::default()))
-            .await?;
 
         // A slot lost rather than released: its old holder stops its work by its own
         // deadline, at most the old lease's TTL after the broker returned the slot.
@@ -205,9 +217,7 @@ impl Inner {
                 self.bounded(count_ch.close(200, "OK".into())).await?;
                 self.hold_back(Arc::clone(conn), ch, rec, prev, until);
                 if req.wait == Wait::NoWait {
-                    return Err(Ending::HandedOver(errors::busy(
-                        g.limit, g.limit, None, None,
-                    )));
+                    return Err(Ending::HandedOver(errors::busy(limit, limit, None, None)));
                 }
                 if let Some(d) = deadline {
                     tokio::time::sleep_until(d.into()).await;
@@ -264,6 +274,104 @@ impl Inner {
                 record,
             },
         ))
+    }
+
+    /// The key's limit from its meta message, or `None` when the key's gate is gone (a
+    /// delete removed the key meanwhile: it deletes the gate before the meta queue).
+    async fn entry_limit(&self, conn: &Connection, names: &Names) -> Result<Option<u32>, Error> {
+        match self.meta_of(conn, names).await {
+            Ok(m) => Ok(Some(m.limit)),
+            Err(e) => match self.look(conn, &names.gate()).await? {
+                Found::Missing => Ok(None),
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// The gate holder's slot: consumes `slots` (prefetch 1) on `ch`, reading the key's
+    /// limit again at every delivery (a resize changes it under the `init` lock, not
+    /// under the gate, so that it reaches a holder already waiting). A slot numbered at or
+    /// above the limit is set aside (kept unacknowledged, and the consumer started anew
+    /// for the next message); a resize's nudge is acknowledged. A slot below the limit is
+    /// taken when fewer than the limit hold the key: always when no slot was ever made
+    /// above the limit, else only once every ready message is in this request's hands,
+    /// so that it can count the slots out (held, or held back) above the limit too.
+    /// The slots set aside go back to the queue; the one taken stays unacknowledged on
+    /// `ch`. `None` when the wait ran out. Returns the slot and the limit it was taken
+    /// under.
+    async fn take_slot(
+        &self,
+        conn: &Connection,
+        ch: &Channel,
+        req: &AcquireRequest,
+        names: &Names,
+        deadline: Option<Instant>,
+    ) -> Result<Option<(u32, u32)>, Error> {
+        let consume = || {
+            ch.basic_consume(
+                names.slots().as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+        };
+        let mut slots = self.bounded(consume()).await?;
+        let mut hand: Vec<(u32, Delivery)> = Vec::new();
+        loop {
+            let Some(d) = next(&mut slots, self.wait_bound(req, deadline)).await? else {
+                return Ok(None);
+            };
+            let set_aside = match layout::parse_slot(&d.data)? {
+                None => {
+                    self.bounded(d.ack(BasicAckOptions::default())).await?;
+                    false
+                }
+                Some(n) => {
+                    hand.push((n, d));
+                    true
+                }
+            };
+            let meta = self.meta_of(conn, names).await?;
+            if let Some(i) = hand.iter().position(|(n, _)| *n < meta.limit) {
+                let room = if meta.span() <= meta.limit {
+                    true
+                } else {
+                    let ready = match self.look(conn, &names.slots()).await? {
+                        Found::Queue { messages, .. } => messages,
+                        _ => 0,
+                    };
+                    let mut mine: Vec<u32> = hand
+                        .iter()
+                        .map(|(n, _)| *n)
+                        .filter(|n| *n < meta.span())
+                        .collect();
+                    mine.sort_unstable();
+                    mine.dedup();
+                    ready == 0 && meta.span() - (mine.len() as u32) < meta.limit
+                };
+                if room {
+                    // No more deliveries; the one taken stays unacknowledged on `ch`.
+                    self.bounded(ch.basic_cancel(slots.tag(), BasicCancelOptions::default()))
+                        .await?;
+                    let (slot, _taken) = hand.swap_remove(i);
+                    for (_, other) in hand {
+                        let back = BasicNackOptions {
+                            requeue: true,
+                            ..BasicNackOptions::default()
+                        };
+                        self.bounded(other.nack(back)).await?;
+                    }
+                    return Ok(Some((slot, meta.limit)));
+                }
+            }
+            if set_aside {
+                // The consumer is at its prefetch: a new one takes the next message (a
+                // cancelled consumer's delivery stays unacknowledged on its channel).
+                self.bounded(ch.basic_cancel(slots.tag(), BasicCancelOptions::default()))
+                    .await?;
+                slots = self.bounded(consume()).await?;
+            }
+        }
     }
 
     /// Joins the waiters: counted on `waiters` (on a channel without a prefetch limit: the
@@ -381,8 +489,19 @@ impl Inner {
     ) -> Result<Option<Error>, Error> {
         let free = self.look(conn, &names.slots()).await?;
         let queued = self.look(conn, &names.waiters()).await?;
-        let none_free = matches!(free, Found::Queue { messages: 0, .. });
         if let Found::Queue { consumers, .. } = queued {
+            let none_free = match free {
+                Found::Queue { messages: 0, .. } => true,
+                // Ready messages above a lowered limit are no free slot: count the slots out
+                // (under another limit than the key's, the request goes on to be told so).
+                Found::Queue { messages, .. } if consumers == 0 => {
+                    match self.meta_of(conn, names).await {
+                        Ok(m) if m.limit == limit => m.span().saturating_sub(messages) >= limit,
+                        _ => false,
+                    }
+                }
+                _ => false,
+            };
             if none_free || consumers > 0 {
                 let ahead = (consumers > 0).then_some(consumers);
                 return Ok(Some(self.busy(conn, names, limit, ahead).await));
@@ -434,7 +553,20 @@ impl Inner {
             Ok(Found::Queue { messages, .. }) => messages,
             _ => 0,
         };
-        errors::busy(limit.saturating_sub(free), limit, ahead, None)
+        let out = self.slots_out(conn, names, limit, free).await;
+        errors::busy(out, limit, ahead, None)
+    }
+
+    /// How many slots are out of `slots` (held, held back, or being taken), from the
+    /// number of `ready` messages: every slot number below the key's span has one message
+    /// (a nudge counts as ready, so this can be one low). `limit` stands for the span
+    /// when the meta message cannot be read.
+    async fn slots_out(&self, conn: &Connection, names: &Names, limit: u32, ready: u32) -> u32 {
+        let span = match self.meta_of(conn, names).await {
+            Ok(m) => m.span(),
+            Err(_) => limit,
+        };
+        span.saturating_sub(ready)
     }
 
     /// Creates the key's queues and messages unless its gate exists, under the key's
@@ -513,8 +645,13 @@ impl Inner {
         }
         self.declare(&ch, &names.waiters(), FieldTable::default())
             .await?;
-        let body = serde_json::to_vec(&Gate { limit, base })
-            .map_err(|e| Error::new(ErrorKind::Unavailable, format!("gate message: {e}")))?;
+        let body = serde_json::to_vec(&Gate {
+            limit,
+            base,
+            span: limit,
+            gen: 0,
+        })
+        .map_err(|e| Error::new(ErrorKind::Unavailable, format!("gate message: {e}")))?;
         let meta = names.meta();
         self.declare(&ch, &meta, FieldTable::default()).await?;
         self.bounded(ch.queue_purge(meta.as_str().into(), QueuePurgeOptions::default()))

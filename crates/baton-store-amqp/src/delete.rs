@@ -63,8 +63,8 @@ impl Inner {
         }
         let waiting = self.waiting(conn, names).await?;
         if waiting > 0 {
-            let limit = self.limit_of(conn, names).await?;
-            let (held, back) = self.slot_use(conn, names, limit).await?;
+            let span = self.meta_of(conn, names).await?.span();
+            let (held, back) = self.slot_use(conn, names, span).await?;
             return Err(errors::in_use(held, Some(waiting), back));
         }
 
@@ -82,8 +82,8 @@ impl Inner {
             .await?;
         let Some(pass) = next(&mut gate, Some(Instant::now() + NO_WAIT_BOUND)).await? else {
             // A request holds the gate: it waits for a slot, or is being granted one.
-            let limit = self.limit_of(conn, names).await?;
-            let (held, back) = self.slot_use(conn, names, limit).await?;
+            let span = self.meta_of(conn, names).await?.span();
+            let (held, back) = self.slot_use(conn, names, span).await?;
             let waiting = self.waiting(conn, names).await?.max(1);
             return Err(errors::in_use(held, Some(waiting), back));
         };
@@ -93,10 +93,13 @@ impl Inner {
             .checked_add(delivery_count(&pass)?)
             .ok_or_else(|| errors::corrupt("the gate message's base", "overflows a token"))?;
 
+        // Every slot number ever made, above a lowered limit too (a resize writes the meta
+        // message under the `init` lock, which this holds).
+        let span = self.meta_of(conn, names).await?.span();
         // Holding the gate: no slot can be taken, only given back. Read twice, so that a
         // record another reader had out of its queue for a moment is not missed.
         for _ in 0..2 {
-            self.unused(conn, names, g.limit).await?;
+            self.unused(conn, names, span).await?;
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
 
@@ -112,7 +115,7 @@ impl Inner {
         self.drop_queue(conn, &names.gate()).await?;
         self.unlist(conn, names).await?;
         let mut rest = vec![names.slots(), names.waiters(), names.meta()];
-        rest.extend((0..g.limit).map(|s| names.record(s)));
+        rest.extend((0..span).map(|s| names.record(s)));
         for q in rest {
             self.drop_queue(conn, &q).await?;
         }
@@ -130,8 +133,9 @@ impl Inner {
         })
     }
 
-    /// Fine when no slot is held or held back, with the gate held (no slot can be taken
-    /// meanwhile); otherwise `Busy`, naming what holds the key.
+    /// Fine when no slot below `limit` (the key's span: every slot number made) is held or
+    /// held back, with the gate held (no slot can be taken meanwhile); otherwise `Busy`,
+    /// naming what holds the key.
     async fn unused(&self, conn: &Connection, names: &Names, limit: u32) -> Result<(), Error> {
         let until = Instant::now() + RELEASE_BOUND;
         loop {

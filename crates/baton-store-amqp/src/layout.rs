@@ -8,13 +8,17 @@
 //!   channel), which makes the next waiter active. The message is never acknowledged, so
 //!   its `x-delivery-count` rises by one at every hand-over: the fencing token is the
 //!   base + that count + 1.
-//! - `.slots`: a durable quorum queue of `limit` messages, one per slot (body: the slot
-//!   number), consumed only by the gate's holder. A held slot is an unacknowledged
+//! - `.slots`: a durable quorum queue of one message per slot number below the key's
+//!   span (body: the slot number; the span is the highest limit the key had), consumed
+//!   only by the gate's holder, and the nudges of resizes ([`NUDGE`]). A held slot is an unacknowledged
 //!   delivery on its holder's connection; closing the channel returns it.
 //! - `.waiters`: a durable classic queue that never has messages: every waiting acquire
 //!   consumes it, so its consumer count is the number of waiters (a single-active-consumer
 //!   quorum queue counts only its active consumer).
-//! - `.meta`: a durable classic queue with one message, the key's limit, for `inspect`.
+//! - `.meta`: a durable classic queue with one message: the key's limit (the one that
+//!   counts: a resize rewrites it, under the `init` lock), the highest slot number ever
+//!   made (`span`) and the rewrite's generation (`gen`; after a resize that died between
+//!   its publish and its acknowledgement, the highest generation wins).
 //! - `.rec.N`: a durable classic queue per slot with the holder records of slot N (the
 //!   newest wins), and `.held.N.TOKEN`: an exclusive queue of the holder's connection,
 //!   which exists exactly as long as that grant: a record whose `held` queue is gone is
@@ -95,7 +99,9 @@ pub(crate) fn keys_queue(prefix: &str) -> String {
     format!("{prefix}.keys")
 }
 
-/// The gate message's body, and the meta message's.
+/// The gate message's body, and the meta message's. The gate message is written once,
+/// when the key is made (its `limit` is the key's first); the meta message's `limit` is
+/// the key's limit now.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct Gate {
     pub(crate) limit: u32,
@@ -104,6 +110,14 @@ pub(crate) struct Gate {
     /// [`Floor`]); a gate written before delete existed has none (0).
     #[serde(default)]
     pub(crate) base: u64,
+    /// Slot messages exist for the numbers below `span` (at least `limit`): a lowered
+    /// limit leaves the messages above it, held or free, and a raised one makes messages
+    /// only for numbers never made. 0 in a message written before resize existed.
+    #[serde(default)]
+    pub(crate) span: u32,
+    /// The meta message's generation: every resize writes the next one.
+    #[serde(default)]
+    pub(crate) gen: u64,
 }
 
 impl Gate {
@@ -116,7 +130,31 @@ impl Gate {
                 format!("names a limit of {} slots", g.limit),
             ));
         }
+        if g.span > MAX_LIMIT {
+            return Err(errors::corrupt(
+                what,
+                format!("names {} slot numbers", g.span),
+            ));
+        }
         Ok(g)
+    }
+
+    /// The slot numbers that have a message: `0..span()`.
+    pub(crate) fn span(&self) -> u32 {
+        self.span.max(self.limit)
+    }
+
+    /// The meta message of the highest generation among `messages` (a resize that died
+    /// between its publish and its acknowledgement leaves two).
+    pub(crate) fn newest_meta(messages: &[Vec<u8>]) -> Result<Option<Gate>, Error> {
+        let mut best: Option<Gate> = None;
+        for m in messages {
+            let g = Gate::parse("the key's meta message", m)?;
+            if best.as_ref().is_none_or(|b| g.gen > b.gen) {
+                best = Some(g);
+            }
+        }
+        Ok(best)
     }
 }
 
@@ -145,17 +183,26 @@ impl Floor {
     }
 }
 
-/// A slot message's body: the slot number.
-pub(crate) fn parse_slot(data: &[u8], limit: u32) -> Result<u32, Error> {
+/// The body of the message a resize that raised the limit publishes to `slots` when no
+/// slot message was ready: it wakes a gate holder waiting for a slot, which reads the
+/// limit again (a slot it set aside may be below the new one) and acknowledges it.
+pub(crate) const NUDGE: &[u8] = b"resized";
+
+/// A message of the `slots` queue: a slot number, or a resize's nudge (`None`).
+pub(crate) fn parse_slot(data: &[u8]) -> Result<Option<u32>, Error> {
+    if data == NUDGE {
+        return Ok(None);
+    }
     std::str::from_utf8(data)
         .ok()
         .and_then(|s| s.parse::<u32>().ok())
-        .filter(|s| *s < limit)
+        .filter(|s| *s < MAX_LIMIT)
+        .map(Some)
         .ok_or_else(|| {
             errors::corrupt(
                 "a slot message",
                 format!(
-                    "is not a slot number below the limit {limit}: {:?}",
+                    "is not a slot number below {MAX_LIMIT}: {:?}",
                     String::from_utf8_lossy(data)
                 ),
             )
@@ -207,9 +254,37 @@ mod tests {
     #[test]
     fn a_gate_written_before_delete_existed_has_base_zero() {
         let g = Gate::parse("gate", br#"{"limit":3}"#).expect("old gate");
-        assert_eq!(g, Gate { limit: 3, base: 0 });
+        assert_eq!(
+            g,
+            Gate {
+                limit: 3,
+                base: 0,
+                span: 0,
+                gen: 0
+            }
+        );
+        assert_eq!(g.span(), 3);
         let g = Gate::parse("gate", br#"{"limit":1,"base":41}"#).expect("new gate");
         assert_eq!(g.base, 41);
+    }
+
+    #[test]
+    fn the_newest_meta_message_wins_and_slot_messages_parse() {
+        let m = |limit: u32, gen: u64| {
+            serde_json::to_vec(&Gate {
+                limit,
+                base: 0,
+                span: 5,
+                gen,
+            })
+            .expect("json")
+        };
+        let g = Gate::newest_meta(&[m(2, 3), m(4, 7), m(1, 5)]).expect("metas");
+        assert_eq!(g.map(|g| (g.limit, g.span())), Some((4, 5)));
+        assert_eq!(Gate::newest_meta(&[]).expect("none"), None);
+        assert_eq!(parse_slot(b"7").expect("slot"), Some(7));
+        assert_eq!(parse_slot(NUDGE).expect("nudge"), None);
+        assert!(parse_slot(b"1000").is_err());
     }
 
     #[test]

@@ -13,7 +13,10 @@
 //! token is the gate message's `base` + its `x-delivery-count` + 1: every hand-over adds
 //! one, and a quorum queue keeps it across broker restarts. A delete (holding the gate
 //! and the key's creation lock) leaves the key's last token in a durable floor queue, and
-//! the key's next creation starts its gate's `base` there. See `README.md` for the
+//! the key's next creation starts its gate's `base` there. A resize rewrites the key's
+//! limit in its meta message under the creation lock, and the gate holder reads it at
+//! every slot delivery, so a raise reaches a waiter already at the head of the line and
+//! a lowered limit evicts nobody. See `README.md` for the
 //! layout, the bounds, what was verified on the broker and what the store cannot do.
 
 mod acquire;

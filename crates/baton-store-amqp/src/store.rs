@@ -1,6 +1,6 @@
 //! The RabbitMQ store's public type and its [`Backend`]: opening it, its configuration,
 //! and each operation delegated to the role files: `acquire.rs` (the grant), `lease.rs`
-//! (renew, release), `admin.rs` (status, list), `delete.rs`; `layout.rs` has what the store keeps in
+//! (renew, release), `admin.rs` (status, list, resize), `delete.rs`; `layout.rs` has what the store keeps in
 //! RabbitMQ. [`OnRuntime`] runs them on the store's own runtime.
 //!
 //! Guarantees: an acquire whose future is dropped is cancelled on the store's runtime; a
@@ -9,7 +9,7 @@
 //! does for the lost lease's TTL and then closes), and a grant made as its caller went
 //! away is released.
 //!
-//! Break, resize and barriers answer `Unsupported` (README: why).
+//! Break and barriers answer `Unsupported` (README: why).
 
 use std::fmt;
 use std::sync::Arc;
@@ -94,7 +94,7 @@ impl Backend for Inner {
             RECOVERY_EXTRA,
         )
         .with_break(false)
-        .with_resize(false)
+        .with_resize(true)
         .with_lock_delay(false)
         .with_barrier(false)
     }
@@ -182,11 +182,8 @@ impl Backend for Inner {
         ))
     }
 
-    async fn resize(&self, _key: &Key, _change: Resize) -> Result<KeyStatus, Error> {
-        Err(unsupported(
-            "resize",
-            "the limit lives in the gate message, which only its holder could rewrite",
-        ))
+    async fn resize(&self, key: &Key, change: Resize) -> Result<KeyStatus, Error> {
+        Inner::resize(self, key, change).await
     }
 
     async fn delete(&self, key: &Key) -> Result<(), Error> {

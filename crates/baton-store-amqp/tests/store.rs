@@ -500,3 +500,234 @@ async fn deletes_racing_acquires_lose_and_duplicate_no_grant() {
     let left = existing(&url, &key_queues(&prefix, "race", 1)).await;
     assert_eq!(left, vec![(format!("{prefix}.floor.race"), 1)], "orphans");
 }
+
+/// Waits until `cond` holds of the key's status (10 s at most).
+async fn until_status(
+    s: &Arc<dyn Store>,
+    key: &Key,
+    what: &str,
+    cond: impl Fn(&baton_core::KeyStatus) -> bool,
+) {
+    let start = Instant::now();
+    loop {
+        let st = s.inspect(key).await.expect("inspect");
+        if cond(&st) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{what}: {st:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// amqp-locks' use: a greedy acquirer waits on a key of one slot while another holds it;
+/// `resize +1` grants it at once, beside the holder; `resize -1` evicts nobody (both
+/// renew), and with the holder below the limit gone, the one above it still counts:
+/// nobody else is granted until both released, and then one at a time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_waiter_is_granted_by_a_raised_limit_and_a_lowered_one_evicts_nobody() {
+    let Some(s) = store("a_waiter_is_granted_by_a_raised_limit") else {
+        return;
+    };
+    let key = Key::new("greedy").expect("key");
+    let first = s
+        .acquire(&req("greedy", 1, Wait::NoWait, TTL))
+        .await
+        .expect("first");
+    let s2 = Arc::clone(&s);
+    let waiter =
+        tokio::spawn(async move { s2.acquire(&req("greedy", 1, Wait::Forever, TTL)).await });
+    until_status(&s, &key, "the waiter is counted", |st| {
+        st.waiters == Some(1)
+    })
+    .await;
+
+    let st = s
+        .resize(&key, baton_core::Resize::By(1))
+        .await
+        .expect("resize +1");
+    assert_eq!(st.limit, 2, "{st:?}");
+    let second = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter is granted after resize +1")
+        .expect("task")
+        .expect("granted");
+    assert!(second.token > first.token, "{second:?} after {first:?}");
+    assert_ne!(second.slot, first.slot);
+    assert_eq!(s.inspect(&key).await.expect("inspect").held(), 2);
+
+    let st = s
+        .resize(&key, baton_core::Resize::By(-1))
+        .await
+        .expect("resize -1");
+    assert_eq!(st.limit, 1, "{st:?}");
+    assert_eq!(st.held(), 2, "resize -1 evicted a holder: {st:?}");
+    for l in [&first, &second] {
+        s.renew(l).await.expect("a holder renews after resize -1");
+    }
+    // The holder of slot 1 (above the limit) is left: it still counts.
+    let (low, high) = if first.slot == 0 {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    assert_eq!(s.release(&low).await.expect("release"), Released::Released);
+    let e = s
+        .acquire(&req("greedy", 1, Wait::NoWait, TTL))
+        .await
+        .expect_err("one holds a key of one slot (above the lowered limit)");
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e:#}");
+    assert_eq!(s.release(&high).await.expect("release"), Released::Released);
+    for round in 0..3 {
+        let one = s
+            .acquire(&req("greedy", 1, Wait::NoWait, TTL))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: nobody holds: {e:#}"));
+        assert_eq!(one.slot, 0);
+        let e = s
+            .acquire(&req("greedy", 1, Wait::NoWait, TTL))
+            .await
+            .expect_err("a second holder of a key of one slot");
+        assert_eq!(e.kind(), ErrorKind::Busy, "round {round}: {e:#}");
+        assert_eq!(s.release(&one).await.expect("release"), Released::Released);
+    }
+    let st = s.inspect(&key).await.expect("inspect");
+    assert_eq!((st.limit, st.held(), st.slots.len()), (1, 0, 1), "{st:?}");
+}
+
+/// A waiter that set aside the free slots above a lowered limit is woken by a resize
+/// that raises the limit over one of them (no new slot message is made: the resize's
+/// nudge wakes it), and is granted that slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raised_limit_reaches_a_waiter_holding_slots_above_the_old_one() {
+    let Some(s) = store("a_raised_limit_reaches_a_waiter") else {
+        return;
+    };
+    let key = Key::new("aside").expect("key");
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(
+            s.acquire(&req("aside", 3, Wait::NoWait, TTL))
+                .await
+                .expect("three holders"),
+        );
+    }
+    held.sort_by_key(|l| l.slot);
+    let st = s
+        .resize(&key, baton_core::Resize::To(1))
+        .await
+        .expect("resize 1");
+    assert_eq!((st.limit, st.held()), (1, 3), "{st:?}");
+    let (zero, rest) = held.split_first().expect("three");
+    for l in rest {
+        assert_eq!(s.release(l).await.expect("release"), Released::Released);
+    }
+    let s2 = Arc::clone(&s);
+    let waiter =
+        tokio::spawn(async move { s2.acquire(&req("aside", 1, Wait::Forever, TTL)).await });
+    until_status(&s, &key, "the waiter is counted", |st| {
+        st.waiters == Some(1)
+    })
+    .await;
+    // Let it take the free slots 1 and 2 and set them aside.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiter.is_finished(), "granted above the limit");
+    let st = s
+        .resize(&key, baton_core::Resize::By(1))
+        .await
+        .expect("resize +1");
+    assert_eq!(st.limit, 2, "{st:?}");
+    let got = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter is granted after resize +1")
+        .expect("task")
+        .expect("granted");
+    assert_eq!(got.slot, 1, "{got:?}");
+    assert_eq!(s.inspect(&key).await.expect("inspect").held(), 2);
+    for l in [zero, &got] {
+        assert_eq!(s.release(l).await.expect("release"), Released::Released);
+    }
+}
+
+/// Publishes `body` to `queue` on the broker at `url` (confirmed), as a client of its own.
+async fn publish_raw(url: &str, queue: &str, body: &[u8]) {
+    let u = StoreUrl::parse(url).expect("url");
+    let c = baton_store_amqp::AmqpConfig::from_url(&u).expect("config");
+    let amqp = format!(
+        "amqp://{}:{}@{}:{}/{}",
+        c.user,
+        c.password,
+        c.host,
+        c.port,
+        c.vhost.replace('/', "%2f")
+    );
+    let conn = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    ch.basic_publish(
+        "".into(),
+        queue.into(),
+        lapin::options::BasicPublishOptions::default(),
+        body,
+        lapin::BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirm");
+    let _ = conn.close(200, "OK".into()).await;
+}
+
+/// A resize that died between publishing the new meta message and acknowledging the old
+/// one leaves both: the newest generation is the limit (for `status` and for requests),
+/// and the next resize counts from it and leaves one meta message.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resize_that_died_before_its_acknowledgement_leaves_the_newest_limit() {
+    let Some(url) = baton_conformance::servers::url_from_env("BATON_TEST_AMQP").ok() else {
+        baton_conformance::skipped("a_resize_that_died", "no broker (BATON_TEST_AMQP)");
+        return;
+    };
+    let (s, prefix) = store_and_prefix(&url);
+    let key = Key::new("twice").expect("key");
+    let l = s
+        .acquire(&req("twice", 4, Wait::NoWait, TTL))
+        .await
+        .expect("grant");
+    s.release(&l).await.expect("release");
+    let st = s
+        .resize(&key, baton_core::Resize::To(2))
+        .await
+        .expect("resize 2");
+    assert_eq!(st.limit, 2);
+    // The meta message the resize replaced, as if its acknowledgement never happened.
+    let meta = format!("{prefix}.k.twice.meta");
+    publish_raw(&url, &meta, br#"{"limit":4,"base":0,"span":4,"gen":0}"#).await;
+    assert_eq!(
+        existing(&url, std::slice::from_ref(&meta)).await,
+        vec![(meta.clone(), 2)]
+    );
+    assert_eq!(s.inspect(&key).await.expect("inspect").limit, 2);
+    let e = s
+        .acquire(&req("twice", 4, Wait::NoWait, TTL))
+        .await
+        .expect_err("the old limit");
+    assert_eq!(e.kind(), ErrorKind::LimitMismatch, "{e:#}");
+    let l = s
+        .acquire(&req("twice", 2, Wait::NoWait, TTL))
+        .await
+        .expect("the newest limit");
+    s.release(&l).await.expect("release");
+    let st = s
+        .resize(&key, baton_core::Resize::By(1))
+        .await
+        .expect("resize +1");
+    assert_eq!(st.limit, 3, "counted from the newest limit: {st:?}");
+    assert_eq!(
+        existing(&url, std::slice::from_ref(&meta)).await,
+        vec![(meta, 1)]
+    );
+    s.delete(&key).await.expect("delete");
+}
