@@ -15,7 +15,7 @@
 //!   handles, kazoo N forked processes each with its own session; throughput, waits,
 //!   Jain's fairness index, violations of mutual exclusion (`contended.rs` for baton, the
 //!   merged grant..release intervals for kazoo).
-//! - 18, waiters: a holder and N waiters queued on one mutex (each its own session); the
+//! - 18, waiters: a holder and N waiters queued on one mutex (baton: one handle and session; kazoo: a process each); the
 //!   holder releases and each waiter releases as soon as it is granted, so the queue
 //!   drains through N hand-offs. Counted: the watch events that woke a waiter (baton: the
 //!   store's hidden `wakeups()` counter; kazoo: its `Lock`'s predecessor-watch callback),
@@ -615,8 +615,9 @@ pub fn run(cfg: &Config, rec: &mut Recorder) -> Result<Outcome> {
     let n = cfg.waiters;
     md.push_str(&format!(
         "### 18. ZooKeeper store: {n} waiters on one key, wake-ups per release\n\n\
-         A holder and {n} waiters queued behind it on one mutex, each its own session \
-         (baton: {n} acquires on one store handle; kazoo: {n} forked processes). The holder \
+         A holder and {n} waiters queued behind it on one mutex (baton: {n} acquires on one \
+         store handle, in its one session; kazoo: {n} forked processes, each its own \
+         session). The holder \
          releases; each waiter releases as soon as it is granted, so the queue drains \
          through {n} hand-offs. Counted: the watch events that woke a waiting acquire \
          (baton: the store's hidden `ZkStore::wakeups()` counter; kazoo: calls of its \
