@@ -42,8 +42,9 @@ struct KeyDir {
 /// and a lease-mode process never lock the same key by different means.
 const MODE_FILE: &str = ".baton-mode";
 
-/// How many times a request opens a key again because the key was deleted under it.
-pub(crate) const DELETED_TRIES: u32 = 16;
+/// How many times a request opens a key again because the key was deleted under it (a
+/// bound against a loop that never ends, far above what deletes in a tight loop cause).
+pub(crate) const DELETED_TRIES: u32 = 1000;
 
 /// The directory of barriers in the root (`+` is never in a key).
 const BARRIERS: &str = "+barriers";
