@@ -49,6 +49,29 @@ impl fmt::Debug for AmqpConfig {
 }
 
 impl AmqpConfig {
+    /// The broker's address for lapin, with this heartbeat timeout (seconds) if one is
+    /// given, and the connect bounded by `timeout`.
+    pub fn uri(&self, heartbeat: Option<u16>) -> lapin::uri::AMQPUri {
+        use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
+        AMQPUri {
+            scheme: AMQPScheme::AMQP,
+            authority: AMQPAuthority {
+                userinfo: AMQPUserInfo {
+                    username: self.user.clone(),
+                    password: self.password.clone(),
+                },
+                host: self.host.clone(),
+                port: self.port,
+            },
+            vhost: self.vhost.clone(),
+            query: AMQPQueryString {
+                heartbeat,
+                connection_timeout: Some(self.timeout.as_millis() as u64),
+                ..AMQPQueryString::default()
+            },
+        }
+    }
+
     /// Parses an `amqp://` URL. Options: `prefix`, `timeout` (a duration such as `5s`),
     /// `password_file`.
     pub fn from_url(url: &StoreUrl) -> Result<AmqpConfig, Error> {

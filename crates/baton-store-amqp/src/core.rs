@@ -18,7 +18,6 @@ use baton_core::{Error, ErrorKind, StoreUrl};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Queue};
 use tokio::sync::Mutex;
 
@@ -121,24 +120,7 @@ impl Inner {
     /// A new connection whose heartbeat timeout is `heartbeat` seconds, without automatic
     /// recovery.
     pub(crate) async fn connect(&self, heartbeat: u16) -> Result<Arc<Connection>, Error> {
-        let c = &self.config;
-        let uri = AMQPUri {
-            scheme: AMQPScheme::AMQP,
-            authority: AMQPAuthority {
-                userinfo: AMQPUserInfo {
-                    username: c.user.clone(),
-                    password: c.password.clone(),
-                },
-                host: c.host.clone(),
-                port: c.port,
-            },
-            vhost: c.vhost.clone(),
-            query: AMQPQueryString {
-                heartbeat: Some(heartbeat),
-                connection_timeout: Some(c.timeout.as_millis() as u64),
-                ..AMQPQueryString::default()
-            },
-        };
+        let uri = self.config.uri(Some(heartbeat));
         let props = ConnectionProperties::default().with_connection_name("baton".into());
         Ok(Arc::new(
             self.bounded(Connection::connect_uri(uri, props)).await?,

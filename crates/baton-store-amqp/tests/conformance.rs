@@ -59,14 +59,7 @@ fn garbage_record(url: &str, key: &baton_core::Key) -> std::io::Result<Vec<PathB
     let c = baton_store_amqp::AmqpConfig::from_url(&u)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let queue = format!("{}.k.{}.rec.0", c.prefix, key.as_str());
-    let amqp = format!(
-        "amqp://{}:{}@{}:{}/{}",
-        c.user,
-        c.password,
-        c.host,
-        c.port,
-        c.vhost.replace('/', "%2f")
-    );
+    let uri = c.uri(None);
     std::thread::spawn(move || -> std::io::Result<()> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -74,7 +67,7 @@ fn garbage_record(url: &str, key: &baton_core::Key) -> std::io::Result<Vec<PathB
         rt.block_on(async move {
             use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
             let io = |e: lapin::Error| std::io::Error::other(e.to_string());
-            let conn = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
+            let conn = lapin::Connection::connect_uri(uri, lapin::ConnectionProperties::default())
                 .await
                 .map_err(io)?;
             let ch = conn.create_channel().await.map_err(io)?;

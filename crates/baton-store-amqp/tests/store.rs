@@ -242,15 +242,8 @@ async fn a_look_at_a_missing_key_is_not_answered_again_after_many_looks() {
 async fn existing(url: &str, names: &[String]) -> Vec<(String, u32)> {
     let u = StoreUrl::parse(url).expect("url");
     let c = baton_store_amqp::AmqpConfig::from_url(&u).expect("config");
-    let amqp = format!(
-        "amqp://{}:{}@{}:{}/{}",
-        c.user,
-        c.password,
-        c.host,
-        c.port,
-        c.vhost.replace('/', "%2f")
-    );
-    let conn = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
+    let uri = c.uri(None);
+    let conn = lapin::Connection::connect_uri(uri, lapin::ConnectionProperties::default())
         .await
         .expect("connect");
     let mut out = Vec::new();
@@ -652,15 +645,8 @@ async fn a_raised_limit_reaches_a_waiter_holding_slots_above_the_old_one() {
 async fn publish_raw(url: &str, queue: &str, body: &[u8]) {
     let u = StoreUrl::parse(url).expect("url");
     let c = baton_store_amqp::AmqpConfig::from_url(&u).expect("config");
-    let amqp = format!(
-        "amqp://{}:{}@{}:{}/{}",
-        c.user,
-        c.password,
-        c.host,
-        c.port,
-        c.vhost.replace('/', "%2f")
-    );
-    let conn = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
+    let uri = c.uri(None);
+    let conn = lapin::Connection::connect_uri(uri, lapin::ConnectionProperties::default())
         .await
         .expect("connect");
     let ch = conn.create_channel().await.expect("channel");
