@@ -12,7 +12,8 @@ HOSTS is kazoo's `h1:p1,h2:p2`; PATH a znode under which this run's locks go.
 `kazoo.recipe.lock.Lock` (kazoo 2.x): acquire creates `PATH/<uuid>__lock__<seq>`
 (ephemeral, sequential) and lists the children; a waiter watches its predecessor with
 `get(…, watch)`; release deletes the node. The client is connected once, outside the
-timed loop (the session is shared by every acquire, unlike baton's one session per lease).
+timed loop (the session is shared by every acquire, as baton's store handle shares its
+session for a TTL).
 
 inproc and floor print {"impl", "ops", "ns_per_op"}; contended prints {"impl", "clients",
 "acquisitions", "seconds", "per_s", "wait_p50_ns", "wait_p99_ns", "jain", "violations",

@@ -102,15 +102,18 @@ impl Inner {
     /// in the background, until the server confirms it or the session ends: the
     /// guaranteed delete of Curator, which the leak of kazoo#732 and CURATOR-315 lacked.
     /// The session is the handle's, shared by its other requests, so it does not end
-    /// soon by itself.
+    /// soon by itself; an error no retry mends (corrupt state) ends the attempts.
     pub(crate) fn delete_later(self: &Arc<Self>, c: zk::Client, kp: String, guid: String) {
         let me = Arc::clone(self);
         self.runtime.handle().spawn(async move {
             while !c.state().is_terminated() {
-                if me.withdraw_once(&c, &kp, &guid).await.is_ok() {
-                    return;
+                match me.withdraw_once(&c, &kp, &guid).await {
+                    Ok(()) => return,
+                    // Hostile state (a child name baton did not write) will not mend
+                    // itself: stop rather than retry for the session's whole life.
+                    Err(e) if !e.is_retryable() => return,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
                 }
-                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         });
     }

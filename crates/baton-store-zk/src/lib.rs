@@ -1,12 +1,12 @@
 //! baton's ZooKeeper store, `zk://h1:2181,h2:2181/prefix[?timeout=5s]`: locks and
 //! semaphores as ephemeral sequential znodes.
 //!
-//! Each acquire opens a ZooKeeper session of its own whose timeout is the lease's TTL,
-//! and creates `q-<guid>-<seq>` (ephemeral, sequential) under the key's node;
+//! Each acquire runs in the store handle's session for the lease's TTL (its timeout; one
+//! per handle and TTL, shared by the handle's leases and waiting requests), and creates `q-<guid>-<seq>` (ephemeral, sequential) under the key's node;
 //! the first `limit` nodes hold. A waiter watches the `limit` nodes nearest ahead of it
 //! (one for a mutex), so a release wakes at most `limit` waiters, in queue order. A holder
 //! claims a slot by creating the ephemeral `slot-N`. The token is its queue node's
-//! `czxid`. Renewal is a round trip on the lease's own session. See `README.md` for the
+//! `czxid`. Renewal is a round trip on the lease's session. See `README.md` for the
 //! layout, the bounds and what the store cannot do.
 
 mod acquire;
